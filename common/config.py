@@ -1,0 +1,116 @@
+"""Frozen, validated configuration dataclasses shared by the actors and the learner.
+
+Every field carries one doc line. `__post_init__` raises `ValueError` naming the bad value, so
+the CLI can turn a bad flag into a one-line error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class DrafterConfig:
+    """Shape of the drafter: where the backbone is cut and what the trainable exit head holds."""
+
+    exit_layer: int = 8
+    """k: the drafter runs decoder layers [0, k); the verifier's deep pass runs [k, L)."""
+    exit_init_layer: int | None = None
+    """Which of the model's own decoder layers initialises the exit adapter layer (default: L - 1)."""
+    lora_rank: int = 16
+    """LoRA rank of every adapted projection in the exit head."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / rank)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch while training."""
+    adapt_lm_head: bool = True
+    """Put a LoRA on the (frozen, shared) LM head as seen by the drafter."""
+
+    def __post_init__(self) -> None:
+        _check(self.exit_layer >= 1, f"exit_layer must be >= 1, got {self.exit_layer}")
+        _check(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
+        _check(self.lora_alpha >= 1, f"lora_alpha must be >= 1, got {self.lora_alpha}")
+        _check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+    def validate_for(self, num_layers: int) -> None:
+        """Raise ValueError unless this drafter fits a model with `num_layers` decoder layers."""
+        _check(
+            1 <= self.exit_layer < num_layers,
+            f"exit layer {self.exit_layer} is out of range: this model has {num_layers} layers, "
+            f"so the exit layer must be in [1, {num_layers - 1}]",
+        )
+        if self.exit_init_layer is not None:
+            _check(
+                0 <= self.exit_init_layer < num_layers,
+                f"exit_init_layer {self.exit_init_layer} is out of range [0, {num_layers - 1}]",
+            )
+
+    def init_layer_for(self, num_layers: int) -> int:
+        """The decoder layer the exit adapter is copied from."""
+        return num_layers - 1 if self.exit_init_layer is None else self.exit_init_layer
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How one request is decoded."""
+
+    gamma: int = 5
+    """Most tokens drafted per block; 0 is plain autoregressive decoding through the same loop."""
+    temperature: float = 0.0
+    """0 is greedy; > 0 samples and the output follows the model's own sampling distribution."""
+    top_k: int = 0
+    """Keep only the k most likely tokens before sampling (0 = off). Applies to the verifier's target."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 = off). Applies to the verifier's target."""
+    confidence_threshold: float = 0.0
+    """Stop drafting a block once the drafter's top-1 probability falls below this (Kangaroo's eta)."""
+    max_new_tokens: int = 128
+    """Upper bound on generated tokens (EOS stops earlier)."""
+    record_topk: int = 32
+    """Verifier log-probs kept per drafted token in trajectory records (0 = the full vocabulary)."""
+    record_trajectories: bool = False
+    """Collect a Trajectory for the learner while decoding."""
+
+    def __post_init__(self) -> None:
+        _check(self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}")
+        _check(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
+        _check(self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}")
+        _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
+        _check(
+            0.0 <= self.confidence_threshold <= 1.0,
+            f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}",
+        )
+        _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _check(self.record_topk >= 0, f"record_topk must be >= 0, got {self.record_topk}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which base model to load and how."""
+
+    model: str = DEFAULT_MODEL
+    """An alias (smollm2-135m-instruct), a local HF directory, or a hub id."""
+    dtype: str = "float32"
+    """Torch dtype of the frozen base weights: float32, float16 or bfloat16."""
+    device: str = "cpu"
+    """Torch device, e.g. cpu or cuda:0."""
+    drafter: DrafterConfig = field(default_factory=DrafterConfig)
+    """The drafter's shape."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.model.strip()), "model must be a non-empty id or path")
+        _check(
+            self.dtype in ("float32", "float16", "bfloat16"),
+            f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}",
+        )

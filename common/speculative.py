@@ -1,0 +1,264 @@
+"""Lossless self-speculative decoding with a DVI split model.
+
+One block:
+  1. the last committed token runs through the shallow layers [0, k) -> h_k;
+  2. the drafter (exit head on h_k) proposes d_1..d_G one at a time, each drafted token also
+     running through the shallow layers so its h_k is ready for verification;
+  3. the verifier runs only the deep layers [k, L) on the G + 1 states in one pass;
+  4. acceptance (greedy prefix match or rejection sampling) commits n_accepted + 1 tokens;
+  5. every cache is cropped back to the committed sequence.
+
+Cache invariant (the reference code breaks it, trap 1): between blocks the base caches hold
+every committed token except the last one, and that last token is the first input of the next
+block. The exit head's own cache may lag behind (when a block accepts everything, or while
+gamma is 0): the states it has not seen yet are fed to it at the next draft, so it never
+recomputes nor skips a position. `gamma = 0` runs the same loop with no draft: plain AR.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from common.acceptance import greedy_accept, rejection_accept
+from common.config import DecodeConfig
+from common.model_split import SplitModel, crop_cache
+from common.sampling import sample, warp
+from common.types import Trajectory
+
+
+@dataclass
+class GenerationResult:
+    """What one request produced.
+
+    prompt_ids / token_ids: prompt and new tokens (new tokens stop after EOS or max_new_tokens);
+    verifier_passes: deep passes run (one per block); drafted / accepted: draft token counts;
+    accepted_by_position[i]: drafts accepted at block position i; drafted_by_position likewise;
+    trajectory: the learner's record when `record_trajectories` was set.
+    """
+
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    verifier_passes: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    drafted_by_position: list[int] = field(default_factory=list)
+    accepted_by_position: list[int] = field(default_factory=list)
+    finished_by_eos: bool = False
+    seconds: float = 0.0
+    weight_version: int = 0
+    trajectory: Trajectory | None = None
+
+    @property
+    def mean_accepted(self) -> float:
+        """tau: tokens committed per verifier pass (1.0 for autoregressive decoding)."""
+        return len(self.token_ids) / self.verifier_passes if self.verifier_passes else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+class _Recorder:
+    """Collects per-drafted-token records for one request (struct of arrays)."""
+
+    def __init__(self, topk: int):
+        self.topk = topk
+        self.rows: dict[str, list] = {k: [] for k in (
+            "position", "block_index", "token", "target_token", "accepted",
+            "drafter_logprob", "ids", "logprobs", "timestamp")}
+
+    def add_block(self, pos0, drafts, draft_logprobs, n_accepted, next_token, target_logits):
+        n_rec = min(len(drafts), n_accepted + 1)  # accepted run + the first rejection
+        if n_rec == 0:
+            return
+        logp = torch.log_softmax(target_logits[:n_rec].float(), dim=-1)
+        if self.topk and self.topk < logp.shape[-1]:
+            values, ids = torch.topk(logp, self.topk, dim=-1)
+        else:
+            values, ids = logp, torch.arange(logp.shape[-1]).expand_as(logp)
+        now = time.time()
+        for i in range(n_rec):
+            r = self.rows
+            r["position"].append(pos0 + i)
+            r["block_index"].append(i)
+            r["token"].append(drafts[i])
+            r["target_token"].append(drafts[i] if i < n_accepted else next_token)
+            r["accepted"].append(i < n_accepted)
+            r["drafter_logprob"].append(draft_logprobs[i])
+            r["ids"].append(ids[i])
+            r["logprobs"].append(values[i])
+            r["timestamp"].append(now)
+
+    def build(self, request_id, version, exit_layer, temperature, hidden: torch.Tensor, vocab: int) -> Trajectory:
+        r = self.rows
+        k = self.topk if self.topk and self.topk < vocab else vocab
+        stack = (lambda xs, dt: torch.stack(xs).to(dt)) if r["ids"] else (lambda xs, dt: torch.empty(0, k, dtype=dt))
+        return Trajectory(
+            request_id=request_id,
+            weight_version=int(version),
+            exit_layer=int(exit_layer),
+            temperature=float(temperature),
+            created_at=time.time(),
+            hidden=hidden.to(torch.float16).contiguous(),
+            position=torch.tensor(r["position"], dtype=torch.int64),
+            block_index=torch.tensor(r["block_index"], dtype=torch.int64),
+            token=torch.tensor(r["token"], dtype=torch.int64),
+            target_token=torch.tensor(r["target_token"], dtype=torch.int64),
+            accepted=torch.tensor(r["accepted"], dtype=torch.bool),
+            drafter_logprob=torch.tensor(r["drafter_logprob"], dtype=torch.float32),
+            verifier_topk_ids=stack(r["ids"], torch.int64),
+            verifier_topk_logprobs=stack(r["logprobs"], torch.float32),
+            timestamp=torch.tensor(r["timestamp"], dtype=torch.float64),
+        )
+
+
+class SpeculativeDecoder:
+    """Plain (non-Ray) generator over a SplitModel. `generate` serves one request at batch size 1.
+
+    `gamma_policy`, when given, is called before each block with the result so far and the
+    config's gamma and returns the gamma to use for that block (adaptive drafting, AR fall-back).
+    """
+
+    def __init__(self, split: SplitModel, gamma_policy: Callable[[GenerationResult, int], int] | None = None):
+        self.split = split
+        self.gamma_policy = gamma_policy
+
+    def check_request(self, prompt_ids: list[int], config: DecodeConfig) -> None:
+        """ValueError for an empty prompt or one that cannot fit max_new_tokens in the context."""
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        limit = self.split.max_positions
+        if limit and len(prompt_ids) + config.max_new_tokens > limit:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max-new-tokens ({config.max_new_tokens}) exceeds "
+                f"the model's context of {limit} tokens"
+            )
+        bad = [t for t in prompt_ids if not 0 <= t < self.split.vocab_size]
+        if bad:
+            raise ValueError(f"prompt holds token ids outside the vocabulary: {bad[:5]}")
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_ids: list[int],
+        config: DecodeConfig,
+        *,
+        generator: torch.Generator | None = None,
+        request_id: str | None = None,
+        on_tokens: Callable[[list[int]], None] | None = None,
+    ) -> GenerationResult:
+        """Decode up to `config.max_new_tokens` tokens after `prompt_ids`.
+
+        Greedy (temperature 0): the tokens equal the model's own greedy decoding. Temperature > 0:
+        they are distributed as the model's own sampling (with the same top-k/top-p). Randomness
+        comes only from `generator`. `on_tokens` is called with each block's committed tokens.
+        """
+        self.check_request(prompt_ids, config)
+        split = self.split
+        device = split.device
+        started = time.perf_counter()
+        result = GenerationResult(prompt_ids=list(prompt_ids), weight_version=split.weight_version)
+        cache, exit_cache = split.new_cache(), split.new_exit_cache()
+        recorder = _Recorder(config.record_topk) if config.record_trajectories else None
+
+        tokens = list(prompt_ids)
+        hk_committed: list[torch.Tensor] = []  # [1, 1, H] layer-k states of committed positions
+        if len(tokens) > 1:  # prefill all but the last prompt token (the invariant above)
+            ids = torch.tensor([tokens[:-1]], device=device)
+            pos = torch.arange(len(tokens) - 1, device=device)[None]
+            h = split.shallow(ids, pos, cache)
+            split.deep(h, pos, cache, logits=False)
+            hk_committed.extend(h.split(1, dim=1))
+        budget = config.max_new_tokens
+
+        while budget > 0:
+            n = len(tokens)
+            pos0 = n - 1  # position of the block's first input, the last committed token
+            gamma = config.gamma if self.gamma_policy is None else self.gamma_policy(result, config.gamma)
+            gamma = max(0, min(gamma, budget - 1))  # never draft past the budget
+            h = split.shallow(torch.tensor([[tokens[-1]]], device=device), torch.tensor([[pos0]], device=device), cache)
+            block_states = [h]
+            drafts: list[int] = []
+            draft_probs: list[torch.Tensor] = []
+            draft_logprobs: list[float] = []
+            for i in range(gamma):
+                exit_len = exit_cache.get_seq_length(0)
+                unseen = hk_committed[exit_len:] + block_states[max(0, exit_len - n + 1):]
+                unseen_pos = torch.arange(exit_len, pos0 + i + 1, device=device)[None]
+                q_logits = split.draft(torch.cat(unseen, dim=1), unseen_pos, exit_cache)
+                if config.greedy:
+                    q_full = torch.softmax(q_logits, -1)
+                    token = int(q_logits.argmax())
+                    confidence = float(q_full[token])
+                else:
+                    q_full = warp(q_logits, config.temperature, config.top_k, config.top_p)
+                    token = sample(q_full, generator)
+                    confidence = float(q_full.max())
+                if confidence < config.confidence_threshold:
+                    break
+                drafts.append(token)
+                draft_probs.append(q_full)
+                draft_logprobs.append(float(torch.log(q_full[token].clamp_min(1e-30))))
+                block_states.append(
+                    split.shallow(torch.tensor([[token]], device=device), torch.tensor([[pos0 + i + 1]], device=device), cache)
+                )
+            g = len(drafts)
+            verify_pos = torch.arange(pos0, pos0 + g + 1, device=device)[None]
+            target_logits = split.deep(torch.cat(block_states, dim=1), verify_pos, cache)[0]  # [g + 1, V]
+            draft_tensor = torch.tensor(drafts, dtype=torch.int64, device=target_logits.device)
+            if config.greedy:
+                n_accepted, next_token = greedy_accept(draft_tensor, target_logits)
+            else:
+                target_probs = warp(target_logits, config.temperature, config.top_k, config.top_p)
+                q_stack = torch.stack(draft_probs) if g else target_probs[:0]
+                n_accepted, next_token = rejection_accept(draft_tensor, q_stack, target_probs, generator)
+
+            result.verifier_passes += 1
+            result.drafted += g
+            result.accepted += n_accepted
+            _bump(result.drafted_by_position, range(g))
+            _bump(result.accepted_by_position, range(n_accepted))
+            if recorder is not None:
+                recorder.add_block(pos0, drafts, draft_logprobs, n_accepted, next_token, target_logits)
+
+            committed = drafts[:n_accepted] + [next_token]
+            hk_committed.extend(block_states[: n_accepted + 1])
+            crop_cache(cache, pos0 + n_accepted + 1)
+            crop_cache(exit_cache, pos0 + n_accepted + 1)
+            committed = committed[:budget]
+            for j, t in enumerate(committed):
+                if t in split.eos_token_ids:
+                    committed = committed[: j + 1]
+                    result.finished_by_eos = True
+                    break
+            tokens.extend(committed)
+            result.token_ids.extend(committed)
+            budget -= len(committed)
+            if on_tokens is not None:
+                on_tokens(committed)
+            if result.finished_by_eos:
+                break
+
+        result.seconds = time.perf_counter() - started
+        if recorder is not None:
+            result.trajectory = recorder.build(
+                request_id or uuid.uuid4().hex,
+                split.weight_version,
+                split.exit_layer,
+                config.temperature,
+                torch.cat(hk_committed, dim=1)[0] if hk_committed else torch.zeros(0, split.hidden_size),
+                split.vocab_size,
+            )
+        return result
+
+
+def _bump(counts: list[int], positions) -> None:
+    for i in positions:
+        while len(counts) <= i:
+            counts.append(0)
+        counts[i] += 1

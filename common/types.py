@@ -1,0 +1,153 @@
+"""The trajectory record: what one request's speculative decoding teaches the learner.
+
+Vocabulary (used everywhere in this project):
+  drafter   layers [0, k) + the trainable exit head; its distribution is q.
+  verifier  the whole frozen model; its distribution is p.
+  accepted  a drafted token the verifier agreed with (reward r = 1).
+  rejected  the first drafted token of a block the verifier disagreed with (r = 0). Drafted tokens
+            after it in the same block carry no signal and are never recorded.
+  bonus     the verifier's own token committed after the accepted prefix of a block.
+  weight version  the monotonically increasing version of the drafter adapter that drafted.
+
+One `Trajectory` holds all recorded drafted tokens of one request as a struct of arrays. The exit
+head is an attention layer over layer-k states, so a drafted token's distribution depends on the
+whole context, not only on its own input state: the record therefore carries the layer-k hidden
+states of every committed position (`hidden`), and each drafted token points into it
+(`position`). The learner re-runs the exit head over `hidden` to get context-correct drafter
+log-probs under its current weights (trap 5 of the reference code).
+
+Shapes: T context positions, N drafted tokens, K recorded verifier log-probs per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+SCHEMA_VERSION = 1
+
+# name -> (dtype, rank); the codec and `validate` both read this table.
+TENSOR_FIELDS: dict[str, tuple[torch.dtype, int]] = {
+    "hidden": (torch.float16, 2),
+    "position": (torch.int64, 1),
+    "block_index": (torch.int64, 1),
+    "token": (torch.int64, 1),
+    "target_token": (torch.int64, 1),
+    "accepted": (torch.bool, 1),
+    "drafter_logprob": (torch.float32, 1),
+    "verifier_topk_ids": (torch.int64, 2),
+    "verifier_topk_logprobs": (torch.float32, 2),
+    "timestamp": (torch.float64, 1),
+}
+SCALAR_FIELDS: dict[str, type] = {
+    "request_id": str,
+    "weight_version": int,
+    "exit_layer": int,
+    "temperature": float,
+    "created_at": float,
+}
+
+
+class TrajectoryError(ValueError):
+    """A trajectory that breaks the documented contract (bad shape, dtype or index)."""
+
+
+@dataclass
+class Trajectory:
+    """All recorded drafted tokens of one request.
+
+    Fields (T context positions, N drafted tokens, K verifier log-probs per token, H hidden size):
+      request_id: str               unique id of the request that produced it.
+      weight_version: int           adapter version that drafted every token here (>= 0).
+      exit_layer: int               k, the layer whose output `hidden` holds.
+      temperature: float            decoding temperature (0 = greedy) the drafter sampled at.
+      created_at: float             unix seconds when the trajectory was closed.
+      hidden: [T, H] float16        layer-k hidden state of committed positions 0..T-1 (the exit
+                                    head's whole context, prompt included).
+      position: [N] int64           index into `hidden` of the input state that drafted the token;
+                                    the token is a guess for sequence position `position + 1`.
+      block_index: [N] int64        0-based place of the token in its draft block.
+      token: [N] int64              the drafted token id.
+      target_token: [N] int64       the token the verifier committed at that position (equal to
+                                    `token` where accepted, the correction where rejected).
+      accepted: [N] bool            reward r: True accepted, False the block's first rejection.
+      drafter_logprob: [N] float32  log q(token) under the drafting weights (behaviour policy).
+      verifier_topk_ids: [N, K] int64         ids of the verifier's K most likely tokens.
+      verifier_topk_logprobs: [N, K] float32  their log-probs (log-softmax over the full
+                                    vocabulary at temperature 1); K == V when kept in full.
+      timestamp: [N] float64        unix seconds at which the token was verified.
+    Invariants: `position` is non-decreasing and < T; each block's records are a run of accepted
+    tokens optionally followed by exactly one rejected one.
+    """
+
+    request_id: str
+    weight_version: int
+    exit_layer: int
+    temperature: float
+    created_at: float
+    hidden: torch.Tensor
+    position: torch.Tensor
+    block_index: torch.Tensor
+    token: torch.Tensor
+    target_token: torch.Tensor
+    accepted: torch.Tensor
+    drafter_logprob: torch.Tensor
+    verifier_topk_ids: torch.Tensor
+    verifier_topk_logprobs: torch.Tensor
+    timestamp: torch.Tensor
+
+    @property
+    def num_drafted(self) -> int:
+        return int(self.token.shape[0])
+
+    @property
+    def num_accepted(self) -> int:
+        return int(self.accepted.sum())
+
+    @property
+    def num_context(self) -> int:
+        return int(self.hidden.shape[0])
+
+    def validate(self) -> "Trajectory":
+        """Check every documented shape, dtype and index; raise TrajectoryError naming the first breach."""
+        for name, kind in SCALAR_FIELDS.items():
+            value = getattr(self, name)
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                continue
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise TrajectoryError(f"{name} must be {kind.__name__}, got {type(value).__name__}")
+        if self.weight_version < 0:
+            raise TrajectoryError(f"weight_version must be >= 0, got {self.weight_version}")
+        if self.exit_layer < 1:
+            raise TrajectoryError(f"exit_layer must be >= 1, got {self.exit_layer}")
+        for name, (dtype, rank) in TENSOR_FIELDS.items():
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor):
+                raise TrajectoryError(f"{name} must be a tensor, got {type(value).__name__}")
+            if value.dtype != dtype or value.dim() != rank:
+                raise TrajectoryError(
+                    f"{name} must be a rank-{rank} {dtype} tensor, got rank-{value.dim()} {value.dtype}"
+                )
+        n = self.num_drafted
+        for name in TENSOR_FIELDS:
+            if name != "hidden" and getattr(self, name).shape[0] != n:
+                raise TrajectoryError(f"{name} has {getattr(self, name).shape[0]} rows, expected N={n}")
+        if self.verifier_topk_ids.shape != self.verifier_topk_logprobs.shape:
+            raise TrajectoryError("verifier_topk_ids and verifier_topk_logprobs differ in shape")
+        if n and (int(self.position.min()) < 0 or int(self.position.max()) >= self.num_context):
+            raise TrajectoryError(f"position must index hidden's {self.num_context} rows")
+        if n and int(self.block_index.min()) < 0:
+            raise TrajectoryError("block_index must be >= 0")
+        if not torch.isfinite(self.hidden.float()).all():
+            raise TrajectoryError("hidden holds non-finite values")
+        return self
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in TENSOR_FIELDS}
+
+    def scalars(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in SCALAR_FIELDS}
+
+
+assert {f.name for f in fields(Trajectory)} == set(TENSOR_FIELDS) | set(SCALAR_FIELDS)

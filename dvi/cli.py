@@ -1,0 +1,70 @@
+"""The one command-line entry point: `dvi <command>`.
+
+Each command lives in its own module under `dvi/commands/` and is registered below. Errors a user
+can fix (bad flags, unknown models, unreachable services) surface as one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import typer
+
+from common.errors import DVIError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Draft, Verify, and Improve: lossless self-speculative decoding with an online-trained drafter.",
+)
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print and save tables and plots.")
+app.add_typer(bench_app, name="bench")
+
+
+def _register() -> None:
+    # Imported lazily so `dvi --help` stays fast; each module adds its own commands.
+    from dvi.commands import generate  # noqa: F401
+
+    for optional in ("bench_speed", "train", "service", "dashboard", "monitor", "report"):
+        try:
+            __import__(f"dvi.commands.{optional}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"dvi.commands.{optional}":
+                raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; returns the process exit code."""
+    logging.basicConfig(
+        level=os.environ.get("DVI_LOG_LEVEL", "WARNING"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _register()
+    try:
+        app(args=argv, standalone_mode=False)
+    except (DVIError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exc:  # typer raises this for --help and usage errors
+        return int(exc.code or 0)
+    except Exception as exc:  # click usage errors arrive as ClickException subclasses
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return exc.exit_code
+        if isinstance(exc, click.exceptions.Abort):
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
