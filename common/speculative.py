@@ -117,11 +117,39 @@ class _Recorder:
         )
 
 
-class SpeculativeDecoder:
-    """Plain (non-Ray) generator over a SplitModel. `generate` serves one request at batch size 1.
+@dataclass
+class DecodeState:
+    """Everything one in-flight request owns between blocks.
 
+    tokens: prompt + committed tokens; cache: base KV cache holding positions [0, len(tokens) - 1);
+    exit_cache: the exit head's KV cache (may lag, see module docstring); hk_committed: [1, 1, H]
+    layer-k states of positions [0, len(tokens) - 1); budget: tokens still allowed.
+    """
+
+    config: DecodeConfig
+    tokens: list[int]
+    cache: object
+    exit_cache: object
+    hk_committed: list[torch.Tensor]
+    budget: int
+    result: GenerationResult
+    generator: torch.Generator | None
+    request_id: str
+    recorder: _Recorder | None
+    started: float
+
+    @property
+    def done(self) -> bool:
+        return self.budget <= 0 or self.result.finished_by_eos
+
+
+class SpeculativeDecoder:
+    """Plain (non-Ray) generator over a SplitModel, batch size 1.
+
+    `generate` serves one request; `start` / `step` / `finish` expose the same loop one block at a
+    time (the service swaps adapter weights only between requests, never inside one).
     `gamma_policy`, when given, is called before each block with the result so far and the
-    config's gamma and returns the gamma to use for that block (adaptive drafting, AR fall-back).
+    config's gamma, and returns the gamma for that block (adaptive drafting, AR fall-back).
     """
 
     def __init__(self, split: SplitModel, gamma_policy: Callable[[GenerationResult, int], int] | None = None):
@@ -158,101 +186,123 @@ class SpeculativeDecoder:
         they are distributed as the model's own sampling (with the same top-k/top-p). Randomness
         comes only from `generator`. `on_tokens` is called with each block's committed tokens.
         """
-        self.check_request(prompt_ids, config)
-        split = self.split
-        device = split.device
-        started = time.perf_counter()
-        result = GenerationResult(prompt_ids=list(prompt_ids), weight_version=split.weight_version)
-        cache, exit_cache = split.new_cache(), split.new_exit_cache()
-        recorder = _Recorder(config.record_topk) if config.record_trajectories else None
-
-        tokens = list(prompt_ids)
-        hk_committed: list[torch.Tensor] = []  # [1, 1, H] layer-k states of committed positions
-        if len(tokens) > 1:  # prefill all but the last prompt token (the invariant above)
-            ids = torch.tensor([tokens[:-1]], device=device)
-            pos = torch.arange(len(tokens) - 1, device=device)[None]
-            h = split.shallow(ids, pos, cache)
-            split.deep(h, pos, cache, logits=False)
-            hk_committed.extend(h.split(1, dim=1))
-        budget = config.max_new_tokens
-
-        while budget > 0:
-            n = len(tokens)
-            pos0 = n - 1  # position of the block's first input, the last committed token
-            gamma = config.gamma if self.gamma_policy is None else self.gamma_policy(result, config.gamma)
-            gamma = max(0, min(gamma, budget - 1))  # never draft past the budget
-            h = split.shallow(torch.tensor([[tokens[-1]]], device=device), torch.tensor([[pos0]], device=device), cache)
-            block_states = [h]
-            drafts: list[int] = []
-            draft_probs: list[torch.Tensor] = []
-            draft_logprobs: list[float] = []
-            for i in range(gamma):
-                exit_len = exit_cache.get_seq_length(0)
-                unseen = hk_committed[exit_len:] + block_states[max(0, exit_len - n + 1):]
-                unseen_pos = torch.arange(exit_len, pos0 + i + 1, device=device)[None]
-                q_logits = split.draft(torch.cat(unseen, dim=1), unseen_pos, exit_cache)
-                if config.greedy:
-                    q_full = torch.softmax(q_logits, -1)
-                    token = int(q_logits.argmax())
-                    confidence = float(q_full[token])
-                else:
-                    q_full = warp(q_logits, config.temperature, config.top_k, config.top_p)
-                    token = sample(q_full, generator)
-                    confidence = float(q_full.max())
-                if confidence < config.confidence_threshold:
-                    break
-                drafts.append(token)
-                draft_probs.append(q_full)
-                draft_logprobs.append(float(torch.log(q_full[token].clamp_min(1e-30))))
-                block_states.append(
-                    split.shallow(torch.tensor([[token]], device=device), torch.tensor([[pos0 + i + 1]], device=device), cache)
-                )
-            g = len(drafts)
-            verify_pos = torch.arange(pos0, pos0 + g + 1, device=device)[None]
-            target_logits = split.deep(torch.cat(block_states, dim=1), verify_pos, cache)[0]  # [g + 1, V]
-            draft_tensor = torch.tensor(drafts, dtype=torch.int64, device=target_logits.device)
-            if config.greedy:
-                n_accepted, next_token = greedy_accept(draft_tensor, target_logits)
-            else:
-                target_probs = warp(target_logits, config.temperature, config.top_k, config.top_p)
-                q_stack = torch.stack(draft_probs) if g else target_probs[:0]
-                n_accepted, next_token = rejection_accept(draft_tensor, q_stack, target_probs, generator)
-
-            result.verifier_passes += 1
-            result.drafted += g
-            result.accepted += n_accepted
-            _bump(result.drafted_by_position, range(g))
-            _bump(result.accepted_by_position, range(n_accepted))
-            if recorder is not None:
-                recorder.add_block(pos0, drafts, draft_logprobs, n_accepted, next_token, target_logits)
-
-            committed = drafts[:n_accepted] + [next_token]
-            hk_committed.extend(block_states[: n_accepted + 1])
-            crop_cache(cache, pos0 + n_accepted + 1)
-            crop_cache(exit_cache, pos0 + n_accepted + 1)
-            committed = committed[:budget]
-            for j, t in enumerate(committed):
-                if t in split.eos_token_ids:
-                    committed = committed[: j + 1]
-                    result.finished_by_eos = True
-                    break
-            tokens.extend(committed)
-            result.token_ids.extend(committed)
-            budget -= len(committed)
+        state = self.start(prompt_ids, config, generator=generator, request_id=request_id)
+        while not state.done:
+            committed = self.step(state)
             if on_tokens is not None:
                 on_tokens(committed)
-            if result.finished_by_eos:
-                break
+        return self.finish(state)
 
-        result.seconds = time.perf_counter() - started
-        if recorder is not None:
-            result.trajectory = recorder.build(
-                request_id or uuid.uuid4().hex,
-                split.weight_version,
-                split.exit_layer,
-                config.temperature,
-                torch.cat(hk_committed, dim=1)[0] if hk_committed else torch.zeros(0, split.hidden_size),
-                split.vocab_size,
+    @torch.inference_mode()
+    def start(
+        self,
+        prompt_ids: list[int],
+        config: DecodeConfig,
+        *,
+        generator: torch.Generator | None = None,
+        request_id: str | None = None,
+    ) -> DecodeState:
+        """Validate the request and prefill every prompt token but the last (the cache invariant)."""
+        self.check_request(prompt_ids, config)
+        split = self.split
+        state = DecodeState(
+            config=config,
+            tokens=list(prompt_ids),
+            cache=split.new_cache(),
+            exit_cache=split.new_exit_cache(),
+            hk_committed=[],
+            budget=config.max_new_tokens,
+            result=GenerationResult(prompt_ids=list(prompt_ids), weight_version=split.weight_version),
+            generator=generator,
+            request_id=request_id or uuid.uuid4().hex,
+            recorder=_Recorder(config.record_topk) if config.record_trajectories else None,
+            started=time.perf_counter(),
+        )
+        if len(prompt_ids) > 1:
+            ids = torch.tensor([prompt_ids[:-1]], device=split.device)
+            pos = torch.arange(len(prompt_ids) - 1, device=split.device)[None]
+            h = split.shallow(ids, pos, state.cache)
+            split.deep(h, pos, state.cache, logits=False)
+            state.hk_committed.extend(h.split(1, dim=1))
+        return state
+
+    @torch.inference_mode()
+    def step(self, state: DecodeState) -> list[int]:
+        """Run one draft-verify block; return the tokens it committed (1 to gamma + 1)."""
+        assert not state.done, "step() on a finished request"
+        split, config, result = self.split, state.config, state.result
+        device = split.device
+        n = len(state.tokens)
+        pos0 = n - 1  # position of the block's first input, the last committed token
+        gamma = config.gamma if self.gamma_policy is None else self.gamma_policy(result, config.gamma)
+        gamma = max(0, min(gamma, state.budget - 1))  # never draft past the budget
+        h = split.shallow(torch.tensor([[state.tokens[-1]]], device=device), torch.tensor([[pos0]], device=device), state.cache)
+        block_states = [h]  # layer-k states of positions pos0 .. pos0 + len(drafts)
+        drafts: list[int] = []
+        draft_probs: list[torch.Tensor] = []
+        draft_logprobs: list[float] = []
+        for i in range(gamma):
+            exit_len = state.exit_cache.get_seq_length(0)
+            unseen = state.hk_committed[exit_len:] + block_states[max(0, exit_len - pos0):]
+            unseen_pos = torch.arange(exit_len, pos0 + i + 1, device=device)[None]
+            q_logits = split.draft(torch.cat(unseen, dim=1), unseen_pos, state.exit_cache)
+            if config.greedy:
+                q_full = torch.softmax(q_logits, -1)
+                token = int(q_logits.argmax())
+                confidence = float(q_full[token])
+            else:
+                q_full = warp(q_logits, config.temperature, config.top_k, config.top_p)
+                token = sample(q_full, state.generator)
+                confidence = float(q_full.max())
+            if confidence < config.confidence_threshold:
+                break
+            drafts.append(token)
+            draft_probs.append(q_full)
+            draft_logprobs.append(float(torch.log(q_full[token].clamp_min(1e-30))))
+            block_states.append(
+                split.shallow(torch.tensor([[token]], device=device), torch.tensor([[pos0 + i + 1]], device=device), state.cache)
+            )
+        g = len(drafts)
+        verify_pos = torch.arange(pos0, pos0 + g + 1, device=device)[None]
+        target_logits = split.deep(torch.cat(block_states, dim=1), verify_pos, state.cache)[0]  # [g + 1, V]
+        draft_tensor = torch.tensor(drafts, dtype=torch.int64, device=target_logits.device)
+        if config.greedy:
+            n_accepted, next_token = greedy_accept(draft_tensor, target_logits)
+        else:
+            target_probs = warp(target_logits, config.temperature, config.top_k, config.top_p)
+            q_stack = torch.stack(draft_probs) if g else target_probs[:0]
+            n_accepted, next_token = rejection_accept(draft_tensor, q_stack, target_probs, state.generator)
+
+        result.verifier_passes += 1
+        result.drafted += g
+        result.accepted += n_accepted
+        _bump(result.drafted_by_position, range(g))
+        _bump(result.accepted_by_position, range(n_accepted))
+        if state.recorder is not None:
+            state.recorder.add_block(pos0, drafts, draft_logprobs, n_accepted, next_token, target_logits)
+
+        state.hk_committed.extend(block_states[: n_accepted + 1])
+        crop_cache(state.cache, pos0 + n_accepted + 1)
+        crop_cache(state.exit_cache, pos0 + n_accepted + 1)
+        committed = (drafts[:n_accepted] + [next_token])[: state.budget]
+        for j, t in enumerate(committed):
+            if t in split.eos_token_ids:
+                committed = committed[: j + 1]
+                result.finished_by_eos = True
+                break
+        state.tokens.extend(committed)
+        result.token_ids.extend(committed)
+        state.budget -= len(committed)
+        return committed
+
+    def finish(self, state: DecodeState) -> GenerationResult:
+        """Close the request: timing and, when recording, the learner's Trajectory."""
+        split, result = self.split, state.result
+        result.seconds = time.perf_counter() - state.started
+        if state.recorder is not None:
+            hidden = torch.cat(state.hk_committed, dim=1)[0] if state.hk_committed else torch.zeros(0, split.hidden_size)
+            result.trajectory = state.recorder.build(
+                state.request_id, result.weight_version, split.exit_layer, state.config.temperature, hidden, split.vocab_size
             )
         return result
 

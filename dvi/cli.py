@@ -36,6 +36,18 @@ def _register() -> None:
                 raise
 
 
+def _quiet_libraries() -> None:
+    """Keep library chatter (weight-loading bars, hub retry warnings) off the user's terminal."""
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # transformers is a hard dependency; this only guards odd installs
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the process exit code."""
     logging.basicConfig(
@@ -43,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_libraries()
     _register()
     try:
         app(args=argv, standalone_mode=False)

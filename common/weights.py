@@ -1,0 +1,372 @@
+"""Versioned drafter-adapter weights in Redis: the learner publishes, actors fetch and verify.
+
+Each weight version is one Redis hash `{namespace}:weights:v:{version}` holding the safetensors
+bytes of the adapter, their sha256, and who made them when. Versions strictly increase; the
+store keeps the newest `keep` so an actor can roll back to the previous one (a learner that
+wants to *republish* old weights does so under a new, higher version). `{namespace}:weights:latest`
+points at the newest. After a publish a small JSON notice goes out on the pub/sub channel
+`{namespace}:weights:notices`; notices are unauthenticated hints and can be missed (pub/sub is
+fire-and-forget), so actors verify on `fetch` and may also poll `latest_version()`.
+
+Integrity: `fetch` recomputes the sha256; when the store has a secret, each record carries an
+HMAC-SHA256 over the canonical JSON [version, sha256, created_at, learner_id, metadata], and
+`fetch` refuses a record whose signature is missing or wrong. No pickle: safetensors and JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import redis
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from common.redis_util import with_retries
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# KEYS: latest pointer, versions zset, record hash. ARGV: version, keep, record key prefix, channel,
+# notice, then the record's field/value pairs. Returns {1, "ok"}, {1, "duplicate"} (an identical
+# retry of an applied publish) or {0, latest} (refused: not newer).
+_PUBLISH_LUA = """
+local version = tonumber(ARGV[1])
+local latest = redis.call('GET', KEYS[1])
+if latest and tonumber(latest) >= version then
+  local fields = {}
+  for i = 6, #ARGV, 2 do fields[ARGV[i]] = ARGV[i + 1] end
+  local old = redis.call('HMGET', KEYS[3], 'sha256', 'created_at')
+  if old[1] == fields['sha256'] and old[2] == fields['created_at'] then return {1, 'duplicate'} end
+  return {0, latest}
+end
+redis.call('HSET', KEYS[3], unpack(ARGV, 6))
+redis.call('ZADD', KEYS[2], version, ARGV[1])
+redis.call('SET', KEYS[1], ARGV[1])
+local keep = tonumber(ARGV[2])
+for _, old in ipairs(redis.call('ZRANGE', KEYS[2], 0, -(keep + 1))) do
+  redis.call('DEL', ARGV[3] .. old)
+  redis.call('ZREM', KEYS[2], old)
+end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return {1, 'ok'}
+"""
+
+_FIELDS = ("tensors", "sha256", "version", "created_at", "learner_id", "metadata", "signature")
+
+
+class WeightIntegrityError(ValueError):
+    """A stored weight record whose bytes, hash or signature cannot be trusted; never load it."""
+
+
+class WeightNotFoundError(LookupError):
+    """The requested weight version is not (or no longer) in the store."""
+
+
+@dataclass(frozen=True)
+class WeightRecord:
+    """One verified weight version.
+
+    tensors: name -> CPU tensor, exactly as published (dtype and shape kept bit-exact).
+    sha256: hex digest of the safetensors bytes. created_at: unix seconds at publish.
+    signature: hex HMAC-SHA256, or None when published without a secret.
+    """
+
+    version: int
+    sha256: str
+    created_at: float
+    learner_id: str
+    metadata: dict[str, str]
+    signature: str | None
+    tensors: dict[str, torch.Tensor]
+    nbytes: int
+
+
+def _signed_message(version: int, sha256: str, created_at: str, learner_id: str, metadata: str) -> bytes:
+    """Canonical bytes the HMAC covers; `created_at` and `metadata` are the exact stored strings."""
+    return json.dumps([version, sha256, created_at, learner_id, metadata], separators=(",", ":")).encode()
+
+
+class WeightStore:
+    """Versioned adapter weights under `namespace`; signs and verifies when `secret` is given.
+
+    `client` must return bytes (decode_responses=False). `keep` (>= 1) versions are kept.
+    `clock` gives created_at (unix seconds); pass a fixed one for reproducible records.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        namespace: str = "dvi",
+        secret: bytes | None = None,
+        *,
+        keep: int = 3,
+        retries: int = 3,
+        retry_backoff_s: float = 0.1,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if client.connection_pool.connection_kwargs.get("decode_responses", False):
+            raise ValueError("the Redis client must use decode_responses=False (weights are bytes)")
+        if not namespace or any(c.isspace() for c in namespace):
+            raise ValueError(f"namespace must be a non-empty name without spaces, got {namespace!r}")
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        if secret is not None and (not isinstance(secret, bytes) or not secret):
+            raise ValueError("secret must be non-empty bytes or None")
+        self.client = client
+        self.namespace = namespace
+        self.keep = keep
+        self._secret = secret
+        self._retries = retries
+        self._backoff = retry_backoff_s
+        self._clock = clock
+        self._latest_key = f"{namespace}:weights:latest"
+        self._versions_key = f"{namespace}:weights:versions"
+        self._record_prefix = f"{namespace}:weights:v:"
+        self.channel = f"{namespace}:weights:notices"
+        self._publish_script = client.register_script(_PUBLISH_LUA)
+
+    def publish(
+        self,
+        tensors: dict[str, torch.Tensor],
+        version: int,
+        learner_id: str,
+        metadata: dict[str, str] | None = None,
+    ) -> WeightRecord:
+        """Store `tensors` as `version` (must exceed the latest, else ValueError), then notify.
+
+        Atomic: the record, the version list, the latest pointer, pruning to `keep` versions and
+        the notice happen in one script. Safe to retry: an identical replay is accepted once.
+        """
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise ValueError(f"version must be an int >= 0, got {version!r}")
+        if not isinstance(learner_id, str) or not learner_id:
+            raise ValueError(f"learner_id must be a non-empty str, got {learner_id!r}")
+        if not tensors or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+        ):
+            raise ValueError("tensors must be a non-empty dict of str -> torch.Tensor")
+        metadata = dict(metadata or {})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError("metadata must map str -> str")
+        cpu = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+        blob = save_safetensors(cpu)
+        sha = hashlib.sha256(blob).hexdigest()
+        created_at = repr(float(self._clock()))
+        meta_json = json.dumps(metadata, sort_keys=True, separators=(",", ":"))
+        signature = self._sign(version, sha, created_at, learner_id, meta_json) if self._secret else ""
+        notice = json.dumps(
+            {"version": version, "sha256": sha, "created_at": float(created_at), "learner_id": learner_id}
+        )
+        record = {
+            "tensors": blob,
+            "sha256": sha,
+            "version": str(version),
+            "created_at": created_at,
+            "learner_id": learner_id,
+            "metadata": meta_json,
+            "signature": signature,
+        }
+        args: list[object] = [version, self.keep, self._record_prefix, self.channel, notice]
+        for name in _FIELDS:
+            args += [name, record[name]]
+        ok, detail = self._retry(
+            lambda: self._publish_script(
+                keys=[self._latest_key, self._versions_key, self._record_key(version)], args=args
+            ),
+            "publish weights",
+        )
+        if not int(ok):
+            raise ValueError(
+                f"weight version {version} is not newer than the latest published version {int(detail)}"
+            )
+        log.info(
+            "weights %s: learner %s published version %d (%d bytes, sha256 %s)%s",
+            self.namespace,
+            learner_id,
+            version,
+            len(blob),
+            sha[:12],
+            " [duplicate replay]" if _text(detail) == "duplicate" else "",
+        )
+        return WeightRecord(
+            version=version,
+            sha256=sha,
+            created_at=float(created_at),
+            learner_id=learner_id,
+            metadata=metadata,
+            signature=signature or None,
+            tensors=cpu,
+            nbytes=len(blob),
+        )
+
+    def latest_version(self) -> int | None:
+        """The newest published version, or None if none was."""
+        value = self._retry(lambda: self.client.get(self._latest_key), "GET latest")
+        return None if value is None else int(value)
+
+    def versions(self) -> list[int]:
+        """Versions still kept, ascending."""
+        values = self._retry(lambda: self.client.zrange(self._versions_key, 0, -1), "ZRANGE versions")
+        return sorted(int(v) for v in values)
+
+    def previous_version(self, version: int | None = None) -> int | None:
+        """The newest kept version below `version` (default: below the latest): the rollback target."""
+        kept = self.versions()
+        if version is None:
+            version = kept[-1] if kept else None
+        older = [v for v in kept if version is not None and v < version]
+        return older[-1] if older else None
+
+    def fetch(self, version: int | None = None) -> WeightRecord:
+        """Load and verify `version` (default latest).
+
+        Raises WeightNotFoundError if it is not kept, WeightIntegrityError if the record is
+        incomplete, its sha256 does not match its bytes, or (store with a secret) its signature is
+        missing or wrong, or the bytes are not safetensors.
+        """
+        if version is None:
+            version = self.latest_version()
+            if version is None:
+                raise WeightNotFoundError(f"no adapter weights published under namespace {self.namespace!r}")
+        fields = self._retry(lambda: self.client.hgetall(self._record_key(version)), "HGETALL weights")
+        if not fields:
+            raise WeightNotFoundError(
+                f"weight version {version} is not in the store (kept: {self.versions()})"
+            )
+        record = {_text(k): v for k, v in fields.items()}
+        missing = [name for name in _FIELDS if name not in record]
+        if missing:
+            raise WeightIntegrityError(f"weight version {version}: record lacks {', '.join(missing)}")
+        blob: bytes = record["tensors"]
+        sha, created_at, learner_id = (
+            _text(record["sha256"]),
+            _text(record["created_at"]),
+            _text(record["learner_id"]),
+        )
+        meta_json, signature = _text(record["metadata"]), _text(record["signature"])
+        if _text(record["version"]) != str(version):
+            raise WeightIntegrityError(
+                f"weight version {version}: record says version {_text(record['version'])}"
+            )
+        actual = hashlib.sha256(blob).hexdigest()
+        if not hmac.compare_digest(actual, sha):
+            raise WeightIntegrityError(
+                f"weight version {version}: sha256 mismatch (stored {sha[:12]}, computed {actual[:12]}): "
+                "bytes corrupted"
+            )
+        if self._secret is not None:
+            if not signature:
+                raise WeightIntegrityError(
+                    f"weight version {version} is unsigned but this store requires a signature"
+                )
+            expected = self._sign(version, sha, created_at, learner_id, meta_json)
+            if not hmac.compare_digest(expected, signature):
+                raise WeightIntegrityError(
+                    f"weight version {version}: signature mismatch (wrong secret or tampered record)"
+                )
+        try:
+            tensors = load_safetensors(blob)
+            metadata = json.loads(meta_json)
+        except (SafetensorError, ValueError) as err:
+            raise WeightIntegrityError(f"weight version {version}: unreadable record: {err}") from err
+        return WeightRecord(
+            version=version,
+            sha256=sha,
+            created_at=float(created_at),
+            learner_id=learner_id,
+            metadata=metadata,
+            signature=signature or None,
+            tensors=tensors,
+            nbytes=len(blob),
+        )
+
+    def subscribe(self) -> WeightSubscriber:
+        """A subscriber to this store's publish notices (subscribed from this call on)."""
+        return WeightSubscriber(self)
+
+    def _sign(self, version: int, sha: str, created_at: str, learner_id: str, meta_json: str) -> str:
+        assert self._secret is not None
+        message = _signed_message(version, sha, created_at, learner_id, meta_json)
+        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
+
+    def _record_key(self, version: int) -> str:
+        return f"{self._record_prefix}{version}"
+
+    def _retry(self, fn: Callable[[], T], what: str) -> T:
+        return with_retries(
+            fn, what=f"{what} ({self.namespace})", retries=self._retries, backoff_s=self._backoff
+        )
+
+
+class WeightSubscriber:
+    """Waits for newer weight versions: pub/sub notices, backed by a `latest_version()` check.
+
+    Subscribes on construction, so `wait` sees every version published after that moment, and
+    one published before it through `latest_version()`. Close it (or use `with`) when done.
+    """
+
+    def __init__(self, store: WeightStore) -> None:
+        self.store = store
+        self._pubsub = store.client.pubsub(ignore_subscribe_messages=True)
+        with_retries(lambda: self._pubsub.subscribe(store.channel), what=f"SUBSCRIBE {store.channel}")
+
+    def wait(self, newer_than: int | None, timeout_s: float) -> int | None:
+        """The newest version > `newer_than` (None: any), or None if none appears within `timeout_s`."""
+
+        def newer(v: int | None) -> bool:
+            return v is not None and (newer_than is None or v > newer_than)
+
+        latest = self.store.latest_version()  # a version published before we subscribed
+        best = latest if newer(latest) else None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            wait_s = 0.0 if best is not None else max(0.0, remaining)  # once found, only drain
+            message = with_retries(
+                lambda wait_s=wait_s: self._pubsub.get_message(timeout=wait_s),
+                what=f"pub/sub {self.store.channel}",
+            )
+            if message is None:
+                if best is not None or remaining <= 0:
+                    break
+                continue
+            version = self._parse(message.get("data"))
+            if newer(version) and (best is None or version > best):
+                best = version
+        if best is None:  # a notice lost while the connection was re-established
+            latest = self.store.latest_version()
+            best = latest if newer(latest) else None
+        return best
+
+    def _parse(self, data: object) -> int | None:
+        try:
+            version = json.loads(data)["version"]
+        except (TypeError, ValueError, KeyError) as err:
+            log.warning("weights %s: ignoring malformed notice %r: %s", self.store.namespace, data, err)
+            return None
+        if isinstance(version, bool) or not isinstance(version, int):
+            log.warning("weights %s: ignoring notice with version %r", self.store.namespace, version)
+            return None
+        return version
+
+    def close(self) -> None:
+        self._pubsub.close()
+
+    def __enter__(self) -> WeightSubscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,75 @@
+"""`dvi generate`: decode one prompt with the DVI drafter/verifier, streaming text to stdout."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import typer
+
+from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig, ModelSpec
+from dvi.cli import app
+
+
+def load_split(model: str, exit_layer: int, adapter: str | None, dtype: str = "float32", device: str = "cpu"):
+    """Build the SplitModel for CLI commands (validated configs, optional adapter)."""
+    from common.model_split import SplitModel
+
+    spec = ModelSpec(model=model, dtype=dtype, device=device, drafter=DrafterConfig(exit_layer=exit_layer))
+    split = SplitModel.load(spec)
+    if adapter:
+        split.load_adapter(adapter)
+    return split
+
+
+class TextStreamer:
+    """Prints decoded text as tokens are committed, re-decoding the tail so multi-token characters render."""
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.tokenizer = tokenizer
+        self.out = out
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def __call__(self, new_ids: list[int]) -> None:
+        self.ids.extend(new_ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for the next tokens
+            return
+        self.out.write(text[self.printed :])
+        self.out.flush()
+        self.printed = len(text)
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Option(..., "--prompt", help="The user message (the chat template is applied when the model has one)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Alias, local HF directory, or hub id."),
+    exit_layer: int = typer.Option(DrafterConfig.exit_layer, "--exit-layer", help="k: the drafter runs layers [0, k)."),
+    gamma: int = typer.Option(DecodeConfig.gamma, "--gamma", help="Tokens drafted per block (0 = plain AR)."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; > 0 samples losslessly."),
+    max_new_tokens: int = typer.Option(DecodeConfig.max_new_tokens, "--max-new-tokens"),
+    adapter: str = typer.Option(None, "--adapter", help="A trained drafter adapter directory."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sampling generator."),
+    stats: bool = typer.Option(True, "--stats/--no-stats", help="Print tau and acceptance to stderr at the end."),
+) -> None:
+    """Generate a reply to PROMPT, streaming text; the output is exactly the model's own decoding."""
+    from common.prompts import encode_prompt
+    from common.speculative import SpeculativeDecoder
+
+    if not prompt.strip():
+        raise ValueError("prompt is empty")
+    config = DecodeConfig(gamma=gamma, temperature=temperature, max_new_tokens=max_new_tokens)
+    split = load_split(model, exit_layer, adapter)
+    ids = encode_prompt(split.tokenizer, prompt)
+    generator = torch.Generator().manual_seed(seed)
+    result = SpeculativeDecoder(split).generate(ids, config, generator=generator, on_tokens=TextStreamer(split.tokenizer))
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if stats:
+        print(
+            f"[{len(result.token_ids)} tokens in {result.seconds:.2f}s, "
+            f"{len(result.token_ids) / max(result.seconds, 1e-9):.1f} tok/s, tau {result.mean_accepted:.2f}, "
+            f"acceptance {result.acceptance_rate:.2f}, adapter v{result.weight_version}]",
+            file=sys.stderr,
+        )

@@ -1,0 +1,14 @@
+"""Shared fixtures. SmolLM2 is loaded once per session (it is the default model)."""
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2_split():
+    from common.config import DrafterConfig, ModelSpec
+    from common.model_split import SplitModel
+    from tests.tiny_models import randomize_adapter
+
+    split = SplitModel.load(ModelSpec(model="smollm2-135m-instruct", drafter=DrafterConfig(exit_layer=8)))
+    randomize_adapter(split, seed=0, scale=0.02)  # some acceptance variety; the verifier is untouched
+    return split

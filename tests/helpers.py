@@ -1,0 +1,106 @@
+"""Builders of valid test data shared by unit, integration and service tests."""
+
+from __future__ import annotations
+
+import torch
+
+from common.types import Trajectory
+
+
+def make_trajectory(
+    n_drafted: int = 8,
+    n_context: int | None = None,
+    hidden: int = 16,
+    k: int = 4,
+    *,
+    seed: int = 0,
+    gamma: int = 4,
+    vocab: int = 100,
+    weight_version: int = 0,
+    exit_layer: int = 2,
+    temperature: float = 0.0,
+    request_id: str | None = None,
+    created_at: float = 1_700_000_000.0,
+) -> Trajectory:
+    """A valid, seeded random `Trajectory` with the block structure speculative decoding produces.
+
+    Args:
+      n_drafted: N, recorded drafted tokens (0 allowed).
+      n_context: T, rows of `hidden`; None picks a 4-token prompt plus the span the blocks need.
+        Raises ValueError if the given T cannot hold the drafted positions.
+      hidden: H, hidden size of the float16 `hidden` states (standard normal values).
+      k: K, verifier top-k log-probs kept per token (must be <= vocab).
+      seed: everything random comes from one `torch.Generator` seeded with this.
+      gamma: most tokens drafted per block.
+      vocab: token ids are drawn from [0, vocab).
+      weight_version, exit_layer, temperature, request_id, created_at: the scalars (request_id
+        defaults to f"req-{seed}").
+
+    Structure: each block drafts up to `gamma` tokens from consecutive positions; its records are
+    a run of accepted tokens followed, unless all were accepted, by exactly one rejected token
+    whose `target_token` differs from `token`. The next block starts after the committed prefix
+    plus the bonus/correction token, so `position` is non-decreasing. The last block may be cut.
+    """
+    if n_drafted < 0 or hidden < 1 or k < 1 or gamma < 1 or vocab < 2 or k > vocab:
+        raise ValueError(
+            f"bad sizes: n_drafted={n_drafted} hidden={hidden} k={k} gamma={gamma} vocab={vocab}"
+        )
+    g = torch.Generator().manual_seed(seed)
+    prompt = 4
+    positions: list[int] = []
+    block_index: list[int] = []
+    accepted: list[bool] = []
+    start = prompt - 1  # the last prompt state drafts the first token
+    while len(positions) < n_drafted:
+        drafted = int(torch.randint(1, gamma + 1, (1,), generator=g))
+        n_accepted = int(torch.randint(0, drafted + 1, (1,), generator=g))
+        n_records = n_accepted + (1 if n_accepted < drafted else 0)
+        for j in range(min(n_records, n_drafted - len(positions))):
+            positions.append(start + j)
+            block_index.append(j)
+            accepted.append(j < n_accepted)
+        start += n_accepted + 1  # accepted prefix + bonus (or correction) token committed
+    needed = (positions[-1] + 1) if positions else prompt
+    if n_context is None:
+        n_context = needed
+    elif n_context < needed:
+        raise ValueError(f"n_context={n_context} cannot hold drafted positions up to {needed - 1}")
+
+    n = n_drafted
+    accepted_t = torch.tensor(accepted, dtype=torch.bool)
+    token = torch.randint(0, vocab, (n,), generator=g)
+    # a rejected token's correction differs from the drafted token
+    shift = torch.randint(1, vocab, (n,), generator=g)
+    target_token = torch.where(accepted_t, token, (token + shift) % vocab)
+    topk_ids = (
+        torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(n)])
+        if n
+        else (torch.zeros(0, k, dtype=torch.int64))
+    )
+    topk_logprobs = -torch.rand(n, k, generator=g).sort(dim=1).values * 10.0
+    return Trajectory(
+        request_id=request_id if request_id is not None else f"req-{seed}",
+        weight_version=weight_version,
+        exit_layer=exit_layer,
+        temperature=float(temperature),
+        created_at=float(created_at),
+        hidden=torch.randn(n_context, hidden, generator=g).to(torch.float16),
+        position=torch.tensor(positions, dtype=torch.int64),
+        block_index=torch.tensor(block_index, dtype=torch.int64),
+        token=token,
+        target_token=target_token,
+        accepted=accepted_t,
+        drafter_logprob=-torch.rand(n, generator=g) * 5.0,
+        verifier_topk_ids=topk_ids,
+        verifier_topk_logprobs=topk_logprobs.float(),
+        timestamp=created_at - 1.0 + torch.arange(n, dtype=torch.float64) * 1e-3,
+    ).validate()
+
+
+def assert_trajectories_equal(a: Trajectory, b: Trajectory) -> None:
+    """Assert every scalar is equal and every tensor bit-identical (NaN and -0.0 included)."""
+    assert a.scalars() == b.scalars()
+    for name, left in a.tensors().items():
+        right = getattr(b, name)
+        assert left.dtype == right.dtype and left.shape == right.shape, name
+        assert left.contiguous().numpy().tobytes() == right.contiguous().numpy().tobytes(), name

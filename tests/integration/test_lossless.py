@@ -1,0 +1,135 @@
+"""Greedy speculative decoding is token-identical to `model.generate(do_sample=False)`."""
+
+import pytest
+import torch
+
+from common.config import DecodeConfig
+from common.model_split import crop_cache
+from common.prompts import load_prompts
+from common.speculative import SpeculativeDecoder
+from tests.tiny_models import SPEC_BENCH, randomize_adapter, stories_split, tiny_split
+
+
+def hf_greedy(model, ids, max_new_tokens):
+    out = model.generate(
+        torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+        eos_token_id=model.generation_config.eos_token_id, pad_token_id=0,
+    )
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("exit_layer", [1, 2, 3])
+def test_tiny_random_llama_matches_hf_greedy(seed, exit_layer):
+    split = tiny_split(seed=seed, exit_layer=exit_layer)
+    if seed:  # a trained-looking drafter exercises long accepted runs and rejections alike
+        randomize_adapter(split, seed, scale=0.3)
+    decoder = SpeculativeDecoder(split)
+    gen = torch.Generator().manual_seed(seed)
+    for prompt_len in (1, 2, 7, 19):
+        ids = torch.randint(3, split.vocab_size, (prompt_len,), generator=gen).tolist()
+        reference = hf_greedy(split.model, ids, 40)
+        for gamma in (0, 1, 2, 4, 7):
+            result = decoder.generate(ids, DecodeConfig(gamma=gamma, max_new_tokens=40))
+            assert result.token_ids == reference, (prompt_len, gamma)
+
+
+def test_gamma_zero_is_plain_autoregressive():
+    split = tiny_split(seed=4, exit_layer=2)
+    result = SpeculativeDecoder(split).generate([5, 9, 13], DecodeConfig(gamma=0, max_new_tokens=30))
+    assert result.verifier_passes == len(result.token_ids) == 30
+    assert result.drafted == 0 and result.mean_accepted == 1.0
+    assert result.token_ids == hf_greedy(split.model, [5, 9, 13], 30)
+
+
+def test_stories260k_matches_hf_on_twenty_prompts():
+    split = stories_split(exit_layer=3)  # acceptance ~0.7 here: long accepted runs and rejections
+    tok = split.tokenizer
+    openings = [
+        "Once upon a time", "The little dog", "Tom and Sue", "One day, a bird", "The sun was",
+        "Lily wanted to", "There was a big", "Mom said", "The cat was sad because", "Ben had a red",
+        "In the park", "A little girl named", "The boy saw", "It was a sunny day", "The frog",
+        "Sam liked to", "The old tree", "Anna and her friend", "The toy car", "At night, the moon",
+        "Once",
+    ]
+    decoder = SpeculativeDecoder(split)
+    total_accepted = 0
+    for text in openings:
+        ids = tok(text)["input_ids"]
+        reference = hf_greedy(split.model, ids, 48)
+        for gamma in (1, 4, 6):
+            result = decoder.generate(ids, DecodeConfig(gamma=gamma, max_new_tokens=48))
+            assert result.token_ids == reference, (text, gamma)
+            total_accepted += result.accepted
+    assert total_accepted > 0  # the accept path really ran
+
+
+def test_eos_stops_like_hf():
+    from common.config import DrafterConfig
+    from common.model_split import SplitModel
+    from tests.tiny_models import tiny_llama
+
+    model = tiny_llama(seed=6)
+    ids = [7, 3, 11]
+    free_run = hf_greedy(model, ids, 40)
+    eos = free_run[12]  # a token greedy decoding is known to reach: make it the EOS
+    model.generation_config.eos_token_id = eos
+    split = SplitModel(model, None, DrafterConfig(exit_layer=2, lora_rank=4), "tiny-eos")
+    randomize_adapter(split, 6, scale=0.3)
+    reference = hf_greedy(model, ids, 40)
+    assert reference[-1] == eos and len(reference) <= 13
+    for gamma in (0, 3, 6):
+        result = SpeculativeDecoder(split).generate(ids, DecodeConfig(gamma=gamma, max_new_tokens=40))
+        assert result.token_ids == reference and result.finished_by_eos
+
+
+def test_kv_cache_holds_exactly_the_committed_prefix_after_rejections():
+    split = tiny_split(seed=5, exit_layer=2)
+    randomize_adapter(split, 5, scale=0.3)
+    decoder = SpeculativeDecoder(split)
+    state = decoder.start([4, 8, 15, 16, 23], DecodeConfig(gamma=4, max_new_tokens=40))
+    rejections = 0
+    while not state.done:
+        drafted_before = state.result.drafted
+        accepted_before = state.result.accepted
+        decoder.step(state)
+        rejections += (state.result.drafted - drafted_before) > (state.result.accepted - accepted_before)
+        n = len(state.tokens)
+        for layer in range(split.num_layers):
+            assert state.cache.get_seq_length(layer) == n - 1
+        assert state.exit_cache.get_seq_length(0) <= n - 1
+        assert len(state.hk_committed) == n - 1
+        # contents: a fresh prefill of the committed prefix gives the same keys and values
+        fresh = split.new_cache()
+        pos = torch.arange(n - 1)[None]
+        split.deep(split.shallow(torch.tensor([state.tokens[:-1]]), pos, fresh), pos, fresh, logits=False)
+        for layer in range(split.num_layers):
+            assert torch.allclose(state.cache.layers[layer].keys, fresh.layers[layer].keys, atol=1e-5)
+            assert torch.allclose(state.cache.layers[layer].values, fresh.layers[layer].values, atol=1e-5)
+    assert rejections > 0
+
+
+def test_crop_cache_keeps_a_prefix():
+    split = tiny_split(seed=0, exit_layer=2)
+    cache = split.new_cache()
+    pos = torch.arange(6)[None]
+    split.deep(split.shallow(torch.tensor([[3, 4, 5, 6, 7, 8]]), pos, cache), pos, cache, logits=False)
+    before = cache.layers[0].keys.clone()
+    crop_cache(cache, 4)
+    assert cache.get_seq_length(0) == 4 and cache.get_seq_length(3) == 4
+    assert torch.equal(cache.layers[0].keys, before[..., :4, :])
+    crop_cache(cache, 10)  # longer than held: unchanged
+    assert cache.get_seq_length(0) == 4
+
+
+@pytest.mark.slow
+def test_smollm2_matches_hf_on_spec_bench_prompts(smollm2_split):
+    from common.prompts import encode_prompt
+
+    split = smollm2_split
+    decoder = SpeculativeDecoder(split)
+    for prompt in load_prompts(SPEC_BENCH, limit=40)[::13]:  # 4 prompts from different categories
+        ids = encode_prompt(split.tokenizer, prompt.text)
+        reference = hf_greedy(split.model, ids, 24)
+        result = decoder.generate(ids, DecodeConfig(gamma=4, max_new_tokens=24))
+        assert result.token_ids == reference, prompt.question_id

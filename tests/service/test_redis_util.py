@@ -1,0 +1,110 @@
+"""connect / embedded_redis against real redis-server processes, and the shared retry loop."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from common.errors import ServiceError
+from common.redis_util import (
+    PrivateRedis,
+    RedisAuthError,
+    RedisUnreachableError,
+    connect,
+    embedded_redis,
+    free_port,
+    redact,
+    with_retries,
+)
+
+
+@pytest.fixture(scope="module")
+def password_server() -> Iterator[PrivateRedis]:
+    with PrivateRedis(["--requirepass", "s3cret"]) as server:
+        yield server
+
+
+def _with_password(url: str, password: str) -> str:
+    return url.replace("redis://", f"redis://:{password}@")
+
+
+def test_unreachable_redis_gives_the_advice() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    with pytest.raises(RedisUnreachableError) as info:
+        connect(url, retries=2, backoff_s=0.01)
+    message = str(info.value)
+    assert message.startswith(f"cannot reach Redis at {url} (")
+    assert message.endswith("start one with `redis-server` or pass --redis-url")
+    assert isinstance(info.value, ServiceError)
+
+
+def test_missing_and_wrong_passwords_are_told_apart(password_server) -> None:
+    url = password_server.url
+    with pytest.raises(RedisAuthError, match=f"Redis at {url} requires a password: pass it in --redis-url"):
+        connect(url)
+    bad = _with_password(url, "wrong")
+    with pytest.raises(RedisAuthError) as info:
+        connect(bad)
+    assert "rejected the password" in str(info.value) and "check the password in --redis-url" in str(
+        info.value
+    )
+    assert "wrong" not in str(info.value)  # the password never reaches a message
+    client = connect(_with_password(url, "s3cret"))
+    assert client.ping() is True
+    client.close()
+
+
+def test_embedded_redis_uses_a_live_server_as_is(redis_url) -> None:
+    with embedded_redis(redis_url) as url:
+        assert url == redis_url
+
+
+def test_embedded_redis_starts_and_stops_a_private_server() -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    with embedded_redis(dead) as url:
+        assert url != dead
+        client = connect(url)
+        client.set("k", b"v")
+        assert client.get("k") == b"v"
+        client.close()
+    with pytest.raises(RedisUnreachableError):
+        connect(url, retries=1)
+
+
+def test_embedded_redis_does_not_hide_an_auth_failure(password_server) -> None:
+    with pytest.raises(RedisAuthError), embedded_redis(password_server.url):
+        pass
+
+
+def test_bad_urls_and_redaction() -> None:
+    with pytest.raises(ServiceError, match="bad Redis URL http://x"):
+        connect("http://x")
+    assert redact("redis://user:pw@host:6380/1") == "redis://user:***@host:6380/1"
+    assert redact("redis://host:6379/0") == "redis://host:6379/0"
+
+
+def test_with_retries_is_bounded() -> None:
+    calls: list[int] = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise redis.ConnectionError("reset by peer")
+        return "ok"
+
+    assert with_retries(flaky, what="PING", retries=3, backoff_s=0.0) == "ok" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(ServiceError, match="PING failed after 2 attempts: reset by peer"):
+        with_retries(flaky, what="PING", retries=2, backoff_s=0.0)
+    assert len(calls) == 2
+
+    def broken() -> None:
+        calls.append(1)
+        raise redis.ResponseError("WRONGTYPE")
+
+    calls.clear()
+    with pytest.raises(redis.ResponseError):  # not a connection problem: no retry
+        with_retries(broken, what="GET", retries=3, backoff_s=0.0)
+    assert len(calls) == 1

@@ -1,0 +1,57 @@
+"""Builders for the models tests run on: tiny random Llamas and the real stories260K."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from common.config import DrafterConfig
+from common.model_split import SplitModel
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DVI_SHARED", REPO_ROOT.parent / "shared"))
+STORIES = SHARED / "models" / "stories260K"
+SPEC_BENCH = SHARED / "data" / "spec_bench" / "question_dev.jsonl"
+
+
+def tiny_llama(seed: int = 0, layers: int = 4, vocab: int = 96, hidden: int = 32, dtype=torch.float32) -> LlamaForCausalLM:
+    """A random Llama small enough to decode thousands of tokens a second; frozen, eval mode."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def tiny_split(seed: int = 0, exit_layer: int = 2, **kwargs) -> SplitModel:
+    model = tiny_llama(seed, **kwargs)
+    return SplitModel(model, None, DrafterConfig(exit_layer=exit_layer, lora_rank=4, lora_alpha=8), f"tiny-llama-{seed}")
+
+
+def stories_split(exit_layer: int = 2) -> SplitModel:
+    """The real 5-layer stories260K Llama split at `exit_layer`."""
+    from common.config import ModelSpec
+
+    return SplitModel.load(ModelSpec(model=str(STORIES), drafter=DrafterConfig(exit_layer=exit_layer)))
+
+
+def randomize_adapter(split: SplitModel, seed: int, scale: float = 0.5) -> None:
+    """Give every LoRA tensor random values (lora_B too, so the drafter really changes)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {k: torch.randn(v.shape, generator=g) * scale for k, v in split.adapter_state().items()}
+    split.load_adapter_state(state, version=split.weight_version + 1)
