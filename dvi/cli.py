@@ -10,9 +10,16 @@ import logging
 import os
 import sys
 
+import click
 import typer
 
 from common.errors import DVIError
+
+try:  # recent typer ships its own copy of click, whose usage errors are not click's
+    from typer._click.exceptions import ClickException as _VendoredClickException
+except ImportError:  # pragma: no cover - depends on the installed typer
+    _VendoredClickException = None
+_CLICK_ERRORS = tuple(e for e in (click.exceptions.ClickException, _VendoredClickException) if e)
 
 app = typer.Typer(
     add_completion=False,
@@ -67,17 +74,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as exc:  # typer raises this for --help and usage errors
         return int(exc.code or 0)
-    except Exception as exc:  # click usage errors arrive as ClickException subclasses
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
-            return 1
-        raise
+    except _CLICK_ERRORS as exc:  # usage errors (bad or missing flags)
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m dvi.cli` runs this file as __main__; commands register on the importable module.
+    from dvi.cli import main as _main
+
+    sys.exit(_main())
