@@ -1,6 +1,10 @@
 """Shared fixtures. SmolLM2 is loaded once per session (it is the default model)."""
 
 import pytest
+import torch
+
+# Tiny models run fastest on one thread, and on a shared 2-core box more threads oversubscribe.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

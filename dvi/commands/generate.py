@@ -25,9 +25,9 @@ def load_split(model: str, exit_layer: int, adapter: str | None, dtype: str = "f
 class TextStreamer:
     """Prints decoded text as tokens are committed, re-decoding the tail so multi-token characters render."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
+    def __init__(self, tokenizer, out=None):
         self.tokenizer = tokenizer
-        self.out = out
+        self.out = out if out is not None else sys.stdout
         self.ids: list[int] = []
         self.printed = 0
 

@@ -1,0 +1,1 @@
+"""Benchmarks behind `dvi bench ...`: plain functions that measure, aggregate and write reports."""

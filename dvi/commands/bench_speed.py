@@ -1,0 +1,166 @@
+"""`dvi bench speed`: tokens/s, speedup over HF greedy, tau and losslessness of each decoding method."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig
+from dvi.cli import bench_app
+
+_METHODS_HELP = (
+    "Comma-separated built-in methods, in order: hf_ar (HF generate, the reference), ar (our loop, gamma 0), "
+    "hf_prompt_lookup, hf_early_exit, dvi. Default: all five."
+)
+
+
+def parse_methods(text: str | None) -> tuple[str, ...] | None:
+    """'hf_ar, dvi' -> ('hf_ar', 'dvi'); None stays None (all methods)."""
+    if text is None:
+        return None
+    names = tuple(name.strip() for name in text.split(","))
+    if not any(names) or "" in names:
+        raise ValueError(f"--methods must be a comma-separated list of method names, got {text!r}")
+    return names
+
+
+def parse_variants(items: list[str] | None) -> tuple[tuple[str, str], ...]:
+    """['dvi_kl_only=runs/kl/adapter'] -> (('dvi_kl_only', 'runs/kl/adapter'),)."""
+    variants = []
+    for item in items or []:
+        name, sep, directory = item.partition("=")
+        if not sep or not name.strip() or not directory.strip():
+            raise ValueError(f"--variant takes NAME=ADAPTER_DIR, got {item!r}")
+        variants.append((name.strip(), directory.strip()))
+    return tuple(variants)
+
+
+def _check_adapter_dir(flag: str, directory: str) -> None:
+    if not Path(directory).is_dir():
+        raise ValueError(f"{flag}: adapter directory not found: {directory}")
+
+
+@bench_app.command("speed")
+def speed(
+    prompts: str = typer.Option(..., "--prompts", help="Spec-Bench-format JSONL (question_id, category, turns); first turn only."),
+    out: str = typer.Option(..., "--out", help="Directory for speed.json, speed.md, speed.png and speed_runs.jsonl."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Alias, local HF directory, or hub id."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Most new tokens per prompt, every method (Spec-Bench: 1024)."),
+    exit_layer: int = typer.Option(DrafterConfig.exit_layer, "--exit-layer", help="k: dvi's and hf_early_exit's drafter runs layers [0, k)."),
+    gamma: int = typer.Option(DecodeConfig.gamma, "--gamma", help="Most tokens drafted per block (dvi and hf_early_exit)."),
+    confidence_threshold: float = typer.Option(
+        0.0, "--confidence-threshold", help="Stop drafting below this drafter top-1 probability (0 = off)."
+    ),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Trained adapter directory for the dvi method."),
+    variant: Optional[list[str]] = typer.Option(
+        None, "--variant", help="NAME=ADAPTER_DIR: one more dvi method with that adapter (repeatable)."
+    ),
+    methods: Optional[str] = typer.Option(None, "--methods", help=_METHODS_HELP),
+    warmup: int = typer.Option(3, "--warmup", help="Prompts run through every method before timing (not recorded)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
+    device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda:0."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", help="Torch CPU threads for the run (default: torch's own); recorded in speed.json."
+    ),
+) -> None:
+    """Time every method on the same prompts (batch 1, greedy, interleaved) and write a report."""
+    from common.config import ModelSpec
+    from common.prompts import load_prompts
+    from dvi.bench import speed as bench
+
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    parsed_methods = parse_methods(methods)
+    settings = bench.SpeedSettings(
+        prompts=prompts,
+        model=model,
+        limit=limit,
+        max_new_tokens=max_new_tokens,
+        exit_layer=exit_layer,
+        gamma=gamma,
+        confidence_threshold=confidence_threshold,
+        adapter=adapter,
+        variants=parse_variants(variant),
+        methods=parsed_methods if parsed_methods is not None else bench.BUILTIN_METHODS,
+        warmup=warmup,
+        dtype=dtype,
+        device=device,
+    )
+    ModelSpec(model=model, dtype=dtype, device=device)  # validates dtype before the slow load
+    if adapter:
+        _check_adapter_dir("--adapter", adapter)
+    for name, directory in settings.variants:
+        _check_adapter_dir(f"--variant {name}", directory)
+    questions = load_prompts(prompts, limit)
+
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        _run(settings, questions, out)
+    finally:
+        torch.set_num_threads(previous_threads)  # in-process callers (tests) get theirs back
+
+
+def _run(settings, questions: list, out: str) -> None:
+    """Load the model and drafters, encode and check every prompt, time, and write the reports."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from common.config import ModelSpec
+    from common.model_split import SplitModel
+    from common.prompts import encode_prompt
+    from common.speculative import SpeculativeDecoder
+    from dvi.bench import speed as bench
+
+    drafter = DrafterConfig(exit_layer=settings.exit_layer)
+    split = SplitModel.load(ModelSpec(model=settings.model, dtype=settings.dtype, device=settings.device, drafter=drafter))
+    drafters = {}
+    if "dvi" in settings.methods:
+        if settings.adapter:
+            split.load_adapter(settings.adapter)
+        drafters["dvi"] = split
+    for name, directory in settings.variants:
+        # Another exit head on the same frozen base model: no second copy of the weights.
+        drafters[name] = SplitModel(split.model, split.tokenizer, drafter, settings.model)
+        drafters[name].load_adapter(directory)
+
+    checker = SpeculativeDecoder(split)
+    encoded = []
+    for i, q in enumerate(questions):
+        ids = encode_prompt(split.tokenizer, q.text)
+        try:
+            checker.check_request(ids, DecodeConfig(gamma=0, max_new_tokens=settings.max_new_tokens))
+        except ValueError as exc:
+            raise ValueError(f"question {q.question_id}: {exc}") from None
+        encoded.append(bench.BenchPrompt(i, q.question_id, bench.spec_bench_task(q.category), tuple(ids)))
+
+    names = list(settings.all_methods)
+    n_warm = min(settings.warmup, len(encoded))
+    console = Console(stderr=True)
+    with bench.PassCounter(split.layers[-1]) as counter, bench.quiet_hf_nested_generate():
+        table = bench.build_methods(split, settings, counter, drafters)
+        with Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[now]}"), console=console,
+        ) as progress:
+            task = progress.add_task("warm-up", total=(n_warm + len(encoded)) * len(names), now="")
+
+            def on_step(phase: str, prompt, method: str) -> None:
+                progress.update(
+                    task, advance=1, description="warm-up" if phase == "warmup" else "timed",
+                    now=f"prompt {prompt.index + 1}/{len(encoded)} ({prompt.category}) {method}",
+                )
+
+            records = bench.run_benchmark(table, encoded, n_warm, split.device, on_step)
+
+    machine = bench.machine_info(str(split.device))
+    _, markdown = bench.write_reports(out, settings.model, machine, bench.settings_record(settings, len(encoded)), records)
+    sys.stdout.write(markdown + "\n")
+    console.print(f"wrote {Path(out) / 'speed.json'}, speed.md, speed.png, speed_runs.jsonl")

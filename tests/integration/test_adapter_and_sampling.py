@@ -1,0 +1,140 @@
+"""The adapter changes only the drafter; speculative sampling keeps the model's distribution."""
+
+import itertools
+
+import numpy as np
+import torch
+from scipy.stats import chisquare
+
+from common.config import DecodeConfig
+from common.speculative import SpeculativeDecoder
+from tests.tiny_models import randomize_adapter, tiny_split
+
+
+def test_adapter_changes_drafter_but_never_verifier():
+    split = tiny_split(seed=3, exit_layer=2)
+    ids = torch.tensor([[5, 17, 33, 2, 9, 41]])
+    pos = torch.arange(6)[None]
+
+    def both():
+        cache, exit_cache = split.new_cache(), split.new_exit_cache()
+        h = split.shallow(ids, pos, cache)
+        return split.deep(h, pos, cache).clone(), split.draft(h, pos, exit_cache).clone()
+
+    verifier_before, drafter_before = both()
+    full_model_before = split.model(input_ids=ids).logits.clone()
+    for seed in range(3):
+        randomize_adapter(split, seed, scale=1.0)
+        verifier_after, drafter_after = both()
+        assert torch.equal(verifier_after, verifier_before)
+        assert not torch.allclose(drafter_after, drafter_before, atol=1e-3)
+        assert torch.equal(split.model(input_ids=ids).logits, full_model_before)
+    assert all(not p.requires_grad for p in split.model.parameters())
+    assert split.trainable_parameters() and all("lora_" in n for n in split.named_trainable_parameters())
+
+
+def test_adapter_state_round_trip_and_shape_check():
+    import pytest
+
+    from common.errors import AdapterError
+
+    split = tiny_split(seed=1, exit_layer=2)
+    randomize_adapter(split, 11)
+    state = split.adapter_state()
+    other = tiny_split(seed=1, exit_layer=2)
+    other.load_adapter_state(state, version=7)
+    assert other.weight_version == 7
+    for name, value in other.adapter_state().items():
+        assert torch.equal(value, state[name])
+    broken = dict(state)
+    first = next(iter(broken))
+    broken[first] = torch.zeros(3, 3)
+    with pytest.raises(AdapterError, match="shape"):
+        other.load_adapter_state(broken, version=8)
+    assert other.weight_version == 7
+
+
+def _exact_two_token_distribution(model, prompt, vocab):
+    """p(t1, t2 | prompt) for every pair, from the model itself."""
+    probs = {}
+    with torch.no_grad():
+        p1 = torch.softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1].float(), -1)
+        for t1 in range(vocab):
+            p2 = torch.softmax(model(input_ids=torch.tensor([prompt + [t1]])).logits[0, -1].float(), -1)
+            for t2 in range(vocab):
+                probs[(t1, t2)] = float(p1[t1] * p2[t2])
+    return probs
+
+
+def test_speculative_sampling_matches_model_distribution_at_temperature_one():
+    vocab = 6
+    split = tiny_split(seed=2, exit_layer=1, vocab=vocab, hidden=16, layers=3)
+    randomize_adapter(split, 2, scale=1.0)  # q far from p: the rejection path does real work
+    split.eos_token_ids = set()  # let every sample run two tokens
+    prompt = [3, 1, 4]
+    exact = _exact_two_token_distribution(split.model, prompt, vocab)
+    decoder = SpeculativeDecoder(split)
+    gen = torch.Generator().manual_seed(0)
+    counts = dict.fromkeys(itertools.product(range(vocab), repeat=2), 0)
+    trials = 4000
+    accepted = 0
+    for _ in range(trials):
+        result = decoder.generate(prompt, DecodeConfig(gamma=2, temperature=1.0, max_new_tokens=2), generator=gen)
+        counts[tuple(result.token_ids)] += 1
+        accepted += result.accepted
+    assert 0 < accepted < trials * 2  # both accept and reject paths ran
+    cells = sorted(exact)
+    observed = np.array([counts[c] for c in cells], dtype=np.float64)
+    expected = np.array([exact[c] for c in cells], dtype=np.float64)
+    expected *= observed.sum() / expected.sum()  # chisquare wants equal totals to ~1e-8
+    assert chisquare(observed, expected).pvalue > 1e-3
+    # the test has power: the drafter's own distribution is rejected
+    first_token = torch.tensor([sum(counts[(a, b)] for b in range(vocab)) for a in range(vocab)], dtype=torch.float64)
+    with torch.no_grad():
+        cache, exit_cache = split.new_cache(), split.new_exit_cache()
+        ids = torch.tensor([prompt])
+        pos = torch.arange(3)[None]
+        q = torch.softmax(split.draft(split.shallow(ids, pos, cache), pos, exit_cache), -1).double()
+    q_expected = q.numpy() * first_token.sum().item() / q.sum().item()
+    assert chisquare(first_token.numpy(), q_expected).pvalue < 1e-6
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    split = tiny_split(seed=4, exit_layer=2)
+    randomize_adapter(split, 4, scale=0.3)
+    decoder = SpeculativeDecoder(split)
+    config = DecodeConfig(gamma=3, temperature=0.9, top_k=20, top_p=0.9, max_new_tokens=30)
+    a = decoder.generate([7, 8, 9], config, generator=torch.Generator().manual_seed(5)).token_ids
+    b = decoder.generate([7, 8, 9], config, generator=torch.Generator().manual_seed(5)).token_ids
+    c = decoder.generate([7, 8, 9], config, generator=torch.Generator().manual_seed(6)).token_ids
+    assert a == b and a != c
+
+
+def test_trajectory_record_matches_the_decoding():
+    split = tiny_split(seed=5, exit_layer=2)
+    randomize_adapter(split, 5, scale=0.3)
+    prompt = [4, 8, 15, 16]
+    result = SpeculativeDecoder(split).generate(
+        prompt, DecodeConfig(gamma=4, max_new_tokens=30, record_trajectories=True, record_topk=5), request_id="r1"
+    )
+    traj = result.trajectory.validate()
+    assert traj.request_id == "r1" and traj.weight_version == split.weight_version
+    assert traj.num_accepted == result.accepted
+    sequence = prompt + result.token_ids
+    for i in range(traj.num_drafted):
+        p = int(traj.position[i])
+        assert int(traj.target_token[i]) == sequence[p + 1]  # the verifier's committed token
+        assert bool(traj.accepted[i]) == (int(traj.token[i]) == sequence[p + 1])
+    assert traj.verifier_topk_ids.shape == (traj.num_drafted, 5)
+    # greedy: the verifier's top-1 is the committed token
+    assert torch.equal(traj.verifier_topk_ids[:, 0], traj.target_token)
+    # the recorded context states are the model's own layer-k states
+    cache = split.new_cache()
+    n = traj.num_context
+    fresh = split.shallow(torch.tensor([sequence[:n]]), torch.arange(n)[None], cache)[0]
+    assert torch.allclose(traj.hidden.float(), fresh.float(), atol=1e-2)
+    # and the drafter's recorded log-prob is reproduced by the training view of the exit head
+    with torch.no_grad():
+        logits = split.drafter_logits(traj.hidden.float(), traj.position)
+    logq = torch.log_softmax(logits, -1).gather(1, traj.token[:, None])[:, 0]
+    assert torch.allclose(logq, traj.drafter_logprob, atol=2e-2)

@@ -1,0 +1,91 @@
+"""`dvi bench speed` end to end on the real stories260K (no chat template): schema, rows, losslessness."""
+
+import json
+
+from dvi.bench.speed import BUILTIN_METHODS, ROW_FIELDS
+from dvi.cli import main
+from tests.tiny_models import STORIES, randomize_adapter, stories_split
+
+STORY_PROMPTS = [
+    ("writing", "Once upon a time, there was a little girl named Lily."),
+    ("summarization", "Tom had a big red ball. He liked to play with it in the park."),
+    ("roleplay", "One day, a cat and a dog went to the park to play."),
+    ("qa", "The sun was shining and the birds were singing."),
+]
+
+
+def write_prompts(path):
+    lines = [
+        json.dumps({"question_id": i + 1, "category": cat, "turns": [text, "A second turn, never used."]})
+        for i, (cat, text) in enumerate(STORY_PROMPTS)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_bench_speed_end_to_end(tmp_path, capsys):
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "bench"
+    code = main([
+        "bench", "speed", "--model", str(STORIES), "--prompts", str(prompts), "--exit-layer", "2",
+        "--limit", "3", "--max-new-tokens", "16", "--warmup", "1", "--out", str(out),
+        "--threads", "1",  # a tiny model on a shared CPU: more threads only spin
+    ])
+    assert code == 0
+    report = json.loads((out / "speed.json").read_text())
+    assert set(report) == {"model", "machine", "settings", "runs"}
+    assert {"platform", "processor", "cpu_count", "torch", "threads", "device"} <= set(report["machine"])
+    assert report["settings"]["max_new_tokens"] == 16 and report["settings"]["prompts_used"] == 3
+    assert report["machine"]["threads"] == 1
+
+    runs = report["runs"]
+    assert all(tuple(row) == ROW_FIELDS for row in runs)
+    # the first 3 prompts: writing + roleplay are Spec-Bench's multi_turn task
+    categories = ["overall", "multi_turn", "summarization"]
+    assert [(r["category"], r["method"]) for r in runs] == [(c, m) for c in categories for m in BUILTIN_METHODS]
+    by = {(r["method"], r["category"]): r for r in runs}
+    assert by["hf_ar", "overall"]["prompts"] == 3 and by["dvi", "multi_turn"]["prompts"] == 2
+    for row in runs:
+        assert row["identical_to_ar"] == 1.0, row  # every method is greedy and lossless
+        assert row["tokens"] == by["hf_ar", row["category"]]["tokens"] > 0
+        assert row["seconds"] > 0 and row["tokens_per_s"] > 0 and row["speedup_vs_hf_ar"] > 0
+        assert row["mean_accepted"] is not None and row["mean_accepted"] >= 1.0
+    assert by["hf_ar", "overall"]["speedup_vs_hf_ar"] == 1.0
+    assert by["hf_ar", "overall"]["mean_accepted"] == 1.0 and by["ar", "overall"]["mean_accepted"] == 1.0
+
+    assert (out / "speed.md").read_text().count("| overall |") == len(BUILTIN_METHODS)
+    assert (out / "speed.png").stat().st_size > 0
+    assert len((out / "speed_runs.jsonl").read_text().splitlines()) == 3 * len(BUILTIN_METHODS)
+    assert "| hf_early_exit | overall |" in capsys.readouterr().out
+
+
+def test_bench_speed_variant_adapter(tmp_path):
+    split = stories_split(exit_layer=2)
+    randomize_adapter(split, seed=3, scale=0.3)
+    adapter = split.save_adapter(tmp_path / "adapter")
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "bench"
+    code = main([
+        "bench", "speed", "--model", str(STORIES), "--prompts", str(prompts), "--exit-layer", "2",
+        "--limit", "1", "--max-new-tokens", "8", "--warmup", "0", "--methods", "hf_ar,dvi",
+        "--variant", f"dvi_random={adapter}", "--out", str(out), "--threads", "1",
+    ])
+    assert code == 0
+    runs = json.loads((out / "speed.json").read_text())["runs"]
+    assert [r["method"] for r in runs if r["category"] == "overall"] == ["hf_ar", "dvi", "dvi_random"]
+    assert all(r["identical_to_ar"] == 1.0 for r in runs)
+
+
+def test_bench_speed_bad_flags_are_one_line_errors(tmp_path, capsys):
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    base = ["bench", "speed", "--model", str(STORIES), "--prompts", str(prompts), "--out", str(tmp_path / "o")]
+    assert main(base + ["--methods", "hf_ar,medusa"]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    assert main(base + ["--methods", "ar,dvi"]) == 2
+    assert "must include hf_ar" in capsys.readouterr().err
+    assert main(base + ["--variant", "x=/nonexistent/adapter"]) == 2
+    assert "adapter directory not found" in capsys.readouterr().err
+    assert main(base + ["--exit-layer", "9"]) == 2  # stories260K has 5 layers
+    assert "exit layer 9 is out of range" in capsys.readouterr().err
+    assert main(base + ["--threads", "0"]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
