@@ -58,8 +58,17 @@ def crop_cache(cache: DynamicCache, length: int) -> None:
             layer.values = layer.values[..., :length, :]
 
 
-def cache_length(cache: DynamicCache, layer_idx: int) -> int:
-    return cache.get_seq_length(layer_idx)
+def call_layer(layer: nn.Module, hidden, rope, mask=None, position_ids=None, cache=None) -> torch.Tensor:
+    """One HF decoder layer on hidden [B, T, H]; appends to `cache` when given. Returns [B, T, H]."""
+    out = layer(
+        hidden,
+        attention_mask=mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=cache is not None,
+        position_embeddings=rope,
+    )
+    return out[0] if isinstance(out, tuple) else out  # older transformers return a tuple
 
 
 class ExitHead(nn.Module):
@@ -76,15 +85,7 @@ class ExitHead(nn.Module):
         self.lm_head = lm_head
 
     def forward(self, hidden, position_embeddings, attention_mask=None, cache=None, position_ids=None, logits_for=None):
-        out = self.layer(
-            hidden,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=cache is not None,
-            position_embeddings=position_embeddings,
-        )
-        out = out[0] if isinstance(out, tuple) else out
+        out = call_layer(self.layer, hidden, position_embeddings, attention_mask, position_ids, cache)
         if logits_for == 0:
             return None
         if logits_for is not None:
@@ -201,15 +202,7 @@ class SplitModel:
         mask = causal_mask(hidden.shape[1], past, hidden.dtype, hidden.device)
         rope = self.decoder.rotary_emb(hidden, position_ids)
         for layer in self.layers[start:stop]:
-            out = layer(
-                hidden,
-                attention_mask=mask,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=cache is not None,
-                position_embeddings=rope,
-            )
-            hidden = out[0] if isinstance(out, tuple) else out
+            hidden = call_layer(layer, hidden, rope, mask, position_ids, cache)
         return hidden
 
     @torch.no_grad()
@@ -247,8 +240,7 @@ class SplitModel:
         position_ids = torch.arange(x.shape[1], device=self.device)[None]
         mask = causal_mask(x.shape[1], 0, x.dtype, x.device)
         rope = self.decoder.rotary_emb(x, position_ids)
-        out = self._head.layer(x, attention_mask=mask, position_ids=position_ids, position_embeddings=rope)
-        out = out[0] if isinstance(out, tuple) else out
+        out = call_layer(self._head.layer, x, rope, mask, position_ids)
         picked = out[0, at.to(self.device)]
         return self._head.lm_head(self._head.norm(picked)).float()
 
