@@ -37,15 +37,12 @@ from typing import Callable, Iterator
 import torch
 
 from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig
+from common.prompts import MT_BENCH_CATEGORIES, spec_bench_task  # noqa: F401 (re-exported)
 
 REFERENCE = "hf_ar"
 BUILTIN_METHODS: tuple[str, ...] = ("hf_ar", "ar", "hf_prompt_lookup", "hf_early_exit", "dvi")
 OVERALL = "overall"
 PROMPT_LOOKUP_NUM_TOKENS = 10
-# The eight MT-bench categories that Spec-Bench reports as one task, "multi-turn conversation".
-MT_BENCH_CATEGORIES = frozenset(
-    {"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"}
-)
 ROW_FIELDS = (
     "method", "category", "prompts", "tokens", "seconds",
     "tokens_per_s", "speedup_vs_hf_ar", "mean_accepted", "identical_to_ar",
@@ -53,11 +50,6 @@ ROW_FIELDS = (
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 
 MethodFn = Callable[[list[int]], "tuple[list[int], int | None]"]
-
-
-def spec_bench_task(category: str) -> str:
-    """Spec-Bench's task for a question category: the MT-bench categories are "multi_turn"."""
-    return "multi_turn" if category.strip().lower() in MT_BENCH_CATEGORIES else category.strip()
 
 
 # --------------------------------------------------------------------------- settings
@@ -71,6 +63,8 @@ class SpeedSettings:
     """Alias, local HF directory or hub id of the base model."""
     limit: int | None = None
     """Use only the first `limit` prompts (None = all)."""
+    per_category: int | None = None
+    """Use the first N prompts of each Spec-Bench task (None = all)."""
     max_new_tokens: int = 128
     """Most new tokens per prompt for every method (Spec-Bench uses 1024 on GPU)."""
     exit_layer: int = DrafterConfig.exit_layer

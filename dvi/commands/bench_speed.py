@@ -49,6 +49,9 @@ def speed(
     out: str = typer.Option(..., "--out", help="Directory for speed.json, speed.md, speed.png and speed_runs.jsonl."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", help="Alias, local HF directory, or hub id."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts."),
+    per_category: Optional[int] = typer.Option(
+        None, "--per-category", help="Use the first N prompts of each Spec-Bench task (a stratified subset)."
+    ),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Most new tokens per prompt, every method (Spec-Bench: 1024)."),
     exit_layer: int = typer.Option(DrafterConfig.exit_layer, "--exit-layer", help="k: dvi's and hf_early_exit's drafter runs layers [0, k)."),
     gamma: int = typer.Option(DecodeConfig.gamma, "--gamma", help="Most tokens drafted per block (dvi and hf_early_exit)."),
@@ -79,6 +82,7 @@ def speed(
         prompts=prompts,
         model=model,
         limit=limit,
+        per_category=per_category,
         max_new_tokens=max_new_tokens,
         exit_layer=exit_layer,
         gamma=gamma,
@@ -95,7 +99,9 @@ def speed(
         _check_adapter_dir("--adapter", adapter)
     for name, directory in settings.variants:
         _check_adapter_dir(f"--variant {name}", directory)
-    questions = load_prompts(prompts, limit)
+    if per_category is not None and per_category < 1:
+        raise ValueError(f"--per-category must be >= 1, got {per_category}")
+    questions = load_prompts(prompts, limit, per_task=per_category)
 
     import torch
 
