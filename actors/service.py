@@ -1,0 +1,326 @@
+"""Generation actors on Ray: a thin shell around `actors.generator.Generator`, and a pool.
+
+`GeneratorService` builds a `Generator` from picklable `GeneratorSettings` (model, Redis URL,
+transport, secret), syncs it to the latest published weight version, and runs the weight watcher
+thread. It adds no math. `ray.remote` is applied at the edge (`GeneratorPool`), with
+`max_restarts=-1`: a killed actor comes back, re-runs `__init__`, and so re-syncs to the latest
+verified weights before serving again.
+
+Placement: one actor per GPU (`num_gpus=1`) when the cluster has GPUs, else a fraction of a CPU
+(`cpus_per_actor`, default 0.5, so two actors and the learner fit on a 2-core machine). Inside
+the actor the model goes to `cuda:0` when Ray gave it a GPU (Ray sets CUDA_VISIBLE_DEVICES), else
+to the CPU with `torch_threads` intra-op threads.
+
+`GeneratorPool.map` is the driver's work queue: each actor holds at most one request; when it
+finishes, it gets the next prompt. A request whose actor died is retried (same request id, so
+the learner dedupes a trajectory that was published twice) up to `max_attempts` times.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from common.config import DecodeConfig, ModelSpec
+from common.errors import ServiceError
+from common.transport import TransportConfig
+
+log = logging.getLogger(__name__)
+
+
+def quiet_libraries() -> None:
+    """No weight-loading progress bars or hub chatter from inside an actor (they reach the driver's terminal)."""
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # transformers is a hard dependency; this only guards odd installs
+        pass
+
+
+def resolve_device(requested: str) -> str:
+    """`auto` -> cuda:0 when this process sees a GPU, else cpu; anything else unchanged."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def cluster_gpus() -> float:
+    """GPUs in the connected Ray cluster (0 when none, or when Ray is not initialised)."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0)) if ray.is_initialized() else 0.0
+
+
+def root_cause(err: BaseException) -> str:
+    """The original `Type: message` line of an error that crossed Ray (its text holds a traceback)."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, BaseException):
+        return f"{type(cause).__name__}: {cause}".splitlines()[0]
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head.endswith(("Error", "Exception")) and " " not in head:
+            return line
+    return lines[-1] if lines else type(err).__name__
+
+
+@dataclass(frozen=True)
+class GeneratorSettings:
+    """Everything a generation actor needs to build itself; picklable, sent to Ray once."""
+
+    model: ModelSpec
+    """The base model, exit layer and LoRA shape; device "auto" picks cuda:0 when Ray gave a GPU."""
+    redis_url: str
+    """Where the trajectory stream, weight store and telemetry live."""
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    """Stream settings; `transport.namespace` is also the weight store and telemetry namespace."""
+    secret: bytes | None = None
+    """HMAC secret the weight store verifies records with (None: sha256 only)."""
+    actor_id: str = "actor-0"
+    """This actor's name."""
+    learn: bool = True
+    """Publish trajectories for the learner."""
+    seed: int = 0
+    """Base sampling seed."""
+    torch_threads: int = 1
+    """Intra-op CPU threads (a fractional-CPU actor must not spawn one thread per core)."""
+    watch: bool = True
+    """Run the weight watcher thread (swap on publish notices while idle)."""
+    metrics: bool = True
+    """Record catalogue metrics (through Ray's metrics agent inside an actor)."""
+    telemetry: bool = True
+    """Publish snapshots for `dvi monitor` after each request."""
+
+
+class GeneratorService:
+    """Ray-side shell of one `Generator`. Methods are what the driver calls remotely."""
+
+    def __init__(self, settings: GeneratorSettings) -> None:
+        import torch
+
+        from actors.generator import Generator, GeneratorConfig
+        from common.model_split import SplitModel
+        from common.redis_util import connect
+        from common.transport import TrajectoryStream
+        from common.weights import WeightStore
+
+        torch.set_num_threads(max(1, settings.torch_threads))
+        quiet_libraries()
+        self.settings = settings
+        self.started_at = time.time()
+        spec = replace(settings.model, device=resolve_device(settings.model.device))
+        split = SplitModel.load(spec)
+        client = connect(settings.redis_url)
+        ns = settings.transport.namespace
+        metrics = telemetry = None
+        if settings.metrics:
+            from common.metrics import MetricsRecorder
+
+            metrics = MetricsRecorder()
+        if settings.telemetry:
+            from common.telemetry import Telemetry
+
+            telemetry = Telemetry(client, ns)
+        self.generator = Generator(
+            split,
+            GeneratorConfig(actor_id=settings.actor_id, learn=settings.learn, seed=settings.seed),
+            stream=TrajectoryStream(client, settings.transport) if settings.learn else None,
+            weights=WeightStore(client, ns, settings.secret),
+            metrics=metrics,
+            telemetry=telemetry,
+        )
+        version = self.generator.sync_weights()  # (re)start: catch up with the learner first
+        log.info("actor %s ready on %s (pid %d) at weight version %d", settings.actor_id, spec.device, os.getpid(), version)
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        if settings.watch:
+            self._watcher = threading.Thread(
+                target=self.generator.watch, args=(self._stop,), name=f"{settings.actor_id}-weights", daemon=True
+            )
+            self._watcher.start()
+
+    def serve(self, request_id: str, prompt: str | None = None, prompt_ids: list[int] | None = None,
+              decode: DecodeConfig = DecodeConfig()) -> dict[str, Any]:
+        return self.generator.serve(request_id, prompt=prompt, prompt_ids=prompt_ids, decode=decode)
+
+    def sync(self) -> int:
+        """Swap to the latest verified version now; return the version in use."""
+        return self.generator.sync_weights()
+
+    def status(self) -> dict[str, Any]:
+        return {**self.generator.status(), "pid": os.getpid(), "started_at": self.started_at}
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def stop(self) -> None:
+        """Stop the watcher thread (before the actor is killed at the end of a run)."""
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One unit of the driver's work queue."""
+
+    request_id: str
+    """Stable across retries, so a trajectory published twice is deduped by the learner."""
+    prompt: str | None = None
+    """Prompt text (chat-templated by the actor)."""
+    prompt_ids: list[int] | None = None
+    """Or the prompt's token ids."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Passed through to the result under "meta" (question_id, category, ...)."""
+
+
+class GeneratorPool:
+    """N generation actors on the connected Ray cluster, and a work queue over them.
+
+    `settings_for(i)` gives actor i's settings (its actor_id must be unique). Actors are named
+    `{name_prefix}-{actor_id}` in the Ray namespace, `lifetime` default (die with the driver).
+    """
+
+    def __init__(
+        self,
+        settings: list[GeneratorSettings],
+        *,
+        cpus_per_actor: float = 0.5,
+        max_restarts: int = -1,
+        name_prefix: str | None = None,
+    ) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            raise ServiceError("Ray is not initialised: call dvi.driver.init_ray() (or ray.init) first")
+        ids = [s.actor_id for s in settings]
+        if not settings or len(set(ids)) != len(ids):
+            raise ValueError(f"need at least one actor with unique actor_ids, got {ids}")
+        self.settings = {s.actor_id: s for s in settings}
+        self.placement = self.placement_options(cpus_per_actor)
+        remote_cls = ray.remote(GeneratorService)
+        self.actors: dict[str, Any] = {}
+        for s in settings:
+            options: dict[str, Any] = dict(self.placement, max_restarts=max_restarts, max_task_retries=0)
+            if name_prefix:
+                options["name"] = f"{name_prefix}-{s.actor_id}"
+            self.actors[s.actor_id] = remote_cls.options(**options).remote(s)
+        log.info("created %d generation actors with %s", len(settings), self.placement)
+
+    @staticmethod
+    def placement_options(cpus_per_actor: float = 0.5) -> dict[str, float]:
+        """One actor per GPU when the cluster has GPUs, else a fraction of a CPU."""
+        if cluster_gpus() > 0:
+            return {"num_gpus": 1, "num_cpus": 1}
+        return {"num_cpus": cpus_per_actor}
+
+    def wait_ready(self, timeout_s: float = 600.0) -> dict[str, int]:
+        """Block until every actor has loaded its model; return actor_id -> pid."""
+        import ray
+
+        refs = {aid: a.ping.remote() for aid, a in self.actors.items()}
+        try:
+            pids = ray.get(list(refs.values()), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError as err:
+            raise ServiceError(
+                f"generation actors not ready after {timeout_s:g} s: does the cluster have the resources "
+                f"{self.placement} per actor? (`ray status`)"
+            ) from err
+        except ray.exceptions.RayActorError as err:
+            raise ServiceError(f"a generation actor failed to start: {root_cause(err)}") from err
+        return dict(zip(refs, pids))
+
+    def status(self, timeout_s: float = 60.0) -> dict[str, dict[str, Any]]:
+        """actor_id -> `Generator.status()` (versions_seen, counters, ...); {"error": ...} if unreachable."""
+        import ray
+
+        out: dict[str, dict[str, Any]] = {}
+        for aid, actor in self.actors.items():
+            try:
+                out[aid] = ray.get(actor.status.remote(), timeout=timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+                out[aid] = {"actor": aid, "error": str(err)}
+        return out
+
+    def sync_all(self, timeout_s: float = 60.0) -> dict[str, int]:
+        import ray
+
+        return dict(zip(self.actors, ray.get([a.sync.remote() for a in self.actors.values()], timeout=timeout_s)))
+
+    def map(
+        self,
+        requests: Iterable[Request],
+        decode: DecodeConfig,
+        on_result: Callable[[dict[str, Any]], None] | None = None,
+        max_attempts: int = 3,
+    ) -> list[dict[str, Any]]:
+        """Serve every request; each idle actor pulls the next one. Returns results in completion order.
+
+        A result carries "meta" from its request. A request that fails `max_attempts` times (its
+        actor died each time, or the request itself is bad) yields {"request_id", "error", "meta"}.
+        """
+        import ray
+
+        queue = list(requests)[::-1]  # pop() from the end = take the next in order
+        attempts: dict[str, int] = {}
+        in_flight: dict[Any, tuple[str, Request]] = {}
+        results: list[dict[str, Any]] = []
+
+        def submit(actor_id: str) -> None:
+            if not queue:
+                return
+            req = queue.pop()
+            attempts[req.request_id] = attempts.get(req.request_id, 0) + 1
+            ref = self.actors[actor_id].serve.remote(req.request_id, req.prompt, req.prompt_ids, decode)
+            in_flight[ref] = (actor_id, req)
+
+        for actor_id in self.actors:
+            submit(actor_id)
+        while in_flight:
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            ref = done[0]
+            actor_id, req = in_flight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError as err:  # died mid-request: Ray restarts it
+                if attempts[req.request_id] < max_attempts:
+                    log.warning("actor %s died serving %s; retrying: %s", actor_id, req.request_id, err)
+                    queue.append(req)
+                else:
+                    result = {"request_id": req.request_id, "actor": actor_id, "error": str(err)}
+                    results.append({**result, "meta": req.meta})
+                    if on_result is not None:
+                        on_result(results[-1])
+                submit(actor_id)
+                continue
+            except ray.exceptions.RayTaskError as err:  # the request itself failed (bad prompt)
+                cause = err.cause if getattr(err, "cause", None) is not None else err
+                log.warning("request %s failed on actor %s: %s", req.request_id, actor_id, cause)
+                result = {"request_id": req.request_id, "actor": actor_id, "error": f"{type(cause).__name__}: {cause}"}
+            results.append({**result, "meta": req.meta})
+            if on_result is not None:
+                on_result(results[-1])
+            submit(actor_id)
+        return results
+
+    def shutdown(self) -> None:
+        """Stop watchers and kill the actors (no restart)."""
+        import ray
+
+        for actor in self.actors.values():
+            try:
+                ray.get(actor.stop.remote(), timeout=10)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass
+            ray.kill(actor, no_restart=True)

@@ -1,0 +1,311 @@
+"""`dvi run` (the service on a workload; also the `ray job submit` entrypoint) and `dvi demo`.
+
+`dvi demo` is the embedded default: a local Ray, an embedded Redis (the local server if one
+answers, else a private one started for the run), SmolLM2-135M-Instruct from its wheel and the
+Spec-Bench dev prompts, with a live table of tau per weight version as the drafter learns.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig
+
+from dvi.cli import app
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHARED = Path(os.environ.get("DVI_SHARED", REPO_ROOT.parent / "shared"))
+DEFAULT_WORKLOAD = SHARED / "data" / "spec_bench" / "question_dev.jsonl"
+SECRET_ENV = "DVI_WEIGHT_SECRET"
+
+
+def _secret() -> bytes | None:
+    value = os.environ.get(SECRET_ENV)
+    return value.encode() if value else None
+
+
+def _workload(path: Path) -> Path:
+    if not path.is_file():
+        raise ValueError(
+            f"workload not found: {path} (the Spec-Bench dev prompts live in ../shared/data/spec_bench/ next to "
+            f"the repository, or set DVI_SHARED; pass --workload FILE.jsonl for your own prompts)"
+        )
+    return path
+
+
+def _learner_config(head_lr: float | None, lora_lr: float | None, batch_tokens: int | None, max_staleness: int | None):
+    from dataclasses import replace
+
+    from learner.config import LearnerConfig
+
+    changes: dict[str, Any] = {}
+    if head_lr is not None:
+        changes["head_lr"] = head_lr
+    if lora_lr is not None:
+        changes["lora_lr"] = lora_lr
+    if batch_tokens is not None:
+        changes["batch_tokens"] = batch_tokens
+        changes["replay_capacity_tokens"] = max(LearnerConfig.replay_capacity_tokens, batch_tokens)
+    if max_staleness is not None:
+        changes["max_staleness"] = max_staleness
+    return replace(LearnerConfig(), **changes)
+
+
+@app.command()
+def run(
+    workload: Path = typer.Option(..., "--workload", help="Spec-Bench-format JSONL of prompts (question_id, category, turns)."),
+    out: Path = typer.Option(..., "--out", help="Directory for generations.jsonl, summary.json and the learner checkpoint."),
+    actors: int = typer.Option(2, "--actors", help="Generation actors (one per GPU on a GPU cluster)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Alias, local HF directory, or hub id."),
+    redis_url: Optional[str] = typer.Option(None, "--redis-url", envvar="DVI_REDIS_URL", help="Redis for streams and weights (default: the local one, else an embedded server)."),
+    learn: bool = typer.Option(True, "--learn/--no-learn", help="Run the learner (off: serve with fixed weights)."),
+    exit_layer: int = typer.Option(DrafterConfig.exit_layer, "--exit-layer", help="k: the drafter runs layers [0, k)."),
+    gamma: int = typer.Option(DecodeConfig.gamma, "--gamma", help="Most tokens drafted per block."),
+    max_new_tokens: int = typer.Option(DecodeConfig.max_new_tokens, "--max-new-tokens", help="Most new tokens per prompt."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; > 0 samples losslessly."),
+    confidence_threshold: float = typer.Option(0.0, "--confidence-threshold", help="Stop drafting below this drafter top-1 probability."),
+    publish_every: int = typer.Option(4, "--publish-every", help="Learner steps per weight version."),
+    publish_every_s: float = typer.Option(30.0, "--publish-every-s", help="Also publish after this many seconds with a step."),
+    replay_ratio: float = typer.Option(1.0, "--replay-ratio", help="Learner steps per batch of new drafted tokens."),
+    head_lr: Optional[float] = typer.Option(None, "--head-lr", help="Learner lr of the LM-head LoRA (default: LearnerConfig)."),
+    lora_lr: Optional[float] = typer.Option(None, "--lora-lr", help="Learner lr of the exit-layer LoRA (default: LearnerConfig)."),
+    batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="Drafted tokens per learner step."),
+    max_staleness: Optional[int] = typer.Option(None, "--max-staleness", help="Oldest usable trajectory, in versions."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Serve only the first N prompts."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster (host:port, auto, ray://...); default: RAY_ADDRESS or a local Ray."),
+    namespace: Optional[str] = typer.Option(None, "--namespace", help="Redis key prefix (default: a fresh dvi:<run id>)."),
+    dtype: str = typer.Option("float32", "--dtype", help="Base weights dtype: float32, float16, bfloat16."),
+    seed: int = typer.Option(0, "--seed", help="Base sampling seed."),
+    live: bool = typer.Option(False, "--live/--no-live", help="Show the live table (default: one line per request)."),
+) -> None:
+    """Serve WORKLOAD on N Ray actors while the learner improves the drafter; write OUT/summary.json.
+
+    The weight-record HMAC secret is read from $DVI_WEIGHT_SECRET (unset: sha256 only).
+    """
+    from dvi.driver import RunConfig
+
+    config = RunConfig(
+        workload=_workload(workload),
+        out=out,
+        actors=actors,
+        model=model,
+        exit_layer=exit_layer,
+        dtype=dtype,
+        decode=DecodeConfig(gamma=gamma, temperature=temperature, max_new_tokens=max_new_tokens,
+                            confidence_threshold=confidence_threshold),
+        learn=learn,
+        publish_every=publish_every,
+        publish_every_s=publish_every_s,
+        replay_ratio=replay_ratio,
+        learner=_learner_config(head_lr, lora_lr, batch_tokens, max_staleness),
+        limit=limit,
+        redis_url=redis_url,
+        ray_address=ray_address,
+        namespace=namespace,
+        secret=_secret(),
+        seed=seed,
+    )
+    _execute(config, live=live)
+
+
+@app.command()
+def demo(
+    limit: int = typer.Option(24, "--limit", help="Prompts to serve."),
+    actors: int = typer.Option(2, "--actors", help="Generation actors."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Most new tokens per prompt."),
+    workload: Path = typer.Option(DEFAULT_WORKLOAD, "--workload", help="Prompts (default: the Spec-Bench dev split)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Alias, local HF directory, or hub id."),
+    exit_layer: int = typer.Option(DrafterConfig.exit_layer, "--exit-layer", help="k: the drafter runs layers [0, k)."),
+    gamma: int = typer.Option(2, "--gamma", help="Most tokens drafted per block."),
+    publish_every: int = typer.Option(4, "--publish-every", help="Learner steps per weight version."),
+    redis_url: Optional[str] = typer.Option(None, "--redis-url", envvar="DVI_REDIS_URL", help="Redis (default: the local one, else an embedded server)."),
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Directory for generations.jsonl and summary.json."),
+    live: bool = typer.Option(True, "--live/--no-live", help="Show the live table."),
+) -> None:
+    """The whole service on one machine: local Ray, embedded Redis, SmolLM2, Spec-Bench dev prompts."""
+    from dvi.driver import RunConfig
+
+    config = RunConfig(
+        workload=_workload(workload),
+        out=out,
+        actors=actors,
+        model=model,
+        exit_layer=exit_layer,
+        decode=DecodeConfig(gamma=gamma, max_new_tokens=max_new_tokens),
+        learn=True,
+        publish_every=publish_every,
+        publish_every_s=15.0,
+        replay_ratio=4.0,
+        learner=_learner_config(2e-3, 2e-3, None, 16),
+        limit=limit,
+        redis_url=redis_url,
+        secret=_secret(),
+    )
+    _execute(config, live=live)
+
+
+# ---------------------------------------------------------------------------------- output
+
+
+def _terminate(signum, frame) -> None:
+    # SIGTERM (e.g. `ray job stop`, a container stop): unwind like Ctrl-C so Ray and any embedded
+    # Redis this run started are shut down instead of being left behind.
+    raise KeyboardInterrupt
+
+
+def _execute(config, live: bool) -> None:
+    import signal
+    import threading
+
+    from rich.console import Console
+
+    from dvi.driver import run_service
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
+    console = Console(stderr=False)
+    if live and console.is_terminal:
+        summary = _run_live(config, console)
+    else:
+        summary = run_service(config, on_result=_print_line(console), on_phase=lambda s: console.print(f"[dim]{s.phase}...[/dim]"))
+    _print_summary(console, summary, config.out)
+
+
+def _print_line(console):
+    def show(state, result: dict[str, Any]) -> None:
+        done = len(state.results)
+        if "error" in result:
+            console.print(f"[{done}/{state.total}] {result['request_id']} on {result.get('actor')}: [red]{result['error']}[/red]")
+            return
+        console.print(
+            f"[{done}/{state.total}] {result['actor']} v{result['version']}: tau {result['tau']:.2f}, "
+            f"acceptance {result['acceptance']:.2f}, {result['new_tokens']} tokens, {result['tokens_per_s']:.1f} tok/s"
+        )
+
+    return show
+
+
+def _table(state, learner: dict[str, Any] | None = None):
+    from rich.table import Table
+
+    elapsed = time.time() - state.started
+    done = len(state.results)
+    title = f"dvi service: {done}/{state.total} requests, {elapsed:.0f} s — {state.phase}"
+    grid = Table.grid(padding=(0, 2))
+    versions = Table(title="tau by weight version", title_justify="left")
+    versions.add_column("version", justify="right")
+    versions.add_column("reqs", justify="right")
+    versions.add_column("tau", justify="right")
+    versions.add_column("", justify="left", min_width=25, no_wrap=True)
+    by_version = state.tau_by_version()
+    top = max([t for t, _ in by_version.values()] + [1.0])
+    shown = list(by_version.items())
+    if len(shown) > 10:  # the first version and the nine newest
+        versions.add_row(str(shown[0][0]), str(shown[0][1][1]), f"{shown[0][1][0]:.3f}", "")
+        versions.add_row("…", "", "", "")
+        shown = shown[-9:]
+    for version, (tau, n) in shown:
+        bar = "█" * int(round(24 * (tau - 1.0) / max(top - 1.0, 0.05)))  # tokens beyond AR's 1 per pass
+        versions.add_row(str(version), str(n), f"{tau:.3f}", f"[green]{bar}[/green]")
+    actors = Table(title="actors", title_justify="left")
+    actors.add_column("actor")
+    actors.add_column("version", justify="right")
+    actors.add_column("requests", justify="right")
+    actors.add_column("last tau", justify="right")
+    actors.add_column("tok/s", justify="right")
+    last: dict[str, dict[str, Any]] = {}
+    counts: dict[str, int] = {}
+    for r in state.results:
+        if "error" not in r:
+            last[r["actor"]] = r
+            counts[r["actor"]] = counts.get(r["actor"], 0) + 1
+    for actor_id in sorted(last):
+        r = last[actor_id]
+        actors.add_row(actor_id, str(r["version"]), str(counts[actor_id]), f"{r['tau']:.2f}", f"{r['tokens_per_s']:.1f}")
+    grid.add_row(versions, actors)
+    outer = Table(title=title, title_justify="left", show_header=False, box=None)
+    outer.add_row(grid)
+    if learner:
+        outer.add_row(
+            f"learner: step {learner.get('step')}, published v{learner.get('version')}, "
+            f"kl {_fmt(learner.get('kl'))}, trajectories {learner.get('added')}, stream pending {learner.get('pending')}"
+        )
+    return outer
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+
+
+def _run_live(config, console) -> dict[str, Any]:
+    from rich.live import Live
+
+    from common.errors import ServiceError
+    from dvi.driver import RunState, run_service
+
+    holder: dict[str, Any] = {"telemetry": None, "learner": None, "read_at": 0.0}  # learner line, read from telemetry
+
+    def learner_snapshot(state: RunState) -> dict[str, Any] | None:
+        if not config.learn or not state.redis_url or time.time() - holder["read_at"] < 2.0:
+            return holder["learner"]
+        holder["read_at"] = time.time()
+        try:
+            if holder["telemetry"] is None:
+                from common.redis_util import connect
+                from common.telemetry import Telemetry
+
+                holder["telemetry"] = Telemetry(connect(state.redis_url, retries=1), state.namespace)
+            holder["learner"] = holder["telemetry"].read(history=0, events=0).learner or None
+        except (ServiceError, ValueError, KeyError):
+            pass
+        return holder["learner"]
+
+    with Live(console=console, refresh_per_second=2, transient=False) as view:
+        def on_phase(state: RunState) -> None:
+            view.update(_table(state, holder["learner"]))
+
+        def on_result(state: RunState, result: dict[str, Any]) -> None:
+            view.update(_table(state, learner_snapshot(state)))
+
+        return run_service(config, on_result=on_result, on_phase=on_phase)
+
+
+def tau_quarters(points: list[dict[str, Any]]) -> list[float]:
+    """Mean tau of each quarter of the requests, in completion order (fewer parts for < 4 requests)."""
+    parts = min(4, len(points))
+    if parts == 0:
+        return []
+    size = len(points) / parts
+    return [
+        sum(p["tau"] for p in chunk) / len(chunk)
+        for chunk in (points[round(i * size): round((i + 1) * size)] for i in range(parts))
+        if chunk
+    ]
+
+
+def _print_summary(console, summary: dict[str, Any], out: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title="run summary", title_justify="left", show_header=False)
+    table.add_column("key")
+    table.add_column("value", justify="right")
+    for key in ("requests", "failed_requests", "tokens", "tokens_per_s", "tau", "trajectories_produced",
+                "trajectories_consumed", "dead_lettered", "weight_versions_published", "wall_seconds"):
+        value = summary.get(key)
+        table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+    quarters = tau_quarters(summary["tau_over_time"])
+    if quarters:
+        table.add_row("tau, run in quarters", " → ".join(f"{t:.2f}" for t in quarters))
+    table.add_row("versions seen", "; ".join(
+        f"{a}: {len(v)} (v{v[0]}..v{v[-1]})" if v else f"{a}: none" for a, v in summary["versions_seen_per_actor"].items()
+    ))
+    console.print(table)
+    console.print(f"wrote {out / 'generations.jsonl'} and {out / 'summary.json'}")
+    if summary.get("failed_requests"):
+        print(f"warning: {summary['failed_requests']} request(s) failed; see generations.jsonl", file=sys.stderr)

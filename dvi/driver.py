@@ -1,0 +1,451 @@
+"""The service driver: Redis + Ray + one learner actor + N generation actors + a workload.
+
+`run_service(RunConfig)`:
+  1. resolves Redis (`redis_url`, checked with clear errors; none given: `embedded_redis`, i.e.
+     the local server if one answers, else a private `redis-server` for the run's lifetime);
+  2. starts or attaches Ray: `ray_address` given -> that cluster (ServiceError if none runs
+     there); else `RAY_ADDRESS` set (as under `ray job submit`) -> that cluster; else a local Ray;
+  3. creates the learner actor (unless `learn` is off) and N generation actors, waits for them;
+  4. spreads the workload (Spec-Bench JSONL) over the actors: each idle actor pulls the next prompt;
+  5. asks the learner to drain the stream (read everything, publish a last version, checkpoint)
+     and lets every actor sync to that version;
+  6. writes OUT/generations.jsonl (one line per prompt, in completion order) and OUT/summary.json.
+
+Every run uses its own Redis namespace (`dvi:<run id>` unless given), so runs sharing a server
+never see each other's streams or weights. The learner checkpoints to OUT/learner-checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig, ModelSpec
+from common.errors import ServiceError
+from common.redis_util import DEFAULT_REDIS_URL, connect, embedded_redis, redact
+from learner.config import LearnerConfig
+
+log = logging.getLogger(__name__)
+
+SUMMARY_KEYS = (
+    "trajectories_produced",
+    "trajectories_consumed",
+    "dead_lettered",
+    "weight_versions_published",
+    "versions_seen_per_actor",
+    "tau_over_time",
+    "wall_seconds",
+)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One service run; the CLI builds it from flags."""
+
+    workload: Path
+    """Spec-Bench-format JSONL of prompts (`question_id`, `category`, `turns`)."""
+    out: Path
+    """Directory for generations.jsonl, summary.json and the learner's checkpoint."""
+    actors: int = 2
+    """Generation actors (one per GPU where the cluster has GPUs)."""
+    model: str = DEFAULT_MODEL
+    """Model alias, local HF directory, or hub id."""
+    exit_layer: int = DrafterConfig.exit_layer
+    """k: the drafter runs layers [0, k)."""
+    dtype: str = "float32"
+    """Base weights dtype."""
+    device: str = "auto"
+    """Model device inside each actor: auto = cuda:0 when Ray gave the actor a GPU, else cpu."""
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    """gamma, temperature, max_new_tokens of every request."""
+    learn: bool = True
+    """Run the learner and publish trajectories; False serves with fixed weights."""
+    publish_every: int = 4
+    """Learner optimiser steps per weight version."""
+    publish_every_s: float = 30.0
+    """Also publish after this many seconds with at least one step."""
+    replay_ratio: float = 1.0
+    """Learner steps per batch of newly added drafted tokens."""
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    """Optimiser, schedule, replay, staleness."""
+    limit: int | None = None
+    """Serve only the first N prompts."""
+    redis_url: str | None = None
+    """Redis to use; None: the local one if it answers, else an embedded private server."""
+    ray_address: str | None = None
+    """Ray cluster to attach to ("auto", "host:port", "ray://..."); None: RAY_ADDRESS or a local Ray."""
+    namespace: str | None = None
+    """Redis key prefix; None: a fresh `dvi:<run id>`."""
+    secret: bytes | None = None
+    """HMAC secret for weight records (None: sha256 only)."""
+    cpus_per_actor: float | None = None
+    """CPU share per actor without GPUs; None: fit N actors + the learner into the cluster's CPUs."""
+    seed: int = 0
+    """Base sampling seed."""
+    log_to_driver: bool = False
+    """Forward actor logs to this terminal (local Ray only)."""
+    drain_timeout_s: float = 600.0
+    """Longest wait for the learner to drain the stream at the end."""
+    keep_redis_s: float = 86_400.0
+    """After the run, the namespace's keys (weights, telemetry) expire after this long; 0 keeps them."""
+
+    def __post_init__(self) -> None:
+        _check(self.actors >= 1, f"actors must be >= 1, got {self.actors}")
+        _check(self.publish_every >= 1, f"publish-every must be >= 1, got {self.publish_every}")
+        _check(self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}")
+        _check(self.cpus_per_actor is None or self.cpus_per_actor > 0,
+               f"cpus_per_actor must be > 0, got {self.cpus_per_actor}")
+        _check(self.replay_ratio > 0, f"replay_ratio must be > 0, got {self.replay_ratio}")
+
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(model=self.model, dtype=self.dtype, device=self.device,
+                         drafter=DrafterConfig(exit_layer=self.exit_layer))
+
+
+# ---------------------------------------------------------------------------------- Ray, Redis
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = False) -> bool:
+    """Attach to a running Ray cluster or start a local one; return True if started here.
+
+    `address` given: attach there ("auto" finds one on this machine), ServiceError with what to
+    do when nothing runs there. Not given: `RAY_ADDRESS` (set by `ray job submit`) if set, else a
+    local Ray without the dashboard. Already initialised: nothing to do.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
+                 configure_logging=False)
+        log.info("started a local Ray with %s", ray.cluster_resources())
+        return True
+    hint = "start one with `ray start --head` (or `ray up cluster.yaml`), or drop --ray-address for a local Ray"
+    if address.startswith(("http://", "https://")):
+        raise ServiceError(
+            f"--ray-address {address} is a dashboard/job-server URL: pass the GCS address host:port "
+            "(or submit with `ray job submit --address URL -- dvi run ...`)"
+        )
+    if address not in ("auto", "local") and not address.startswith("ray://"):
+        host, _, port = address.rpartition(":")
+        if not port.isdigit():
+            raise ServiceError(f"bad --ray-address {address!r}: expected host:port, auto, or ray://host:port")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=3).close()
+        except OSError as err:
+            raise ServiceError(f"no Ray cluster at {address} ({err.strerror or err}): {hint}") from err
+    try:
+        ray.init(address=address, log_to_driver=log_to_driver, configure_logging=False)
+    except ConnectionError as err:
+        raise ServiceError(f"no Ray cluster at {address}: {hint}") from err
+    log.info("attached to Ray at %s: %s", address, ray.cluster_resources())
+    return False
+
+
+@contextlib.contextmanager
+def resolve_redis(url: str | None) -> Iterator[str]:
+    """Yield a reachable Redis URL: `url` (checked, ServiceError naming the fix) or an embedded one."""
+    if url is not None:
+        connect(url, retries=2).close()
+        yield url
+        return
+    with embedded_redis(DEFAULT_REDIS_URL) as found:
+        yield found
+
+
+def actor_cpus(total_cpus: float, actors: int, learner: bool) -> float:
+    """CPU share per generation actor so N actors (+1 CPU for the learner) fit: at most 1, at least 0.1."""
+    free = max(total_cpus - (1.0 if learner else 0.0), 0.1 * actors)
+    return round(max(0.1, min(1.0, free / actors)), 3)
+
+
+# ---------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class RunState:
+    """What the driver has seen so far; `on_result` callbacks read it for live views."""
+
+    total: int
+    started: float = field(default_factory=time.time)
+    results: list[dict[str, Any]] = field(default_factory=list)
+    versions_by_actor: dict[str, list[int]] = field(default_factory=dict)
+    tau_over_time: list[dict[str, Any]] = field(default_factory=list)
+    phase: str = "starting"
+    namespace: str = ""
+    redis_url: str = ""
+    """The resolved Redis URL (may hold a password: show it through `redact`)."""
+
+    def add(self, result: dict[str, Any]) -> None:
+        self.results.append(result)
+        if "error" in result:
+            return
+        seen = self.versions_by_actor.setdefault(result["actor"], [])
+        if result["version"] not in seen:
+            seen.append(result["version"])
+        self.tau_over_time.append({
+            "t": round(result.get("finished_at", time.time()) - self.started, 3),
+            "tau": result["tau"],
+            "version": result["version"],
+            "actor": result["actor"],
+        })
+
+    def tau_by_version(self) -> dict[int, tuple[float, int]]:
+        """version -> (tokens / verifier passes over its requests, requests)."""
+        acc: dict[int, list[int]] = {}
+        for r in self.results:
+            if "error" not in r:
+                a = acc.setdefault(r["version"], [0, 0, 0])
+                a[0] += r["new_tokens"]
+                a[1] += r["verifier_passes"]
+                a[2] += 1
+        return {v: (a[0] / a[1] if a[1] else 0.0, a[2]) for v, a in sorted(acc.items())}
+
+
+def run_service(
+    config: RunConfig,
+    on_result: Callable[[RunState, dict[str, Any]], None] | None = None,
+    on_phase: Callable[[RunState], None] | None = None,
+) -> dict[str, Any]:
+    """Run the whole service once (module docstring); return the summary (also in OUT/summary.json)."""
+    from common.prompts import load_prompts
+
+    prompts = load_prompts(config.workload, config.limit)  # bad workload: fail before starting anything
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_started = time.time()
+    run_id = uuid.uuid4().hex[:12]
+    namespace = config.namespace or f"dvi:{run_id}"
+    state = RunState(total=len(prompts), namespace=namespace)
+
+    def phase(name: str) -> None:
+        state.phase = name
+        log.info("run %s: %s", run_id, name)
+        if on_phase is not None:
+            on_phase(state)
+
+    phase("connecting to Redis")
+    with resolve_redis(config.redis_url) as redis_url:
+        state.redis_url = redis_url
+        phase("starting Ray")
+        started_ray = init_ray(config.ray_address, log_to_driver=config.log_to_driver)
+        try:
+            return _run(config, prompts, out, run_id, namespace, redis_url, state, phase, on_result, run_started)
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+
+
+def _run(config, prompts, out, run_id, namespace, redis_url, state, phase, on_result, run_started) -> dict[str, Any]:
+    import ray
+
+    from actors.service import GeneratorPool, GeneratorSettings, Request, root_cause
+    from common.transport import TrajectoryStream, TransportConfig
+    from common.weights import WeightStore
+    from learner.service import LearnerLoopConfig, LearnerSettings, create_learner_actor, publish_log_key
+
+    transport = TransportConfig(namespace=namespace)
+    spec = config.model_spec()
+    learner_actor = None
+    pool = None
+    seen_before = 0
+    try:
+        if config.learn:
+            phase("starting the learner")
+            loop = LearnerLoopConfig(
+                learner_id="learner-0",
+                checkpoint_dir=str((out / "learner-checkpoint").resolve()),
+                publish_every_steps=config.publish_every,
+                publish_every_s=config.publish_every_s,
+                replay_ratio=config.replay_ratio,
+            )
+            learner_actor = create_learner_actor(
+                LearnerSettings(model=spec, redis_url=redis_url, transport=transport, learner=config.learner,
+                                loop=loop, secret=config.secret),
+            )
+        cpus = config.cpus_per_actor or actor_cpus(ray.cluster_resources().get("CPU", 1.0), config.actors, config.learn)
+        settings = [
+            GeneratorSettings(model=spec, redis_url=redis_url, transport=transport, secret=config.secret,
+                              actor_id=f"actor-{i}", learn=config.learn, seed=config.seed)
+            for i in range(config.actors)
+        ]
+        phase(f"loading {config.model} in {config.actors} generation actor(s)")
+        pool = GeneratorPool(settings, cpus_per_actor=cpus)
+        pool.wait_ready()
+        if learner_actor is not None:
+            try:
+                # a learner resumed from OUT/learner-checkpoint has seen the ids of earlier runs
+                seen_before = ray.get(learner_actor.status.remote(), timeout=600)["seen"]
+            except ray.exceptions.RayActorError as err:
+                raise ServiceError(f"the learner actor failed to start: {root_cause(err)}") from err
+
+        requests = [
+            Request(request_id=f"{run_id}-{i:05d}", prompt=p.text,
+                    meta={"question_id": p.question_id, "category": p.category})
+            for i, p in enumerate(prompts)
+        ]
+        generations = (out / "generations.jsonl").open("w", encoding="utf-8")
+        state.started = time.time()
+        phase("serving")
+
+        def record(result: dict[str, Any]) -> None:
+            state.add(result)
+            generations.write(json.dumps(_generation_line(result)) + "\n")
+            generations.flush()
+            if on_result is not None:
+                on_result(state, result)
+
+        with generations:
+            pool.map(requests, config.decode, on_result=record)
+        serve_seconds = time.time() - state.started
+
+        learner_status: dict[str, Any] = {}
+        if learner_actor is not None:
+            phase("learner draining the stream")
+            learner_status = ray.get(learner_actor.drain.remote(config.drain_timeout_s),
+                                     timeout=config.drain_timeout_s + 60)
+        phase("syncing actors to the final weights")
+        with contextlib.suppress(ray.exceptions.RayError):
+            pool.sync_all()
+        statuses = pool.status()
+        wall = time.time() - run_started
+
+        from common.redis_util import connect as _connect
+
+        client = _connect(redis_url)
+        try:
+            stream = TrajectoryStream(client, transport)
+            store = WeightStore(client, namespace)
+            dead = stream.dead_letter_count()
+            published_log = [json.loads(x) for x in client.lrange(publish_log_key(namespace), 0, -1)]
+            latest = store.latest_version()
+            if config.learn and stream.pending_count() == 0:
+                # every entry is applied and acked: free the trajectory payloads (weights and
+                # telemetry stay for `dvi monitor` / `dvi report` until keep_redis_s)
+                client.xtrim(transport.stream_key, maxlen=0)
+            if config.keep_redis_s > 0:
+                expire_namespace(client, namespace, config.keep_redis_s)
+        finally:
+            client.close()
+        summary = _summary(config, state, statuses, learner_status, dead, published_log, latest, wall,
+                           serve_seconds, run_id, namespace, seen_before)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        phase("done")
+        return summary
+    finally:
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                pool.shutdown()
+        if learner_actor is not None:
+            with contextlib.suppress(Exception):
+                ray.get(learner_actor.stop.remote(), timeout=30)
+            with contextlib.suppress(Exception):
+                ray.kill(learner_actor, no_restart=True)
+
+
+def expire_namespace(client, namespace: str, seconds: float) -> int:
+    """Give every key under `namespace` a time to live (a finished run must not fill a shared Redis)."""
+    pipe = client.pipeline(transaction=False)
+    n = 0
+    for key in client.scan_iter(match=f"{namespace}:*", count=1000):
+        pipe.expire(key, max(1, int(seconds)))
+        n += 1
+    pipe.execute()
+    return n
+
+
+def _generation_line(result: dict[str, Any]) -> dict[str, Any]:
+    meta = result.get("meta", {})
+    line = {
+        "question_id": meta.get("question_id"),
+        "category": meta.get("category"),
+        "request_id": result["request_id"],
+        "actor": result.get("actor"),
+    }
+    if "error" in result:
+        return {**line, "error": result["error"]}
+    return {
+        **line,
+        "version": result["version"],
+        "text": result["text"],
+        "tokens": result["new_tokens"],
+        "tau": result["tau"],
+        "acceptance": result["acceptance"],
+        "seconds": result["seconds"],
+        "published": result["published"],
+        "prompt_truncated": result["prompt_truncated"],
+    }
+
+
+def _summary(config, state: RunState, statuses, learner_status, dead, published_log, latest, wall,
+             serve_seconds, run_id, namespace, seen_before) -> dict[str, Any]:
+    ok = [r for r in state.results if "error" not in r]
+    produced = {r["request_id"] for r in ok if r["published"]}
+    counters = learner_status.get("learner", {}) if learner_status else {}
+    versions: dict[str, list[int]] = {}
+    for actor_id, st in statuses.items():  # what each actor served with, plus what it swapped to
+        merged = set(state.versions_by_actor.get(actor_id, [])) | set(st.get("versions_seen", []))
+        versions[actor_id] = sorted(merged)
+    tokens = sum(r["new_tokens"] for r in ok)
+    passes = sum(r["verifier_passes"] for r in ok)
+    summary: dict[str, Any] = {
+        "trajectories_produced": len(produced),
+        "trajectories_consumed": int(learner_status.get("seen", 0)) - seen_before if learner_status else 0,
+        "dead_lettered": dead,
+        "weight_versions_published": len({e["version"] for e in published_log}),
+        "versions_seen_per_actor": versions,
+        "tau_over_time": state.tau_over_time,
+        "wall_seconds": round(wall, 3),
+        "learner": {
+            "counters": counters,
+            "loop": learner_status.get("loop", {}),
+            "step": learner_status.get("step"),
+            "final_version": latest,
+            "last_stats": learner_status.get("last_stats"),
+        } if config.learn else None,
+        "requests": len(state.results),
+        "failed_requests": len(state.results) - len(ok),
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / serve_seconds, 3) if serve_seconds > 0 else 0.0,
+        "serve_seconds": round(serve_seconds, 3),
+        "tau": passes and tokens / passes,
+        "tau_by_version": {str(v): round(t, 4) for v, (t, _) in state.tau_by_version().items()},
+        "actor_status": {
+            a: {k: st.get(k) for k in ("version", "counters", "refused_versions", "error") if k in st}
+            for a, st in statuses.items()
+        },
+        "run_id": run_id,
+        "namespace": namespace,
+        "redis_url": redact(state.redis_url),
+        "config": _config_json(config),
+    }
+    return summary
+
+
+def _config_json(config: RunConfig) -> dict[str, Any]:
+    out = {}
+    for key, value in asdict(config).items():
+        if key == "secret":
+            value = None if value is None else "***"
+        elif isinstance(value, Path):
+            value = str(value)
+        out[key] = value
+    return out
