@@ -481,12 +481,12 @@ class TrajectoryStream:
                 continue
             payload = fields.get(b"data")
             if payload is None:
-                self._dead_letter(consumer, entry_id, "entry has no data field", b"")
+                self.dead_letter(consumer, entry_id, "entry has no data field", b"")
                 continue
             try:
                 out.append((entry_id, decode_trajectory(payload, self.config.max_message_bytes)))
             except CodecError as err:
-                self._dead_letter(consumer, entry_id, str(err), payload)
+                self.dead_letter(consumer, entry_id, str(err), payload)
         if trimmed:
             self._trimmed_pending += len(trimmed)
             log.warning(
@@ -499,8 +499,9 @@ class TrajectoryStream:
         self._consumed += len(out)
         return out
 
-    def _dead_letter(self, consumer: str, entry_id: str, reason: str, payload: bytes) -> None:
-        """Copy the entry to the dead-letter stream, count it and ack it, in one transaction."""
+    def dead_letter(self, consumer: str, entry_id: str, reason: str, payload: bytes = b"") -> None:
+        """Copy entry `entry_id` (with `payload`, truncated to the cap) to the dead-letter stream with
+        `reason`, count it and ack it, in one transaction. Consumers call it for entries they refuse."""
         cfg = self.config
         fields = {
             "original_id": entry_id,

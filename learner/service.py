@@ -339,7 +339,7 @@ class LearnerLoop:
         self.counters["refused"] += 1
         log.error("learner %s: refused request %s (entry %s, v%d): %s",
                   self.consumer, traj.request_id, entry_id, traj.weight_version, reason)
-        self.stream._dead_letter(self.consumer, entry_id, f"learner refused: {reason}", b"")
+        self.stream.dead_letter(self.consumer, entry_id, f"learner refused: {reason}")
 
     def _train(self, limit: int | None) -> int:
         steps = 0
