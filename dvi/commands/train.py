@@ -1,0 +1,392 @@
+"""`dvi train-local` (single-process training loop) and `dvi bench learning` (schedules compared).
+
+Both run `learner.local.train_local` in this process: the decoder drafts with the live adapter,
+the learner trains it from the recorded trajectories. Prompts are split by
+`dvi.bench.learning.split_train_eval` when one file serves both roles (see that module).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig
+from dvi.cli import app, bench_app
+from learner.config import SCHEDULE_KINDS, LearnerConfig, ScheduleConfig
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything a training run needs besides its prompts (the CLI flags, validated)."""
+
+    model: str = DEFAULT_MODEL
+    """Alias, local HF directory or hub id of the frozen base model."""
+    exit_layer: int = DrafterConfig.exit_layer
+    """k: the drafter runs decoder layers [0, k)."""
+    gamma: int = 4
+    """Most tokens drafted per block when evaluating (and training, unless train_gamma)."""
+    train_gamma: int | None = None
+    """Most tokens drafted per block on training requests (None = gamma); 1 records the same committed-context
+    positions at a fraction of the drafting cost while acceptance is low."""
+    max_new_tokens: int = 64
+    """Most new tokens per request, training and evaluation."""
+    steps: int = 200
+    """Optimiser steps to reach (per schedule in the benchmark)."""
+    updates_per_request: int = 4
+    """K: optimiser steps after each training request."""
+    publish_every: int = 8
+    """Publish a new weight version every N optimiser steps."""
+    eval_every: int = 50
+    """Evaluate held-out tau and acceptance every E optimiser steps."""
+    head_lr: float = 3e-3
+    """AdamW lr of the LM-head LoRA. LearnerConfig's reference value 5e-4 learned ~2x slower on SmolLM2 (exit layer 8)."""
+    lora_lr: float = 3e-3
+    """AdamW lr of the exit-layer LoRA (LearnerConfig's reference value 5e-5 barely moves the exit layer)."""
+    batch_tokens: int = LearnerConfig.batch_tokens
+    """Drafted tokens per optimiser step."""
+    warmup_steps: int = ScheduleConfig.warmup_steps
+    """kl-rl: KL-only steps before the ramp."""
+    ramp_steps: int = ScheduleConfig.ramp_steps
+    """kl-rl: steps of the linear ramp to the RL mix."""
+    staleness_policy: str = "importance"
+    """drop or importance. In-process, versions move every `publish_every` steps, so "drop" with a small
+    max_staleness would shrink the replay to the last few requests; "importance" keeps the whole FIFO."""
+    max_staleness: int = LearnerConfig.max_staleness
+    """Versions a trajectory may lag before it is stale."""
+    seed: int = 0
+    """Seed of replay sampling and of sampled decoding."""
+    dtype: str = "float32"
+    """Torch dtype of the base weights."""
+    device: str = "cpu"
+    """Torch device."""
+
+    def learner_config(self, schedule: str) -> LearnerConfig:
+        if schedule not in SCHEDULE_KINDS:
+            raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULE_KINDS)}")
+        return LearnerConfig(
+            schedule=ScheduleConfig(kind=schedule, warmup_steps=self.warmup_steps, ramp_steps=self.ramp_steps),
+            head_lr=self.head_lr,
+            lora_lr=self.lora_lr,
+            batch_tokens=self.batch_tokens,
+            replay_capacity_tokens=max(LearnerConfig.replay_capacity_tokens, self.batch_tokens),
+            staleness_policy=self.staleness_policy,
+            max_staleness=self.max_staleness,
+            seed=self.seed,
+        )
+
+    def loop_config(self):
+        from learner.local import LocalLoopConfig
+
+        return LocalLoopConfig(
+            steps=self.steps,
+            updates_per_request=self.updates_per_request,
+            publish_every=self.publish_every,
+            eval_every=self.eval_every,
+            decode=DecodeConfig(gamma=self.gamma if self.train_gamma is None else self.train_gamma,
+                                max_new_tokens=self.max_new_tokens),
+            eval_decode=DecodeConfig(gamma=self.gamma, max_new_tokens=self.max_new_tokens),
+            seed=self.seed,
+        )
+
+    def validate(self) -> "TrainSettings":
+        from common.config import ModelSpec
+
+        ModelSpec(model=self.model, dtype=self.dtype, device=self.device, drafter=DrafterConfig(exit_layer=self.exit_layer))
+        self.loop_config()
+        self.learner_config("kl-rl")
+        return self
+
+
+def _encode_all(split, prompts, max_new_tokens: int) -> list[list[int]]:
+    from common.prompts import encode_prompt
+    from common.speculative import SpeculativeDecoder
+
+    checker = SpeculativeDecoder(split)
+    encoded = []
+    for p in prompts:
+        ids = encode_prompt(split.tokenizer, p.text)
+        try:
+            checker.check_request(ids, DecodeConfig(gamma=0, max_new_tokens=max_new_tokens))
+        except ValueError as exc:
+            raise ValueError(f"question {p.question_id}: {exc}") from None
+        encoded.append(ids)
+    return encoded
+
+
+def load_prompt_halves(prompts: str, eval_prompts: str | None, train_limit: int | None, eval_limit: int | None):
+    """(train, eval) Prompt lists: one file is split in halves; two files are each interleaved."""
+    from common.prompts import load_prompts
+    from dvi.bench.learning import interleave_categories, split_train_eval
+
+    for flag, value in (("--train-limit", train_limit), ("--eval-limit", eval_limit)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if eval_prompts is None or Path(eval_prompts).resolve() == Path(prompts).resolve():
+        train, held_out = split_train_eval(load_prompts(prompts))
+    else:
+        train = interleave_categories(load_prompts(prompts))
+        held_out = interleave_categories(load_prompts(eval_prompts))
+    return train[:train_limit], held_out[:eval_limit]
+
+
+def _progress(console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[now]}"), console=console,
+    )
+
+
+def _point_text(p: dict) -> str:
+    return f"tau {p['tau']:.3f} acc {p['acceptance']:.3f} @ {p['tokens_seen']} tok"
+
+
+def _set_threads(threads: int | None):
+    import torch
+
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return previous
+
+
+def _command_line() -> str:
+    return "dvi " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
+
+
+# --------------------------------------------------------------------------- dvi train-local
+@app.command("train-local")
+def train_local_command(
+    prompts: str = typer.Option(..., "--prompts", help="Spec-Bench-format JSONL of training prompts (first turn only)."),
+    steps: int = typer.Option(..., "--steps", help="Train until the learner has taken N optimiser steps (a resumed run continues to N)."),
+    out: str = typer.Option(..., "--out", help="Directory for adapter/, checkpoint/, learning.json and learning.png."),
+    eval_prompts: Optional[str] = typer.Option(
+        None, "--eval-prompts",
+        help="Held-out prompts. The same file as --prompts (or omitted): split per category, first half trains, second half evaluates.",
+    ),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Alias, local HF directory, or hub id."),
+    schedule: str = typer.Option("kl-rl", "--schedule", help="kl-rl, kl-only or rl-only."),
+    eval_every: int = typer.Option(50, "--eval-every", help="Evaluate tau/acceptance every E optimiser steps."),
+    eval_limit: Optional[int] = typer.Option(16, "--eval-limit", help="Held-out prompts evaluated (a fixed, category-interleaved subset)."),
+    train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Use only the first N training prompts (category-interleaved)."),
+    exit_layer: int = typer.Option(DrafterConfig.exit_layer, "--exit-layer", help="k: the drafter runs layers [0, k)."),
+    gamma: int = typer.Option(4, "--gamma", help="Most tokens drafted per block (evaluation, and training unless --train-gamma)."),
+    train_gamma: Optional[int] = typer.Option(
+        None, "--train-gamma", help="Most tokens drafted per block on training requests (default: --gamma). 1 records the same "
+        "committed-context positions at a fraction of the drafting cost while acceptance is low."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Most new tokens per request, training and evaluation."),
+    updates_per_request: int = typer.Option(TrainSettings.updates_per_request, "--updates-per-request", help="K: optimiser steps after each training request."),
+    publish_every: int = typer.Option(TrainSettings.publish_every, "--publish-every", help="Publish a new weight version every N steps."),
+    head_lr: float = typer.Option(TrainSettings.head_lr, "--head-lr", help="AdamW lr of the LM-head LoRA."),
+    lora_lr: float = typer.Option(TrainSettings.lora_lr, "--lora-lr", help="AdamW lr of the exit-layer LoRA."),
+    batch_tokens: int = typer.Option(LearnerConfig.batch_tokens, "--batch-tokens", help="Drafted tokens per optimiser step."),
+    warmup_steps: int = typer.Option(ScheduleConfig.warmup_steps, "--warmup-steps", help="kl-rl: KL-only steps before the ramp."),
+    ramp_steps: int = typer.Option(ScheduleConfig.ramp_steps, "--ramp-steps", help="kl-rl: steps of the linear ramp to the RL mix."),
+    staleness_policy: str = typer.Option(TrainSettings.staleness_policy, "--staleness-policy", help="drop or importance (keep old trajectories)."),
+    max_staleness: int = typer.Option(LearnerConfig.max_staleness, "--max-staleness", help="Versions a trajectory may lag before it is stale."),
+    seed: int = typer.Option(0, "--seed", help="Seed of replay sampling and of sampled decoding."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="A checkpoint directory (or a run directory holding checkpoint/) to continue from."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16 base weights (the exit head trains in float32 logits)."),
+    device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda:0."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads (default: torch's own)."),
+) -> None:
+    """Train the drafter in this process on its own traffic; evaluate held-out tau as it learns."""
+    settings = TrainSettings(
+        model=model, exit_layer=exit_layer, gamma=gamma, train_gamma=train_gamma, max_new_tokens=max_new_tokens, steps=steps,
+        updates_per_request=updates_per_request, publish_every=publish_every, eval_every=eval_every,
+        head_lr=head_lr, lora_lr=lora_lr, batch_tokens=batch_tokens, warmup_steps=warmup_steps,
+        ramp_steps=ramp_steps, staleness_policy=staleness_policy, max_staleness=max_staleness, seed=seed,
+        dtype=dtype, device=device,
+    ).validate()
+    learner_config = settings.learner_config(schedule)
+    train, held_out = load_prompt_halves(prompts, eval_prompts, train_limit, eval_limit)
+    checkpoint = _resolve_checkpoint(resume) if resume else None
+    previous = _set_threads(threads)
+    try:
+        _train_local(settings, learner_config, schedule, train, held_out, checkpoint, Path(out))
+    finally:
+        import torch
+
+        torch.set_num_threads(previous)
+
+
+def _resolve_checkpoint(resume: str) -> Path:
+    from common.errors import AdapterError
+    from learner.checkpoint import META_FILE
+
+    path = Path(resume)
+    if (path / META_FILE).is_file():
+        return path
+    if (path / "checkpoint" / META_FILE).is_file():
+        return path / "checkpoint"
+    raise AdapterError(f"--resume: no learner checkpoint in {resume}")
+
+
+def _train_local(settings: TrainSettings, learner_config, schedule: str, train, held_out, checkpoint: Path | None, out: Path) -> None:
+    import json
+
+    from rich.console import Console
+
+    from common.config import ModelSpec
+    from common.model_split import SplitModel
+    from dvi.bench.learning import plot_learning, write_json
+    from learner.learner import Learner
+    from learner.local import train_local
+
+    spec = ModelSpec(model=settings.model, dtype=settings.dtype, device=settings.device,
+                     drafter=DrafterConfig(exit_layer=settings.exit_layer))
+    split = SplitModel.load(spec)
+    train_ids = _encode_all(split, train, settings.max_new_tokens)
+    eval_ids = _encode_all(split, held_out, settings.max_new_tokens)
+    learner = Learner(split, learner_config)
+    points: list[dict] = []
+    traffic = 0
+    if checkpoint is not None:
+        learner.load_checkpoint(checkpoint)  # AdapterError before anything is written
+        history = checkpoint.parent / "learning.json"
+        if history.is_file():
+            try:
+                points = [p for p in json.loads(history.read_text()).get("points", []) if p["step"] <= learner.step]
+            except (ValueError, KeyError, TypeError, AttributeError):
+                points = []
+            traffic = int(points[-1]["traffic_tokens"]) if points else 0
+
+    console = Console(stderr=True)
+    settings_record = {**asdict(settings), "schedule": schedule, "train_prompts": len(train_ids),
+                       "eval_prompts": len(eval_ids), "learner": asdict(learner_config), "command": _command_line()}
+    with _progress(console) as progress:
+        task = progress.add_task(f"train {schedule}", total=settings.steps, completed=learner.step, now="evaluating")
+
+        def on_step(stats: dict) -> None:
+            progress.update(task, completed=int(stats["step"]), now=f"{stats['phase']} kl {stats['kl']:.3f}")
+
+        def on_point(p: dict) -> None:
+            console.print(f"step {p['step']}: {_point_text(p)}")
+
+        points += train_local(
+            learner, train_ids, eval_ids, settings.loop_config(),
+            evaluate_at_start=not (points and points[-1]["step"] == learner.step),
+            traffic_tokens=traffic, on_step=on_step, on_point=on_point,
+        )
+
+    out.mkdir(parents=True, exist_ok=True)
+    split.save_adapter(out / "adapter")
+    learner.save_checkpoint(out / "checkpoint")
+    write_json(out / "learning.json", {"settings": settings_record, "schedule": schedule,
+                                       "counters": learner.counters(), "points": points})
+    plot_learning({schedule: points}, out / "learning.png",
+                  f"{settings.model} exit layer {settings.exit_layer}, {schedule}, {len(eval_ids)} held-out prompts")
+    first, last = points[0], points[-1]
+    sys.stdout.write(
+        f"{schedule}: tau {first['tau']:.3f} -> {last['tau']:.3f}, acceptance {first['acceptance']:.3f} -> "
+        f"{last['acceptance']:.3f} after {last['step']} steps ({last['tokens_seen']} drafted tokens seen)\n"
+    )
+    console.print(f"wrote {out / 'adapter'}, {out / 'checkpoint'}, learning.json, learning.png")
+
+
+# --------------------------------------------------------------------------- dvi bench learning
+@bench_app.command("learning")
+def learning_command(
+    prompts: str = typer.Option(..., "--prompts", help="Spec-Bench JSONL: per category the first half trains, the second half evaluates."),
+    steps: int = typer.Option(..., "--steps", help="Optimiser steps per schedule."),
+    out: str = typer.Option(..., "--out", help="Directory for learning.json, learning.md and learning.png."),
+    adapters_out: Optional[str] = typer.Option(
+        None, "--adapters-out", help="Where each schedule's adapter goes, as <dir>/<schedule>/adapter (default: --out)."
+    ),
+    schedules: str = typer.Option("kl-rl,kl-only", "--schedules", help="Comma-separated schedules to compare."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Alias, local HF directory, or hub id."),
+    eval_every: int = typer.Option(50, "--eval-every", help="Evaluate every E optimiser steps."),
+    eval_limit: Optional[int] = typer.Option(16, "--eval-limit", help="Held-out prompts evaluated (category-interleaved)."),
+    train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Use only the first N training prompts."),
+    exit_layer: int = typer.Option(DrafterConfig.exit_layer, "--exit-layer", help="k: the drafter runs layers [0, k)."),
+    gamma: int = typer.Option(4, "--gamma", help="Most tokens drafted per block (evaluation, and training unless --train-gamma)."),
+    train_gamma: Optional[int] = typer.Option(None, "--train-gamma", help="Most tokens drafted per block on training requests (default: --gamma)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Most new tokens per request."),
+    updates_per_request: int = typer.Option(TrainSettings.updates_per_request, "--updates-per-request", help="K: optimiser steps after each training request."),
+    publish_every: int = typer.Option(TrainSettings.publish_every, "--publish-every", help="Publish a new weight version every N steps."),
+    head_lr: float = typer.Option(TrainSettings.head_lr, "--head-lr", help="AdamW lr of the LM-head LoRA."),
+    lora_lr: float = typer.Option(TrainSettings.lora_lr, "--lora-lr", help="AdamW lr of the exit-layer LoRA."),
+    batch_tokens: int = typer.Option(LearnerConfig.batch_tokens, "--batch-tokens", help="Drafted tokens per optimiser step."),
+    warmup_steps: int = typer.Option(ScheduleConfig.warmup_steps, "--warmup-steps", help="kl-rl: KL-only steps."),
+    ramp_steps: int = typer.Option(ScheduleConfig.ramp_steps, "--ramp-steps", help="kl-rl: ramp steps."),
+    staleness_policy: str = typer.Option(TrainSettings.staleness_policy, "--staleness-policy", help="drop or importance."),
+    max_staleness: int = typer.Option(LearnerConfig.max_staleness, "--max-staleness", help="Versions a trajectory may lag."),
+    seed: int = typer.Option(0, "--seed", help="Seed of replay sampling."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
+    device: str = typer.Option("cpu", "--device", help="Torch device."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads (default: torch's own)."),
+) -> None:
+    """Train each schedule from the same untrained drafter and compare held-out tau as it learns."""
+    names = [s.strip() for s in schedules.split(",")]
+    if not names or "" in names or len(set(names)) != len(names):
+        raise ValueError(f"--schedules must be distinct comma-separated names, got {schedules!r}")
+    settings = TrainSettings(
+        model=model, exit_layer=exit_layer, gamma=gamma, train_gamma=train_gamma, max_new_tokens=max_new_tokens, steps=steps,
+        updates_per_request=updates_per_request, publish_every=publish_every, eval_every=eval_every,
+        head_lr=head_lr, lora_lr=lora_lr, batch_tokens=batch_tokens, warmup_steps=warmup_steps,
+        ramp_steps=ramp_steps, staleness_policy=staleness_policy, max_staleness=max_staleness, seed=seed,
+        dtype=dtype, device=device,
+    ).validate()
+    configs = {name: settings.learner_config(name) for name in names}
+    train, held_out = load_prompt_halves(prompts, None, train_limit, eval_limit)
+    previous = _set_threads(threads)
+    try:
+        _bench_learning(settings, configs, train, held_out, Path(out), Path(adapters_out or out))
+    finally:
+        import torch
+
+        torch.set_num_threads(previous)
+
+
+def _bench_learning(settings: TrainSettings, configs: dict, train, held_out, out: Path, adapters_out: Path) -> None:
+    import torch
+    from rich.console import Console
+
+    from common.config import ModelSpec
+    from common.model_split import SplitModel
+    from common.speculative import SpeculativeDecoder
+    from dvi.bench.learning import write_bench_reports
+    from learner.learner import Learner
+    from learner.local import evaluate, train_local
+
+    spec = ModelSpec(model=settings.model, dtype=settings.dtype, device=settings.device,
+                     drafter=DrafterConfig(exit_layer=settings.exit_layer))
+    split = SplitModel.load(spec)
+    train_ids = _encode_all(split, train, settings.max_new_tokens)
+    eval_ids = _encode_all(split, held_out, settings.max_new_tokens)
+    loop = settings.loop_config()
+    untrained = split.adapter_state()
+    console = Console(stderr=True)
+    console.print(f"{len(train_ids)} training prompts, {len(eval_ids)} held-out prompts; evaluating the untrained drafter")
+    start = evaluate(SpeculativeDecoder(split), eval_ids, loop.held_out_decode)
+    console.print(f"untrained: {_point_text({**start, 'tokens_seen': 0})}")
+    runs: dict[str, list[dict]] = {}
+    with _progress(console) as progress:
+        for name, config in configs.items():
+            split.load_adapter_state(untrained, version=0)  # every schedule starts from the same drafter
+            torch.manual_seed(settings.seed)
+            learner = Learner(split, config, learner_id=f"bench-{name}")
+            task = progress.add_task(name, total=settings.steps, now="")
+
+            def on_step(stats: dict, task=task) -> None:
+                progress.update(task, completed=int(stats["step"]), now=f"{stats['phase']} kl {stats['kl']:.3f}")
+
+            def on_point(p: dict, name=name) -> None:
+                console.print(f"{name} step {p['step']}: {_point_text(p)}")
+
+            runs[name] = train_local(learner, train_ids, eval_ids, loop, initial_eval=start, on_step=on_step, on_point=on_point)
+            split.save_adapter(adapters_out / name / "adapter")
+    record = {**asdict(settings), "schedules": list(configs), "train_prompts": len(train_ids),
+              "eval_prompts": len(eval_ids), "learner": {n: asdict(c) for n, c in configs.items()},
+              "command": _command_line()}
+    markdown = write_bench_reports(out, record, runs)
+    sys.stdout.write(markdown + "\n")
+    console.print(f"wrote {out / 'learning.json'}, learning.md, learning.png; adapters under {adapters_out}/<schedule>/adapter")
