@@ -20,6 +20,18 @@ counted and the request's answer is still returned: serving never waits on learn
 `watch` (run in a thread by the Ray shell) waits on the store's pub/sub notices so an idle
 generator swaps as soon as a version is published, not only at its next request.
 
+Two guards watch the drafter (both pure, in `common.drift`); neither touches the output, which
+the verifier decides token by token, so both are speed decisions:
+
+  * `DriftGuard` judges each new weight version once, after `window` drafted tokens. A version
+    whose acceptance fell more than `margin` below the last good one is *rolled back*: the good
+    version's tensors (kept in memory, else fetched from the store) are swapped back in, the bad
+    version is blocked (`sync_weights` never takes it again), and a `rollback` event goes to the
+    telemetry event stream, which is how the learner hears of it.
+  * `ArFallback` is the decoder's gamma policy: while a block commits fewer tokens than it costs
+    (tau below `break_even_tau(k, L, gamma)`) it decodes with gamma 0 and probes now and then;
+    transitions become `ar_fallback` / `ar_release` events. A weight swap triggers a probe.
+
 No Ray here; tests drive a `Generator` in-process.
 """
 
@@ -30,13 +42,14 @@ import threading
 import time
 import zlib
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
 from common.codec import CodecError
 from common.config import DecodeConfig
+from common.drift import ArFallback, ArFallbackConfig, DriftDecision, DriftGuard, DriftGuardConfig
 from common.errors import AdapterError, ServiceError
 from common.model_split import SplitModel
 from common.prompts import encode_prompt
@@ -66,11 +79,25 @@ class GeneratorConfig:
     """Keep only a prompt's last tokens when prompt + max_new_tokens exceeds the context (else ValueError)."""
     metrics_every_s: float = 5.0
     """Re-send gauges at least this often (Ray expires gauges that are not re-reported)."""
+    drift_guard: DriftGuardConfig | None = field(default_factory=DriftGuardConfig)
+    """When a new weight version counts as a regression and is rolled back; None: never judge."""
+    ar_fallback: bool | None = None
+    """Decode autoregressively while drafting is slower than AR. None: on unless `learn` (a
+    learning actor keeps drafting, or the learner would starve of trajectories)."""
+    ar_fallback_config: ArFallbackConfig | None = None
+    """Fall-back thresholds; None: `ArFallbackConfig.for_model(k, L, ar_fallback_gamma)` for this drafter."""
+    ar_fallback_gamma: int = DecodeConfig.gamma
+    """Draft length the default break-even tau is computed for (the service's usual gamma)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.actor_id) and not any(c.isspace() for c in self.actor_id),
                f"actor_id must be a non-empty name without spaces, got {self.actor_id!r}")
         _check(self.metrics_every_s > 0, f"metrics_every_s must be > 0, got {self.metrics_every_s}")
+        _check(self.ar_fallback_gamma >= 1, f"ar_fallback_gamma must be >= 1, got {self.ar_fallback_gamma}")
+
+    @property
+    def uses_ar_fallback(self) -> bool:
+        return (not self.learn) if self.ar_fallback is None else self.ar_fallback
 
 
 @dataclass(frozen=True)
@@ -91,7 +118,8 @@ class Generator:
 
     stream: where trajectories go (required when config.learn). weights: where versions come
     from (None: never swap). metrics: a `common.metrics.MetricsRecorder` or None. telemetry: an
-    object with `publish_actor(actor_id, snapshot)` (common.telemetry.Telemetry) or None.
+    object with `publish_actor(actor_id, snapshot)` and `event(kind, **fields)`
+    (common.telemetry.Telemetry) or None.
     Thread-safe: `serve`, `sync_weights` and `watch` may run on different threads.
     """
 
@@ -113,11 +141,22 @@ class Generator:
         self.weights = weights
         self.metrics = metrics
         self.telemetry = telemetry
-        self.decoder = SpeculativeDecoder(split)
+        self.guard = DriftGuard(config.drift_guard) if config.drift_guard is not None else None
+        self.fallback: ArFallback | None = None
+        if config.uses_ar_fallback:
+            self.fallback = ArFallback(config.ar_fallback_config or ArFallbackConfig.for_model(
+                split.exit_layer, split.num_layers, config.ar_fallback_gamma))
+        self.decoder = SpeculativeDecoder(split, gamma_policy=self.fallback)
         self._model_lock = threading.Lock()  # held for a whole decode and for a swap
-        self._sync_lock = threading.Lock()  # one fetch at a time
+        self._sync_lock = threading.Lock()  # one fetch, swap or rollback at a time; taken before _model_lock
         self.versions_seen: list[int] = [split.weight_version]
         self.refused_versions: list[int] = []
+        self.blocked_versions: list[int] = []  # rolled back by the drift guard: never swapped to again
+        self.rollbacks: list[DriftDecision] = []
+        # Adapter tensors of recent versions (CPU copies, a few MB at most): a rollback swaps back
+        # from here without a round trip, and works for a version the store has pruned or never had.
+        self._adapters: dict[int, dict[str, torch.Tensor]] = {split.weight_version: split.adapter_state()}
+        self._previous_version: int | None = None
         self.swaps: deque[SwapEvent] = deque(maxlen=1024)
         self.latest_known: int | None = None
         self.counters: dict[str, int] = {
@@ -132,11 +171,15 @@ class Generator:
             "swaps": 0,
             "weights_refused": 0,
             "prompts_truncated": 0,
+            "rollbacks": 0,
+            "ar_fallbacks": 0,
+            "ar_releases": 0,
         }
         self._last_metrics = 0.0
         self._last: GenerationResult | None = None
         self._last_gamma = 0
         self._recorded_versions: set[int] = set()
+        self._init_metrics()
 
     # ---------------------------------------------------------------------------------- weights
 
@@ -155,7 +198,7 @@ class Generator:
         with self._sync_lock:
             latest = self.weights.latest_version()
             self.latest_known = latest
-            if latest is None or latest <= self.version or latest in self.refused_versions:
+            if latest is None or latest <= self.version or self._skipped(latest):
                 return self.version
             try:
                 record = self.weights.fetch(latest)
@@ -172,6 +215,9 @@ class Generator:
                 except AdapterError as err:
                     self._refuse(latest, f"does not fit this drafter: {err}")
                     return self.version
+            self._remember_adapter(record.version, record.tensors, previous)
+            if self.fallback is not None:
+                self.fallback.probe_now()  # new weights: measure them instead of waiting out the probe interval
             event = SwapEvent(record.version, record.created_at, time.time())
             self.swaps.append(event)
             self.versions_seen.append(record.version)
@@ -182,6 +228,17 @@ class Generator:
             )
             self._record_version_metrics()
             return self.version
+
+    def _skipped(self, version: int) -> bool:
+        return version in self.refused_versions or version in self.blocked_versions
+
+    def _remember_adapter(self, version: int, tensors: dict[str, torch.Tensor], previous: int) -> None:
+        """Keep `version`'s tensors; drop all but the current, the previous and the guard's good one."""
+        self._previous_version = previous
+        self._adapters[version] = {k: v.detach().to("cpu").clone() for k, v in tensors.items()}
+        keep = {version, previous, self.guard.good_version() if self.guard is not None else None}
+        for v in [v for v in self._adapters if v not in keep]:
+            del self._adapters[v]
 
     def _refuse(self, version: int, reason: str) -> None:
         self.refused_versions.append(version)
@@ -204,8 +261,11 @@ class Generator:
             try:
                 if subscriber is None:
                     subscriber = self.weights.subscribe()
-                newer = subscriber.wait(newer_than=self.version, timeout_s=poll_s)
-                if newer is not None and newer not in self.refused_versions:
+                # past every version it will not take: a refused or rolled-back latest must not
+                # wake it up again and again
+                skip = max([self.version, *self.refused_versions, *self.blocked_versions])
+                newer = subscriber.wait(newer_than=skip, timeout_s=poll_s)
+                if newer is not None and not self._skipped(newer):
                     self.sync_weights()
                 self.republish_metrics()
             except ServiceError as err:
@@ -245,15 +305,94 @@ class Generator:
         ids = self.prompt_ids(prompt, prompt_ids)
         ids, truncated = self._fit(ids, decode)
         config = replace(decode, record_trajectories=self.config.learn)
-        self._last_gamma = decode.gamma
         generator = torch.Generator().manual_seed(self.config.seed ^ zlib.crc32(request_id.encode()))
         with self._model_lock:
             result = self.decoder.generate(ids, config, generator=generator, request_id=request_id)
+        self._last_gamma = 0 if self.ar_active else decode.gamma
         published = self._publish(result) if self.config.learn else False
         out = self._account(request_id, ids, result, published, truncated)
         self._record_request_metrics(result)
+        self._judge(result)
+        self._emit_fallback_events()
         self._emit_telemetry()
         return out
+
+    # ---------------------------------------------------------------------------------- guards
+
+    @property
+    def ar_active(self) -> bool:
+        """True while the AR fall-back has drafting turned off."""
+        return self.fallback is not None and self.fallback.active
+
+    def _judge(self, result: GenerationResult) -> None:
+        """Feed the drift guard this request's counts; roll back on its verdict."""
+        if self.guard is None:
+            return
+        with self._sync_lock:  # no swap between the verdict and the rollback
+            decision = self.guard.observe(result.weight_version, result.drafted, result.accepted)
+            if decision is not None:
+                self._rollback(decision)
+        self._record_drift_metrics(result.weight_version)
+
+    def _rollback(self, decision: DriftDecision) -> None:
+        """Block `decision.bad_version` and, if it is in use, swap `decision.good_version` back in."""
+        actor, bad, good = self.config.actor_id, decision.bad_version, decision.good_version
+        self.blocked_versions.append(bad)
+        self.rollbacks.append(decision)
+        self.counters["rollbacks"] += 1
+        swapped = False
+        if self.version == bad:
+            tensors = self._adapters.get(good)
+            if tensors is None and self.weights is not None:
+                try:
+                    tensors = self.weights.fetch(good).tensors
+                except (WeightNotFoundError, WeightIntegrityError) as err:
+                    log.error("actor %s: cannot roll back to weight version %d: %s", actor, good, err)
+            if tensors is not None:
+                with self._model_lock:
+                    self.split.load_adapter_state(tensors, good)  # fitted before: cannot raise AdapterError
+                self._remember_adapter(good, tensors, bad)
+                self.versions_seen.append(good)
+                swapped = True
+                if self.fallback is not None:
+                    self.fallback.probe_now()
+        log.warning(
+            "actor %s: drift guard rolled back weight version %d (acceptance %.3f over %d drafted tokens, "
+            "%.3f under version %d)%s", actor, bad, decision.after, decision.drafted, decision.before, good,
+            f"; serving version {good} again" if swapped else f"; serving version {self.version}",
+        )
+        if self.metrics is not None:
+            self.metrics.inc("dvi_actor_rollbacks", 1, {"actor": actor})
+            self.metrics.inc("dvi_drift_rollbacks", 1, {"version": bad})
+            self._record_version_metrics()
+        self._event("rollback", actor=actor, bad_version=bad, good_version=good, before=decision.before,
+                    after=decision.after, drafted=decision.drafted, serving_version=self.version)
+
+    def _emit_fallback_events(self) -> None:
+        if self.fallback is None:
+            return
+        for ev in self.fallback.pop_events():
+            actor = self.config.actor_id
+            if ev.kind == "ar_fallback":
+                self.counters["ar_fallbacks"] += 1
+                log.warning("actor %s: drafting off (AR fall-back): tau EMA %.2f below break-even %.2f at version %d",
+                            actor, ev.tau, ev.break_even, self.version)
+                self._event("ar_fallback", actor=actor, tau_ema=ev.tau, break_even=ev.break_even,
+                            blocks=ev.blocks, version=self.version)
+            else:
+                self.counters["ar_releases"] += 1
+                log.info("actor %s: drafting on again: probe tau %.2f above break-even %.2f at version %d",
+                         actor, ev.tau, ev.break_even, self.version)
+                self._event("ar_release", actor=actor, tau_probe=ev.tau, break_even=ev.break_even,
+                            blocks=ev.blocks, version=self.version)
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        if self.telemetry is None:
+            return
+        try:
+            self.telemetry.event(kind, **fields)
+        except (ServiceError, ValueError) as err:  # best effort, like the snapshots
+            log.warning("actor %s: %s event not published: %s", self.config.actor_id, kind, err)
 
     def _fit(self, ids: list[int], decode: DecodeConfig) -> tuple[list[int], bool]:
         limit = self.split.max_positions
@@ -329,6 +468,9 @@ class Generator:
             "tau": c["tokens"] / c["verifier_passes"] if c["verifier_passes"] else 0.0,
             "acceptance": c["accepted"] / c["drafted"] if c["drafted"] else 0.0,
             "swaps": [e.__dict__ for e in self.swaps],
+            "blocked_versions": list(self.blocked_versions),
+            "rollbacks": [asdict(d) for d in self.rollbacks],
+            "ar_fallback": self.ar_active,
         }
 
     def snapshot(self) -> dict[str, float | int | str]:
@@ -351,6 +493,10 @@ class Generator:
             "published": c["published"],
             "swaps": c["swaps"],
             "weights_refused": c["weights_refused"],
+            "rollbacks": c["rollbacks"],
+            "blocked_versions": list(self.blocked_versions),
+            "ar_fallback": int(self.ar_active),
+            "acceptance_ema": self.guard.ema_by_version().get(self.version) if self.guard is not None else None,
             "updated_at": time.time(),
         }
 
@@ -374,6 +520,7 @@ class Generator:
         m.inc("dvi_actor_requests_served", 1, actor)
         m.inc("dvi_actor_tokens_generated", len(result.token_ids), actor)
         m.set("dvi_actor_gamma", self._last_gamma, actor)
+        m.set("dvi_actor_ar_fallback", 1.0 if self.ar_active else 0.0, actor)
         m.set("dvi_actor_tau", result.mean_accepted, av)
         m.set("dvi_actor_acceptance_rate", result.acceptance_rate, av)
         self._recorded_versions.add(result.weight_version)
@@ -384,6 +531,30 @@ class Generator:
                 m.set("dvi_actor_acceptance_rate_by_position", a / drafted, {**actor, "position": pos})
         self._record_version_metrics()
 
+    def _init_metrics(self) -> None:
+        """Series that exist from the start: counters of rare events at 0, the gauges of state."""
+        m = self.metrics
+        if m is None:
+            return
+        actor = {"actor": self.config.actor_id}
+        m.inc("dvi_actor_rollbacks", 0, actor)
+        m.inc("dvi_drift_rollbacks", 0, {"version": self.version})  # "this version: 0 rollbacks"
+        m.set("dvi_actor_ar_fallback", 0.0, actor)
+        self._record_version_metrics()
+
+    def _record_drift_metrics(self, version: int) -> None:
+        """The drift guard's view of `version`: its acceptance EMA and the change since the last broadcast."""
+        m, guard = self.metrics, self.guard
+        if m is None or guard is None:
+            return
+        ema = guard.ema_by_version().get(version)
+        if ema is not None:
+            m.set("dvi_drift_acceptance_ema", ema, {"actor": self.config.actor_id, "version": version})
+        delta = guard.change_after_broadcast(version)
+        if delta is not None:
+            m.set("dvi_drift_broadcast_acceptance_delta", delta, {"version": version})
+        self._recorded_versions.add(version)
+
     def _record_version_metrics(self) -> None:
         m = self.metrics
         if m is None:
@@ -392,9 +563,12 @@ class Generator:
         m.set("dvi_actor_adapter_version", self.version, actor)
         if self.latest_known is not None:
             m.set("dvi_actor_version_lag", max(0, self.latest_known - self.version), actor)
-        for old in [v for v in self._recorded_versions if v < self.version - 1]:  # superseded series
+        keep = (self.version, self._previous_version)
+        for old in [v for v in self._recorded_versions if v not in keep]:  # superseded series
             m.forget("dvi_actor_tau", {**actor, "version": old})
             m.forget("dvi_actor_acceptance_rate", {**actor, "version": old})
+            m.forget("dvi_drift_acceptance_ema", {**actor, "version": old})
+            m.forget("dvi_drift_broadcast_acceptance_delta", {"version": old})
             self._recorded_versions.discard(old)
 
     def republish_metrics(self) -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from common.config import DecodeConfig, ModelSpec
+from common.drift import ArFallbackConfig, DriftGuardConfig
 from common.errors import ServiceError
 from common.transport import TransportConfig
 
@@ -101,6 +102,14 @@ class GeneratorSettings:
     """Record catalogue metrics (through Ray's metrics agent inside an actor)."""
     telemetry: bool = True
     """Publish snapshots for `dvi monitor` after each request."""
+    drift_guard: DriftGuardConfig | None = field(default_factory=DriftGuardConfig)
+    """Roll back weight versions whose acceptance drops (GeneratorConfig.drift_guard); None: off."""
+    ar_fallback: bool | None = None
+    """Decode AR while drafting does not pay (GeneratorConfig.ar_fallback); None: on unless `learn`."""
+    ar_fallback_config: ArFallbackConfig | None = None
+    """Fall-back thresholds; None: derived from the drafter's k, L and `ar_fallback_gamma`."""
+    ar_fallback_gamma: int = DecodeConfig.gamma
+    """The draft length requests use (sets the default break-even tau)."""
 
 
 class GeneratorService:
@@ -134,7 +143,10 @@ class GeneratorService:
             telemetry = Telemetry(client, ns)
         self.generator = Generator(
             split,
-            GeneratorConfig(actor_id=settings.actor_id, learn=settings.learn, seed=settings.seed),
+            GeneratorConfig(actor_id=settings.actor_id, learn=settings.learn, seed=settings.seed,
+                            drift_guard=settings.drift_guard, ar_fallback=settings.ar_fallback,
+                            ar_fallback_config=settings.ar_fallback_config,
+                            ar_fallback_gamma=max(1, settings.ar_fallback_gamma)),
             stream=TrajectoryStream(client, settings.transport) if settings.learn else None,
             weights=WeightStore(client, ns, settings.secret),
             metrics=metrics,

@@ -22,9 +22,15 @@ differs in two ways, both computed by `prometheus_name`:
 Ray also attaches its own labels (`WorkerId`, `NodeAddress`, `SessionName`, ...); the dashboard
 aggregates `by (<catalogue labels>)` so those never split a panel.
 
+Counters of rare events (rollbacks, skipped steps, dead letters) are created at 0 with
+`inc(name, 0, labels)` when their process starts, on both backends, so a healthy run's panels
+show 0 rather than "no data".
+
 Cardinality: label values are free strings, so keep them bounded — `actor` is the actor index,
 `position` is a draft position `0..gamma_max-1`, `version` is a weight version. Only the
-per-version drift signals and the per-actor tau / acceptance carry `version`.
+per-version drift signals and the per-actor tau / acceptance carry `version`. A gauge that
+several actors set carries `actor` too (`dvi_drift_acceptance_ema`): under `prometheus_client`
+the series would otherwise be one value overwritten by whichever actor reported last.
 
 Lifetimes differ by backend. Through Ray, a gauge series vanishes from the scrape about 20-25 s
 after its last `set()` (measured with Ray 2.60: the node agent keeps a gauge for two export
@@ -154,13 +160,13 @@ METRICS: tuple[MetricSpec, ...] = (
     _g("dvi_stream_length", "Entries in the trajectory Redis stream (XLEN).", ("stream",), PANEL_STREAM, "short"),
     _g("dvi_stream_pending", "Entries delivered to the learner's consumer group but not yet acknowledged (XPENDING).", ("stream",), PANEL_STREAM, "short"),
     MetricSpec("dvi_learner_trajectory_age_seconds", "histogram", "Seconds between a trajectory's creation on an actor and its use by the learner.", (), PANEL_STREAM, "s", _AGE_SECONDS_BUCKETS),
-    _c("dvi_learner_trajectories_dropped", "Trajectories discarded because they could not be decoded or were malformed.", (), PANEL_STREAM),
+    _c("dvi_learner_trajectories_dropped", "Trajectories trimmed from the stream (drop-oldest backpressure) before the learner read them.", (), PANEL_STREAM),
     _c("dvi_learner_trajectories_stale", "Trajectories discarded because their weight version lagged more than the staleness limit.", (), PANEL_STREAM),
-    _c("dvi_learner_trajectories_dead_lettered", "Trajectories moved to the dead-letter stream after repeated delivery failures.", (), PANEL_STREAM),
+    _c("dvi_learner_trajectories_dead_lettered", "Trajectories moved to the dead-letter stream (undecodable, oversized, malformed, or refused by the learner).", (), PANEL_STREAM),
     # --- drift signals ---------------------------------------------------------------------
-    _g("dvi_drift_acceptance_ema", "Exponential moving average of acceptance rate over all actors, per weight version.", ("version",), PANEL_DRIFT, "percentunit"),
+    _g("dvi_drift_acceptance_ema", "Acceptance-rate EMA of the actor's drift guard under this weight version (the baseline a new version is judged against).", _AV, PANEL_DRIFT, "percentunit"),
     _g("dvi_drift_kl_slope", "Least-squares slope of the learner KL over its recent window, per step (> 0: drifting apart).", (), PANEL_DRIFT, "none"),
-    _g("dvi_drift_broadcast_acceptance_delta", "Acceptance EMA under this weight version minus that under the previous one.", ("version",), PANEL_DRIFT, "percentunit"),
+    _g("dvi_drift_broadcast_acceptance_delta", "Acceptance EMA under this weight version minus that under the previous one (max over actors).", ("version",), PANEL_DRIFT, "percentunit"),
     _c("dvi_drift_rollbacks", "Drift-guard rollbacks, labelled with the weight version that was rolled back.", ("version",), PANEL_DRIFT),
 )
 
@@ -231,8 +237,11 @@ class _RayBackend:
         if spec.kind == "gauge":
             inst.set(value, tags=labels)
         elif spec.kind == "counter":
-            if value > 0:  # Ray rejects inc(0); a zero increment changes nothing anyway
+            if value > 0:
                 inst.inc(value, tags=labels)
+            else:  # inc(0) creates the series at 0; Ray's public inc() refuses 0, so record the
+                # point the way inc() itself does (measured: exported as `..._total 0.0`)
+                inst._record(0.0, tags=labels)
         else:
             inst.observe(value, tags=labels)
 
@@ -343,7 +352,8 @@ class MetricsRecorder:
         self._record("gauge", name, value, labels)
 
     def inc(self, name: str, value: float = 1.0, labels: dict[str, object] | None = None) -> None:
-        """Add `value` (>= 0) to counter `name` for this label set."""
+        """Add `value` (>= 0) to counter `name` for this label set; `inc(name, 0, labels)` creates
+        the series at 0 (a panel then shows 0 rather than no data)."""
         self._record("counter", name, value, labels)
 
     def observe(self, name: str, value: float, labels: dict[str, object] | None = None) -> None:

@@ -24,6 +24,8 @@ Actor snapshot (`publish_actor`), one per generation actor:
   requests, tokens        requests served and tokens generated since the actor started
   ar_fallback             1 while drafting is disabled (plain AR through the verifier), else 0
   rollbacks               drift-guard rollbacks this actor performed
+  blocked_versions        weight versions it rolled back (never taken again)
+  acceptance_ema          the drift guard's acceptance EMA under the current version
 Learner snapshot (`publish_learner`):
   step, phase             optimizer steps taken; schedule phase name (kl, mixed, rl, ...)
   kl, ce, pg, entropy     loss terms of the latest step
@@ -32,8 +34,11 @@ Learner snapshot (`publish_learner`):
   stream_length, pending  trajectory stream XLEN; entries delivered but not acked
   dead_lettered, dropped, stale_dropped   trajectories dead-lettered, trimmed unread, too stale
   trajectories_per_s      trajectories consumed per second
+  rollbacks_seen          actors' `rollback` events the learner has read from the event stream
 
 Events (`event`): `EVENT_KINDS` lists the kinds the service emits; their fields are free-form.
+The event stream is also a channel: the learner reads actors' `rollback` events with
+`events_after` (see learner/service.py).
 
 Writes are retried on connection errors (bounded, `with_retries`); a retried XADD can add a
 history row or an event twice, which the views tolerate. `RunMetricsWriter` appends the history
@@ -62,9 +67,9 @@ T = TypeVar("T")
 
 EVENT_KINDS = (
     "weights_published",  # learner: version, step
-    "rollback",  # actor: actor, bad_version, good_version, before, after
-    "ar_fallback",  # actor: actor, tau_ema, break_even
-    "ar_release",  # actor: actor, tau_probe, break_even
+    "rollback",  # actor: actor, bad_version, good_version, before, after, drafted, serving_version
+    "ar_fallback",  # actor: actor, tau_ema, break_even, blocks, version
+    "ar_release",  # actor: actor, tau_probe, break_even, blocks, version
     "learner_restart",  # learner: resumed_step, version
     "dead_letter",  # learner: entry id, reason
 )
@@ -339,6 +344,22 @@ class Telemetry:
                 continue
             state.history.append(HistoryRow(_text(entry_id), _float(f.get(b"t")), _text(f[b"source"]), data))
         return state
+
+    def events_after(self, after: str = "0", count: int = 100) -> tuple[list[Event], str]:
+        """Up to `count` events with stream id > `after` ("0": from the oldest kept), oldest first,
+        and the id to pass as `after` next time (the last entry read, decodable or not; `after`
+        itself when there was none). For a reader that must not miss an event, like the learner
+        counting rollbacks.
+        """
+        _check(count >= 1, f"count must be >= 1, got {count}")
+        start = "-" if after in ("", "0", "0-0") else f"({after}"
+        entries = self._retry(lambda: self.client.xrange(self.events_key, min=start, count=count), "read events")
+        out = []
+        for entry_id, f in entries:
+            data = _loads(f.get(b"data"), f"event {_text(entry_id)}")
+            if data is not None and b"kind" in f:
+                out.append(Event(_text(entry_id), _text(f[b"kind"]), _float(f.get(b"t")), data))
+        return out, (_text(entries[-1][0]) if entries else after)
 
     def _retry(self, fn: Callable[[], T], what: str) -> T:
         return with_retries(

@@ -102,6 +102,8 @@ class RunConfig:
     """Longest wait for the learner to drain the stream at the end."""
     keep_redis_s: float = 86_400.0
     """After the run, the namespace's keys (weights, telemetry) expire after this long; 0 keeps them."""
+    ar_fallback: bool | None = None
+    """Actors decode AR while drafting does not pay (common.drift.ArFallback); None: on unless `learn`."""
 
     def __post_init__(self) -> None:
         _check(self.actors >= 1, f"actors must be >= 1, got {self.actors}")
@@ -284,7 +286,8 @@ def _run(config, prompts, out, run_id, namespace, redis_url, state, phase, on_re
         cpus = config.cpus_per_actor or actor_cpus(ray.cluster_resources().get("CPU", 1.0), config.actors, config.learn)
         settings = [
             GeneratorSettings(model=spec, redis_url=redis_url, transport=transport, secret=config.secret,
-                              actor_id=f"actor-{i}", learn=config.learn, seed=config.seed)
+                              actor_id=f"actor-{i}", learn=config.learn, seed=config.seed,
+                              ar_fallback=config.ar_fallback, ar_fallback_gamma=max(1, config.decode.gamma))
             for i in range(config.actors)
         ]
         phase(f"loading {config.model} in {config.actors} generation actor(s)")

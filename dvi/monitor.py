@@ -130,6 +130,7 @@ def _header(state: TelemetryState, now: float) -> Panel:
                 ("dead-lettered", _fmt(ln.get("dead_lettered"))),
                 ("dropped", _fmt(ln.get("dropped"))),
                 ("stale", _fmt(ln.get("stale_dropped"))),
+                ("rollbacks", _fmt(ln.get("rollbacks_seen"))),
             ],
             [
                 ("kl", _fmt(ln.get("kl"), 4)),
@@ -139,7 +140,8 @@ def _header(state: TelemetryState, now: float) -> Panel:
                 ("grad", _fmt(ln.get("grad_norm"), 3)),
             ],
         ]
-        alarming = {"dead-lettered": ln.get("dead_lettered"), "dropped": ln.get("dropped")}
+        alarming = {"dead-lettered": ln.get("dead_lettered"), "dropped": ln.get("dropped"),
+                    "rollbacks": ln.get("rollbacks_seen")}
         lines = []
         for row in rows:
             line = Text()

@@ -37,6 +37,7 @@ import math
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -45,6 +46,7 @@ from typing import Any
 import redis
 
 from common.config import ModelSpec
+from common.drift import kl_slope
 from common.errors import ServiceError
 from common.transport import TrajectoryStream, TransportConfig
 from common.types import Trajectory
@@ -179,7 +181,19 @@ class LearnerLoop:
             "checkpoints": 0,
             "publish_conflicts": 0,
             "refused": 0,  # decodable but unusable by this learner (dead-lettered)
+            "rollbacks_seen": 0,  # actors' drift-guard rollbacks read from the event stream
         }
+        # Actors tell the learner about rollbacks through the telemetry event stream. It is read
+        # from its start: `rollbacks_seen` counts the namespace's rollbacks, across restarts.
+        self._events_after = "0"
+        self._last_events_read = -1e9
+        self.rollbacks: deque[dict[str, Any]] = deque(maxlen=64)
+        self._kl_window: deque[tuple[float, float]] = deque(maxlen=32)  # (step, kl) for dvi_drift_kl_slope
+        self._dropped_seen: int | None = None  # stream drops when first read; earlier ones were counted before
+        if metrics is not None:  # rare events: their series exist (at 0) from the start
+            for name in ("dvi_learner_skipped_steps", "dvi_learner_trajectories_dropped",
+                         "dvi_learner_trajectories_stale", "dvi_learner_trajectories_dead_lettered"):
+                metrics.inc(name, 0)
 
     # ---------------------------------------------------------------------------------- start
 
@@ -251,6 +265,7 @@ class LearnerLoop:
         else:
             self._maintain()
         self._note_dead_letters()
+        self._note_rollbacks()
         return len(batch)
 
     def run(self, stop: threading.Event, drain: threading.Event | None = None,
@@ -411,8 +426,35 @@ class LearnerLoop:
             self.counters["acked"] += len(self._unacked)
             self._unacked = []
 
+    def _note_rollbacks(self, every_s: float = 1.0) -> None:
+        """Count and log the rollback events actors published since the last look."""
+        if self.telemetry is None or self.clock() - self._last_events_read < every_s:
+            return
+        self._last_events_read = self.clock()
+        try:
+            events, self._events_after = self.telemetry.events_after(self._events_after)
+        except ServiceError as err:  # the event stream is telemetry: best effort, read again later
+            log.debug("learner %s: events not read: %s", self.consumer, err)
+            return
+        for ev in events:
+            if ev.kind != "rollback":
+                continue
+            f = ev.fields
+            self.counters["rollbacks_seen"] += 1
+            self.rollbacks.append({"id": ev.id, "t": ev.t, **f})
+            log.warning(
+                "learner %s: actor %s rolled back weight version %s to %s (acceptance %s -> %s); "
+                "%d rollback(s) seen", self.consumer, f.get("actor"), f.get("bad_version"), f.get("good_version"),
+                _short(f.get("before")), _short(f.get("after")), self.counters["rollbacks_seen"],
+            )
+
     def _note_dead_letters(self) -> None:
-        dead = self.stream.stats().dead_lettered
+        stats = self.stream.stats()
+        if stats.dropped is not None:
+            if self.metrics is not None and self._dropped_seen is not None and stats.dropped > self._dropped_seen:
+                self.metrics.inc("dvi_learner_trajectories_dropped", stats.dropped - self._dropped_seen)
+            self._dropped_seen = max(stats.dropped, self._dropped_seen or 0)
+        dead = stats.dead_lettered
         if dead > self._dead_seen:
             n = dead - self._dead_seen
             self._dead_seen = dead
@@ -435,6 +477,8 @@ class LearnerLoop:
             "unacked": len(self._unacked),
             "dead_lettered": self.stream.dead_letter_count(),
             "dropped": stats.dropped,
+            "rollbacks_seen": self.counters["rollbacks_seen"],
+            "rollbacks": list(self.rollbacks),
             "last_stats": _jsonable(self.last_stats),
         }
 
@@ -465,6 +509,12 @@ class LearnerLoop:
                 m.set("dvi_learner_schedule_weight", value, {"term": term})
         if stats.get("skipped"):
             m.inc("dvi_learner_skipped_steps", 1)
+        kl, step = stats.get("kl"), stats.get("step")
+        if isinstance(kl, (int, float)) and isinstance(step, (int, float)) and math.isfinite(kl):
+            self._kl_window.append((float(step), float(kl)))
+            slope = kl_slope([x for x, _ in self._kl_window], [y for _, y in self._kl_window])
+            if slope is not None:
+                m.set("dvi_drift_kl_slope", slope)
         seconds = stats.get("step_seconds")
         if isinstance(seconds, (int, float)) and seconds > 0:
             m.observe("dvi_learner_step_seconds", seconds)
@@ -507,6 +557,7 @@ class LearnerLoop:
             "duplicates": counters.get("duplicates", 0),
             "added": counters.get("added", 0),
             "trajectories_per_s": rate,
+            "rollbacks_seen": self.counters["rollbacks_seen"],
         }
         try:
             self.telemetry.publish_learner(_jsonable(snapshot))
@@ -520,6 +571,10 @@ class LearnerLoop:
             self.telemetry.event(kind, **fields)
         except (ServiceError, ValueError) as err:
             log.debug("learner event %s not published: %s", kind, err)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else str(value)
 
 
 def _jsonable(value: Any) -> Any:

@@ -76,6 +76,19 @@ def test_events_in_order_and_capped(redis_client, redis_ns):
         tel.event("Roll Back")
 
 
+def test_events_after_reads_on_from_the_last_id(redis_client, redis_ns):
+    tel = Telemetry(redis_client, namespace=redis_ns)
+    assert tel.events_after() == ([], "0")
+    ids = [tel.event(kind, n=i) for i, kind in enumerate(["weights_published", "rollback", "ar_fallback"])]
+    events, last = tel.events_after("0", count=2)
+    assert [e.kind for e in events] == ["weights_published", "rollback"] and last == ids[1]
+    redis_client.xadd(f"{redis_ns}:events", {"kind": "rollback", "t": "1", "data": "not json"})
+    events, last = tel.events_after(last)
+    assert [(e.kind, e.fields) for e in events] == [("ar_fallback", {"n": 2})]  # the broken one skipped ...
+    assert last != ids[2]  # ... but read past
+    assert tel.events_after(last) == ([], last)
+
+
 def test_expired_actor_leaves_the_view(redis_client, redis_ns):
     tel = Telemetry(redis_client, namespace=redis_ns, actor_ttl_s=60)
     tel.publish_actor("a0", {"tau": 2.0})

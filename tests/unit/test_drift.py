@@ -11,6 +11,7 @@ from common.drift import (
     DriftGuard,
     DriftGuardConfig,
     break_even_tau,
+    kl_slope,
 )
 from common.speculative import GenerationResult
 
@@ -92,6 +93,17 @@ def test_ema_weights_by_tokens_and_change_after_broadcast():
     assert guard.change_after_broadcast(3) is None
     guard.observe(3, 0, 0)  # AR blocks carry no acceptance information
     assert 3 not in guard.ema_by_version()
+
+
+def test_kl_slope_is_the_least_squares_slope_per_step():
+    # x = 0, 1, 2, 3 (mean 1.5), y = 1.0, 0.9, 0.7, 0.6 (mean 0.8):
+    # cov = (-1.5)(0.2) + (-0.5)(0.1) + (0.5)(-0.1) + (1.5)(-0.2) = -0.7; var = 2.25 + 0.25 + 0.25 + 2.25 = 5
+    assert kl_slope([0, 1, 2, 3], [1.0, 0.9, 0.7, 0.6]) == pytest.approx(-0.14)
+    assert kl_slope([10, 12], [0.5, 0.9]) == pytest.approx(0.2)  # drifting apart: > 0
+    assert kl_slope([5, 6, 7], [0.3, float("nan"), 0.5]) == pytest.approx(0.1)  # a skipped step is left out
+    assert kl_slope([3], [0.4]) is None and kl_slope([2, 2], [0.1, 0.5]) is None and kl_slope([], []) is None
+    with pytest.raises(ValueError, match="same length"):
+        kl_slope([1, 2], [0.1])
 
 
 def test_old_versions_are_forgotten_but_the_good_one_and_blocks_stay():

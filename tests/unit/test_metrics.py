@@ -38,7 +38,7 @@ def test_catalogue_covers_the_required_signals():
     ):
         assert required in names, required
     assert get_spec("dvi_actor_acceptance_rate_by_position").labels == ("actor", "position")
-    assert get_spec("dvi_drift_acceptance_ema").labels == ("version",)
+    assert get_spec("dvi_drift_acceptance_ema").labels == ("actor", "version")  # every actor sets it
     assert get_spec("dvi_learner_schedule_weight").labels == ("term",)
     assert all(m.labels[0] == "actor" for m in METRICS if m.name.startswith("dvi_actor_"))
     # panel_groups keeps every metric exactly once
