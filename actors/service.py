@@ -34,28 +34,6 @@ from common.transport import TransportConfig
 log = logging.getLogger(__name__)
 
 
-def quiet_libraries() -> None:
-    """No weight-loading progress bars or hub chatter from inside an actor (they reach the driver's terminal)."""
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:  # transformers is a hard dependency; this only guards odd installs
-        pass
-
-
-def resolve_device(requested: str) -> str:
-    """`auto` -> cuda:0 when this process sees a GPU, else cpu; anything else unchanged."""
-    if requested != "auto":
-        return requested
-    import torch
-
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
-
-
 def cluster_gpus() -> float:
     """GPUs in the connected Ray cluster (0 when none, or when Ray is not initialised)."""
     import ray
@@ -122,6 +100,7 @@ class GeneratorService:
         from common.model_split import SplitModel
         from common.redis_util import connect
         from common.transport import TrajectoryStream
+        from common.runtime import make_observers, quiet_libraries, resolve_device
         from common.weights import WeightStore
 
         torch.set_num_threads(max(1, settings.torch_threads))
@@ -132,15 +111,7 @@ class GeneratorService:
         split = SplitModel.load(spec)
         client = connect(settings.redis_url)
         ns = settings.transport.namespace
-        metrics = telemetry = None
-        if settings.metrics:
-            from common.metrics import MetricsRecorder
-
-            metrics = MetricsRecorder()
-        if settings.telemetry:
-            from common.telemetry import Telemetry
-
-            telemetry = Telemetry(client, ns)
+        metrics, telemetry = make_observers(client, ns, settings.metrics, settings.telemetry)
         self.generator = Generator(
             split,
             GeneratorConfig(actor_id=settings.actor_id, learn=settings.learn, seed=settings.seed,

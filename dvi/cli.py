@@ -14,6 +14,7 @@ import click
 import typer
 
 from common.errors import DVIError
+from common.runtime import quiet_libraries
 
 try:  # recent typer ships its own copy of click, whose usage errors are not click's
     from typer._click.exceptions import ClickException as _VendoredClickException
@@ -43,26 +44,13 @@ def _register() -> None:
                 raise
 
 
-def _quiet_libraries() -> None:
-    """Keep library chatter (weight-loading bars, hub retry warnings) off the user's terminal."""
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:  # transformers is a hard dependency; this only guards odd installs
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the process exit code."""
     logging.basicConfig(
         level=os.environ.get("DVI_LOG_LEVEL", "WARNING"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _quiet_libraries()
+    quiet_libraries()
     _register()
     try:
         app(args=argv, standalone_mode=False)

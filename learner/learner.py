@@ -43,7 +43,7 @@ from common.model_split import SplitModel
 from common.types import Trajectory, TrajectoryError
 from learner.checkpoint import CheckpointContents, read_checkpoint, write_checkpoint
 from learner.config import LearnerConfig
-from learner.losses import EmaBaseline, combined_loss, gather_logprobs
+from learner.losses import EmaBaseline, combined_loss
 from learner.replay import ReplayBuffer, TrainBatch, collate, importance_weights
 from learner.schedule import schedule_weights
 

@@ -624,36 +624,19 @@ class LearnerService:
 
         from common.model_split import SplitModel
         from common.redis_util import connect
+        from common.runtime import make_observers, quiet_libraries, resolve_device
         from learner.learner import Learner
 
         torch.set_num_threads(max(1, settings.torch_threads))
-        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
-        try:  # no weight-loading progress bars from inside the actor
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.set_verbosity_error()
-            hf_logging.disable_progress_bar()
-        except ImportError:
-            pass
+        quiet_libraries()
         self.settings = settings
         self.started_at = time.time()
-        device = settings.model.device
-        if device == "auto":  # Ray sets CUDA_VISIBLE_DEVICES: a GPU is visible only if one was granted
-            device = "cuda:0" if torch.cuda.is_available() else "cpu"
-        spec = replace(settings.model, device=device)
+        spec = replace(settings.model, device=resolve_device(settings.model.device))
         split = SplitModel.load(spec)
         learner = Learner(split, settings.learner, learner_id=settings.loop.learner_id)
         client = connect(settings.redis_url)
         ns = settings.transport.namespace
-        metrics = telemetry = None
-        if settings.metrics:
-            from common.metrics import MetricsRecorder
-
-            metrics = MetricsRecorder()
-        if settings.telemetry:
-            from common.telemetry import Telemetry
-
-            telemetry = Telemetry(client, ns)
+        metrics, telemetry = make_observers(client, ns, settings.metrics, settings.telemetry)
         self.loop = LearnerLoop(
             learner, TrajectoryStream(client, settings.transport), WeightStore(client, ns, settings.secret),
             settings.loop, metrics=metrics, telemetry=telemetry,

@@ -37,7 +37,6 @@ from typing import Callable, Iterator
 import torch
 
 from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig
-from common.prompts import MT_BENCH_CATEGORIES, spec_bench_task  # noqa: F401 (re-exported)
 
 REFERENCE = "hf_ar"
 BUILTIN_METHODS: tuple[str, ...] = ("hf_ar", "ar", "hf_prompt_lookup", "hf_early_exit", "dvi")

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig
+from common.prompts import spec_bench_task
 from dvi.cli import bench_app
 
 _METHODS_HELP = (
@@ -145,7 +146,7 @@ def _run(settings, questions: list, out: str) -> None:
             checker.check_request(ids, DecodeConfig(gamma=0, max_new_tokens=settings.max_new_tokens))
         except ValueError as exc:
             raise ValueError(f"question {q.question_id}: {exc}") from None
-        encoded.append(bench.BenchPrompt(i, q.question_id, bench.spec_bench_task(q.category), tuple(ids)))
+        encoded.append(bench.BenchPrompt(i, q.question_id, spec_bench_task(q.category), tuple(ids)))
 
     names = list(settings.all_methods)
     n_warm = min(settings.warmup, len(encoded))

@@ -2,6 +2,8 @@
 
 import pytest
 
+from common.prompts import spec_bench_task
+
 from dvi.bench.speed import (
     ROW_FIELDS,
     RunRecord,
@@ -10,7 +12,6 @@ from dvi.bench.speed import (
     markdown_table,
     method_order,
     spec_bench_speedups,
-    spec_bench_task,
 )
 from dvi.commands.bench_speed import parse_methods, parse_variants
 
