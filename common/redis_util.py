@@ -40,6 +40,18 @@ class RedisAuthError(ServiceError):
     """Redis answered but refused the credentials, or needs some that were not given."""
 
 
+
+def check_bytes_client(client, namespace: str | None = None) -> None:
+    """ValueError unless `client` returns bytes (decode_responses=False, as `connect` gives) and,
+    when given, `namespace` is a non-empty key prefix without spaces. Every Redis-backed class
+    (trajectory stream, weight store, telemetry) checks its arguments through here."""
+    if client.connection_pool.connection_kwargs.get("decode_responses", False):
+        raise ValueError("the Redis client must use decode_responses=False (see common.redis_util.connect)")
+    if namespace is not None and (
+        not isinstance(namespace, str) or not namespace or any(c.isspace() for c in namespace)
+    ):
+        raise ValueError(f"namespace must be a non-empty name without spaces, got {namespace!r}")
+
 def redact(url: str) -> str:
     """`url` with any password replaced by `***`, safe to log or show."""
     parts = urlsplit(url)

@@ -60,7 +60,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from common.redis_util import with_retries
+from common.redis_util import check_bytes_client, with_retries
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -200,16 +200,11 @@ class Telemetry:
         retries: int = 3,
         retry_backoff_s: float = 0.1,
     ) -> None:
-        _check(
-            isinstance(namespace, str) and namespace != "" and not any(c.isspace() for c in namespace),
-            f"namespace must be a non-empty name without spaces, got {namespace!r}",
-        )
+        check_bytes_client(client, namespace)
         _check(history_maxlen >= 1, f"history_maxlen must be >= 1, got {history_maxlen}")
         _check(events_maxlen >= 1, f"events_maxlen must be >= 1, got {events_maxlen}")
         _check(actor_ttl_s >= 0, f"actor_ttl_s must be >= 0, got {actor_ttl_s}")
         _check(retries >= 1, f"retries must be >= 1, got {retries}")
-        if client.connection_pool.connection_kwargs.get("decode_responses", False):
-            raise ValueError("the Redis client must use decode_responses=False (see common.redis_util.connect)")
         self.client = client
         self.namespace = namespace
         self.history_maxlen = history_maxlen

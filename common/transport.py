@@ -36,7 +36,7 @@ import redis
 
 from common.codec import DEFAULT_MAX_MESSAGE_BYTES, CodecError, decode_trajectory, encode_trajectory
 from common.errors import ServiceError
-from common.redis_util import with_retries
+from common.redis_util import check_bytes_client, with_retries
 from common.types import Trajectory
 
 log = logging.getLogger(__name__)
@@ -202,8 +202,7 @@ class TrajectoryStream:
     """
 
     def __init__(self, client: redis.Redis, config: TransportConfig = TransportConfig()) -> None:
-        if client.connection_pool.connection_kwargs.get("decode_responses", False):
-            raise ValueError("the Redis client must use decode_responses=False (payloads are bytes)")
+        check_bytes_client(client)
         self.client = client
         self.config = config
         self._key = config.stream_key

@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from common.redis_util import with_retries
+from common.redis_util import check_bytes_client, with_retries
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -113,10 +113,7 @@ class WeightStore:
         retry_backoff_s: float = 0.1,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if client.connection_pool.connection_kwargs.get("decode_responses", False):
-            raise ValueError("the Redis client must use decode_responses=False (weights are bytes)")
-        if not namespace or any(c.isspace() for c in namespace):
-            raise ValueError(f"namespace must be a non-empty name without spaces, got {namespace!r}")
+        check_bytes_client(client, namespace)
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         if secret is not None and (not isinstance(secret, bytes) or not secret):
