@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from common.config import DecodeConfig, ModelSpec
@@ -94,22 +94,14 @@ class GeneratorService:
     """Ray-side shell of one `Generator`. Methods are what the driver calls remotely."""
 
     def __init__(self, settings: GeneratorSettings) -> None:
-        import torch
-
         from actors.generator import Generator, GeneratorConfig
-        from common.model_split import SplitModel
-        from common.redis_util import connect
+        from common.runtime import make_observers, start_service_process
         from common.transport import TrajectoryStream
-        from common.runtime import make_observers, quiet_libraries, resolve_device
         from common.weights import WeightStore
 
-        torch.set_num_threads(max(1, settings.torch_threads))
-        quiet_libraries()
         self.settings = settings
         self.started_at = time.time()
-        spec = replace(settings.model, device=resolve_device(settings.model.device))
-        split = SplitModel.load(spec)
-        client = connect(settings.redis_url)
+        split, client = start_service_process(settings.model, settings.torch_threads, settings.redis_url)
         ns = settings.transport.namespace
         metrics, telemetry = make_observers(client, ns, settings.metrics, settings.telemetry)
         self.generator = Generator(
@@ -124,7 +116,7 @@ class GeneratorService:
             telemetry=telemetry,
         )
         version = self.generator.sync_weights()  # (re)start: catch up with the learner first
-        log.info("actor %s ready on %s (pid %d) at weight version %d", settings.actor_id, spec.device, os.getpid(), version)
+        log.info("actor %s ready on %s (pid %d) at weight version %d", settings.actor_id, split.device, os.getpid(), version)
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         if settings.watch:

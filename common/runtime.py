@@ -43,3 +43,19 @@ def make_observers(client, namespace: str, metrics: bool, telemetry: bool):
 
         sink = Telemetry(client, namespace)
     return recorder, sink
+
+
+def start_service_process(model_spec, torch_threads: int, redis_url: str):
+    """The common start of a service process: CPU threads, quiet libraries, the split model on the
+    device this process was given, and a verified Redis connection. Returns (split, client)."""
+    from dataclasses import replace
+
+    import torch
+
+    from common.model_split import SplitModel
+    from common.redis_util import connect
+
+    torch.set_num_threads(max(1, torch_threads))
+    quiet_libraries()
+    split = SplitModel.load(replace(model_spec, device=resolve_device(model_spec.device)))
+    return split, connect(redis_url)

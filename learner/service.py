@@ -39,7 +39,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -620,21 +620,13 @@ class LearnerService:
     """Ray-side shell: builds the Learner and its loop, runs the loop on a thread from `__init__`."""
 
     def __init__(self, settings: LearnerSettings) -> None:
-        import torch
-
-        from common.model_split import SplitModel
-        from common.redis_util import connect
-        from common.runtime import make_observers, quiet_libraries, resolve_device
+        from common.runtime import make_observers, start_service_process
         from learner.learner import Learner
 
-        torch.set_num_threads(max(1, settings.torch_threads))
-        quiet_libraries()
         self.settings = settings
         self.started_at = time.time()
-        spec = replace(settings.model, device=resolve_device(settings.model.device))
-        split = SplitModel.load(spec)
+        split, client = start_service_process(settings.model, settings.torch_threads, settings.redis_url)
         learner = Learner(split, settings.learner, learner_id=settings.loop.learner_id)
-        client = connect(settings.redis_url)
         ns = settings.transport.namespace
         metrics, telemetry = make_observers(client, ns, settings.metrics, settings.telemetry)
         self.loop = LearnerLoop(
