@@ -407,7 +407,7 @@ class Generator:
     def _publish(self, result: GenerationResult) -> bool:
         traj = result.trajectory
         assert traj is not None and self.stream is not None
-        if traj.num_drafted == 0:  # nothing drafted (gamma 0 or one-token answer): no signal
+        if traj.num_scored == 0:  # nothing scored (a one-token answer): no signal
             self.counters["publish_skipped_empty"] += 1
             return False
         try:

@@ -62,11 +62,14 @@ def synthetic(request_id: str, hidden: int, context: int, drafted: int, k: int, 
     accepted = torch.zeros(drafted, dtype=torch.bool)  # every record a block's first rejection
     return Trajectory(
         request_id=request_id, weight_version=0, exit_layer=2, temperature=0.0, created_at=time.time(),
+        prompt_length=context - drafted, tokens=torch.randint(0, 512, (context + 1,), generator=g),
         hidden=torch.randn(context, hidden, generator=g).to(torch.float16), position=position,
         block_index=torch.zeros(drafted, dtype=torch.int64), token=token, target_token=(token + 1) % 512,
         accepted=accepted, drafter_logprob=-torch.rand(drafted, generator=g),
         verifier_topk_ids=torch.randint(0, 512, (drafted, k), generator=g),
         verifier_topk_logprobs=-torch.rand(drafted, k, generator=g), timestamp=torch.full((drafted,), time.time(), dtype=torch.float64),
+        verified_position=torch.zeros(0, dtype=torch.int64), verified_topk_ids=torch.zeros(0, k, dtype=torch.int64),
+        verified_topk_logprobs=torch.zeros(0, k),
     ).validate()
 
 

@@ -32,12 +32,17 @@ class DrafterConfig:
     """Dropout on the LoRA branch while training."""
     adapt_lm_head: bool = True
     """Put a LoRA on the (frozen, shared) LM head as seen by the drafter."""
+    draft_vocab_size: int = 0
+    """Draft from this many token ids only (0 = the full vocabulary): the drafter's LM head shrinks
+    to those rows, the verifier keeps every token, so decoding stays lossless. The learner picks
+    the ids as the most frequent committed tokens of the traffic it trains on."""
 
     def __post_init__(self) -> None:
         _check(self.exit_layer >= 1, f"exit_layer must be >= 1, got {self.exit_layer}")
         _check(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
         _check(self.lora_alpha >= 1, f"lora_alpha must be >= 1, got {self.lora_alpha}")
         _check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        _check(self.draft_vocab_size >= 0, f"draft_vocab_size must be >= 0, got {self.draft_vocab_size}")
 
     def validate_for(self, num_layers: int) -> None:
         """Raise ValueError unless this drafter fits a model with `num_layers` decoder layers."""
@@ -71,6 +76,18 @@ class DecodeConfig:
     """Nucleus sampling mass (1.0 = off). Applies to the verifier's target."""
     confidence_threshold: float = 0.0
     """Stop drafting a block once the drafter's top-1 probability falls below this (Kangaroo's eta)."""
+    adaptive_gamma: bool = False
+    """Draft at most `gamma` tokens, as many as pay off: the count with the most expected tokens per
+    second, from the exit head's running acceptance and the measured cost of a draft step and of
+    a verifier pass (common/adaptive_gamma.py)."""
+    lookup_tokens: int = 0
+    """Most tokens drafted from the context per block (prompt lookup, common/context_draft.py;
+    0 = off). A block whose suffix occurred before drafts its continuation instead of asking the
+    exit head."""
+    lookup_ngram: int = 3
+    """Longest suffix n-gram context drafting matches (shorter ones are tried down to lookup_min_ngram)."""
+    lookup_min_ngram: int = 1
+    """Shortest suffix n-gram context drafting accepts as a match."""
     max_new_tokens: int = 128
     """Upper bound on generated tokens (EOS stops earlier)."""
     record_topk: int = 32
@@ -88,6 +105,11 @@ class DecodeConfig:
             f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}",
         )
         _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _check(self.lookup_tokens >= 0, f"lookup_tokens must be >= 0, got {self.lookup_tokens}")
+        _check(
+            1 <= self.lookup_min_ngram <= self.lookup_ngram,
+            f"need 1 <= lookup_min_ngram <= lookup_ngram, got {self.lookup_min_ngram} and {self.lookup_ngram}",
+        )
         _check(self.record_topk >= 0, f"record_topk must be >= 0, got {self.record_topk}")
 
     @property
@@ -107,6 +129,9 @@ class ModelSpec:
     """Torch device, e.g. cpu or cuda:0."""
     drafter: DrafterConfig = field(default_factory=DrafterConfig)
     """The drafter's shape."""
+    engine: str = "fast"
+    """Inference forward: "fast" (common/fast_decoder.py: packed weights, static KV cache; used
+    when the model supports it and reproduces the HF forward) or "hf" (the HF decoder layers)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.model.strip()), "model must be a non-empty id or path")
@@ -114,3 +139,4 @@ class ModelSpec:
             self.dtype in ("float32", "float16", "bfloat16"),
             f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}",
         )
+        _check(self.engine in ("fast", "hf"), f"engine must be fast or hf, got {self.engine!r}")

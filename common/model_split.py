@@ -17,7 +17,9 @@ code: nothing trainable sits before h_k or inside the verifier).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
+import inspect
 import json
 import logging
 from dataclasses import asdict
@@ -29,12 +31,20 @@ from torch import nn
 from transformers import DynamicCache
 
 from common.config import DrafterConfig, ModelSpec
+from common.draft_vocab import checked_draft_vocab, select_draft_vocab
 from common.errors import AdapterError, ModelLoadError
+from common.fast_decoder import FastLayer, FastStack, base_linear, chunk_mask, fast_path_blocker, rms_norm, shared_fast_stack
+from common.kv_cache import StaticKVCache
 from common.models import load_model_and_tokenizer
+from common.packed_linear import PackedLinear
 
 log = logging.getLogger(__name__)
 
 ADAPTER_META_FILE = "dvi_adapter.json"
+DRAFT_VOCAB_KEY = "dvi.draft_vocab"
+"""The entry of `adapter_state()` that holds the draft vocabulary (int64 ids), next to peft's LoRA tensors."""
+DEFAULT_CACHE_CAPACITY = 1024
+ENGINES = ("fast", "hf")
 _PARITY_ATOL = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}
 
 
@@ -50,12 +60,23 @@ def causal_mask(q_len: int, past_len: int, dtype: torch.dtype, device: torch.dev
     return mask.masked_fill(key_pos > query_pos, torch.finfo(dtype).min)[None, None]
 
 
-def crop_cache(cache: DynamicCache, length: int) -> None:
+def crop_cache(cache, length: int) -> None:
     """Drop every cached position >= `length` in every layer of `cache` (no-op where shorter)."""
+    if isinstance(cache, StaticKVCache):
+        cache.crop(length)
+        return
     for layer in cache.layers:
         if getattr(layer, "keys", None) is not None and layer.keys.numel() and layer.keys.shape[-2] > length:
             layer.keys = layer.keys[..., :length, :]
             layer.values = layer.values[..., :length, :]
+
+
+def cached_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values [kv_heads, length, head_dim] that `layer` of `cache` (either kind) holds."""
+    if isinstance(cache, StaticKVCache):
+        n = cache.get_seq_length(layer)
+        return cache.keys[layer][:, :n], cache.values[layer][:, :n]
+    return cache.layers[layer].keys[0], cache.layers[layer].values[0]
 
 
 def call_layer(layer: nn.Module, hidden, rope, mask=None, position_ids=None, cache=None) -> torch.Tensor:
@@ -64,11 +85,19 @@ def call_layer(layer: nn.Module, hidden, rope, mask=None, position_ids=None, cac
         hidden,
         attention_mask=mask,
         position_ids=position_ids,
-        past_key_values=cache,
         use_cache=cache is not None,
         position_embeddings=rope,
+        **{_cache_kwarg(type(layer)): cache},
     )
     return out[0] if isinstance(out, tuple) else out  # older transformers return a tuple
+
+
+@functools.cache
+def _cache_kwarg(layer_type: type) -> str:
+    """The name a decoder layer's forward takes its KV cache under (transformers 5.x renamed
+    `past_key_values` to `cache` and warns on the old name)."""
+    params = inspect.signature(layer_type.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 class ExitHead(nn.Module):
@@ -112,10 +141,16 @@ class SplitModel:
 
     Attributes: model (frozen HF causal LM), tokenizer, drafter_config, exit_layer (k),
     num_layers (L), vocab_size (V), hidden_size (H), weight_version (int, version of the adapter
-    now loaded), exit_head (the peft-wrapped ExitHead), eos_token_ids (set[int]).
+    now loaded), exit_head (the peft-wrapped ExitHead), eos_token_ids (set[int]), engine ("fast"
+    when the lean forward of common/fast_decoder.py runs inference, "hf" for the HF layers),
+    draft_vocab_size (V', 0 for the full vocabulary: the configured size, 0 when it is not below V),
+    draft_vocab ([V'] int64 ids the drafter proposes from, ascending; all V ids when V' is 0).
+
+    Inference pieces (shallow, deep, draft) take [1, T] inputs whose rows sit right after what
+    the cache they are given already holds; the caches come from `new_cache` / `new_exit_cache`.
     """
 
-    def __init__(self, model, tokenizer, drafter_config: DrafterConfig, model_id: str):
+    def __init__(self, model, tokenizer, drafter_config: DrafterConfig, model_id: str, engine: str = "fast"):
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
         needed = ("embed_tokens", "layers", "norm", "rotary_emb")
         if decoder is None or not all(hasattr(decoder, name) for name in needed):
@@ -125,6 +160,8 @@ class SplitModel:
             )
         if getattr(model, "lm_head", None) is None:
             raise ModelLoadError(f"'{model_id}' has no lm_head; dvi needs a causal LM")
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.model_id = model_id
@@ -133,6 +170,9 @@ class SplitModel:
         self.num_layers = len(self.layers)
         drafter_config.validate_for(self.num_layers)
         self.drafter_config = drafter_config
+        vocab_size = model.get_output_embeddings().weight.shape[0]
+        # a draft vocabulary as large as the model's is no reduction: draft from the full one
+        self.draft_vocab_size = drafter_config.draft_vocab_size if drafter_config.draft_vocab_size < vocab_size else 0
         self.exit_layer = drafter_config.exit_layer
         self.hidden_size = model.config.hidden_size
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
@@ -164,36 +204,69 @@ class SplitModel:
         self.exit_head.eval()
         for name, param in self.exit_head.named_parameters():
             param.requires_grad_("lora_" in name)
+        self.draft_vocab = self._initial_draft_vocab()
+        self._fast: FastStack | None = None
+        self._fast_head: tuple[FastLayer, PackedLinear] | None = None  # merged exit head; None = rebuild
+        self.engine = "hf"
         self._check_parity()
+        if engine == "fast":
+            self._try_fast_engine()
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def load(cls, spec: ModelSpec) -> "SplitModel":
         model, tokenizer = load_model_and_tokenizer(spec.model, spec.dtype, spec.device)
-        return cls(model, tokenizer, spec.drafter, spec.model)
+        return cls(model, tokenizer, spec.drafter, spec.model, engine=spec.engine)
 
-    def _check_parity(self) -> None:
-        """Refuse architectures whose forward this split does not reproduce (e.g. scaled embeddings)."""
+    def _parity(self) -> tuple[bool, float]:
+        """(allclose, largest |logit| difference) between the model's own forward and this split's
+        pieces, over a 5-token chunk then one single-token step (the two batch shapes decoding runs)."""
         ids = torch.arange(3, 3 + 6, device=self.device)[None] % self.vocab_size
         with torch.no_grad():
             reference = self.model(input_ids=ids).logits.float()
-            cache = self.new_cache()
+            cache = self.new_cache(capacity=16)
             pos = torch.arange(ids.shape[1], device=self.device)[None]
-            mine = self.deep(self.shallow(ids, pos, cache), pos, cache).float()
-        if not torch.allclose(reference, mine, atol=_PARITY_ATOL.get(self.dtype, 1e-3), rtol=1e-3):
-            err = (reference - mine).abs().max().item()
+            chunk = self.deep(self.shallow(ids[:, :5], pos[:, :5], cache), pos[:, :5], cache)
+            step = self.deep(self.shallow(ids[:, 5:], pos[:, 5:], cache), pos[:, 5:], cache)
+            mine = torch.cat([chunk, step], dim=1).float()
+        err = float((reference - mine).abs().max()) if torch.isfinite(mine).all() else float("inf")
+        return bool(torch.allclose(reference, mine, atol=_PARITY_ATOL.get(self.dtype, 1e-3), rtol=1e-3)), err
+
+    def _check_parity(self) -> None:
+        """Refuse architectures whose forward this split does not reproduce (e.g. scaled embeddings)."""
+        ok, err = self._parity()
+        if not ok:
             raise ModelLoadError(
                 f"'{self.model_id}' ({self.model.config.model_type}) is not supported: its split forward "
                 f"differs from the model's own by {err:.3g}"
             )
 
+    def _try_fast_engine(self) -> None:
+        """Switch inference to the lean forward when this model supports it and it reproduces the
+        HF forward; otherwise stay on the HF layers (logged, never an error)."""
+        blocker = fast_path_blocker(self.model)
+        if blocker is not None:
+            log.info("'%s' decodes through the HF layers: the fast engine does not support %s", self.model_id, blocker)
+            return
+        self._fast = shared_fast_stack(self.model)
+        self.engine = "fast"
+        ok, err = self._parity()
+        if not ok:
+            log.warning("'%s': the fast engine differs from the HF forward by %.3g; using the HF layers", self.model_id, err)
+            self._fast, self._fast_head, self.engine = None, None, "hf"
+
     # ------------------------------------------------------------------ caches
-    def new_cache(self) -> DynamicCache:
-        """A KV cache for the L base layers (shallow slots [0, k), deep slots [k, L))."""
+    def new_cache(self, capacity: int | None = None):
+        """A KV cache for the L base layers (shallow slots [0, k), deep slots [k, L)); `capacity`
+        is a hint of the positions it will hold (the fast engine's buffers grow past it)."""
+        if self._fast is not None:
+            return self._fast.new_cache(self.num_layers, capacity or DEFAULT_CACHE_CAPACITY)
         return DynamicCache(config=self.model.config)
 
-    def new_exit_cache(self) -> DynamicCache:
+    def new_exit_cache(self, capacity: int | None = None):
         """A one-layer KV cache for the exit adapter (slot 0)."""
+        if self._fast is not None:
+            return self._fast.new_cache(1, capacity or DEFAULT_CACHE_CAPACITY)
         return DynamicCache(config=self.model.config)
 
     # ------------------------------------------------------------------ forward pieces
@@ -206,29 +279,75 @@ class SplitModel:
         return hidden
 
     @torch.no_grad()
-    def shallow(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    def shallow(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:
         """Layers [0, k) on input_ids [1, T] at position_ids [1, T]; returns h_k [1, T, H] (model dtype)."""
+        if self._fast is not None:
+            x = self._fast.embed(input_ids[0])
+            return self._fast.run(x, 0, self.exit_layer, cache, cache.get_seq_length(0))[None]
         hidden = self.decoder.embed_tokens(input_ids)
         return self._run_layers(hidden, 0, self.exit_layer, position_ids, cache)
 
     @torch.no_grad()
-    def deep(self, h_k: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache, logits: bool = True):
+    def deep(self, h_k: torch.Tensor, position_ids: torch.Tensor, cache, logits: bool = True):
         """Verifier: layers [k, L) + final norm + base LM head on h_k [1, T, H].
 
         Returns p's logits [1, T, V] float32, or None when `logits` is False (cache fill only).
         """
+        if self._fast is not None:
+            k = self.exit_layer
+            hidden = self._fast.run(h_k[0], k, self.num_layers, cache, cache.get_seq_length(k))
+            return self._fast.logits(hidden)[None] if logits else None
         hidden = self._run_layers(h_k, self.exit_layer, self.num_layers, position_ids, cache)
         if not logits:
             return None
         return self.model.lm_head(self.decoder.norm(hidden)).float()
 
     @torch.no_grad()
-    def draft(self, h_k: torch.Tensor, position_ids: torch.Tensor, exit_cache: DynamicCache) -> torch.Tensor:
-        """Drafter head on h_k [1, T, H] appended to `exit_cache`; q's logits [V] float32 of the last position."""
+    def draft(self, h_k: torch.Tensor, position_ids: torch.Tensor, exit_cache) -> torch.Tensor:
+        """Drafter head on h_k [1, T, H] appended to `exit_cache`: q's logits [V'] float32 of the
+        last position over the draft vocabulary (entry j scores token `draft_vocab[j]`)."""
+        if self._fast is not None:
+            layer, head = self._merged_head()
+            position = exit_cache.get_seq_length(0)
+            cos, sin = self._fast.rope(position, position + h_k.shape[1])
+            out = layer(h_k[0], cos, sin, exit_cache, 0, chunk_mask(h_k.shape[1], position, h_k.device))
+            return head(rms_norm(out[-1:], *self._fast.norm))[0].float()
         past = exit_cache.get_seq_length(0)
         mask = causal_mask(h_k.shape[1], past, h_k.dtype, h_k.device)
         rope = self.decoder.rotary_emb(h_k, position_ids)
-        return self._head(h_k, rope, mask, exit_cache, position_ids, logits_for=1)[0, -1].float()
+        logits = self._head(h_k, rope, mask, exit_cache, position_ids, logits_for=1)[0, -1].float()
+        return logits if self.draft_vocab.shape[0] == self.vocab_size else logits[self.draft_vocab]
+
+    def _merged_head(self) -> tuple[FastLayer, PackedLinear]:
+        """The exit head with its LoRA merged into packed weights (rebuilt after an adapter change):
+        the exit layer, and the LM head rows of the draft vocabulary."""
+        if self._fast_head is None:
+            with torch.no_grad():
+                layer = FastLayer(self._head.layer, weight_of=lora_merged_weight)
+                lm_head = self._head.lm_head
+                rows = lora_merged_weight(lm_head)[self.draft_vocab]
+                bias = base_linear(lm_head).bias
+                self._fast_head = (layer, PackedLinear(rows, None if bias is None else bias[self.draft_vocab]))
+        return self._fast_head
+
+    def adapter_changed(self) -> None:
+        """Tell the split that the LoRA tensors or the draft vocabulary changed in place (an
+        optimiser step): the fast engine re-merges the exit head before the next draft."""
+        self._fast_head = None
+
+    def _initial_draft_vocab(self) -> torch.Tensor:
+        """All V ids, or for a reduced drafter the choice `select_draft_vocab` makes before any
+        traffic: the lowest ids, EOS included (the learner replaces it with traffic counts)."""
+        size = self.draft_vocab_size
+        if not size or size >= self.vocab_size:
+            return torch.arange(self.vocab_size, device=self.device)
+        return select_draft_vocab(torch.zeros(self.vocab_size), size, self.eos_token_ids).to(self.device)
+
+    def set_draft_vocab(self, ids: torch.Tensor) -> None:
+        """Draft from these token ids only ([V'] int64, distinct, in [0, V)); stored ascending.
+        ValueError otherwise. The verifier keeps the full vocabulary, so decoding stays lossless."""
+        self.draft_vocab = checked_draft_vocab(ids, self.vocab_size).to(self.device)
+        self.adapter_changed()
 
     def drafter_logits(self, hidden: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         """Training view of q: run the exit head causally over a whole context.
@@ -252,15 +371,23 @@ class SplitModel:
         return {n: p for n, p in self.exit_head.named_parameters() if p.requires_grad}
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        """The adapter's tensors (peft names, detached CPU copies): what the weight store carries."""
+        """The adapter's tensors (peft names, detached CPU copies), plus the draft vocabulary under
+        DRAFT_VOCAB_KEY when it is reduced: what the weight store carries."""
         state = peft.get_peft_model_state_dict(self.exit_head, save_embedding_layers=False)
-        return {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
+        out = {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
+        if self.draft_vocab_size:
+            out[DRAFT_VOCAB_KEY] = self.draft_vocab.detach().to("cpu").clone()
+        return out
 
     def load_adapter_state(self, tensors: dict[str, torch.Tensor], version: int) -> None:
         """Hot-swap adapter tensors (as from `adapter_state`) and set the weight version.
 
-        Raises AdapterError when a name or shape does not match this drafter; nothing changes then.
+        A reduced-vocabulary drafter takes its draft vocabulary from DRAFT_VOCAB_KEY when present
+        (an adapter saved before it had one keeps the current vocabulary). Raises AdapterError
+        when a name, shape or vocabulary does not fit this drafter; nothing changes then.
         """
+        tensors = dict(tensors)
+        vocab = tensors.pop(DRAFT_VOCAB_KEY, None)
         current = peft.get_peft_model_state_dict(self.exit_head, save_embedding_layers=False)
         if set(tensors) != set(current):
             missing = sorted(set(current) - set(tensors))[:3]
@@ -271,8 +398,19 @@ class SplitModel:
                 raise AdapterError(
                     f"adapter tensor {name} has shape {tuple(value.shape)}, expected {tuple(current[name].shape)}"
                 )
+        if vocab is not None:
+            size = self.draft_vocab_size
+            try:
+                vocab = checked_draft_vocab(vocab, self.vocab_size)
+            except ValueError as exc:
+                raise AdapterError(f"adapter draft vocabulary: {exc}") from None
+            if vocab.numel() != size:
+                raise AdapterError(f"adapter draft vocabulary holds {vocab.numel()} ids, this drafter drafts from {size or 'all'}")
         peft.set_peft_model_state_dict(self.exit_head, tensors)
+        if vocab is not None:
+            self.draft_vocab = vocab.to(self.device)
         self.weight_version = int(version)
+        self.adapter_changed()
 
     def adapter_meta(self) -> dict:
         return {
@@ -281,7 +419,7 @@ class SplitModel:
             "exit_layer": self.exit_layer,
             "drafter": asdict(self.drafter_config),
             "weight_version": self.weight_version,
-        }
+        } | ({"draft_vocab": self.draft_vocab.tolist()} if self.draft_vocab_size else {})
 
     def save_adapter(self, directory: str | Path) -> Path:
         """Write a peft adapter (adapter_config.json + adapter_model.safetensors, loadable by
@@ -304,31 +442,64 @@ class SplitModel:
             )
         theirs = meta.get("drafter", {})
         mine = asdict(self.drafter_config)
-        for key in ("exit_init_layer", "lora_rank", "adapt_lm_head"):
-            if key in theirs and theirs[key] != mine[key]:
+        for key in ("exit_init_layer", "lora_rank", "adapt_lm_head", "draft_vocab_size"):
+            if theirs.get(key, mine[key] if key != "draft_vocab_size" else 0) != mine[key]:
                 raise AdapterError(f"{source} has {key}={theirs[key]}, this drafter has {mine[key]}")
 
     def load_adapter(self, directory: str | Path) -> None:
         """Load an adapter saved by `save_adapter`; AdapterError (nothing changed) if it is missing,
         corrupt, or belongs to another model or exit layer."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        meta_path = directory / ADAPTER_META_FILE
-        weights_path = directory / "adapter_model.safetensors"
-        if not meta_path.is_file() or not weights_path.is_file():
-            raise AdapterError(f"{directory} is not a dvi adapter (needs {ADAPTER_META_FILE} and adapter_model.safetensors)")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise AdapterError(f"{meta_path} is corrupt: {exc.msg}") from None
+        meta, tensors = read_adapter_dir(directory)
         self.check_adapter_meta(meta, str(directory))
-        try:
-            tensors = load_file(str(weights_path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise AdapterError(f"{weights_path} is corrupt: {exc}") from None
         self.load_adapter_state(tensors, int(meta.get("weight_version", 0)))
+
+
+def read_adapter_dir(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(dvi_adapter.json, adapter tensors with the draft vocabulary if it lists one) of a
+    `save_adapter` directory; AdapterError naming the file when one is missing or corrupt."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta_path = directory / ADAPTER_META_FILE
+    weights_path = directory / "adapter_model.safetensors"
+    if not meta_path.is_file() or not weights_path.is_file():
+        raise AdapterError(f"{directory} is not a dvi adapter (needs {ADAPTER_META_FILE} and adapter_model.safetensors)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{meta_path} is corrupt: {exc.msg}") from None
+    if not isinstance(meta, dict):
+        raise AdapterError(f"{meta_path} is corrupt: expected a JSON object")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"{weights_path} is corrupt: {exc}") from None
+    return meta, with_draft_vocab(tensors, meta, str(meta_path))
+
+
+def lora_merged_weight(module: nn.Module) -> torch.Tensor:
+    """The weight [out, in] a linear applies: its own, plus peft's delta (B A * scale) for every
+    active LoRA adapter when peft wrapped it."""
+    if not isinstance(module, peft.tuners.lora.LoraLayer):
+        return module.weight.detach()
+    weight = module.get_base_layer().weight.detach()
+    for name in module.active_adapters:
+        if name in module.lora_A:
+            weight = weight + module.get_delta_weight(name).detach()
+    return weight
+
+
+def with_draft_vocab(tensors: dict[str, torch.Tensor], meta: dict, source: str) -> dict[str, torch.Tensor]:
+    """Adapter tensors read from adapter_model.safetensors, plus the draft vocabulary that
+    dvi_adapter.json (`meta`) lists, if any, under DRAFT_VOCAB_KEY. AdapterError if it is not a
+    list of ints."""
+    vocab = meta.get("draft_vocab")
+    if vocab is None:
+        return tensors
+    if not isinstance(vocab, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in vocab):
+        raise AdapterError(f"{source} is corrupt: draft_vocab must be a list of token ids")
+    return {**tensors, DRAFT_VOCAB_KEY: torch.tensor(vocab, dtype=torch.int64)}
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -17,6 +17,7 @@ recomputes nor skips a position. `gamma = 0` runs the same loop with no draft: p
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -25,7 +26,9 @@ from typing import Callable
 import torch
 
 from common.acceptance import greedy_accept, rejection_accept
+from common.adaptive_gamma import DraftStats
 from common.config import DecodeConfig
+from common.context_draft import ContextIndex
 from common.model_split import SplitModel, crop_cache
 from common.sampling import sample, warp
 from common.types import Trajectory
@@ -36,9 +39,12 @@ class GenerationResult:
     """What one request produced.
 
     prompt_ids / token_ids: prompt and new tokens (new tokens stop after EOS or max_new_tokens);
-    verifier_passes: deep passes run (one per block); drafted / accepted: draft token counts;
-    accepted_by_position[i]: drafts accepted at block position i; drafted_by_position likewise;
-    trajectory: the learner's record when `record_trajectories` was set.
+    verifier_passes: deep passes run (one per block); drafted / accepted: tokens the exit head
+    drafted / the verifier accepted of them; accepted_by_position[i]: exit-head drafts accepted at
+    block position i, drafted_by_position likewise; lookup_drafted / lookup_accepted: the same for
+    tokens drafted from the context (DecodeConfig.lookup_tokens), kept apart so that acceptance
+    always measures the learned drafter; trajectory: the learner's record when
+    `record_trajectories` was set.
     """
 
     prompt_ids: list[int]
@@ -48,6 +54,8 @@ class GenerationResult:
     accepted: int = 0
     drafted_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
+    lookup_drafted: int = 0
+    lookup_accepted: int = 0
     finished_by_eos: bool = False
     seconds: float = 0.0
     weight_version: int = 0
@@ -64,26 +72,35 @@ class GenerationResult:
 
 
 class _Recorder:
-    """Collects per-drafted-token records for one request (struct of arrays)."""
+    """Collects one request's learning records (struct of arrays, see common.types.Trajectory):
+    a row per exit-head drafted token (accepted run + first rejection), and the verifier's
+    distribution at every other committed position it scored."""
 
     def __init__(self, topk: int):
         self.topk = topk
         self.rows: dict[str, list] = {k: [] for k in (
             "position", "block_index", "token", "target_token", "accepted",
             "drafter_logprob", "ids", "logprobs", "timestamp")}
+        self.verified: dict[str, list] = {"position": [], "ids": [], "logprobs": []}
 
-    def add_block(self, pos0, drafts, draft_logprobs, n_accepted, next_token, target_logits):
-        n_rec = min(len(drafts), n_accepted + 1)  # accepted run + the first rejection
-        if n_rec == 0:
+    def add_block(self, pos0, drafts, draft_logprobs, n_accepted, next_token, target_logits, n_committed, by_head):
+        """One verified block. Row i of target_logits [g + 1, V] scored the token at position
+        pos0 + i + 1; rows past the `n_committed` tokens the block kept are not recorded. By the
+        exit head: drafted rows 0..min(g - 1, n_accepted), the bonus row as verified; from the
+        context or without drafts: every kept row as verified."""
+        g = len(drafts)
+        drafted = range(min(g, n_accepted + 1, n_committed)) if by_head else range(0)
+        verified = [i for i in range(min(n_accepted + 1, n_committed)) if i not in drafted]
+        if not drafted and not verified:
             return
-        logp = torch.log_softmax(target_logits[:n_rec].float(), dim=-1)
+        logp = torch.log_softmax(target_logits[: max([*drafted, *verified]) + 1].float(), dim=-1)
         if self.topk and self.topk < logp.shape[-1]:
             values, ids = torch.topk(logp, self.topk, dim=-1)
         else:
             values, ids = logp, torch.arange(logp.shape[-1]).expand_as(logp)
         now = time.time()
-        for i in range(n_rec):
-            r = self.rows
+        r = self.rows
+        for i in drafted:
             r["position"].append(pos0 + i)
             r["block_index"].append(i)
             r["token"].append(drafts[i])
@@ -93,18 +110,28 @@ class _Recorder:
             r["ids"].append(ids[i])
             r["logprobs"].append(values[i])
             r["timestamp"].append(now)
+        for i in verified:
+            self.verified["position"].append(pos0 + i)
+            self.verified["ids"].append(ids[i])
+            self.verified["logprobs"].append(values[i])
 
-    def build(self, request_id, version, exit_layer, temperature, hidden: torch.Tensor, vocab: int) -> Trajectory:
-        r = self.rows
+    def build(self, request_id, version, exit_layer, temperature, hidden: torch.Tensor, tokens: list[int],
+              prompt_length: int, vocab: int) -> Trajectory:
+        r, v = self.rows, self.verified
         k = self.topk if self.topk and self.topk < vocab else vocab
-        stack = (lambda xs, dt: torch.stack(xs).to(dt)) if r["ids"] else (lambda xs, dt: torch.empty(0, k, dtype=dt))
+
+        def stack(xs, dtype):
+            return torch.stack(xs).to(dtype) if xs else torch.empty(0, k, dtype=dtype)
+
         return Trajectory(
             request_id=request_id,
             weight_version=int(version),
             exit_layer=int(exit_layer),
             temperature=float(temperature),
             created_at=time.time(),
+            prompt_length=int(prompt_length),
             hidden=hidden.to(torch.float16).contiguous(),
+            tokens=torch.tensor(tokens, dtype=torch.int64),
             position=torch.tensor(r["position"], dtype=torch.int64),
             block_index=torch.tensor(r["block_index"], dtype=torch.int64),
             token=torch.tensor(r["token"], dtype=torch.int64),
@@ -114,6 +141,9 @@ class _Recorder:
             verifier_topk_ids=stack(r["ids"], torch.int64),
             verifier_topk_logprobs=stack(r["logprobs"], torch.float32),
             timestamp=torch.tensor(r["timestamp"], dtype=torch.float64),
+            verified_position=torch.tensor(v["position"], dtype=torch.int64),
+            verified_topk_ids=stack(v["ids"], torch.int64),
+            verified_topk_logprobs=stack(v["logprobs"], torch.float32),
         )
 
 
@@ -123,7 +153,8 @@ class DecodeState:
 
     tokens: prompt + committed tokens; cache: base KV cache holding positions [0, len(tokens) - 1);
     exit_cache: the exit head's KV cache (may lag, see module docstring); hk_committed: [1, 1, H]
-    layer-k states of positions [0, len(tokens) - 1); budget: tokens still allowed.
+    layer-k states of positions [0, len(tokens) - 1); budget: tokens still allowed; context: the
+    n-gram index of `tokens` for context drafting (None when it is off).
     """
 
     config: DecodeConfig
@@ -137,6 +168,7 @@ class DecodeState:
     request_id: str
     recorder: _Recorder | None
     started: float
+    context: ContextIndex | None = None
 
     @property
     def done(self) -> bool:
@@ -155,6 +187,7 @@ class SpeculativeDecoder:
     def __init__(self, split: SplitModel, gamma_policy: Callable[[GenerationResult, int], int] | None = None):
         self.split = split
         self.gamma_policy = gamma_policy
+        self.draft_stats = DraftStats()  # the exit head's acceptance and costs, for adaptive gamma
 
     def check_request(self, prompt_ids: list[int], config: DecodeConfig) -> None:
         """ValueError for an empty prompt or one that cannot fit max_new_tokens in the context."""
@@ -205,11 +238,12 @@ class SpeculativeDecoder:
         """Validate the request and prefill every prompt token but the last (the cache invariant)."""
         self.check_request(prompt_ids, config)
         split = self.split
+        capacity = len(prompt_ids) + config.max_new_tokens + config.gamma + 1
         state = DecodeState(
             config=config,
             tokens=list(prompt_ids),
-            cache=split.new_cache(),
-            exit_cache=split.new_exit_cache(),
+            cache=split.new_cache(capacity),
+            exit_cache=split.new_exit_cache(capacity),
             hk_committed=[],
             budget=config.max_new_tokens,
             result=GenerationResult(prompt_ids=list(prompt_ids), weight_version=split.weight_version),
@@ -217,6 +251,7 @@ class SpeculativeDecoder:
             request_id=request_id or uuid.uuid4().hex,
             recorder=_Recorder(config.record_topk) if config.record_trajectories else None,
             started=time.perf_counter(),
+            context=ContextIndex(prompt_ids, config.lookup_ngram, config.lookup_min_ngram) if config.lookup_tokens else None,
         )
         if len(prompt_ids) > 1:
             ids = torch.tensor([prompt_ids[:-1]], device=split.device)
@@ -232,38 +267,28 @@ class SpeculativeDecoder:
         assert not state.done, "step() on a finished request"
         split, config, result = self.split, state.config, state.result
         device = split.device
-        n = len(state.tokens)
-        pos0 = n - 1  # position of the block's first input, the last committed token
-        gamma = config.gamma if self.gamma_policy is None else self.gamma_policy(result, config.gamma)
-        gamma = max(0, min(gamma, state.budget - 1))  # never draft past the budget
+        pos0 = len(state.tokens) - 1  # position of the block's first input, the last committed token
         h = split.shallow(torch.tensor([[state.tokens[-1]]], device=device), torch.tensor([[pos0]], device=device), state.cache)
         block_states = [h]  # layer-k states of positions pos0 .. pos0 + len(drafts)
-        drafts: list[int] = []
-        draft_probs: list[torch.Tensor] = []
-        draft_logprobs: list[float] = []
-        for i in range(gamma):
-            exit_len = state.exit_cache.get_seq_length(0)
-            unseen = state.hk_committed[exit_len:] + block_states[max(0, exit_len - pos0):]
-            unseen_pos = torch.arange(exit_len, pos0 + i + 1, device=device)[None]
-            q_logits = split.draft(torch.cat(unseen, dim=1), unseen_pos, state.exit_cache)
-            if config.greedy:
-                q_full = torch.softmax(q_logits, -1)
-                token = int(q_logits.argmax())
-                confidence = float(q_full[token])
-            else:
-                q_full = warp(q_logits, config.temperature, config.top_k, config.top_p)
-                token = sample(q_full, state.generator)
-                confidence = float(q_full.max())
-            if confidence < config.confidence_threshold:
-                break
-            drafts.append(token)
-            draft_probs.append(q_full)
-            draft_logprobs.append(float(torch.log(q_full[token].clamp_min(1e-30))))
-            block_states.append(
-                split.shallow(torch.tensor([[token]], device=device), torch.tensor([[pos0 + i + 1]], device=device), state.cache)
-            )
+        room = state.budget - 1  # never draft past the budget
+        drafts = state.context.propose(min(config.lookup_tokens, room))[0] if state.context is not None else []
+        from_context = bool(drafts)
+        if from_context:  # every drafted token's layer-k state in one batched shallow pass
+            draft_pos = torch.arange(pos0 + 1, pos0 + 1 + len(drafts), device=device)[None]
+            block_states.append(split.shallow(torch.tensor([drafts], device=device), draft_pos, state.cache))
+            draft_probs = [] if config.greedy else [_one_hot(t, split.vocab_size, device) for t in drafts]
+            draft_logprobs: list[float] = []
+        else:
+            gamma = config.gamma if self.gamma_policy is None else self.gamma_policy(result, config.gamma)
+            gamma = max(0, min(gamma, room))
+            if config.adaptive_gamma:
+                gamma = self.draft_stats.gamma(gamma)
+            drafting = time.perf_counter()
+            drafts, draft_probs, draft_logprobs, steps = self._draft_from_head(state, block_states, gamma)
+            drafting = time.perf_counter() - drafting
         g = len(drafts)
         verify_pos = torch.arange(pos0, pos0 + g + 1, device=device)[None]
+        verifying = time.perf_counter()
         target_logits = split.deep(torch.cat(block_states, dim=1), verify_pos, state.cache)[0]  # [g + 1, V]
         draft_tensor = torch.tensor(drafts, dtype=torch.int64, device=target_logits.device)
         if config.greedy:
@@ -273,15 +298,18 @@ class SpeculativeDecoder:
             q_stack = torch.stack(draft_probs) if g else target_probs[:0]
             n_accepted, next_token = rejection_accept(draft_tensor, q_stack, target_probs, state.generator)
 
+        verifying = time.perf_counter() - verifying  # the acceptance above waited for the logits
         result.verifier_passes += 1
-        result.drafted += g
-        result.accepted += n_accepted
-        _bump(result.drafted_by_position, range(g))
-        _bump(result.accepted_by_position, range(n_accepted))
-        if state.recorder is not None:
-            state.recorder.add_block(pos0, drafts, draft_logprobs, n_accepted, next_token, target_logits)
+        if from_context:
+            result.lookup_drafted += g
+            result.lookup_accepted += n_accepted
+        else:
+            result.drafted += g
+            result.accepted += n_accepted
+            self.draft_stats.observe_block(steps, g, n_accepted, drafting, verifying)
+            _bump(result.drafted_by_position, range(g))
+            _bump(result.accepted_by_position, range(n_accepted))
 
-        state.hk_committed.extend(block_states[: n_accepted + 1])
         crop_cache(state.cache, pos0 + n_accepted + 1)
         crop_cache(state.exit_cache, pos0 + n_accepted + 1)
         committed = (drafts[:n_accepted] + [next_token])[: state.budget]
@@ -290,10 +318,59 @@ class SpeculativeDecoder:
                 committed = committed[: j + 1]
                 result.finished_by_eos = True
                 break
+        if state.recorder is not None:
+            state.recorder.add_block(
+                pos0, drafts, draft_logprobs, n_accepted, next_token, target_logits, len(committed), not from_context
+            )
+        # the states of the committed tokens' inputs: positions pos0 .. pos0 + len(committed) - 1
+        state.hk_committed.extend(torch.cat(block_states, dim=1)[:, : len(committed)].split(1, dim=1))
         state.tokens.extend(committed)
+        if state.context is not None:
+            state.context.extend(committed)
         result.token_ids.extend(committed)
         state.budget -= len(committed)
         return committed
+
+    def _draft_from_head(self, state: DecodeState, block_states: list[torch.Tensor], gamma: int):
+        """Draft up to `gamma` tokens with the exit head, one at a time, each drafted token also
+        run through the shallow layers (its state appended to `block_states`). Drafting stops
+        early when the drafter's top-1 probability falls below the confidence threshold.
+        Returns (tokens, q rows over the full vocabulary (sampling only), log q of each token,
+        exit-head steps taken: one more than the tokens when the confidence stop ended it)."""
+        split, config, device = self.split, state.config, self.split.device
+        pos0 = len(state.tokens) - 1
+        vocab = split.draft_vocab
+        drafts: list[int] = []
+        draft_probs: list[torch.Tensor] = []
+        draft_logprobs: list[float] = []
+        steps = 0
+        for i in range(gamma):
+            steps += 1
+            exit_len = state.exit_cache.get_seq_length(0)
+            unseen = state.hk_committed[exit_len:] + block_states[max(0, exit_len - pos0):]
+            unseen_pos = torch.arange(exit_len, pos0 + i + 1, device=device)[None]
+            q_logits = split.draft(torch.cat(unseen, dim=1) if len(unseen) > 1 else unseen[0], unseen_pos, state.exit_cache)
+            if config.greedy:  # [V'] over the draft vocabulary
+                logq = torch.log_softmax(q_logits, -1)
+                index = int(logq.argmax())
+                logprob = float(logq[index])
+                confidence = math.exp(logprob)
+            else:
+                q_draft = warp(q_logits, config.temperature, config.top_k, config.top_p)
+                index = sample(q_draft, state.generator)
+                logprob = float(torch.log(q_draft[index].clamp_min(1e-30)))
+                confidence = float(q_draft.max())
+            if confidence < config.confidence_threshold:
+                break
+            token = int(vocab[index])
+            drafts.append(token)
+            draft_logprobs.append(logprob)
+            if not config.greedy:  # q is 0 outside the draft vocabulary: still a proposal distribution
+                draft_probs.append(q_draft.new_zeros(split.vocab_size).index_copy_(0, vocab, q_draft))
+            block_states.append(
+                split.shallow(torch.tensor([[token]], device=device), torch.tensor([[pos0 + i + 1]], device=device), state.cache)
+            )
+        return drafts, draft_probs, draft_logprobs, steps
 
     def finish(self, state: DecodeState) -> GenerationResult:
         """Close the request: timing and, when recording, the learner's Trajectory."""
@@ -302,9 +379,17 @@ class SpeculativeDecoder:
         if state.recorder is not None:
             hidden = torch.cat(state.hk_committed, dim=1)[0] if state.hk_committed else torch.zeros(0, split.hidden_size)
             result.trajectory = state.recorder.build(
-                state.request_id, result.weight_version, split.exit_layer, state.config.temperature, hidden, split.vocab_size
+                state.request_id, result.weight_version, split.exit_layer, state.config.temperature, hidden,
+                state.tokens, len(result.prompt_ids), split.vocab_size,
             )
         return result
+
+
+def _one_hot(token: int, vocab_size: int, device) -> torch.Tensor:
+    """A proposal that puts all its mass on `token` (a context draft, at temperature > 0)."""
+    q = torch.zeros(vocab_size, device=device)
+    q[token] = 1.0
+    return q
 
 
 def _bump(counts: list[int], positions) -> None:

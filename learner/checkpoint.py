@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from common.codec import CodecError, decode_trajectory, encode_trajectory
 from common.errors import AdapterError
-from common.model_split import ADAPTER_META_FILE
+from common.model_split import ADAPTER_META_FILE, with_draft_vocab
 from common.types import Trajectory
 
 CHECKPOINT_FORMAT = 1
@@ -110,7 +110,7 @@ def read_checkpoint(directory: str | Path) -> CheckpointContents:
         if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
             raise AdapterError(f"{directory / META_FILE} is corrupt: '{key}' must be a {kind.__name__}")
     adapter_meta = _read_json(adapter / ADAPTER_META_FILE)
-    adapter_tensors = _read_safetensors(adapter / ADAPTER_WEIGHTS_FILE)
+    adapter_tensors = with_draft_vocab(_read_safetensors(adapter / ADAPTER_WEIGHTS_FILE), adapter_meta, str(adapter / ADAPTER_META_FILE))
     tensors = _read_safetensors(directory / TENSORS_FILE)
     replay = _read_replay(directory / REPLAY_FILE)
     return CheckpointContents(directory, meta, adapter_meta, adapter_tensors, tensors, replay)

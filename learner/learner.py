@@ -38,6 +38,7 @@ from typing import Iterable
 
 import torch
 
+from common.draft_vocab import count_tokens, draft_index, has_mass, restrict_topk, select_draft_vocab
 from common.errors import AdapterError
 from common.model_split import SplitModel
 from common.types import Trajectory, TrajectoryError
@@ -53,6 +54,7 @@ COUNTER_NAMES = ("added", "duplicates", "stale_dropped", "skipped_steps", "steps
 _OPTIM_PREFIX = "optim/"
 _RNG_SAMPLER = "rng/sampler"
 _RNG_TORCH = "rng/torch"
+_TOKEN_COUNTS = "vocab/token_counts"
 
 
 class Learner:
@@ -85,6 +87,7 @@ class Learner:
         self.sampler = torch.Generator().manual_seed(config.seed)
         self._seen: set[str] = set()
         self._counters = {name: 0 for name in COUNTER_NAMES}
+        self.token_counts = torch.zeros(split.vocab_size, dtype=torch.int64)  # traffic tokens, for the draft vocabulary
 
     # ------------------------------------------------------------------ data in
     def add(self, trajectories: Iterable[Trajectory]) -> int:
@@ -106,7 +109,7 @@ class Learner:
                     f"trajectory {t.request_id!r} was drafted at exit layer {t.exit_layer}, "
                     f"this learner trains exit layer {self.split.exit_layer}"
                 )
-            if t.num_drafted and t.hidden.shape[1] != self.split.hidden_size:
+            if t.num_context and t.hidden.shape[1] != self.split.hidden_size:
                 raise ValueError(
                     f"trajectory {t.request_id!r} has hidden size {t.hidden.shape[1]}, the model has {self.split.hidden_size}"
                 )
@@ -121,13 +124,14 @@ class Learner:
                 self._counters["stale_dropped"] += 1
                 continue
             self.replay.add(t)
+            count_tokens(self.token_counts, t.tokens)
             added += 1
             self._counters["added"] += 1
-            self._counters["tokens_seen"] += t.num_drafted
+            self._counters["tokens_seen"] += t.num_scored
         return added
 
     def ready(self) -> bool:
-        """True when the replay holds at least `batch_tokens` drafted tokens."""
+        """True when the replay holds at least `batch_tokens` scored positions."""
         return self.replay.num_tokens >= self.config.batch_tokens
 
     # ------------------------------------------------------------------ update
@@ -145,25 +149,38 @@ class Learner:
         cfg, split = self.config, self.split
         batch = collate(self.replay.sample(cfg.batch_tokens, self.sampler)).to(split.device)
         weights = schedule_weights(self.step, cfg.schedule)
-        reward_mean = float(batch.reward.mean())
+        drafted = batch.reward.numel() > 0  # a batch of verified rows only has no reward
+        reward_mean = float(batch.reward.mean()) if drafted else 0.0
         baseline = self.baseline.current(reward_mean)
 
         self.optimizer.zero_grad(set_to_none=True)
         split.exit_head.train()  # LoRA dropout, if configured, is on while training only
         try:
-            logits = self._drafter_logits(batch)  # [N, V] float32, grad through LoRA only
-            iw = self._pg_weights(batch, logits)
+            logits, verified_logits = self._drafter_logits(batch)  # [N, V'], [M, V'] float32, grad through LoRA only
+            lookup = draft_index(split.draft_vocab, split.vocab_size)
+            token, target = lookup[batch.token], lookup[batch.target_token]
+            topk_ids, topk_logprobs = restrict_topk(batch.verifier_topk_ids, batch.verifier_topk_logprobs, lookup)
+            extra_ids, extra_logprobs = restrict_topk(batch.verified_topk_ids, batch.verified_topk_logprobs, lookup)
+            # a drafted token outside today's draft vocabulary (it changed since) cannot be scored
+            scored = has_mass(topk_logprobs)
+            valid = (token >= 0) & scored
+            topk_logprobs = torch.where(scored[:, None], topk_logprobs, torch.zeros_like(topk_logprobs))  # weight 0, finite
+            keep = has_mass(extra_logprobs)
+            token, target = token.clamp_min(0), torch.where(target >= 0, target, token.clamp_min(0))
+            iw = self._pg_weights(batch, logits, token)
             loss, stats = combined_loss(
                 logits,
-                token=batch.token,
-                target_token=batch.target_token,
+                token=token,
+                target_token=target,
                 reward=batch.reward,
-                verifier_topk_ids=batch.verifier_topk_ids,
-                verifier_topk_logprobs=batch.verifier_topk_logprobs,
+                verifier_topk_ids=topk_ids,
+                verifier_topk_logprobs=topk_logprobs,
                 weights=weights,
                 baseline=baseline,
                 kl_temperature=cfg.kl_temperature,
                 importance_weight=iw,
+                valid=valid,
+                extra_kl=(verified_logits[keep], extra_ids[keep], extra_logprobs[keep]),
             )
             finite = bool(torch.isfinite(loss))
             if finite:
@@ -184,8 +201,10 @@ class Learner:
                         self.learner_id, self.step, float(loss.detach()), grad_norm)
         else:
             self.optimizer.step()
+            split.adapter_changed()  # the fast engine's merged copy of the exit head is stale now
             self.optimizer.zero_grad(set_to_none=True)
-            self.baseline.update(reward_mean)
+            if drafted:
+                self.baseline.update(reward_mean)
             self.step += 1
             self._counters["steps"] = self.step
         return {
@@ -209,34 +228,58 @@ class Learner:
             "skipped": 1.0 if skipped else 0.0,
         }
 
-    def _drafter_logits(self, batch: TrainBatch) -> torch.Tensor:
-        """q's logits [N, V] float32: the exit head over each trajectory's whole recorded context."""
-        # clone(): records made under torch.inference_mode (an in-process decoder) cannot enter autograd
-        rows = [
-            self.split.drafter_logits(t.hidden.clone(), t.position.clone())  # [n_t, V]; attends over hidden [T_t, H]
-            for t in batch.trajectories
-        ]
-        return torch.cat(rows)
+    def _drafter_logits(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """q's logits over the draft vocabulary, float32: ([N, V'] at the drafted tokens,
+        [M, V'] at the extra verified positions), the exit head run once over each trajectory's
+        whole recorded context."""
+        drafted, verified = [], []
+        for t in batch.trajectories:
+            at = torch.cat([t.position, t.verified_position])
+            # clone(): records made under torch.inference_mode (an in-process decoder) cannot enter autograd
+            rows = self.split.drafter_logits(t.hidden.clone(), at.clone())  # [n_t + m_t, V]
+            drafted.append(rows[: t.num_drafted])
+            verified.append(rows[t.num_drafted :])
+        logits, extra = torch.cat(drafted), torch.cat(verified)
+        if self.split.draft_vocab.shape[0] < self.split.vocab_size:
+            vocab = self.split.draft_vocab.to(logits.device)
+            logits, extra = logits[:, vocab], extra[:, vocab]
+        return logits, extra
 
-    def _pg_weights(self, batch: TrainBatch, logits: torch.Tensor) -> torch.Tensor:
+    def _pg_weights(self, batch: TrainBatch, logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
         """[N] detached PG weights min(q_now(token) / q_behaviour(token), importance_clip).
 
-        Every replayed token is off-policy to some degree (it is sampled again after updates), so
-        the ratio applies to all of them, under both staleness policies; a token drafted by the
-        current weights gets ratio 1. Without it the PG term is unbounded on a rejected token
-        (pushing log q(token) to -inf keeps lowering the loss at the same rate, trap 5 again), and
-        the reused rejections of the replay drive the drafter away from the verifier.
+        logits [N, V'] and token [N] (indices) in draft-vocabulary space, where the behaviour
+        log-probs were taken. Every replayed token is off-policy to some degree (it is sampled
+        again after updates), so the ratio applies to all of them, under both staleness policies;
+        a token drafted by the current weights gets ratio 1. Without it the PG term is unbounded on
+        a rejected token (pushing log q(token) to -inf keeps lowering the loss at the same rate,
+        trap 5 again), and the reused rejections of the replay drive the drafter away from the
+        verifier.
         """
         # The drafter recorded log q at its decoding temperature (temperature 1 when greedy).
         temps = torch.tensor(
             [t.temperature if t.temperature > 0 else 1.0 for t in batch.trajectories], device=logits.device
         )[batch.traj_index.to(logits.device)]
-        current = torch.log_softmax(logits.detach() / temps[:, None], dim=-1).gather(-1, batch.token[:, None]).squeeze(-1)
+        current = torch.log_softmax(logits.detach() / temps[:, None], dim=-1).gather(-1, token[:, None]).squeeze(-1)
         return importance_weights(current, batch.drafter_logprob, self.config.importance_clip)
+
+    def refresh_draft_vocab(self) -> bool:
+        """Re-pick a reduced drafter's vocabulary from the traffic counted so far (the most
+        frequent tokens, EOS always in); True when it changed. A full-vocabulary drafter: False."""
+        size = self.split.draft_vocab_size
+        if not size:
+            return False
+        vocab = select_draft_vocab(self.token_counts, size, self.split.eos_token_ids)
+        if torch.equal(vocab, self.split.draft_vocab.cpu()):
+            return False
+        self.split.set_draft_vocab(vocab)
+        return True
 
     # ------------------------------------------------------------------ versions
     def publish_version(self) -> int:
-        """version += 1 (and on the split); stale replay entries are dropped under policy "drop"."""
+        """version += 1 (and on the split), with the draft vocabulary re-picked from the traffic;
+        stale replay entries are dropped under policy "drop"."""
+        self.refresh_draft_vocab()
         self.version += 1
         self.split.weight_version = self.version
         if self.config.staleness_policy == "drop":
@@ -244,7 +287,8 @@ class Learner:
         return self.version
 
     def counters(self) -> dict[str, int]:
-        """added, duplicates, stale_dropped, skipped_steps, steps, tokens_seen (drafted tokens added)."""
+        """added, duplicates, stale_dropped, skipped_steps, steps, tokens_seen (scored positions added:
+        drafted tokens plus extra verified positions)."""
         return dict(self._counters)
 
     # ------------------------------------------------------------------ checkpoints
@@ -257,6 +301,7 @@ class Learner:
             for key, value in moments.items():
                 tensors[f"{_OPTIM_PREFIX}{index_to_name[index]}/{key}"] = torch.as_tensor(value).detach().cpu().clone()
         tensors[_RNG_SAMPLER] = self.sampler.get_state()
+        tensors[_TOKEN_COUNTS] = self.token_counts.clone()
         tensors[_RNG_TORCH] = torch.get_rng_state()
         groups = [
             {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
@@ -304,6 +349,7 @@ class Learner:
         self.replay = replay
         self.sampler.set_state(plan["rng_sampler"])
         torch.set_rng_state(plan["rng_torch"])
+        self.token_counts = plan["token_counts"]
 
     def _validate(self, ckpt: CheckpointContents) -> dict:
         """Check every part of `ckpt` against this learner without changing anything; the load plan."""
@@ -349,8 +395,11 @@ class Learner:
                 raise AdapterError(f"checkpoint {where}: RNG state {key} is missing or corrupt") from None
             rng[key] = value
 
+        counts = ckpt.tensors.get(_TOKEN_COUNTS, torch.zeros(self.split.vocab_size, dtype=torch.int64))
+        if counts.dtype != torch.int64 or tuple(counts.shape) != (self.split.vocab_size,) or bool((counts < 0).any()):
+            raise AdapterError(f"checkpoint {where}: token counts must be [{self.split.vocab_size}] non-negative int64")
         for t in ckpt.replay:
-            if t.exit_layer != self.split.exit_layer or (t.num_drafted and t.hidden.shape[1] != self.split.hidden_size):
+            if t.exit_layer != self.split.exit_layer or (t.num_context and t.hidden.shape[1] != self.split.hidden_size):
                 raise AdapterError(f"checkpoint {where}: replay trajectory {t.request_id!r} is for another exit layer or model")
         counters = meta["counters"]
         if set(counters) != set(COUNTER_NAMES) or not all(isinstance(v, int) for v in counters.values()):
@@ -376,6 +425,7 @@ class Learner:
             "seen": set(seen),
             "rng_sampler": rng[_RNG_SAMPLER],
             "rng_torch": rng[_RNG_TORCH],
+            "token_counts": counts.clone(),
         }
 
 

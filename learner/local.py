@@ -26,7 +26,7 @@ import torch
 
 from common.config import DecodeConfig
 from common.errors import DVIError
-from common.speculative import SpeculativeDecoder
+from common.speculative import GenerationResult, SpeculativeDecoder
 from learner.learner import Learner
 
 POINT_FIELDS = (
@@ -45,8 +45,11 @@ class LocalLoopConfig:
     """K: optimiser steps attempted after each training request (fewer while the replay is not ready)."""
     publish_every: int = 1
     """N: publish a new weight version every N optimiser steps."""
-    eval_every: int = 50
-    """E: evaluate tau and acceptance every E optimiser steps (and at the start and the last step)."""
+    eval_every: int | None = 50
+    """E: evaluate tau and acceptance every E optimiser steps (and at the start and the last step);
+    None = never (the loop only trains, and returns no points)."""
+    max_requests: int | None = None
+    """Stop after serving this many training requests in all (None = only `steps` stops the loop)."""
     decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(gamma=4, max_new_tokens=64))
     """How training requests are decoded (recording is switched on by the loop)."""
     eval_decode: DecodeConfig | None = None
@@ -57,8 +60,10 @@ class LocalLoopConfig:
     """Give up (DVIError) after this many NaN/inf-skipped updates in a row."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "updates_per_request", "publish_every", "eval_every", "max_consecutive_skips"):
+        for name in ("steps", "updates_per_request", "publish_every", "eval_every", "max_consecutive_skips", "max_requests"):
             value = getattr(self, name)
+            if value is None and name in ("eval_every", "max_requests"):
+                continue
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
@@ -103,6 +108,7 @@ def train_local(
     traffic_tokens: int = 0,
     on_step: Callable[[dict], None] | None = None,
     on_point: Callable[[dict], None] | None = None,
+    on_request: Callable[[GenerationResult], None] | None = None,
 ) -> list[dict]:
     """Run the loop until `learner.step == config.steps`; returns the evaluation points, in order.
 
@@ -154,18 +160,23 @@ def train_local(
             on_point(p)
 
     traffic = int(traffic_tokens)
-    if evaluate_at_start:
+    evaluating = config.eval_every is not None
+    if evaluate_at_start and evaluating:
         point(initial_eval)
     skips = 0
     while learner.step < config.steps:
         counters = learner.counters()
         index = counters["added"] + counters["stale_dropped"]
+        if config.max_requests is not None and index >= config.max_requests:
+            break
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
         result = decoder.generate(
             list(train_prompts[index % len(train_prompts)]), train_decode,
             generator=generator, request_id=f"{learner.learner_id}-req-{index}",
         )
         traffic += len(result.token_ids)
+        if on_request is not None:
+            on_request(result)
         learner.add([result.trajectory])
         for _ in range(config.updates_per_request):
             stats = learner.train_step()
@@ -183,10 +194,10 @@ def train_local(
             last_phase = stats["phase"]
             if learner.step % config.publish_every == 0:
                 learner.publish_version()
-            if learner.step % config.eval_every == 0 or learner.step >= config.steps:
+            if evaluating and (learner.step % config.eval_every == 0 or learner.step >= config.steps):
                 point()
             if learner.step >= config.steps:
                 break
-    if not points or points[-1]["step"] != learner.step:
-        point()  # the loop had nothing to do (already at `steps`): still report where it stands
+    if evaluating and (not points or points[-1]["step"] != learner.step):
+        point()  # the loop stopped between points (or had nothing to do): still report where it stands
     return points

@@ -307,11 +307,15 @@ def combined_loss(
     kl_temperature: float = 1.0,
     importance_weight: torch.Tensor | None = None,  # [N] float, PG only
     valid: torch.Tensor | None = None,  # [N] bool, applied to every term
+    extra_kl: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # [M, V], [M, K], [M, K]
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """total = l_kl KL + l_ce CE + l_pg PG - entropy_coef H, with the weights of one schedule step.
 
     Every term is computed (so its stat is logged) even when its weight is 0. Importance weights
-    reweight only the policy gradient (see the module docstring).
+    reweight only the policy gradient (see the module docstring). `extra_kl` = (drafter logits,
+    verifier top-K ids, log-probs) of M more positions that no token was drafted at: they join the
+    KL term only (a distillation target needs no drafter action), each row weighted like a
+    valid drafted one.
     Returns (total, stats): "loss", the per-term stats of each function ("kl", "ce", "pg",
     "entropy", ...), "reward_mean", "baseline" and the weights "lambda_kl", "lambda_ce",
     "lambda_pg", "entropy_coef".
@@ -327,7 +331,18 @@ def combined_loss(
     else:
         r_used, kl_w = r, None
 
-    kl, kl_stats = kl_distillation(drafter_logits, verifier_topk_ids, verifier_topk_logprobs, kl_temperature, kl_w)
+    if extra_kl is not None and extra_kl[0].shape[0]:
+        extra_logits, extra_ids, extra_logprobs = extra_kl
+        ones = torch.ones(extra_logits.shape[0], device=drafter_logits.device)
+        kl, kl_stats = kl_distillation(
+            torch.cat([drafter_logits, extra_logits]),
+            torch.cat([verifier_topk_ids, extra_ids]),
+            torch.cat([verifier_topk_logprobs, extra_logprobs]),
+            kl_temperature,
+            torch.cat([kl_w if kl_w is not None else torch.ones(n, device=ones.device), ones]),
+        )
+    else:
+        kl, kl_stats = kl_distillation(drafter_logits, verifier_topk_ids, verifier_topk_logprobs, kl_temperature, kl_w)
     ce, ce_stats = reward_masked_ce(drafter_logits, target_token, r_used)
     pg, pg_stats = policy_gradient(drafter_logits, token, r, baseline, importance_weight, valid)
     ent, ent_stats = entropy_bonus(drafter_logits, valid)

@@ -1,4 +1,4 @@
-"""Replay of recorded trajectories: a bounded FIFO counted in drafted tokens, staleness, collation.
+"""Replay of recorded trajectories: a bounded FIFO counted in scored positions, staleness, collation.
 
 The generators draft with the adapter version they last received; every `Trajectory` carries that
 `weight_version`. The learner keeps a FIFO of recent trajectories (the paper's reference code
@@ -20,22 +20,22 @@ import torch
 from common.types import Trajectory
 
 EvictionPolicy = Callable[[Sequence[Trajectory], int], Sequence[int]]
-"""(buffer contents oldest first, capacity in drafted tokens) -> indices to evict; afterwards the
-remaining trajectories must hold at most `capacity` drafted tokens."""
+"""(buffer contents oldest first, capacity in scored positions) -> indices to evict; afterwards
+the remaining trajectories must hold at most `capacity` scored positions."""
 
 
 def drop_oldest(trajs: Sequence[Trajectory], capacity_tokens: int) -> list[int]:
     """Evict trajectories that alone exceed `capacity_tokens` (they can never fit, and must not
-    flush the buffer), then the oldest, until the rest holds <= `capacity_tokens` drafted tokens."""
-    evict = [i for i, t in enumerate(trajs) if t.num_drafted > capacity_tokens]
-    total = sum(t.num_drafted for t in trajs) - sum(trajs[i].num_drafted for i in evict)
+    flush the buffer), then the oldest, until the rest holds <= `capacity_tokens` scored positions."""
+    evict = [i for i, t in enumerate(trajs) if t.num_scored > capacity_tokens]
+    total = sum(t.num_scored for t in trajs) - sum(trajs[i].num_scored for i in evict)
     for i, t in enumerate(trajs):
         if total <= capacity_tokens:
             break
-        if t.num_drafted > capacity_tokens:
+        if t.num_scored > capacity_tokens:
             continue
         evict.append(i)
-        total -= t.num_drafted
+        total -= t.num_scored
     return sorted(evict)
 
 
@@ -87,11 +87,12 @@ def importance_weights(
 
 # ----------------------------------------------------------------------------- buffer
 class ReplayBuffer:
-    """Bounded FIFO of trajectories; its capacity counts drafted tokens, not trajectories.
+    """Bounded FIFO of trajectories; its capacity counts scored positions (drafted tokens plus
+    extra verified positions: the rows a training step computes), not trajectories.
 
     Counters: added / added_tokens (accepted into the buffer), evicted / evicted_tokens (pushed out
     by the eviction policy), dropped_stale / dropped_stale_tokens (removed by `drop_stale`),
-    skipped_empty (trajectories with no drafted token, never stored).
+    skipped_empty (trajectories with no scored position, never stored).
     """
 
     def __init__(self, capacity_tokens: int, evict: EvictionPolicy = drop_oldest):
@@ -138,13 +139,13 @@ class ReplayBuffer:
         """Append `traj`, then evict by the policy; True if `traj` is still held afterwards."""
         if not isinstance(traj, Trajectory):
             raise ValueError(f"ReplayBuffer.add takes a Trajectory, got {type(traj).__name__}")
-        if traj.num_drafted == 0:
+        if traj.num_scored == 0:
             self.skipped_empty += 1
             return False
         self._trajs.append(traj)
-        self._num_tokens += traj.num_drafted
+        self._num_tokens += traj.num_scored
         self.added += 1
-        self.added_tokens += traj.num_drafted
+        self.added_tokens += traj.num_scored
 
         evict = sorted(set(int(i) for i in self._evict(tuple(self._trajs), self.capacity_tokens)))
         if evict and not (0 <= evict[0] and evict[-1] < len(self._trajs)):
@@ -152,8 +153,8 @@ class ReplayBuffer:
         gone = set(evict)
         for i in evict:
             self.evicted += 1
-            self.evicted_tokens += self._trajs[i].num_drafted
-            self._num_tokens -= self._trajs[i].num_drafted
+            self.evicted_tokens += self._trajs[i].num_scored
+            self._num_tokens -= self._trajs[i].num_scored
         still_held = (len(self._trajs) - 1) not in gone
         self._trajs = [t for i, t in enumerate(self._trajs) if i not in gone]
         if self._num_tokens > self.capacity_tokens:
@@ -167,7 +168,7 @@ class ReplayBuffer:
         kept, n_dropped = filter_stale(self._trajs, current_version, max_staleness, policy)
         if n_dropped:
             kept_ids = {id(t) for t in kept}
-            lost = sum(t.num_drafted for t in self._trajs if id(t) not in kept_ids)
+            lost = sum(t.num_scored for t in self._trajs if id(t) not in kept_ids)
             self.dropped_stale += n_dropped
             self.dropped_stale_tokens += lost
             self._num_tokens -= lost
@@ -176,7 +177,7 @@ class ReplayBuffer:
 
     def sample(self, batch_tokens: int, generator: torch.Generator) -> list[Trajectory]:
         """Whole trajectories, uniformly without replacement (a `randperm` under `generator`), taken
-        until they hold >= `batch_tokens` drafted tokens or the buffer is exhausted.
+        until they hold >= `batch_tokens` scored positions or the buffer is exhausted.
 
         The batch overshoots `batch_tokens` by less than one trajectory. Sampled trajectories stay
         in the buffer. Empty buffer -> [].
@@ -191,16 +192,17 @@ class ReplayBuffer:
             if total >= batch_tokens:
                 break
             out.append(self._trajs[i])
-            total += self._trajs[i].num_drafted
+            total += self._trajs[i].num_scored
         return out
 
 
 # ----------------------------------------------------------------------------- collation
 class TrainBatch(NamedTuple):
-    """The per-token fields of several trajectories, concatenated in `trajectories` order.
+    """The per-row fields of several trajectories, concatenated in `trajectories` order.
 
-    N = total drafted tokens, K = the largest recorded top-K (narrower rows are padded with id 0
-    and log-prob -inf, i.e. probability 0, which every loss ignores).
+    N = total drafted tokens, M = total extra verified positions, K = the largest recorded top-K
+    (narrower rows are padded with id 0 and log-prob -inf, i.e. probability 0, which every loss
+    ignores).
       trajectories: tuple[Trajectory, ...]  the sources, for running the exit head on `hidden`.
       traj_index: [N] int64            index into `trajectories` of each token's source.
       position: [N] int64              index into that trajectory's `hidden`.
@@ -213,6 +215,10 @@ class TrainBatch(NamedTuple):
       verifier_topk_ids: [N, K] int64
       verifier_topk_logprobs: [N, K] float32
       weight_version: [N] int64        drafting adapter version of each token's trajectory.
+      verified_traj_index / verified_position: [M] int64   source and position of each extra
+                                       verified row (a distillation target only).
+      verified_topk_ids: [M, K] int64
+      verified_topk_logprobs: [M, K] float32
     """
 
     trajectories: tuple[Trajectory, ...]
@@ -227,14 +233,23 @@ class TrainBatch(NamedTuple):
     verifier_topk_ids: torch.Tensor
     verifier_topk_logprobs: torch.Tensor
     weight_version: torch.Tensor
+    verified_traj_index: torch.Tensor
+    verified_position: torch.Tensor
+    verified_topk_ids: torch.Tensor
+    verified_topk_logprobs: torch.Tensor
 
     @property
     def num_tokens(self) -> int:
-        return int(self.token.shape[0])
+        """Rows a step trains on: drafted tokens plus extra verified positions."""
+        return int(self.token.shape[0] + self.verified_position.shape[0])
 
     def sizes(self) -> list[int]:
-        """Drafted tokens per trajectory, in order (split sizes of the flat fields)."""
+        """Drafted tokens per trajectory, in order (split sizes of the drafted fields)."""
         return [t.num_drafted for t in self.trajectories]
+
+    def verified_sizes(self) -> list[int]:
+        """Extra verified positions per trajectory, in order."""
+        return [t.num_verified for t in self.trajectories]
 
     def to(self, device: torch.device | str) -> "TrainBatch":
         """A copy with every flat tensor on `device` (the trajectories themselves are not moved)."""
@@ -243,29 +258,33 @@ class TrainBatch(NamedTuple):
         )
 
 
+def _padded_topk(ids: torch.Tensor, logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R, k'] top-K rows widened to [R, k] with id 0 / log-prob -inf (probability 0)."""
+    ids, logprobs = ids.cpu(), logprobs.cpu().float()
+    extra = k - ids.shape[1]
+    if extra:
+        ids = torch.cat([ids, ids.new_zeros(ids.shape[0], extra)], dim=1)
+        logprobs = torch.cat([logprobs, logprobs.new_full((logprobs.shape[0], extra), float("-inf"))], dim=1)
+    return ids, logprobs
+
+
 def collate(trajs: Sequence[Trajectory]) -> TrainBatch:
-    """Concatenate the per-token fields of `trajs` (at least one) into a `TrainBatch` (on CPU)."""
+    """Concatenate the per-row fields of `trajs` (at least one) into a `TrainBatch` (on CPU)."""
     if not trajs:
         raise ValueError("collate needs at least one trajectory")
-    k = max(int(t.verifier_topk_ids.shape[1]) for t in trajs)
-
-    def pad(t: Trajectory) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, lp = t.verifier_topk_ids.cpu(), t.verifier_topk_logprobs.cpu().float()
-        extra = k - ids.shape[1]
-        if extra:
-            ids = torch.cat([ids, ids.new_zeros(ids.shape[0], extra)], dim=1)
-            lp = torch.cat([lp, lp.new_full((lp.shape[0], extra), float("-inf"))], dim=1)
-        return ids, lp
+    k = max(max(int(t.verifier_topk_ids.shape[1]), int(t.verified_topk_ids.shape[1])) for t in trajs)
 
     def cat(name: str) -> torch.Tensor:
         return torch.cat([getattr(t, name).cpu() for t in trajs])
 
-    padded = [pad(t) for t in trajs]
+    drafted = [_padded_topk(t.verifier_topk_ids, t.verifier_topk_logprobs, k) for t in trajs]
+    verified = [_padded_topk(t.verified_topk_ids, t.verified_topk_logprobs, k) for t in trajs]
+    order = torch.arange(len(trajs), dtype=torch.int64)
     sizes = torch.tensor([t.num_drafted for t in trajs], dtype=torch.int64)
     accepted = cat("accepted").bool()
     return TrainBatch(
         trajectories=tuple(trajs),
-        traj_index=torch.repeat_interleave(torch.arange(len(trajs), dtype=torch.int64), sizes),
+        traj_index=torch.repeat_interleave(order, sizes),
         position=cat("position").long(),
         block_index=cat("block_index").long(),
         token=cat("token").long(),
@@ -273,9 +292,13 @@ def collate(trajs: Sequence[Trajectory]) -> TrainBatch:
         accepted=accepted,
         reward=accepted.float(),
         drafter_logprob=cat("drafter_logprob").float(),
-        verifier_topk_ids=torch.cat([ids for ids, _ in padded]),
-        verifier_topk_logprobs=torch.cat([lp for _, lp in padded]),
+        verifier_topk_ids=torch.cat([ids for ids, _ in drafted]),
+        verifier_topk_logprobs=torch.cat([lp for _, lp in drafted]),
         weight_version=torch.repeat_interleave(
             torch.tensor([t.weight_version for t in trajs], dtype=torch.int64), sizes
         ),
+        verified_traj_index=torch.repeat_interleave(order, torch.tensor([t.num_verified for t in trajs], dtype=torch.int64)),
+        verified_position=cat("verified_position").long(),
+        verified_topk_ids=torch.cat([ids for ids, _ in verified]),
+        verified_topk_logprobs=torch.cat([lp for _, lp in verified]),
     )

@@ -21,6 +21,7 @@ def make_trajectory(
     temperature: float = 0.0,
     request_id: str | None = None,
     created_at: float = 1_700_000_000.0,
+    n_verified: int = 0,
 ) -> Trajectory:
     """A valid, seeded random `Trajectory` with the block structure speculative decoding produces.
 
@@ -35,6 +36,7 @@ def make_trajectory(
       vocab: token ids are drawn from [0, vocab).
       weight_version, exit_layer, temperature, request_id, created_at: the scalars (request_id
         defaults to f"req-{seed}").
+      n_verified: M, extra verified positions (the first committed positions no draft covers).
 
     Structure: each block drafts up to `gamma` tokens from consecutive positions; its records are
     a run of accepted tokens followed, unless all were accepted, by exactly one rejected token
@@ -62,7 +64,7 @@ def make_trajectory(
         start += n_accepted + 1  # accepted prefix + bonus (or correction) token committed
     needed = (positions[-1] + 1) if positions else prompt
     if n_context is None:
-        n_context = needed
+        n_context = needed + n_verified  # room after the drafted span for the verified positions
     elif n_context < needed:
         raise ValueError(f"n_context={n_context} cannot hold drafted positions up to {needed - 1}")
 
@@ -78,13 +80,22 @@ def make_trajectory(
         else (torch.zeros(0, k, dtype=torch.int64))
     )
     topk_logprobs = -torch.rand(n, k, generator=g).sort(dim=1).values * 10.0
+    prompt_length = min(prompt, n_context + 1)
+    tokens = torch.randint(0, vocab, (n_context + 1,), generator=g)
+    tokens[torch.tensor(positions, dtype=torch.int64) + 1] = target_token
+    free = [p for p in range(prompt_length - 1, n_context) if p not in set(positions)]
+    if n_verified > len(free):
+        raise ValueError(f"n_context={n_context} leaves only {len(free)} positions for n_verified={n_verified}")
+    verified_ids = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(n_verified)]) if n_verified else torch.zeros(0, k, dtype=torch.int64)
     return Trajectory(
         request_id=request_id if request_id is not None else f"req-{seed}",
         weight_version=weight_version,
         exit_layer=exit_layer,
         temperature=float(temperature),
         created_at=float(created_at),
+        prompt_length=prompt_length,
         hidden=torch.randn(n_context, hidden, generator=g).to(torch.float16),
+        tokens=tokens,
         position=torch.tensor(positions, dtype=torch.int64),
         block_index=torch.tensor(block_index, dtype=torch.int64),
         token=token,
@@ -94,6 +105,9 @@ def make_trajectory(
         verifier_topk_ids=topk_ids,
         verifier_topk_logprobs=topk_logprobs.float(),
         timestamp=created_at - 1.0 + torch.arange(n, dtype=torch.float64) * 1e-3,
+        verified_position=torch.tensor(free[:n_verified], dtype=torch.int64),
+        verified_topk_ids=verified_ids,
+        verified_topk_logprobs=(-torch.rand(n_verified, k, generator=g).sort(dim=1).values * 10.0).float(),
     ).validate()
 
 

@@ -38,20 +38,24 @@ def tiny_llama(seed: int = 0, layers: int = 4, vocab: int = 96, hidden: int = 32
     return model
 
 
-def tiny_split(seed: int = 0, exit_layer: int = 2, **kwargs) -> SplitModel:
+def tiny_split(seed: int = 0, exit_layer: int = 2, engine: str = "fast", draft_vocab_size: int = 0, **kwargs) -> SplitModel:
     model = tiny_llama(seed, **kwargs)
-    return SplitModel(model, None, DrafterConfig(exit_layer=exit_layer, lora_rank=4, lora_alpha=8), f"tiny-llama-{seed}")
+    drafter = DrafterConfig(exit_layer=exit_layer, lora_rank=4, lora_alpha=8, draft_vocab_size=draft_vocab_size)
+    return SplitModel(model, None, drafter, f"tiny-llama-{seed}", engine=engine)
 
 
-def stories_split(exit_layer: int = 2) -> SplitModel:
+def stories_split(exit_layer: int = 2, engine: str = "fast", draft_vocab_size: int = 0) -> SplitModel:
     """The real 5-layer stories260K Llama split at `exit_layer`."""
     from common.config import ModelSpec
 
-    return SplitModel.load(ModelSpec(model=str(STORIES), drafter=DrafterConfig(exit_layer=exit_layer)))
+    drafter = DrafterConfig(exit_layer=exit_layer, draft_vocab_size=draft_vocab_size)
+    return SplitModel.load(ModelSpec(model=str(STORIES), drafter=drafter, engine=engine))
 
 
 def randomize_adapter(split: SplitModel, seed: int, scale: float = 0.5) -> None:
     """Give every LoRA tensor random values (lora_B too, so the drafter really changes)."""
+    from common.model_split import DRAFT_VOCAB_KEY
+
     g = torch.Generator().manual_seed(seed)
-    state = {k: torch.randn(v.shape, generator=g) * scale for k, v in split.adapter_state().items()}
+    state = {k: v if k == DRAFT_VOCAB_KEY else torch.randn(v.shape, generator=g) * scale for k, v in split.adapter_state().items()}
     split.load_adapter_state(state, version=split.weight_version + 1)

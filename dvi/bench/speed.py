@@ -70,8 +70,28 @@ class SpeedSettings:
     """k: the drafter of `dvi` and of `hf_early_exit` runs layers [0, k)."""
     gamma: int = DecodeConfig.gamma
     """Most tokens drafted per block by `dvi` and by `hf_early_exit`."""
-    confidence_threshold: float = 0.0
+    confidence_threshold: float = DecodeConfig.confidence_threshold
     """Drafting stops when the drafter's top-1 probability falls below this (dvi and hf_early_exit)."""
+    lookup_tokens: int = DecodeConfig.lookup_tokens
+    """Most tokens a dvi block drafts from the context (0 = the exit head only)."""
+    lookup_min_ngram: int = DecodeConfig.lookup_min_ngram
+    """Shortest suffix n-gram a context draft matches."""
+    draft_vocab_size: int = DrafterConfig.draft_vocab_size
+    """The dvi drafter's vocabulary (0 = full); learned from the training half when `learn` is set."""
+    engine: str = "fast"
+    """Inference forward of our own methods (ar, dvi): fast or hf."""
+    learn: tuple[str, ...] = ()
+    """Schedules (kl-only, kl-rl, rl-only) to train online before timing: each serves the first
+    half of every category's prompts with a fresh drafter that learns as it goes, and is timed as
+    method dvi_<schedule> on the second half, next to the untrained drafter (dvi_untrained)."""
+    learn_updates_per_request: int = 4
+    """Optimiser steps after each learning request."""
+    learn_lr: float = 3e-3
+    """AdamW lr of every LoRA tensor while learning."""
+    learn_batch_tokens: int = 256
+    """Scored positions per optimiser step while learning."""
+    learn_publish_every: int = 8
+    """Optimiser steps between weight versions while learning (each may re-pick the draft vocabulary)."""
     adapter: str | None = None
     """Trained drafter adapter directory for `dvi` (None = the untrained exit head)."""
     variants: tuple[tuple[str, str], ...] = ()
@@ -107,7 +127,25 @@ class SpeedSettings:
             raise ValueError(f"--methods must include {REFERENCE}, the reference every speedup is measured against")
         if self.adapter is not None and "dvi" not in self.methods:
             raise ValueError("--adapter is the drafter of the `dvi` method, which --methods leaves out")
-        seen = set(self.methods)
+        DecodeConfig(gamma=self.gamma, lookup_tokens=self.lookup_tokens, lookup_min_ngram=self.lookup_min_ngram,
+                     confidence_threshold=self.confidence_threshold)  # the same checks, one place
+        if self.draft_vocab_size < 0:
+            raise ValueError(f"--draft-vocab-size must be >= 0, got {self.draft_vocab_size}")
+        if self.engine not in ("fast", "hf"):
+            raise ValueError(f"--engine must be fast or hf, got {self.engine!r}")
+        from learner.config import SCHEDULE_KINDS
+
+        for kind in self.learn:
+            if kind not in SCHEDULE_KINDS:
+                raise ValueError(f"--learn: unknown schedule {kind!r}: use {', '.join(SCHEDULE_KINDS)}")
+        if len(set(self.learn)) != len(self.learn):
+            raise ValueError("--learn names a schedule twice")
+        for name in ("learn_updates_per_request", "learn_batch_tokens", "learn_publish_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.learn_lr > 0:
+            raise ValueError(f"--learn-lr must be > 0, got {self.learn_lr}")
+        seen = set(self.methods) | {learned_name(kind) for kind in self.learn}
         for name, directory in self.variants:
             if not _NAME.match(name):
                 raise ValueError(f"variant name {name!r} must start with a letter and hold only letters, digits, _ . -")
@@ -119,8 +157,32 @@ class SpeedSettings:
 
     @property
     def all_methods(self) -> tuple[str, ...]:
-        """Every method run, in table order: the built-ins, then the variants."""
-        return self.methods + tuple(name for name, _ in self.variants)
+        """Every method run, in table order: the built-ins (dvi named dvi_untrained when it is the
+        fresh drafter beside learned ones), the learned drafters, then the variants."""
+        builtins = tuple(UNTRAINED if m == "dvi" and self.untrained_dvi_renamed else m for m in self.methods)
+        return builtins + tuple(learned_name(k) for k in self.learn) + tuple(name for name, _ in self.variants)
+
+    @property
+    def untrained_dvi_renamed(self) -> bool:
+        return bool(self.learn) and self.adapter is None
+
+    def decode_config(self) -> DecodeConfig:
+        """How every dvi method decodes."""
+        return DecodeConfig(
+            gamma=self.gamma, max_new_tokens=self.max_new_tokens, confidence_threshold=self.confidence_threshold,
+            lookup_tokens=self.lookup_tokens, lookup_min_ngram=self.lookup_min_ngram,
+        )
+
+    def drafter_config(self) -> DrafterConfig:
+        return DrafterConfig(exit_layer=self.exit_layer, draft_vocab_size=self.draft_vocab_size)
+
+
+UNTRAINED = "dvi_untrained"
+
+
+def learned_name(schedule: str) -> str:
+    """The method name of a drafter trained online with `schedule` (dvi_kl-only, dvi_kl-rl, ...)."""
+    return f"dvi_{schedule}"
 
 
 # --------------------------------------------------------------------------- records
@@ -217,7 +279,8 @@ def _hf_method(model, device, counter: PassCounter, kwargs: dict) -> MethodFn:
     return run
 
 
-def _decoder_method(split, config: DecodeConfig) -> MethodFn:
+def decoder_method(split, config: DecodeConfig) -> MethodFn:
+    """A method that decodes with our own loop (`SpeculativeDecoder`) on `split`."""
     from common.speculative import SpeculativeDecoder
 
     decoder = SpeculativeDecoder(split)
@@ -233,27 +296,23 @@ def build_methods(split, settings: SpeedSettings, counter: PassCounter, drafters
     """The method table, in `settings.all_methods` order.
 
     split: the SplitModel whose base model every method decodes with; counter: a PassCounter on
-    its last decoder layer; drafters: dvi method name -> SplitModel carrying that method's adapter
-    (sharing `split.model`). Sets HF's early-exit drafting settings on the model when that
-    method is asked for (see `configure_hf_early_exit`).
+    its last decoder layer; drafters: dvi method name (as in `settings.all_methods`) -> SplitModel
+    carrying that method's adapter (sharing `split.model`). Sets HF's early-exit drafting settings
+    on the model when that method is asked for (see `configure_hf_early_exit`).
     """
     model, device = split.model, split.device
     stop = dict(do_sample=False, max_new_tokens=settings.max_new_tokens, **hf_stop_kwargs(split))
     makers: dict[str, Callable[[], MethodFn]] = {
         "hf_ar": lambda: _hf_method(model, device, counter, stop),
-        "ar": lambda: _decoder_method(split, DecodeConfig(gamma=0, max_new_tokens=settings.max_new_tokens)),
+        "ar": lambda: decoder_method(split, DecodeConfig(gamma=0, max_new_tokens=settings.max_new_tokens)),
         "hf_prompt_lookup": lambda: _hf_method(
             model, device, counter, {**stop, "prompt_lookup_num_tokens": PROMPT_LOOKUP_NUM_TOKENS}
         ),
         "hf_early_exit": lambda: _hf_method(model, device, counter, {**stop, "assistant_early_exit": settings.exit_layer}),
     }
-    dvi_config = DecodeConfig(
-        gamma=settings.gamma,
-        max_new_tokens=settings.max_new_tokens,
-        confidence_threshold=settings.confidence_threshold,
-    )
+    dvi_config = settings.decode_config()
     for name, drafter in drafters.items():
-        makers[name] = lambda drafter=drafter: _decoder_method(drafter, dvi_config)
+        makers[name] = lambda drafter=drafter: decoder_method(drafter, dvi_config)
     missing = [m for m in settings.all_methods if m not in makers]
     if missing:
         raise ValueError(f"no drafter given for method(s) {missing}")

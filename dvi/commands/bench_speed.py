@@ -11,6 +11,7 @@ import typer
 from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig
 from common.prompts import spec_bench_task
 from dvi.cli import bench_app
+from dvi.progress import progress_bar
 
 _METHODS_HELP = (
     "Comma-separated built-in methods, in order: hf_ar (HF generate, the reference), ar (our loop, gamma 0), "
@@ -18,14 +19,19 @@ _METHODS_HELP = (
 )
 
 
-def parse_methods(text: str | None) -> tuple[str, ...] | None:
-    """'hf_ar, dvi' -> ('hf_ar', 'dvi'); None stays None (all methods)."""
+def parse_names(flag: str, text: str | None) -> tuple[str, ...] | None:
+    """'hf_ar, dvi' -> ('hf_ar', 'dvi'); None stays None."""
     if text is None:
         return None
     names = tuple(name.strip() for name in text.split(","))
     if not any(names) or "" in names:
-        raise ValueError(f"--methods must be a comma-separated list of method names, got {text!r}")
+        raise ValueError(f"{flag} must be a comma-separated list of names, got {text!r}")
     return names
+
+
+def parse_methods(text: str | None) -> tuple[str, ...] | None:
+    """'hf_ar, dvi' -> ('hf_ar', 'dvi'); None stays None (all methods)."""
+    return parse_names("--methods", text)
 
 
 def parse_variants(items: list[str] | None) -> tuple[tuple[str, str], ...]:
@@ -57,8 +63,27 @@ def speed(
     exit_layer: int = typer.Option(DrafterConfig.exit_layer, "--exit-layer", help="k: dvi's and hf_early_exit's drafter runs layers [0, k)."),
     gamma: int = typer.Option(DecodeConfig.gamma, "--gamma", help="Most tokens drafted per block (dvi and hf_early_exit)."),
     confidence_threshold: float = typer.Option(
-        0.0, "--confidence-threshold", help="Stop drafting below this drafter top-1 probability (0 = off)."
+        DecodeConfig.confidence_threshold, "--confidence-threshold",
+        help="Stop drafting below this drafter top-1 probability (0 = off).",
     ),
+    lookup_tokens: int = typer.Option(
+        DecodeConfig.lookup_tokens, "--lookup-tokens", help="Most tokens a dvi block drafts from the context (0 = exit head only)."
+    ),
+    lookup_min_ngram: int = typer.Option(
+        DecodeConfig.lookup_min_ngram, "--lookup-min-ngram", help="Shortest suffix n-gram a context draft matches."
+    ),
+    draft_vocab_size: int = typer.Option(
+        DrafterConfig.draft_vocab_size, "--draft-vocab-size", help="Tokens the dvi drafter proposes from (0 = the full vocabulary)."
+    ),
+    engine: str = typer.Option("fast", "--engine", help="Forward of our own methods: fast (packed weights, static cache) or hf."),
+    learn: Optional[str] = typer.Option(
+        None, "--learn",
+        help="Comma-separated schedules (kl-only, kl-rl, rl-only) to learn online first: each trains a fresh drafter on "
+        "the first half of every category's prompts and is timed as dvi_<schedule> on the second half.",
+    ),
+    learn_updates_per_request: int = typer.Option(4, "--learn-updates-per-request", help="Optimiser steps after each learning request."),
+    learn_lr: float = typer.Option(3e-3, "--learn-lr", help="AdamW lr of the LoRA tensors while learning."),
+    learn_batch_tokens: int = typer.Option(256, "--learn-batch-tokens", help="Scored positions per optimiser step while learning."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Trained adapter directory for the dvi method."),
     variant: Optional[list[str]] = typer.Option(
         None, "--variant", help="NAME=ADAPTER_DIR: one more dvi method with that adapter (repeatable)."
@@ -88,6 +113,14 @@ def speed(
         exit_layer=exit_layer,
         gamma=gamma,
         confidence_threshold=confidence_threshold,
+        lookup_tokens=lookup_tokens,
+        lookup_min_ngram=lookup_min_ngram,
+        draft_vocab_size=draft_vocab_size,
+        engine=engine,
+        learn=parse_names("--learn", learn) or (),
+        learn_updates_per_request=learn_updates_per_request,
+        learn_lr=learn_lr,
+        learn_batch_tokens=learn_batch_tokens,
         adapter=adapter,
         variants=parse_variants(variant),
         methods=parsed_methods if parsed_methods is not None else bench.BUILTIN_METHODS,
@@ -95,7 +128,7 @@ def speed(
         dtype=dtype,
         device=device,
     )
-    ModelSpec(model=model, dtype=dtype, device=device)  # validates dtype before the slow load
+    ModelSpec(model=model, dtype=dtype, device=device, engine=engine)  # validates before the slow load
     if adapter:
         _check_adapter_dir("--adapter", adapter)
     for name, directory in settings.variants:
@@ -116,47 +149,69 @@ def speed(
 
 
 def _run(settings, questions: list, out: str) -> None:
-    """Load the model and drafters, encode and check every prompt, time, and write the reports."""
+    """Load the model and drafters, learn online (--learn), encode and check every prompt, time,
+    and write the reports."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from common.config import ModelSpec
     from common.model_split import SplitModel
     from common.prompts import encode_prompt
     from common.speculative import SpeculativeDecoder
     from dvi.bench import speed as bench
+    from dvi.bench.learning import split_train_eval
+    from dvi.bench.online import learn_online
 
-    drafter = DrafterConfig(exit_layer=settings.exit_layer)
-    split = SplitModel.load(ModelSpec(model=settings.model, dtype=settings.dtype, device=settings.device, drafter=drafter))
-    drafters = {}
-    if "dvi" in settings.methods:
-        if settings.adapter:
-            split.load_adapter(settings.adapter)
-        drafters["dvi"] = split
-    for name, directory in settings.variants:
-        # Another exit head on the same frozen base model: no second copy of the weights.
-        drafters[name] = SplitModel(split.model, split.tokenizer, drafter, settings.model)
-        drafters[name].load_adapter(directory)
-
+    drafter = settings.drafter_config()
+    spec = ModelSpec(model=settings.model, dtype=settings.dtype, device=settings.device, drafter=drafter, engine=settings.engine)
+    split = SplitModel.load(spec)
+    learning_prompts, timed = split_train_eval(questions) if settings.learn else ([], questions)
     checker = SpeculativeDecoder(split)
-    encoded = []
-    for i, q in enumerate(questions):
+
+    def encode(q) -> tuple[int, ...]:
         ids = encode_prompt(split.tokenizer, q.text)
         try:
             checker.check_request(ids, DecodeConfig(gamma=0, max_new_tokens=settings.max_new_tokens))
         except ValueError as exc:
             raise ValueError(f"question {q.question_id}: {exc}") from None
-        encoded.append(bench.BenchPrompt(i, q.question_id, spec_bench_task(q.category), tuple(ids)))
+        return tuple(ids)
+
+    encoded = [bench.BenchPrompt(i, q.question_id, spec_bench_task(q.category), encode(q)) for i, q in enumerate(timed)]
+    learning_ids = [list(encode(q)) for q in learning_prompts]
+
+    def fresh_drafter() -> SplitModel:
+        # another exit head on the same frozen base model: no second copy of its weights
+        return SplitModel(split.model, split.tokenizer, drafter, settings.model, engine=settings.engine)
+
+    console = Console(stderr=True)
+    drafters = {}
+    if "dvi" in settings.methods:
+        if settings.adapter:
+            split.load_adapter(settings.adapter)
+        drafters[bench.UNTRAINED if settings.untrained_dvi_renamed else "dvi"] = split
+    learning = {}
+    for kind in settings.learn:
+        learner_split = fresh_drafter()
+        with progress_bar(console) as progress:
+            task = progress.add_task(f"learn {kind}", total=len(learning_ids), now="")
+
+            def on_request(result, task=task, progress=progress) -> None:
+                progress.update(task, advance=1, now=f"tau {result.mean_accepted:.2f}")
+
+            summary = learn_online(learner_split, kind, learning_ids, settings, on_request=on_request)
+        learner_split.save_adapter(Path(out) / "adapters" / kind)
+        learning[kind] = summary.as_dict()
+        console.print(f"learned {kind}: {summary.steps} steps on {summary.requests} requests "
+                      f"({summary.traffic_tokens} tokens) in {summary.seconds:.0f} s; adapter in {Path(out) / 'adapters' / kind}")
+        drafters[bench.learned_name(kind)] = learner_split
+    for name, directory in settings.variants:
+        drafters[name] = fresh_drafter()
+        drafters[name].load_adapter(directory)
 
     names = list(settings.all_methods)
     n_warm = min(settings.warmup, len(encoded))
-    console = Console(stderr=True)
     with bench.PassCounter(split.layers[-1]) as counter, bench.quiet_hf_nested_generate():
         table = bench.build_methods(split, settings, counter, drafters)
-        with Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[now]}"), console=console,
-        ) as progress:
+        with progress_bar(console) as progress:
             task = progress.add_task("warm-up", total=(n_warm + len(encoded)) * len(names), now="")
 
             def on_step(phase: str, prompt, method: str) -> None:
@@ -168,6 +223,10 @@ def _run(settings, questions: list, out: str) -> None:
             records = bench.run_benchmark(table, encoded, n_warm, split.device, on_step)
 
     machine = bench.machine_info(str(split.device))
-    _, markdown = bench.write_reports(out, settings.model, machine, bench.settings_record(settings, len(encoded)), records)
+    record = bench.settings_record(settings, len(encoded))
+    if settings.learn:
+        record["learning"] = {"prompts": len(learning_ids), "split": "per category: the first half learns, "
+                              "the second half is timed", "schedules": learning}
+    _, markdown = bench.write_reports(out, settings.model, machine, record, records)
     sys.stdout.write(markdown + "\n")
     console.print(f"wrote {Path(out) / 'speed.json'}, speed.md, speed.png, speed_runs.jsonl")

@@ -17,6 +17,7 @@ import typer
 
 from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig
 from dvi.cli import app, bench_app
+from dvi.progress import progress_bar
 from learner.config import SCHEDULE_KINDS, LearnerConfig, ScheduleConfig
 
 
@@ -132,15 +133,6 @@ def load_prompt_halves(prompts: str, eval_prompts: str | None, train_limit: int 
         train = interleave_categories(load_prompts(prompts))
         held_out = interleave_categories(load_prompts(eval_prompts))
     return train[:train_limit], held_out[:eval_limit]
-
-
-def _progress(console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[now]}"), console=console,
-    )
 
 
 def _point_text(p: dict) -> str:
@@ -262,7 +254,7 @@ def _train_local(settings: TrainSettings, learner_config, schedule: str, train, 
     console = Console(stderr=True)
     settings_record = {**asdict(settings), "schedule": schedule, "train_prompts": len(train_ids),
                        "eval_prompts": len(eval_ids), "learner": asdict(learner_config), "command": _command_line()}
-    with _progress(console) as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task(f"train {schedule}", total=settings.steps, completed=learner.step, now="evaluating")
 
         def on_step(stats: dict) -> None:
@@ -369,7 +361,7 @@ def _bench_learning(settings: TrainSettings, configs: dict, train, held_out, out
     start = evaluate(SpeculativeDecoder(split), eval_ids, loop.held_out_decode)
     console.print(f"untrained: {_point_text({**start, 'tokens_seen': 0})}")
     runs: dict[str, list[dict]] = {}
-    with _progress(console) as progress:
+    with progress_bar(console) as progress:
         for name, config in configs.items():
             split.load_adapter_state(untrained, version=0)  # every schedule starts from the same drafter
             torch.manual_seed(settings.seed)

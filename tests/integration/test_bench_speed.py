@@ -89,3 +89,59 @@ def test_bench_speed_bad_flags_are_one_line_errors(tmp_path, capsys):
     assert "exit layer 9 is out of range" in capsys.readouterr().err
     assert main(base + ["--threads", "0"]) == 2
     assert "--threads must be >= 1" in capsys.readouterr().err
+
+
+def write_stories_workload(path, per_category: int = 4):
+    """Two 'tasks' of story openings: enough for a learning half and a timed half."""
+    openings = ["Once upon a time", "Tom and Sue", "The little dog", "One day, a bird", "Lily wanted to",
+                "The sun was", "Ben had a red", "In the park"]
+    lines = []
+    for i in range(per_category):
+        for category in ("qa", "summarization"):
+            text = openings[(i * 2 + (category == "qa")) % len(openings)]
+            lines.append(json.dumps({"question_id": len(lines) + 1, "category": category, "turns": [text]}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_bench_speed_learns_online_then_times_the_held_out_half(tmp_path):
+    prompts = write_stories_workload(tmp_path / "stories.jsonl")
+    out = tmp_path / "bench"
+    code = main([
+        "bench", "speed", "--model", str(STORIES), "--prompts", str(prompts), "--exit-layer", "2",
+        "--max-new-tokens", "24", "--warmup", "0", "--methods", "hf_ar,ar,dvi", "--learn", "kl-only,kl-rl",
+        "--learn-batch-tokens", "16", "--lookup-tokens", "4", "--out", str(out), "--threads", "1",
+    ])
+    assert code == 0
+    report = json.loads((out / "speed.json").read_text())
+    overall = [r for r in report["runs"] if r["category"] == "overall"]
+    assert [r["method"] for r in overall] == ["hf_ar", "ar", "dvi_untrained", "dvi_kl-only", "dvi_kl-rl"]
+    assert all(r["identical_to_ar"] == 1.0 and r["prompts"] == 4 for r in overall)  # the held-out half only
+    learning = report["settings"]["learning"]
+    assert learning["prompts"] == 4
+    for kind in ("kl-only", "kl-rl"):
+        summary = learning["schedules"][kind]
+        assert summary["requests"] == 4 and summary["steps"] > 0 and summary["tokens_seen"] > 0
+        assert (out / "adapters" / kind / "adapter_model.safetensors").is_file()
+
+
+def test_bench_ablation_switches_each_lever_off(tmp_path, capsys):
+    split = stories_split(exit_layer=2)
+    randomize_adapter(split, seed=3, scale=0.3)
+    adapter = split.save_adapter(tmp_path / "adapter")
+    prompts = write_stories_workload(tmp_path / "stories.jsonl", per_category=2)
+    out = tmp_path / "ablation"
+    code = main([
+        "bench", "ablation", "--model", str(STORIES), "--prompts", str(prompts), "--adapter", str(adapter),
+        "--max-new-tokens", "16", "--warmup", "0", "--lookup-tokens", "4", "--held-out", "--out", str(out),
+        "--threads", "1",
+    ])
+    assert code == 0
+    report = json.loads((out / "ablation.json").read_text())
+    overall = {r["method"]: r for r in report["runs"] if r["category"] == "overall"}
+    from dvi.bench.ablation import LEVERS
+
+    assert list(overall) == ["hf_ar", "ar", "dvi"] + [f"dvi-{lever}" for lever in LEVERS]
+    assert all(r["identical_to_ar"] == 1.0 and r["prompts"] == 2 for r in overall.values())
+    table = capsys.readouterr().out
+    assert "| dvi-engine | the HF decoder layers" in table and (out / "ablation.md").is_file()

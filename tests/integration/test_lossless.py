@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from common.config import DecodeConfig
-from common.model_split import crop_cache
+from common.model_split import cached_kv, crop_cache
 from common.prompts import load_prompts
 from common.speculative import SpeculativeDecoder
 from tests.tiny_models import SPEC_BENCH, randomize_adapter, stories_split, tiny_split
@@ -18,10 +18,12 @@ def hf_greedy(model, ids, max_new_tokens):
     return out[0, len(ids):].tolist()
 
 
+@pytest.mark.parametrize("engine", ["fast", "hf"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("exit_layer", [1, 2, 3])
-def test_tiny_random_llama_matches_hf_greedy(seed, exit_layer):
-    split = tiny_split(seed=seed, exit_layer=exit_layer)
+def test_tiny_random_llama_matches_hf_greedy(seed, exit_layer, engine):
+    split = tiny_split(seed=seed, exit_layer=exit_layer, engine=engine)
+    assert split.engine == engine
     if seed:  # a trained-looking drafter exercises long accepted runs and rejections alike
         randomize_adapter(split, seed, scale=0.3)
     decoder = SpeculativeDecoder(split)
@@ -83,8 +85,10 @@ def test_eos_stops_like_hf():
         assert result.token_ids == reference and result.finished_by_eos
 
 
-def test_kv_cache_holds_exactly_the_committed_prefix_after_rejections():
-    split = tiny_split(seed=5, exit_layer=2)
+@pytest.mark.parametrize("engine", ["fast", "hf"])
+def test_kv_cache_holds_exactly_the_committed_prefix_after_rejections(engine):
+    split = tiny_split(seed=5, exit_layer=2, engine=engine)
+    assert split.engine == engine
     randomize_adapter(split, 5, scale=0.3)
     decoder = SpeculativeDecoder(split)
     state = decoder.start([4, 8, 15, 16, 23], DecodeConfig(gamma=4, max_new_tokens=40))
@@ -104,20 +108,22 @@ def test_kv_cache_holds_exactly_the_committed_prefix_after_rejections():
         pos = torch.arange(n - 1)[None]
         split.deep(split.shallow(torch.tensor([state.tokens[:-1]]), pos, fresh), pos, fresh, logits=False)
         for layer in range(split.num_layers):
-            assert torch.allclose(state.cache.layers[layer].keys, fresh.layers[layer].keys, atol=1e-5)
-            assert torch.allclose(state.cache.layers[layer].values, fresh.layers[layer].values, atol=1e-5)
+            for held, refilled in zip(cached_kv(state.cache, layer), cached_kv(fresh, layer)):
+                assert held.shape == refilled.shape
+                assert torch.allclose(held, refilled, atol=1e-5)
     assert rejections > 0
 
 
-def test_crop_cache_keeps_a_prefix():
-    split = tiny_split(seed=0, exit_layer=2)
+@pytest.mark.parametrize("engine", ["fast", "hf"])
+def test_crop_cache_keeps_a_prefix(engine):
+    split = tiny_split(seed=0, exit_layer=2, engine=engine)
     cache = split.new_cache()
     pos = torch.arange(6)[None]
     split.deep(split.shallow(torch.tensor([[3, 4, 5, 6, 7, 8]]), pos, cache), pos, cache, logits=False)
-    before = cache.layers[0].keys.clone()
+    before = cached_kv(cache, 0)[0].clone()
     crop_cache(cache, 4)
     assert cache.get_seq_length(0) == 4 and cache.get_seq_length(3) == 4
-    assert torch.equal(cache.layers[0].keys, before[..., :4, :])
+    assert torch.equal(cached_kv(cache, 0)[0], before[:, :4])
     crop_cache(cache, 10)  # longer than held: unchanged
     assert cache.get_seq_length(0) == 4
 

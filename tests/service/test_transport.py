@@ -16,7 +16,7 @@ from common.codec import CodecError, encode_trajectory
 from common.errors import ServiceError
 from common.redis_util import free_port
 from common.transport import BackpressureTimeout, TrajectoryStream, TransportConfig
-from common.types import Trajectory
+from common.types import SCHEMA_VERSION, Trajectory
 from tests.helpers import assert_trajectories_equal, make_trajectory
 
 BASE = make_trajectory(n_drafted=3, hidden=8, k=2, seed=11)
@@ -119,7 +119,7 @@ def test_malformed_entries_are_dead_lettered_and_good_ones_keep_flowing(redis_cl
     assert letters[garbage].payload == b"\xc1 definitely not msgpack"
     assert letters[oversized].reason == f"message too large: {len(big_bytes)} bytes > cap {cap}"
     assert letters[oversized].payload == big_bytes[:cap]  # truncated to the cap
-    assert letters[schema].reason == "unsupported schema version 99 (expected 1)"
+    assert letters[schema].reason == f"unsupported schema version 99 (expected {SCHEMA_VERSION})"
     assert {letter.consumer for letter in letters.values()} == {"learner-0"}
     assert stream.dead_letter_count() == 3
     assert stream.pending_count() == 3  # dead letters are acked; the good ones await the learner

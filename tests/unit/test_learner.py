@@ -385,3 +385,49 @@ def test_learner_config_is_used_for_param_groups():
     n_head = sum(1 for n in split.named_trainable_parameters() if "lm_head" in n)
     assert (len(groups["head"]["params"]), len(groups["lora"]["params"])) == (n_head, len(split.trainable_parameters()) - n_head)
     assert dataclasses.is_dataclass(lrn.config)
+
+
+# ----------------------------------------------------------------------------- verified rows, draft vocabulary
+def test_verified_rows_alone_train_the_drafter_by_kl():
+    split = tiny_split(seed=0)
+    lrn = Learner(split, config(schedule=ScheduleConfig(kind="kl-only"), batch_tokens=8))
+    # no drafted token at all (a context-drafted or AR request): only the verifier's distributions
+    data = [make_trajectory(0, n_context=14, hidden=H, vocab=V, k=8, seed=i, exit_layer=2, n_verified=10) for i in range(3)]
+    assert lrn.add(data) == 3 and lrn.ready()
+    before = snapshot(split)
+    stats = lrn.train_step()
+    assert stats["skipped"] == 0.0 and stats["kl"] > 0.0 and stats["tokens"] >= 8
+    after = snapshot(split)
+    moved = [n for n in before if not torch.equal(before[n], after[n])]
+    assert moved and all("lora_" in n for n in moved)
+
+
+def test_reduced_vocabulary_trains_in_draft_space_and_learns_from_traffic(tmp_path):
+    from common.config import DrafterConfig
+    from common.model_split import SplitModel
+    from tests.tiny_models import tiny_llama
+
+    def reduced_split():
+        return SplitModel(tiny_llama(seed=0), None, DrafterConfig(exit_layer=2, lora_rank=4, lora_alpha=8, draft_vocab_size=12), "tiny")
+
+    split = reduced_split()
+    assert split.draft_vocab.tolist() == list(range(12))  # before traffic: the lowest ids (EOS 2 among them)
+    lrn = Learner(split, config(batch_tokens=16))
+    data = [make_trajectory(8, hidden=H, vocab=V, k=8, seed=i, exit_layer=2, n_verified=2) for i in range(4)]
+    lrn.add(data)
+    counts = torch.zeros(V, dtype=torch.int64)
+    for t in data:
+        counts.index_add_(0, t.tokens, torch.ones_like(t.tokens))
+    assert torch.equal(lrn.token_counts, counts)
+    stats = lrn.train_step()  # tokens outside the vocabulary drop out; the step stays finite
+    assert stats["skipped"] == 0.0
+    lrn.publish_version()
+    ranked = [t for t in torch.sort(-counts.double(), stable=True).indices.tolist() if t != 2]
+    expected = sorted(ranked[:11] + [2])  # the 11 most frequent tokens, and EOS
+    assert split.draft_vocab.tolist() == expected
+    assert lrn.train_step()["skipped"] == 0.0
+    lrn.save_checkpoint(tmp_path / "ckpt")
+    resumed = Learner(reduced_split(), config(batch_tokens=16))
+    resumed.load_checkpoint(tmp_path / "ckpt")
+    assert torch.equal(resumed.token_counts, counts)
+    assert resumed.split.draft_vocab.tolist() == expected

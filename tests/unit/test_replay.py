@@ -34,7 +34,9 @@ def make_traj(n: int, version: int = 0, k: int = 2, name: str = "r", accepted: l
         exit_layer=1,
         temperature=0.0,
         created_at=0.0,
+        prompt_length=1,
         hidden=torch.zeros(n + 1, 4, dtype=torch.float16),
+        tokens=torch.zeros(n + 2, dtype=torch.int64),
         position=torch.arange(n, dtype=torch.int64),
         block_index=torch.arange(n, dtype=torch.int64),
         token=token,
@@ -44,6 +46,9 @@ def make_traj(n: int, version: int = 0, k: int = 2, name: str = "r", accepted: l
         verifier_topk_ids=ids,
         verifier_topk_logprobs=logprobs,
         timestamp=torch.zeros(n, dtype=torch.float64),
+        verified_position=torch.zeros(0, dtype=torch.int64),
+        verified_topk_ids=torch.zeros(0, k, dtype=torch.int64),
+        verified_topk_logprobs=torch.zeros(0, k, dtype=torch.float32),
     ).validate()
 
 

@@ -1,0 +1,212 @@
+"""A lean inference forward of a Llama-style decoder stack, over the HF model's own weights.
+
+The same math as transformers' Llama layers (RMSNorm, rotary attention with grouped KV heads,
+gated MLP), with what batch-1 decoding on a CPU pays for removed:
+  * Q/K/V and gate/up projections fused into one matrix each, every matrix a `PackedLinear`
+    (the fastest layout per batch size; see common/packed_linear.py);
+  * a `StaticKVCache` (no re-concatenation of the cache per token, O(1) crop);
+  * rotary cos/sin looked up from a table instead of recomputed per call;
+  * no per-call mask building for single-token steps, no HF output dataclasses, no hooks.
+
+It is an inference path only: training (the learner) runs the HF/peft modules. `SplitModel`
+checks at load time that this path reproduces the HF forward (`_check_parity`) and uses the HF
+layers instead when it does not, or when `fast_path_blocker` names a reason.
+
+Shapes: T rows (positions) of one sequence; H hidden size; activations are [T, H] (no batch dim).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.kv_cache import StaticKVCache
+from common.packed_linear import PackedLinear
+
+FAST_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+"""Model types whose decoder layer this module reproduces (checked again numerically at load)."""
+_STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
+
+WeightOf = Callable[[nn.Module], torch.Tensor]
+
+
+def plain_weight(linear: nn.Module) -> torch.Tensor:
+    return linear.weight
+
+
+def fast_path_blocker(model: nn.Module) -> str | None:
+    """Why `FastStack` cannot run `model` (an HF causal LM), or None when it can."""
+    cfg = model.config
+    if cfg.model_type not in FAST_MODEL_TYPES:
+        return f"model type {cfg.model_type!r} is not one of {sorted(FAST_MODEL_TYPES)}"
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return "sliding-window attention"
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if rope_type not in _STATIC_ROPE_TYPES:
+        return f"rope type {rope_type!r} (its tables change with the sequence length)"
+    for layer in model.get_decoder().layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        names = ("q_proj", "k_proj", "v_proj", "o_proj")
+        if attn is None or not all(isinstance(getattr(attn, n, None), nn.Linear) for n in names):
+            return "attention without q/k/v/o linear projections"
+        if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+            return "query/key norms"
+        if mlp is None or not all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
+            return "an MLP without gate/up/down projections"
+        for norm in (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None)):
+            if norm is None or _norm_eps(norm) is None:
+                return "layer norms that are not RMSNorm"
+    return None
+
+
+def _norm_eps(norm: nn.Module) -> float | None:
+    for name in ("variance_epsilon", "eps"):
+        if hasattr(norm, name):
+            return float(getattr(norm, name))
+    return None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF LlamaRMSNorm: normalise in fp32, cast back, then scale (the same order of operations)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def chunk_mask(rows: int, past: int, device) -> torch.Tensor | None:
+    """Boolean attention mask [rows, past + rows] (True = attend) for a chunk appended after `past`
+    cached positions: row i sees every cached position and the chunk's rows 0..i. None for one
+    row, which sees everything."""
+    if rows == 1:
+        return None
+    return torch.ones(rows, past + rows, dtype=torch.bool, device=device).tril(past)
+
+
+class FastLayer:
+    """One decoder layer (inference): x [T, H] -> x [T, H], appending its keys/values to a cache slot.
+
+    Built from an HF Llama-style layer; `weight_of(linear)` gives the weight each projection
+    applies (the plain weight, or a LoRA-merged one for the drafter's exit layer).
+    """
+
+    def __init__(self, layer: nn.Module, weight_of: WeightOf = plain_weight):
+        attn, mlp = layer.self_attn, layer.mlp
+        q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.head_dim = int(attn.head_dim)
+        self.q_heads = base_linear(q).out_features // self.head_dim
+        self.kv_heads = base_linear(k).out_features // self.head_dim
+        self.scale = float(getattr(attn, "scaling", self.head_dim**-0.5))
+        self.qkv = PackedLinear(
+            torch.cat([weight_of(q), weight_of(k), weight_of(v)]),
+            _cat_bias([base_linear(q).bias, base_linear(k).bias, base_linear(v).bias]),
+        )
+        self.o = PackedLinear(weight_of(o), base_linear(o).bias)
+        self.intermediate = base_linear(mlp.gate_proj).out_features
+        self.gate_up = PackedLinear(torch.cat([weight_of(mlp.gate_proj), weight_of(mlp.up_proj)]))
+        self.down = PackedLinear(weight_of(mlp.down_proj), base_linear(mlp.down_proj).bias)
+        self.act = mlp.act_fn
+        self.norm1 = (layer.input_layernorm.weight.detach(), _norm_eps(layer.input_layernorm))
+        self.norm2 = (layer.post_attention_layernorm.weight.detach(), _norm_eps(layer.post_attention_layernorm))
+        self._split = [self.q_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: StaticKVCache, slot: int,
+                 mask: torch.Tensor | None) -> torch.Tensor:
+        """x [T, H]; cos/sin [T, head_dim] of the rows' positions; mask [T, past + T] bool or None."""
+        rows = x.shape[0]
+        q, k, v = self.qkv(rms_norm(x, *self.norm1)).split(self._split, dim=-1)
+        q = _rotate(q.view(rows, self.q_heads, self.head_dim).transpose(0, 1), cos, sin)  # [heads, T, hd]
+        k = _rotate(k.view(rows, self.kv_heads, self.head_dim).transpose(0, 1), cos, sin)
+        keys, values = cache.append(slot, k, v.view(rows, self.kv_heads, self.head_dim).transpose(0, 1))
+        attn = F.scaled_dot_product_attention(
+            q[None], keys[None], values[None], attn_mask=mask, scale=self.scale,
+            enable_gqa=self.q_heads != self.kv_heads,
+        )[0]
+        x = x + self.o(attn.transpose(0, 1).reshape(rows, self.q_heads * self.head_dim))
+        gate, up = self.gate_up(rms_norm(x, *self.norm2)).split(self.intermediate, dim=-1)
+        return x + self.down(self.act(gate) * up)
+
+
+class FastStack:
+    """The whole decoder stack of an HF causal LM, inference only.
+
+    embed(ids [T]) -> [T, H]; run(x, start, stop, cache, position) runs layers [start, stop) on
+    rows at positions [position, position + T) (cache slots `start..stop-1` must hold exactly
+    `position` positions); logits(x [T, H]) -> [T, V] float32 through the final norm and LM head.
+    """
+
+    def __init__(self, model: nn.Module):
+        decoder = model.get_decoder()
+        self.layers = [FastLayer(layer) for layer in decoder.layers]
+        self.embed_weight = decoder.embed_tokens.weight.detach()
+        self.norm = (decoder.norm.weight.detach(), _norm_eps(decoder.norm))
+        self.lm_head = PackedLinear(model.lm_head.weight, model.lm_head.bias)
+        self._rotary = decoder.rotary_emb
+        self._cos = self._sin = None
+        first = self.layers[0]
+        self.kv_heads, self.head_dim = first.kv_heads, first.head_dim
+        self.dtype, self.device = self.embed_weight.dtype, self.embed_weight.device
+
+    def new_cache(self, num_layers: int, capacity: int) -> StaticKVCache:
+        return StaticKVCache(num_layers, self.kv_heads, self.head_dim, capacity, self.dtype, self.device)
+
+    def rope(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [end - start, head_dim] of positions [start, end), from HF's own rotary module
+        (so every scaling variant it implements gives the same values), tabulated once."""
+        if self._cos is None or self._cos.shape[0] < end:
+            size = max(end, 2 * (0 if self._cos is None else self._cos.shape[0]), 256)
+            positions = torch.arange(size, device=self.device)[None]
+            with torch.no_grad():
+                cos, sin = self._rotary(self.embed_weight[:1][None], positions)
+            self._cos, self._sin = cos[0], sin[0]
+        return self._cos[start:end], self._sin[start:end]
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.embed_weight)
+
+    def run(self, x: torch.Tensor, start: int, stop: int, cache: StaticKVCache, position: int,
+            slot_offset: int = 0) -> torch.Tensor:
+        """Layers [start, stop) on x [T, H] whose rows sit at positions [position, position + T).
+
+        Layer i uses cache slot i - slot_offset."""
+        cos, sin = self.rope(position, position + x.shape[0])
+        mask = chunk_mask(x.shape[0], position, x.device)
+        for i in range(start, stop):
+            x = self.layers[i](x, cos, sin, cache, i - slot_offset, mask)
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(rms_norm(x, *self.norm)).float()
+
+
+def base_linear(linear: nn.Module) -> nn.Linear:
+    """The nn.Linear inside a (possibly peft-wrapped) projection."""
+    return linear.get_base_layer() if hasattr(linear, "get_base_layer") else linear
+
+
+def _cat_bias(biases: list[torch.Tensor | None]) -> torch.Tensor | None:
+    if all(b is None for b in biases):
+        return None
+    assert all(b is not None for b in biases), "Q, K and V projections must all have a bias or none"
+    return torch.cat([b.detach() for b in biases])
+
+
+_STACKS: "weakref.WeakKeyDictionary[nn.Module, FastStack]" = weakref.WeakKeyDictionary()
+
+
+def shared_fast_stack(model: nn.Module) -> FastStack:
+    """The one FastStack of `model` (built on first use): every split of the same frozen model
+    (several drafters in one benchmark, say) shares its packed weights instead of copying them."""
+    stack = _STACKS.get(model)
+    if stack is None:
+        stack = _STACKS[model] = FastStack(model)
+    return stack

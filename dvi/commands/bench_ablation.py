@@ -1,0 +1,138 @@
+"""`dvi bench ablation`: every speed lever of dvi switched off in turn, timed side by side."""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from common.config import DEFAULT_MODEL, DecodeConfig
+from common.prompts import spec_bench_task
+from dvi.cli import bench_app
+from dvi.progress import progress_bar
+
+
+@bench_app.command("ablation")
+def ablation(
+    prompts: str = typer.Option(..., "--prompts", help="Spec-Bench-format JSONL (first turn only)."),
+    adapter: str = typer.Option(..., "--adapter", help="A trained adapter (e.g. a `dvi bench speed --learn` run's adapters/kl-rl)."),
+    out: str = typer.Option(..., "--out", help="Directory for ablation.json and ablation.md."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Alias, local HF directory, or hub id (the adapter's model)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts."),
+    per_category: Optional[int] = typer.Option(None, "--per-category", help="Use the first N prompts of each Spec-Bench task."),
+    held_out: bool = typer.Option(
+        False, "--held-out", help="Time only the held-out half (the prompts `dvi bench speed --learn` times, not those it learns on)."
+    ),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Most new tokens per prompt."),
+    gamma: int = typer.Option(DecodeConfig.gamma, "--gamma", help="Most exit-head drafts per block."),
+    confidence_threshold: float = typer.Option(DecodeConfig.confidence_threshold, "--confidence-threshold", help="Confidence stop."),
+    lookup_tokens: int = typer.Option(DecodeConfig.lookup_tokens, "--lookup-tokens", help="Most context-drafted tokens per block."),
+    lookup_min_ngram: int = typer.Option(DecodeConfig.lookup_min_ngram, "--lookup-min-ngram", help="Shortest context match."),
+    adaptive_gamma: bool = typer.Option(DecodeConfig.adaptive_gamma, "--adaptive-gamma/--fixed-gamma", help="Adaptive gamma on or off in the full method."),
+    levers: Optional[str] = typer.Option(None, "--levers", help="Comma-separated levers to switch off (default: all)."),
+    warmup: int = typer.Option(2, "--warmup", help="Prompts run through every variant before timing."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads (recorded)."),
+) -> None:
+    """Time dvi with all levers on, then with each one off, next to hf_ar and our plain AR."""
+    from dvi.bench import ablation as bench
+    from dvi.commands.bench_speed import parse_names
+
+    decode = DecodeConfig(gamma=gamma, max_new_tokens=max_new_tokens, confidence_threshold=confidence_threshold,
+                          lookup_tokens=lookup_tokens, lookup_min_ngram=lookup_min_ngram, adaptive_gamma=adaptive_gamma)
+    chosen = parse_names("--levers", levers) or tuple(bench.LEVERS)
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    if not Path(adapter).is_dir():
+        raise ValueError(f"--adapter: adapter directory not found: {adapter}")
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        _run(model, prompts, adapter, Path(out), decode, chosen, limit, per_category, held_out, warmup)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(model_id, prompts_path, adapter, out: Path, decode, levers, limit, per_category, held_out, warmup) -> None:
+    from rich.console import Console
+
+    from common.config import ModelSpec
+    from common.model_split import DRAFT_VOCAB_KEY, SplitModel, read_adapter_dir
+    from common.prompts import encode_prompt, load_prompts
+    from dvi.bench import ablation as bench
+    from dvi.bench import speed
+    from dvi.bench.learning import split_train_eval
+
+    meta, tensors = read_adapter_dir(adapter)
+    drafter = bench.drafter_config_of(meta)
+    variants = bench.variants(decode, drafter.draft_vocab_size, levers)
+    base = SplitModel.load(ModelSpec(model=model_id, drafter=drafter))
+    base.check_adapter_meta(meta, adapter)
+
+    splits: dict[tuple, SplitModel] = {}
+
+    def split_for(v: bench.Variant) -> SplitModel:
+        key = (v.engine, v.trained, v.draft_vocab_size)
+        if key not in splits:
+            config = dataclasses.replace(drafter, draft_vocab_size=v.draft_vocab_size)
+            s = SplitModel(base.model, base.tokenizer, config, model_id, engine=v.engine)
+            if v.trained:
+                state = dict(tensors)
+                if not v.draft_vocab_size:
+                    state.pop(DRAFT_VOCAB_KEY, None)  # the same LoRA, every row of the LM head
+                s.load_adapter_state(state, int(meta.get("weight_version", 0)))
+            splits[key] = s
+        return splits[key]
+
+    questions = load_prompts(prompts_path)
+    if held_out:
+        questions = split_train_eval(questions)[1]
+    questions = _select(questions, per_category, limit)
+    encoded = [speed.BenchPrompt(i, q.question_id, spec_bench_task(q.category), tuple(encode_prompt(base.tokenizer, q.text)))
+               for i, q in enumerate(questions)]
+    settings = speed.SpeedSettings(prompts=prompts_path, model=model_id, max_new_tokens=decode.max_new_tokens,
+                                   exit_layer=drafter.exit_layer, methods=("hf_ar", "ar"))
+    console = Console(stderr=True)
+    with speed.PassCounter(base.layers[-1]) as counter, speed.quiet_hf_nested_generate():
+        table = speed.build_methods(base, settings, counter, {})
+        for v in variants:
+            table[v.name] = speed.decoder_method(split_for(v), v.decode)
+        names = list(table)
+        with progress_bar(console) as progress:
+            task = progress.add_task("ablation", total=(min(warmup, len(encoded)) + len(encoded)) * len(names), now="")
+            records = speed.run_benchmark(
+                table, encoded, min(warmup, len(encoded)), base.device,
+                lambda phase, prompt, method: progress.update(task, advance=1, now=f"{phase} {prompt.index + 1} {method}"),
+            )
+    rows = speed.aggregate(records)
+    markdown = bench.markdown_table(rows)
+    payload = {
+        "model": model_id,
+        "machine": speed.machine_info(str(base.device)),
+        "settings": {"prompts": prompts_path, "prompts_used": len(encoded), "adapter": adapter,
+                     "max_new_tokens": decode.max_new_tokens, "decode": decode.__dict__, "drafter": drafter.__dict__,
+                     "levers": {lever: bench.LEVERS[lever] for lever in levers},
+                     "command": "dvi " + " ".join(shlex.quote(a) for a in sys.argv[1:])},
+        "runs": rows,
+    }
+    bench.write_reports(out, payload, markdown)
+    sys.stdout.write(markdown + "\n")
+    console.print(f"wrote {out / 'ablation.json'}, ablation.md")
+
+
+def _select(questions: list, per_category: int | None, limit: int | None) -> list:
+    """The first `per_category` prompts of each Spec-Bench task (all when None), then the first `limit`."""
+    seen: dict[str, int] = {}
+    kept = []
+    for q in questions:
+        task = spec_bench_task(q.category)
+        seen[task] = seen.get(task, 0) + 1
+        if per_category is None or seen[task] <= per_category:
+            kept.append(q)
+    return kept[:limit] if limit is not None else kept

@@ -1,0 +1,82 @@
+"""Drafting from the context keeps decoding lossless and feeds the learner extra verified rows."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from common.config import DecodeConfig
+from common.speculative import SpeculativeDecoder
+from tests.tiny_models import randomize_adapter, stories_split, tiny_split
+
+
+def hf_greedy(model, ids, n):
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0,
+                         eos_token_id=model.generation_config.eos_token_id)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("gamma", [0, 3])
+def test_stories260k_with_context_drafting_matches_hf(gamma):
+    split = stories_split(exit_layer=2)
+    decoder = SpeculativeDecoder(split)
+    lookups = 0
+    for text in ("Once upon a time", "Tom and Sue went to the park. Tom and Sue", "The cat sat. The cat"):
+        ids = split.tokenizer(text)["input_ids"]
+        config = DecodeConfig(gamma=gamma, lookup_tokens=6, max_new_tokens=60)
+        result = decoder.generate(ids, config)
+        assert result.token_ids == hf_greedy(split.model, ids, 60), text
+        lookups += result.lookup_drafted
+        assert result.lookup_accepted <= result.lookup_drafted
+    assert lookups > 0
+
+
+def test_context_blocks_record_verified_rows_not_drafts():
+    split = tiny_split(seed=5, exit_layer=2)
+    randomize_adapter(split, 5, scale=0.3)
+    prompt = [4, 8, 15, 16, 4, 8, 15]
+    result = SpeculativeDecoder(split).generate(
+        prompt, DecodeConfig(gamma=3, lookup_tokens=4, max_new_tokens=30, record_trajectories=True, record_topk=5)
+    )
+    traj = result.trajectory.validate()
+    assert result.lookup_drafted > 0
+    assert traj.num_drafted == min(result.drafted, traj.num_drafted) and traj.num_verified > 0
+    sequence = prompt + result.token_ids
+    assert traj.tokens.tolist() == sequence and traj.prompt_length == len(prompt)
+    assert traj.num_context == len(sequence) - 1
+    # every committed token is scored exactly once: by a drafted record or a verified row
+    scored = sorted(traj.position.tolist() + traj.verified_position.tolist())
+    assert scored == list(range(len(prompt) - 1, len(sequence) - 1))
+    # greedy: the verifier's top-1 at a verified position is the token committed after it
+    for p, ids in zip(traj.verified_position.tolist(), traj.verified_topk_ids):
+        assert int(ids[0]) == sequence[p + 1]
+
+
+def test_sampling_with_context_drafts_keeps_the_model_distribution():
+    vocab = 5
+    split = tiny_split(seed=2, exit_layer=1, vocab=vocab, hidden=16, layers=3)
+    split.eos_token_ids = set()
+    prompt = [1, 2, 1]  # the suffix (1,) occurred before: every first block drafts [2, 1, ...] from context
+    with torch.no_grad():
+        p1 = torch.softmax(split.model(input_ids=torch.tensor([prompt])).logits[0, -1], -1)
+        exact = {}
+        for a in range(vocab):
+            p2 = torch.softmax(split.model(input_ids=torch.tensor([prompt + [a]])).logits[0, -1], -1)
+            for b in range(vocab):
+                exact[(a, b)] = float(p1[a] * p2[b])
+    decoder = SpeculativeDecoder(split)
+    gen = torch.Generator().manual_seed(0)
+    counts = dict.fromkeys(itertools.product(range(vocab), repeat=2), 0)
+    trials = 3000
+    drafted = 0
+    for _ in range(trials):
+        result = decoder.generate(prompt, DecodeConfig(gamma=0, lookup_tokens=2, temperature=1.0, max_new_tokens=2), generator=gen)
+        counts[tuple(result.token_ids)] += 1
+        drafted += result.lookup_drafted
+    assert drafted >= trials  # the context path really ran
+    cells = sorted(exact)
+    observed = np.array([counts[c] for c in cells], dtype=np.float64)
+    expected = np.array([exact[c] for c in cells]) * trials
+    assert chisquare(observed, expected * observed.sum() / expected.sum()).pvalue > 1e-3

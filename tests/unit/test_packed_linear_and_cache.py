@@ -1,0 +1,63 @@
+"""PackedLinear computes F.linear in every batch-size path; StaticKVCache appends, crops and grows."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.kv_cache import StaticKVCache
+from common.packed_linear import PackedLinear, onednn_prepack_available
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 17])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_packed_linear_matches_f_linear(rows, with_bias):
+    g = torch.Generator().manual_seed(rows)
+    weight = torch.randn(48, 24, generator=g)
+    bias = torch.randn(48, generator=g) if with_bias else None
+    x = torch.randn(rows, 24, generator=g)
+    layer = PackedLinear(weight, bias)
+    assert torch.allclose(layer(x), F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
+    assert (layer.out_features, layer.in_features) == (48, 24)
+
+
+def test_packed_linear_copies_its_weight():
+    weight = torch.randn(6, 4)
+    layer = PackedLinear(weight)
+    before = layer(torch.ones(3, 4)).clone()
+    weight.zero_()  # the packed layouts are copies made at construction
+    assert torch.allclose(layer(torch.ones(3, 4)), before)
+
+
+def test_onednn_probe_answers_a_bool():
+    assert onednn_prepack_available() in (True, False)
+
+
+def test_static_cache_append_crop_and_independent_layers():
+    cache = StaticKVCache(num_layers=2, kv_heads=2, head_dim=3, capacity=4, dtype=torch.float32)
+    k = torch.arange(2 * 3 * 3, dtype=torch.float32).view(2, 3, 3)
+    keys, values = cache.append(0, k, -k)
+    assert keys.shape == (2, 3, 3) and torch.equal(keys, k) and torch.equal(values, -k)
+    assert (cache.get_seq_length(0), cache.get_seq_length(1)) == (3, 0)  # layers fill independently
+    cache.crop(1)
+    assert cache.get_seq_length(0) == 1
+    keys, _ = cache.append(0, k[:, :1] + 100, k[:, :1])
+    assert torch.equal(keys[:, 0], k[:, 0]) and torch.equal(keys[:, 1], k[:, 0] + 100)
+    cache.crop(10)  # longer than held: unchanged
+    assert cache.get_seq_length(0) == 2
+    with pytest.raises(ValueError):
+        cache.crop(-1)
+
+
+def test_static_cache_grows_and_keeps_its_content():
+    cache = StaticKVCache(num_layers=1, kv_heads=1, head_dim=2, capacity=2, dtype=torch.float32)
+    first = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
+    cache.append(0, first, first)
+    keys, values = cache.append(0, torch.tensor([[[5.0, 6.0]]]), torch.tensor([[[7.0, 8.0]]]))
+    assert cache.capacity >= 3
+    assert torch.equal(keys, torch.tensor([[[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]]))
+    assert torch.equal(values[:, 2], torch.tensor([[7.0, 8.0]]))
+
+
+def test_static_cache_refuses_empty_shapes():
+    with pytest.raises(ValueError, match="positive"):
+        StaticKVCache(num_layers=0, kv_heads=1, head_dim=1, capacity=1, dtype=torch.float32)
