@@ -20,8 +20,10 @@ def _check(condition: bool, message: str) -> None:
 class DrafterConfig:
     """Shape of the drafter: where the backbone is cut and what the trainable exit head holds."""
 
-    exit_layer: int = 8
-    """k: the drafter runs decoder layers [0, k); the verifier's deep pass runs [k, L)."""
+    exit_layer: int = 4
+    """k: the drafter runs decoder layers [0, k); the verifier's deep pass runs [k, L). Shallow by
+    default: on a CPU a drafted token costs its k shallow layers, so a cheap drafter pays at the
+    acceptance an online-trained exit head reaches (README, "Exit layer")."""
     exit_init_layer: int | None = None
     """Which of the model's own decoder layers initialises the exit adapter layer (default: L - 1)."""
     lora_rank: int = 16
@@ -32,10 +34,11 @@ class DrafterConfig:
     """Dropout on the LoRA branch while training."""
     adapt_lm_head: bool = True
     """Put a LoRA on the (frozen, shared) LM head as seen by the drafter."""
-    draft_vocab_size: int = 0
-    """Draft from this many token ids only (0 = the full vocabulary): the drafter's LM head shrinks
-    to those rows, the verifier keeps every token, so decoding stays lossless. The learner picks
-    the ids as the most frequent committed tokens of the traffic it trains on."""
+    draft_vocab_size: int = 8192
+    """Draft from this many token ids only (0 = the full vocabulary; a size >= the model's is the
+    full one): the drafter's LM head shrinks to those rows, the verifier keeps every token, so
+    decoding stays lossless. The learner picks the ids as the most frequent tokens of the traffic
+    it trains on."""
 
     def __post_init__(self) -> None:
         _check(self.exit_layer >= 1, f"exit_layer must be >= 1, got {self.exit_layer}")
@@ -67,20 +70,22 @@ class DecodeConfig:
     """How one request is decoded."""
 
     gamma: int = 5
-    """Most tokens drafted per block; 0 is plain autoregressive decoding through the same loop."""
+    """Most tokens the exit head drafts per block; 0 (with lookup_tokens 0) is plain autoregressive
+    decoding through the same loop. 5 keeps a block at <= 6 rows, which a CPU verifies for about
+    the price of one (benchmarks/cost_breakdown.py)."""
     temperature: float = 0.0
     """0 is greedy; > 0 samples and the output follows the model's own sampling distribution."""
     top_k: int = 0
     """Keep only the k most likely tokens before sampling (0 = off). Applies to the verifier's target."""
     top_p: float = 1.0
     """Nucleus sampling mass (1.0 = off). Applies to the verifier's target."""
-    confidence_threshold: float = 0.0
+    confidence_threshold: float = 0.5
     """Stop drafting a block once the drafter's top-1 probability falls below this (Kangaroo's eta)."""
-    adaptive_gamma: bool = False
+    adaptive_gamma: bool = True
     """Draft at most `gamma` tokens, as many as pay off: the count with the most expected tokens per
-    second, from the exit head's running acceptance and the measured cost of a draft step and of
+    unit of cost, from the exit head's running acceptance and the cost of a draft step relative to
     a verifier pass (common/adaptive_gamma.py)."""
-    lookup_tokens: int = 0
+    lookup_tokens: int = 5
     """Most tokens drafted from the context per block (prompt lookup, common/context_draft.py;
     0 = off). A block whose suffix occurred before drafts its continuation instead of asking the
     exit head."""
@@ -115,6 +120,11 @@ class DecodeConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @classmethod
+    def autoregressive(cls, max_new_tokens: int = 128, **kwargs) -> "DecodeConfig":
+        """Plain autoregressive decoding through the same loop: no draft of any kind."""
+        return cls(gamma=0, lookup_tokens=0, max_new_tokens=max_new_tokens, **kwargs)
 
 
 @dataclass(frozen=True)

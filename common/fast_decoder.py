@@ -86,8 +86,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 def chunk_mask(rows: int, past: int, device) -> torch.Tensor | None:
     """Boolean attention mask [rows, past + rows] (True = attend) for a chunk appended after `past`
     cached positions: row i sees every cached position and the chunk's rows 0..i. None for one
-    row, which sees everything."""
-    if rows == 1:
+    row, which sees everything, and for a chunk with nothing cached before it (a prefill), which
+    SDPA masks itself with `is_causal` (and skips the masked blocks)."""
+    if rows == 1 or past == 0:
         return None
     return torch.ones(rows, past + rows, dtype=torch.bool, device=device).tril(past)
 
@@ -127,8 +128,9 @@ class FastLayer:
         q = _rotate(q.view(rows, self.q_heads, self.head_dim).transpose(0, 1), cos, sin)  # [heads, T, hd]
         k = _rotate(k.view(rows, self.kv_heads, self.head_dim).transpose(0, 1), cos, sin)
         keys, values = cache.append(slot, k, v.view(rows, self.kv_heads, self.head_dim).transpose(0, 1))
+        causal = mask is None and rows > 1  # a prefill: nothing cached before these rows
         attn = F.scaled_dot_product_attention(
-            q[None], keys[None], values[None], attn_mask=mask, scale=self.scale,
+            q[None], keys[None], values[None], attn_mask=mask, is_causal=causal, scale=self.scale,
             enable_gqa=self.q_heads != self.kv_heads,
         )[0]
         x = x + self.o(attn.transpose(0, 1).reshape(rows, self.q_heads * self.head_dim))

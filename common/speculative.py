@@ -154,7 +154,9 @@ class DecodeState:
     tokens: prompt + committed tokens; cache: base KV cache holding positions [0, len(tokens) - 1);
     exit_cache: the exit head's KV cache (may lag, see module docstring); hk_committed: [1, 1, H]
     layer-k states of positions [0, len(tokens) - 1); budget: tokens still allowed; context: the
-    n-gram index of `tokens` for context drafting (None when it is off).
+    n-gram index of `tokens` for context drafting (None when it is off); draft_stats: this
+    request's running exit-head acceptance for adaptive gamma (per request, so a seeded request
+    decodes the same whatever was served before it).
     """
 
     config: DecodeConfig
@@ -169,6 +171,7 @@ class DecodeState:
     recorder: _Recorder | None
     started: float
     context: ContextIndex | None = None
+    draft_stats: DraftStats = field(default_factory=DraftStats)
 
     @property
     def done(self) -> bool:
@@ -187,7 +190,6 @@ class SpeculativeDecoder:
     def __init__(self, split: SplitModel, gamma_policy: Callable[[GenerationResult, int], int] | None = None):
         self.split = split
         self.gamma_policy = gamma_policy
-        self.draft_stats = DraftStats()  # the exit head's acceptance and costs, for adaptive gamma
 
     def check_request(self, prompt_ids: list[int], config: DecodeConfig) -> None:
         """ValueError for an empty prompt or one that cannot fit max_new_tokens in the context."""
@@ -282,13 +284,10 @@ class SpeculativeDecoder:
             gamma = config.gamma if self.gamma_policy is None else self.gamma_policy(result, config.gamma)
             gamma = max(0, min(gamma, room))
             if config.adaptive_gamma:
-                gamma = self.draft_stats.gamma(gamma)
-            drafting = time.perf_counter()
-            drafts, draft_probs, draft_logprobs, steps = self._draft_from_head(state, block_states, gamma)
-            drafting = time.perf_counter() - drafting
+                gamma = state.draft_stats.gamma(gamma, split.draft_cost)
+            drafts, draft_probs, draft_logprobs = self._draft_from_head(state, block_states, gamma)
         g = len(drafts)
         verify_pos = torch.arange(pos0, pos0 + g + 1, device=device)[None]
-        verifying = time.perf_counter()
         target_logits = split.deep(torch.cat(block_states, dim=1), verify_pos, state.cache)[0]  # [g + 1, V]
         draft_tensor = torch.tensor(drafts, dtype=torch.int64, device=target_logits.device)
         if config.greedy:
@@ -298,7 +297,6 @@ class SpeculativeDecoder:
             q_stack = torch.stack(draft_probs) if g else target_probs[:0]
             n_accepted, next_token = rejection_accept(draft_tensor, q_stack, target_probs, state.generator)
 
-        verifying = time.perf_counter() - verifying  # the acceptance above waited for the logits
         result.verifier_passes += 1
         if from_context:
             result.lookup_drafted += g
@@ -306,7 +304,7 @@ class SpeculativeDecoder:
         else:
             result.drafted += g
             result.accepted += n_accepted
-            self.draft_stats.observe_block(steps, g, n_accepted, drafting, verifying)
+            state.draft_stats.observe_block(g, n_accepted)
             _bump(result.drafted_by_position, range(g))
             _bump(result.accepted_by_position, range(n_accepted))
 
@@ -335,17 +333,14 @@ class SpeculativeDecoder:
         """Draft up to `gamma` tokens with the exit head, one at a time, each drafted token also
         run through the shallow layers (its state appended to `block_states`). Drafting stops
         early when the drafter's top-1 probability falls below the confidence threshold.
-        Returns (tokens, q rows over the full vocabulary (sampling only), log q of each token,
-        exit-head steps taken: one more than the tokens when the confidence stop ended it)."""
+        Returns (tokens, q rows over the full vocabulary (sampling only), log q of each token)."""
         split, config, device = self.split, state.config, self.split.device
         pos0 = len(state.tokens) - 1
         vocab = split.draft_vocab
         drafts: list[int] = []
         draft_probs: list[torch.Tensor] = []
         draft_logprobs: list[float] = []
-        steps = 0
         for i in range(gamma):
-            steps += 1
             exit_len = state.exit_cache.get_seq_length(0)
             unseen = state.hk_committed[exit_len:] + block_states[max(0, exit_len - pos0):]
             unseen_pos = torch.arange(exit_len, pos0 + i + 1, device=device)[None]
@@ -370,7 +365,7 @@ class SpeculativeDecoder:
             block_states.append(
                 split.shallow(torch.tensor([[token]], device=device), torch.tensor([[pos0 + i + 1]], device=device), state.cache)
             )
-        return drafts, draft_probs, draft_logprobs, steps
+        return drafts, draft_probs, draft_logprobs
 
     def finish(self, state: DecodeState) -> GenerationResult:
         """Close the request: timing and, when recording, the learner's Trajectory."""

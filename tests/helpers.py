@@ -118,3 +118,11 @@ def assert_trajectories_equal(a: Trajectory, b: Trajectory) -> None:
         right = getattr(b, name)
         assert left.dtype == right.dtype and left.shape == right.shape, name
         assert left.contiguous().numpy().tobytes() == right.contiguous().numpy().tobytes(), name
+
+
+def head_only(**kwargs):
+    """A DecodeConfig that drafts with the exit head alone, every block, up to gamma tokens: no
+    context drafting, no confidence stop, no adaptive gamma (tests of the exit-head paths)."""
+    from common.config import DecodeConfig
+
+    return DecodeConfig(**{"lookup_tokens": 0, "confidence_threshold": 0.0, "adaptive_gamma": False, **kwargs})

@@ -112,8 +112,8 @@ class SpeedSettings:
             raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.exit_layer < 1:
             raise ValueError(f"--exit-layer must be >= 1, got {self.exit_layer}")
-        if self.gamma < 1:
-            raise ValueError(f"--gamma must be >= 1 (gamma 0 is the `ar` method), got {self.gamma}")
+        if self.gamma < 0 or (self.gamma == 0 and self.lookup_tokens == 0):
+            raise ValueError(f"--gamma must be >= 1 (gamma 0 without --lookup-tokens is the `ar` method), got {self.gamma}")
         if not 0.0 <= self.confidence_threshold <= 1.0:
             raise ValueError(f"--confidence-threshold must be in [0, 1], got {self.confidence_threshold}")
         if self.warmup < 0:
@@ -304,7 +304,7 @@ def build_methods(split, settings: SpeedSettings, counter: PassCounter, drafters
     stop = dict(do_sample=False, max_new_tokens=settings.max_new_tokens, **hf_stop_kwargs(split))
     makers: dict[str, Callable[[], MethodFn]] = {
         "hf_ar": lambda: _hf_method(model, device, counter, stop),
-        "ar": lambda: decoder_method(split, DecodeConfig(gamma=0, max_new_tokens=settings.max_new_tokens)),
+        "ar": lambda: decoder_method(split, DecodeConfig.autoregressive(settings.max_new_tokens)),
         "hf_prompt_lookup": lambda: _hf_method(
             model, device, counter, {**stop, "prompt_lookup_num_tokens": PROMPT_LOOKUP_NUM_TOKENS}
         ),

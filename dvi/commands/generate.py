@@ -49,6 +49,9 @@ def generate(
     gamma: int = typer.Option(DecodeConfig.gamma, "--gamma", help="Tokens drafted per block (0 = plain AR)."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; > 0 samples losslessly."),
     max_new_tokens: int = typer.Option(DecodeConfig.max_new_tokens, "--max-new-tokens"),
+    lookup_tokens: int = typer.Option(DecodeConfig.lookup_tokens, "--lookup-tokens", help="Most tokens drafted from the context per block (0 = off)."),
+    confidence_threshold: float = typer.Option(DecodeConfig.confidence_threshold, "--confidence-threshold", help="Stop drafting below this drafter top-1 probability."),
+    adaptive_gamma: bool = typer.Option(DecodeConfig.adaptive_gamma, "--adaptive-gamma/--fixed-gamma", help="Draft as many tokens as pay off (<= gamma)."),
     adapter: str = typer.Option(None, "--adapter", help="A trained drafter adapter directory."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampling generator."),
     stats: bool = typer.Option(True, "--stats/--no-stats", help="Print tau and acceptance to stderr at the end."),
@@ -59,7 +62,8 @@ def generate(
 
     if not prompt.strip():
         raise ValueError("prompt is empty")
-    config = DecodeConfig(gamma=gamma, temperature=temperature, max_new_tokens=max_new_tokens)
+    config = DecodeConfig(gamma=gamma, temperature=temperature, max_new_tokens=max_new_tokens, lookup_tokens=lookup_tokens,
+                          confidence_threshold=confidence_threshold, adaptive_gamma=adaptive_gamma)
     split = load_split(model, exit_layer, adapter)
     ids = encode_prompt(split.tokenizer, prompt)
     generator = torch.Generator().manual_seed(seed)
@@ -70,6 +74,7 @@ def generate(
         print(
             f"[{len(result.token_ids)} tokens in {result.seconds:.2f}s, "
             f"{len(result.token_ids) / max(result.seconds, 1e-9):.1f} tok/s, tau {result.mean_accepted:.2f}, "
-            f"acceptance {result.acceptance_rate:.2f}, adapter v{result.weight_version}]",
+            f"exit-head acceptance {result.acceptance_rate:.2f} ({result.drafted} drafted), "
+            f"context drafts {result.lookup_accepted}/{result.lookup_drafted} accepted, adapter v{result.weight_version}]",
             file=sys.stderr,
         )

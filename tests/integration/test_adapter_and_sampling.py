@@ -8,6 +8,7 @@ from scipy.stats import chisquare
 
 from common.config import DecodeConfig
 from common.speculative import SpeculativeDecoder
+from tests.helpers import head_only
 from tests.tiny_models import randomize_adapter, tiny_split
 
 
@@ -79,7 +80,7 @@ def test_speculative_sampling_matches_model_distribution_at_temperature_one():
     trials = 4000
     accepted = 0
     for _ in range(trials):
-        result = decoder.generate(prompt, DecodeConfig(gamma=2, temperature=1.0, max_new_tokens=2), generator=gen)
+        result = decoder.generate(prompt, head_only(gamma=2, temperature=1.0, max_new_tokens=2), generator=gen)
         counts[tuple(result.token_ids)] += 1
         accepted += result.accepted
     assert 0 < accepted < trials * 2  # both accept and reject paths ran
@@ -103,11 +104,12 @@ def test_sampling_is_reproducible_with_a_seed():
     split = tiny_split(seed=4, exit_layer=2)
     randomize_adapter(split, 4, scale=0.3)
     decoder = SpeculativeDecoder(split)
-    config = DecodeConfig(gamma=3, temperature=0.9, top_k=20, top_p=0.9, max_new_tokens=30)
-    a = decoder.generate([7, 8, 9], config, generator=torch.Generator().manual_seed(5)).token_ids
-    b = decoder.generate([7, 8, 9], config, generator=torch.Generator().manual_seed(5)).token_ids
-    c = decoder.generate([7, 8, 9], config, generator=torch.Generator().manual_seed(6)).token_ids
-    assert a == b and a != c
+    for config in (DecodeConfig(gamma=3, temperature=0.9, top_k=20, top_p=0.9, max_new_tokens=30),
+                   head_only(gamma=3, temperature=0.9, top_k=20, top_p=0.9, max_new_tokens=30)):
+        a = decoder.generate([7, 8, 9, 7, 8], config, generator=torch.Generator().manual_seed(5)).token_ids
+        b = decoder.generate([7, 8, 9, 7, 8], config, generator=torch.Generator().manual_seed(5)).token_ids
+        c = decoder.generate([7, 8, 9, 7, 8], config, generator=torch.Generator().manual_seed(6)).token_ids
+        assert a == b and a != c
 
 
 def test_trajectory_record_matches_the_decoding():
@@ -115,7 +117,7 @@ def test_trajectory_record_matches_the_decoding():
     randomize_adapter(split, 5, scale=0.3)
     prompt = [4, 8, 15, 16]
     result = SpeculativeDecoder(split).generate(
-        prompt, DecodeConfig(gamma=4, max_new_tokens=30, record_trajectories=True, record_topk=5), request_id="r1"
+        prompt, head_only(gamma=4, max_new_tokens=30, record_trajectories=True, record_topk=5), request_id="r1"
     )
     traj = result.trajectory.validate()
     assert traj.request_id == "r1" and traj.weight_version == split.weight_version

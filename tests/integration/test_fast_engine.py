@@ -6,6 +6,7 @@ import torch
 from common.config import DecodeConfig, DrafterConfig
 from common.model_split import SplitModel
 from common.speculative import SpeculativeDecoder
+from tests.helpers import head_only
 from tests.tiny_models import randomize_adapter, tiny_llama, tiny_split
 
 
@@ -72,7 +73,7 @@ def test_draft_vocabulary_restricts_every_draft_and_stays_lossless():
     split.set_draft_vocab(torch.arange(40, 64))
     decoder = SpeculativeDecoder(split)
     prompt = [9, 41, 12, 50]
-    result = decoder.generate(prompt, DecodeConfig(gamma=4, max_new_tokens=40, record_trajectories=True))
+    result = decoder.generate(prompt, head_only(gamma=4, max_new_tokens=40, record_trajectories=True))
     assert result.drafted > 0
     assert all(40 <= t < 64 for t in result.trajectory.token.tolist())
     reference = split.model.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, pad_token_id=0,
@@ -91,7 +92,7 @@ def test_adapter_round_trip_carries_the_draft_vocabulary(tmp_path):
     other.load_adapter(tmp_path / "a")
     assert other.draft_vocab.tolist() == list(range(20, 36))
     full = tiny_split(seed=2, exit_layer=2)
-    with pytest.raises(AdapterError, match="draft_vocab_size"):
+    with pytest.raises(AdapterError, match="drafts from 16 tokens"):
         full.load_adapter(tmp_path / "a")
     bad = split.adapter_state()
     bad["dvi.draft_vocab"] = torch.arange(8)

@@ -7,7 +7,10 @@ from common.config import DecodeConfig
 from common.model_split import cached_kv, crop_cache
 from common.prompts import load_prompts
 from common.speculative import SpeculativeDecoder
+from tests.helpers import head_only
 from tests.tiny_models import SPEC_BENCH, randomize_adapter, stories_split, tiny_split
+
+CONFIGS = {"head_only": head_only, "defaults": DecodeConfig}  # the exit-head paths, and the product default
 
 
 def hf_greedy(model, ids, max_new_tokens):
@@ -18,10 +21,11 @@ def hf_greedy(model, ids, max_new_tokens):
     return out[0, len(ids):].tolist()
 
 
+@pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("engine", ["fast", "hf"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("exit_layer", [1, 2, 3])
-def test_tiny_random_llama_matches_hf_greedy(seed, exit_layer, engine):
+def test_tiny_random_llama_matches_hf_greedy(seed, exit_layer, engine, config):
     split = tiny_split(seed=seed, exit_layer=exit_layer, engine=engine)
     assert split.engine == engine
     if seed:  # a trained-looking drafter exercises long accepted runs and rejections alike
@@ -32,13 +36,13 @@ def test_tiny_random_llama_matches_hf_greedy(seed, exit_layer, engine):
         ids = torch.randint(3, split.vocab_size, (prompt_len,), generator=gen).tolist()
         reference = hf_greedy(split.model, ids, 40)
         for gamma in (0, 1, 2, 4, 7):
-            result = decoder.generate(ids, DecodeConfig(gamma=gamma, max_new_tokens=40))
+            result = decoder.generate(ids, CONFIGS[config](gamma=gamma, max_new_tokens=40))
             assert result.token_ids == reference, (prompt_len, gamma)
 
 
 def test_gamma_zero_is_plain_autoregressive():
     split = tiny_split(seed=4, exit_layer=2)
-    result = SpeculativeDecoder(split).generate([5, 9, 13], DecodeConfig(gamma=0, max_new_tokens=30))
+    result = SpeculativeDecoder(split).generate([5, 9, 13], DecodeConfig.autoregressive(30))
     assert result.verifier_passes == len(result.token_ids) == 30
     assert result.drafted == 0 and result.mean_accepted == 1.0
     assert result.token_ids == hf_greedy(split.model, [5, 9, 13], 30)
@@ -60,7 +64,8 @@ def test_stories260k_matches_hf_on_twenty_prompts():
         ids = tok(text)["input_ids"]
         reference = hf_greedy(split.model, ids, 48)
         for gamma in (1, 4, 6):
-            result = decoder.generate(ids, DecodeConfig(gamma=gamma, max_new_tokens=48))
+            result = decoder.generate(ids, head_only(gamma=gamma, max_new_tokens=48))
+            assert decoder.generate(ids, DecodeConfig(gamma=gamma, max_new_tokens=48)).token_ids == reference
             assert result.token_ids == reference, (text, gamma)
             total_accepted += result.accepted
     assert total_accepted > 0  # the accept path really ran
@@ -81,7 +86,8 @@ def test_eos_stops_like_hf():
     reference = hf_greedy(model, ids, 40)
     assert reference[-1] == eos and len(reference) <= 13
     for gamma in (0, 3, 6):
-        result = SpeculativeDecoder(split).generate(ids, DecodeConfig(gamma=gamma, max_new_tokens=40))
+        result = SpeculativeDecoder(split).generate(ids, head_only(gamma=gamma, max_new_tokens=40))
+        assert SpeculativeDecoder(split).generate(ids, DecodeConfig(gamma=gamma, max_new_tokens=40)).token_ids == reference
         assert result.token_ids == reference and result.finished_by_eos
 
 
@@ -91,7 +97,7 @@ def test_kv_cache_holds_exactly_the_committed_prefix_after_rejections(engine):
     assert split.engine == engine
     randomize_adapter(split, 5, scale=0.3)
     decoder = SpeculativeDecoder(split)
-    state = decoder.start([4, 8, 15, 16, 23], DecodeConfig(gamma=4, max_new_tokens=40))
+    state = decoder.start([4, 8, 15, 16, 23], head_only(gamma=4, max_new_tokens=40))
     rejections = 0
     while not state.done:
         drafted_before = state.result.drafted

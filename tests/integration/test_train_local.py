@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import DecodeConfig
 from dvi.cli import main
 from learner.config import LearnerConfig, ScheduleConfig
 from learner.learner import Learner
 from learner.local import LocalLoopConfig, evaluate, train_local
+from tests.helpers import head_only
 from tests.tiny_models import STORIES, stories_split
 
 TRAIN_OPENINGS = [
@@ -38,7 +38,7 @@ def test_local_loop_raises_held_out_acceptance_on_stories260k():
         head_lr=3e-3, lora_lr=3e-3, batch_tokens=64, seed=0,
     ))
     loop = LocalLoopConfig(steps=160, updates_per_request=4, publish_every=4, eval_every=80,
-                           decode=DecodeConfig(gamma=4, max_new_tokens=32), seed=0)
+                           decode=head_only(gamma=4, max_new_tokens=32), seed=0)
     points = train_local(learner, train, held_out, loop)
 
     assert [p["step"] for p in points] == [0, 80, 160]

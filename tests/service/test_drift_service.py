@@ -20,7 +20,6 @@ import torch
 from rich.console import Console
 
 from actors.generator import Generator, GeneratorConfig
-from common.config import DecodeConfig
 from common.drift import ArFallbackConfig, DriftGuardConfig
 from common.metrics import MetricsRecorder
 from common.telemetry import RunMetricsWriter, Telemetry
@@ -28,12 +27,13 @@ from common.transport import TrajectoryStream, TransportConfig
 from common.weights import WeightStore
 from dvi.cli import main
 from dvi.monitor import render
+from tests.helpers import head_only
 from tests.tiny_models import stories_split
 
 pytestmark = pytest.mark.slow
 
 EXIT_LAYER = 3
-DECODE = DecodeConfig(gamma=4, max_new_tokens=32)
+DECODE = head_only(gamma=4, max_new_tokens=32)  # the exit head drafts every block: its acceptance is what drifts
 OPENINGS = ["Once upon a time", "The little dog", "Tom and Sue", "One day, a bird", "Lily wanted to",
             "There was a big", "The cat was sad because", "In the park"]
 # Judge a version after 64 drafted tokens (about two requests at acceptance 0.4), not 256.

@@ -23,7 +23,7 @@ import ray
 import torch
 
 from actors.service import GeneratorPool, GeneratorSettings
-from common.config import DecodeConfig, DrafterConfig, ModelSpec
+from common.config import DrafterConfig, ModelSpec
 from common.redis_util import PrivateRedis, free_port
 from common.speculative import SpeculativeDecoder
 from common.transport import TrajectoryStream, TransportConfig
@@ -32,14 +32,14 @@ from dvi.cli import main
 from dvi.driver import SUMMARY_KEYS, RunConfig, run_service
 from learner.config import LearnerConfig
 from learner.service import LearnerLoopConfig, LearnerSettings, create_learner_actor
-from tests.helpers import make_trajectory
+from tests.helpers import head_only, make_trajectory
 from tests.tiny_models import STORIES, stories_split
 
 pytestmark = pytest.mark.slow
 
 EXIT_LAYER = 2
 SPEC = ModelSpec(model=str(STORIES), drafter=DrafterConfig(exit_layer=EXIT_LAYER))
-DECODE = DecodeConfig(gamma=4, max_new_tokens=24)
+DECODE = head_only(gamma=4, max_new_tokens=24)  # every block asks the exit head: the learner sees its drafts
 # A fast learner for a 260K-parameter model: a few dozen requests move acceptance visibly.
 LEARNER = LearnerConfig(head_lr=5e-3, lora_lr=5e-3, max_staleness=100)
 SUBJECTS = ["a little girl named Lily", "a boy named Tim", "a big red dog", "a small cat", "a happy bird",
@@ -150,7 +150,7 @@ def test_run_learns_and_every_actor_reaches_the_final_version(ray_session, redis
         split = stories_split(EXIT_LAYER)
         decoder = SpeculativeDecoder(split)
         held_out = [split.tokenizer(f"One day, {s} went to the zoo.")["input_ids"] for s in SUBJECTS[:8]]
-        evaluation = DecodeConfig(gamma=4, max_new_tokens=32)
+        evaluation = head_only(gamma=4, max_new_tokens=32)
 
         def acceptance() -> float:
             results = [decoder.generate(ids, evaluation) for ids in held_out]

@@ -107,6 +107,11 @@ def test_flag_parsing_and_validation():
     with pytest.raises(ValueError, match="already a method"):
         SpeedSettings(prompts="p", variants=(("dvi", "x"),))
     with pytest.raises(ValueError, match="gamma"):
-        SpeedSettings(prompts="p", gamma=0)
+        SpeedSettings(prompts="p", gamma=0, lookup_tokens=0)  # no drafting at all: that is `ar`
+    assert SpeedSettings(prompts="p", gamma=0, lookup_tokens=4).decode_config().lookup_tokens == 4  # context only
+    with pytest.raises(ValueError, match="unknown schedule"):
+        SpeedSettings(prompts="p", learn=("kl-only", "sgd"))
+    learned = SpeedSettings(prompts="p", methods=("hf_ar", "dvi"), learn=("kl-only", "kl-rl"))
+    assert learned.all_methods == ("hf_ar", "dvi_untrained", "dvi_kl-only", "dvi_kl-rl")
     settings = SpeedSettings(prompts="p", methods=("hf_ar", "dvi"), variants=(("dvi_kl_only", "x"),))
     assert settings.all_methods == ("hf_ar", "dvi", "dvi_kl_only")
