@@ -126,3 +126,37 @@ def head_only(**kwargs):
     from common.config import DecodeConfig
 
     return DecodeConfig(**{"lookup_tokens": 0, "confidence_threshold": 0.0, "adaptive_gamma": False, **kwargs})
+
+
+def sample_two_tokens(decoder, prompt: list[int], config, trials: int, seed: int = 0):
+    """Decode `trials` two-token samples of `prompt` with one seeded generator.
+
+    Returns (counts {(t1, t2): n} over every pair of the vocabulary, the GenerationResults)."""
+    import itertools
+
+    vocab = decoder.split.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    counts = dict.fromkeys(itertools.product(range(vocab), repeat=2), 0)
+    results = []
+    for _ in range(trials):
+        result = decoder.generate(prompt, config, generator=gen)
+        counts[tuple(result.token_ids)] += 1
+        results.append(result)
+    return counts, results
+
+
+def matches_model_distribution(model, prompt: list[int], counts: dict) -> float:
+    """Chi-square p-value of two-token sample `counts` against p(t1, t2 | prompt) computed from
+    `model` itself (every pair of its vocabulary)."""
+    import numpy as np
+    from scipy.stats import chisquare
+
+    cells = sorted(counts)
+    vocab = max(a for a, _ in cells) + 1
+    with torch.no_grad():
+        p1 = torch.softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1].float(), -1)
+        p2 = [torch.softmax(model(input_ids=torch.tensor([prompt + [a]])).logits[0, -1].float(), -1) for a in range(vocab)]
+    observed = np.array([counts[c] for c in cells], dtype=np.float64)
+    expected = np.array([float(p1[a] * p2[a][b]) for a, b in cells], dtype=np.float64)
+    expected *= observed.sum() / expected.sum()  # chisquare wants equal totals to ~1e-8
+    return float(chisquare(observed, expected).pvalue)

@@ -12,6 +12,7 @@ import typer
 
 from common.config import DEFAULT_MODEL, DecodeConfig
 from common.prompts import spec_bench_task
+from dvi import options
 from dvi.cli import bench_app
 from dvi.progress import progress_bar
 
@@ -21,21 +22,21 @@ def ablation(
     prompts: str = typer.Option(..., "--prompts", help="Spec-Bench-format JSONL (first turn only)."),
     adapter: str = typer.Option(..., "--adapter", help="A trained adapter (e.g. a `dvi bench speed --learn` run's adapters/kl-rl)."),
     out: str = typer.Option(..., "--out", help="Directory for ablation.json and ablation.md."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Alias, local HF directory, or hub id (the adapter's model)."),
+    model: options.Model = DEFAULT_MODEL,
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts."),
     per_category: Optional[int] = typer.Option(None, "--per-category", help="Use the first N prompts of each Spec-Bench task."),
     held_out: bool = typer.Option(
         False, "--held-out", help="Time only the held-out half (the prompts `dvi bench speed --learn` times, not those it learns on)."
     ),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Most new tokens per prompt."),
-    gamma: int = typer.Option(DecodeConfig.gamma, "--gamma", help="Most exit-head drafts per block."),
-    confidence_threshold: float = typer.Option(DecodeConfig.confidence_threshold, "--confidence-threshold", help="Confidence stop."),
-    lookup_tokens: int = typer.Option(DecodeConfig.lookup_tokens, "--lookup-tokens", help="Most context-drafted tokens per block."),
-    lookup_min_ngram: int = typer.Option(DecodeConfig.lookup_min_ngram, "--lookup-min-ngram", help="Shortest context match."),
-    adaptive_gamma: bool = typer.Option(DecodeConfig.adaptive_gamma, "--adaptive-gamma/--fixed-gamma", help="Adaptive gamma on or off in the full method."),
+    gamma: options.Gamma = DecodeConfig.gamma,
+    confidence_threshold: options.ConfidenceThreshold = DecodeConfig.confidence_threshold,
+    lookup_tokens: options.LookupTokens = DecodeConfig.lookup_tokens,
+    lookup_min_ngram: options.LookupMinNgram = DecodeConfig.lookup_min_ngram,
+    adaptive_gamma: options.AdaptiveGamma = DecodeConfig.adaptive_gamma,
     levers: Optional[str] = typer.Option(None, "--levers", help="Comma-separated levers to switch off (default: all)."),
     warmup: int = typer.Option(2, "--warmup", help="Prompts run through every variant before timing."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads (recorded)."),
+    threads: options.Threads = None,
 ) -> None:
     """Time dvi with all levers on, then with each one off, next to hf_ar and our plain AR."""
     from dvi.bench import ablation as bench

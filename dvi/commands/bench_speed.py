@@ -10,6 +10,7 @@ import typer
 
 from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig
 from common.prompts import spec_bench_task
+from dvi import options
 from dvi.cli import bench_app
 from dvi.progress import progress_bar
 
@@ -54,27 +55,18 @@ def _check_adapter_dir(flag: str, directory: str) -> None:
 def speed(
     prompts: str = typer.Option(..., "--prompts", help="Spec-Bench-format JSONL (question_id, category, turns); first turn only."),
     out: str = typer.Option(..., "--out", help="Directory for speed.json, speed.md, speed.png and speed_runs.jsonl."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Alias, local HF directory, or hub id."),
+    model: options.Model = DEFAULT_MODEL,
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts."),
     per_category: Optional[int] = typer.Option(
         None, "--per-category", help="Use the first N prompts of each Spec-Bench task (a stratified subset)."
     ),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Most new tokens per prompt, every method (Spec-Bench: 1024)."),
-    exit_layer: int = typer.Option(DrafterConfig.exit_layer, "--exit-layer", help="k: dvi's and hf_early_exit's drafter runs layers [0, k)."),
-    gamma: int = typer.Option(DecodeConfig.gamma, "--gamma", help="Most tokens drafted per block (dvi and hf_early_exit)."),
-    confidence_threshold: float = typer.Option(
-        DecodeConfig.confidence_threshold, "--confidence-threshold",
-        help="Stop drafting below this drafter top-1 probability (0 = off).",
-    ),
-    lookup_tokens: int = typer.Option(
-        DecodeConfig.lookup_tokens, "--lookup-tokens", help="Most tokens a dvi block drafts from the context (0 = exit head only)."
-    ),
-    lookup_min_ngram: int = typer.Option(
-        DecodeConfig.lookup_min_ngram, "--lookup-min-ngram", help="Shortest suffix n-gram a context draft matches."
-    ),
-    draft_vocab_size: int = typer.Option(
-        DrafterConfig.draft_vocab_size, "--draft-vocab-size", help="Tokens the dvi drafter proposes from (0 = the full vocabulary)."
-    ),
+    exit_layer: options.ExitLayer = DrafterConfig.exit_layer,
+    gamma: options.Gamma = DecodeConfig.gamma,
+    confidence_threshold: options.ConfidenceThreshold = DecodeConfig.confidence_threshold,
+    lookup_tokens: options.LookupTokens = DecodeConfig.lookup_tokens,
+    lookup_min_ngram: options.LookupMinNgram = DecodeConfig.lookup_min_ngram,
+    draft_vocab_size: options.DraftVocabSize = DrafterConfig.draft_vocab_size,
     engine: str = typer.Option("fast", "--engine", help="Forward of our own methods: fast (packed weights, static cache) or hf."),
     learn: Optional[str] = typer.Option(
         None, "--learn",
@@ -92,9 +84,7 @@ def speed(
     warmup: int = typer.Option(3, "--warmup", help="Prompts run through every method before timing (not recorded)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
     device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda:0."),
-    threads: Optional[int] = typer.Option(
-        None, "--threads", help="Torch CPU threads for the run (default: torch's own); recorded in speed.json."
-    ),
+    threads: options.Threads = None,
 ) -> None:
     """Time every method on the same prompts (batch 1, greedy, interleaved) and write a report."""
     from common.config import ModelSpec

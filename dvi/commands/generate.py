@@ -8,6 +8,7 @@ import torch
 import typer
 
 from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig, ModelSpec
+from dvi import options
 from dvi.cli import app
 
 
@@ -44,14 +45,14 @@ class TextStreamer:
 @app.command()
 def generate(
     prompt: str = typer.Option(..., "--prompt", help="The user message (the chat template is applied when the model has one)."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Alias, local HF directory, or hub id."),
-    exit_layer: int = typer.Option(DrafterConfig.exit_layer, "--exit-layer", help="k: the drafter runs layers [0, k)."),
-    gamma: int = typer.Option(DecodeConfig.gamma, "--gamma", help="Tokens drafted per block (0 = plain AR)."),
+    model: options.Model = DEFAULT_MODEL,
+    exit_layer: options.ExitLayer = DrafterConfig.exit_layer,
+    gamma: options.Gamma = DecodeConfig.gamma,
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; > 0 samples losslessly."),
     max_new_tokens: int = typer.Option(DecodeConfig.max_new_tokens, "--max-new-tokens"),
-    lookup_tokens: int = typer.Option(DecodeConfig.lookup_tokens, "--lookup-tokens", help="Most tokens drafted from the context per block (0 = off)."),
-    confidence_threshold: float = typer.Option(DecodeConfig.confidence_threshold, "--confidence-threshold", help="Stop drafting below this drafter top-1 probability."),
-    adaptive_gamma: bool = typer.Option(DecodeConfig.adaptive_gamma, "--adaptive-gamma/--fixed-gamma", help="Draft as many tokens as pay off (<= gamma)."),
+    lookup_tokens: options.LookupTokens = DecodeConfig.lookup_tokens,
+    confidence_threshold: options.ConfidenceThreshold = DecodeConfig.confidence_threshold,
+    adaptive_gamma: options.AdaptiveGamma = DecodeConfig.adaptive_gamma,
     adapter: str = typer.Option(None, "--adapter", help="A trained drafter adapter directory."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampling generator."),
     stats: bool = typer.Option(True, "--stats/--no-stats", help="Print tau and acceptance to stderr at the end."),

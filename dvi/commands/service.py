@@ -17,6 +17,7 @@ import typer
 
 from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig
 
+from dvi import options
 from dvi.cli import app
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -69,9 +70,9 @@ def run(
     gamma: int = typer.Option(DecodeConfig.gamma, "--gamma", help="Most tokens drafted per block."),
     max_new_tokens: int = typer.Option(DecodeConfig.max_new_tokens, "--max-new-tokens", help="Most new tokens per prompt."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; > 0 samples losslessly."),
-    confidence_threshold: float = typer.Option(DecodeConfig.confidence_threshold, "--confidence-threshold", help="Stop drafting below this drafter top-1 probability."),
-    lookup_tokens: int = typer.Option(DecodeConfig.lookup_tokens, "--lookup-tokens", help="Most tokens drafted from the context per block (0 = off)."),
-    adaptive_gamma: bool = typer.Option(DecodeConfig.adaptive_gamma, "--adaptive-gamma/--fixed-gamma", help="Draft as many tokens as pay off (<= gamma)."),
+    confidence_threshold: options.ConfidenceThreshold = DecodeConfig.confidence_threshold,
+    lookup_tokens: options.LookupTokens = DecodeConfig.lookup_tokens,
+    adaptive_gamma: options.AdaptiveGamma = DecodeConfig.adaptive_gamma,
     publish_every: int = typer.Option(4, "--publish-every", help="Learner steps per weight version."),
     publish_every_s: float = typer.Option(30.0, "--publish-every-s", help="Also publish after this many seconds with a step."),
     replay_ratio: float = typer.Option(1.0, "--replay-ratio", help="Learner steps per batch of new drafted tokens."),

@@ -1,14 +1,11 @@
 """The adapter changes only the drafter; speculative sampling keeps the model's distribution."""
 
-import itertools
-
-import numpy as np
 import torch
 from scipy.stats import chisquare
 
 from common.config import DecodeConfig
 from common.speculative import SpeculativeDecoder
-from tests.helpers import head_only
+from tests.helpers import head_only, matches_model_distribution, sample_two_tokens
 from tests.tiny_models import randomize_adapter, tiny_split
 
 
@@ -55,40 +52,19 @@ def test_adapter_state_round_trip_and_shape_check():
     assert other.weight_version == 7
 
 
-def _exact_two_token_distribution(model, prompt, vocab):
-    """p(t1, t2 | prompt) for every pair, from the model itself."""
-    probs = {}
-    with torch.no_grad():
-        p1 = torch.softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1].float(), -1)
-        for t1 in range(vocab):
-            p2 = torch.softmax(model(input_ids=torch.tensor([prompt + [t1]])).logits[0, -1].float(), -1)
-            for t2 in range(vocab):
-                probs[(t1, t2)] = float(p1[t1] * p2[t2])
-    return probs
-
-
 def test_speculative_sampling_matches_model_distribution_at_temperature_one():
     vocab = 6
     split = tiny_split(seed=2, exit_layer=1, vocab=vocab, hidden=16, layers=3)
     randomize_adapter(split, 2, scale=1.0)  # q far from p: the rejection path does real work
     split.eos_token_ids = set()  # let every sample run two tokens
     prompt = [3, 1, 4]
-    exact = _exact_two_token_distribution(split.model, prompt, vocab)
-    decoder = SpeculativeDecoder(split)
-    gen = torch.Generator().manual_seed(0)
-    counts = dict.fromkeys(itertools.product(range(vocab), repeat=2), 0)
     trials = 4000
-    accepted = 0
-    for _ in range(trials):
-        result = decoder.generate(prompt, head_only(gamma=2, temperature=1.0, max_new_tokens=2), generator=gen)
-        counts[tuple(result.token_ids)] += 1
-        accepted += result.accepted
+    counts, results = sample_two_tokens(
+        SpeculativeDecoder(split), prompt, head_only(gamma=2, temperature=1.0, max_new_tokens=2), trials
+    )
+    accepted = sum(r.accepted for r in results)
     assert 0 < accepted < trials * 2  # both accept and reject paths ran
-    cells = sorted(exact)
-    observed = np.array([counts[c] for c in cells], dtype=np.float64)
-    expected = np.array([exact[c] for c in cells], dtype=np.float64)
-    expected *= observed.sum() / expected.sum()  # chisquare wants equal totals to ~1e-8
-    assert chisquare(observed, expected).pvalue > 1e-3
+    assert matches_model_distribution(split.model, prompt, counts) > 1e-3
     # the test has power: the drafter's own distribution is rejected
     first_token = torch.tensor([sum(counts[(a, b)] for b in range(vocab)) for a in range(vocab)], dtype=torch.float64)
     with torch.no_grad():

@@ -66,3 +66,21 @@ def test_report_cli(tmp_path, capsys):
     assert main(["report", str(run)]) == 0
     out = capsys.readouterr().out
     assert "report.md" in out and "tau.png" in out
+
+
+def test_progress_prints_lines_when_not_on_a_terminal():
+    import io
+
+    from rich.console import Console
+
+    from dvi.progress import LineProgress, progress_bar
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=200)
+    with progress_bar(console) as progress:
+        assert isinstance(progress, LineProgress)
+        task = progress.add_task("learn kl-only", total=3, now="")
+        progress.update(task, advance=1, now="tau 1.20")  # within the interval: no line yet
+        progress.update(task, advance=2, now="tau 1.40")  # the end: always a line
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("learn kl-only 3/3 (") and lines[0].endswith("tau 1.40")

@@ -1,0 +1,25 @@
+"""Command-line options that several `dvi` commands share, declared once (flag, type and help).
+
+Use as a parameter annotation with the default beside it, e.g.
+`gamma: options.Gamma = DecodeConfig.gamma`; the defaults stay those of the config dataclasses.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+Model = Annotated[str, typer.Option("--model", help="Alias, local HF directory, or hub id.")]
+ExitLayer = Annotated[int, typer.Option("--exit-layer", help="k: the drafter runs decoder layers [0, k).")]
+DraftVocabSize = Annotated[int, typer.Option(
+    "--draft-vocab-size", help="Tokens the drafter proposes from (0 = the full vocabulary); learned from traffic.")]
+Gamma = Annotated[int, typer.Option("--gamma", help="Most tokens the exit head drafts per block.")]
+ConfidenceThreshold = Annotated[float, typer.Option(
+    "--confidence-threshold", help="Stop drafting below this drafter top-1 probability (0 = off).")]
+LookupTokens = Annotated[int, typer.Option(
+    "--lookup-tokens", help="Most tokens a block drafts from the context (prompt lookup; 0 = off).")]
+LookupMinNgram = Annotated[int, typer.Option("--lookup-min-ngram", help="Shortest suffix n-gram a context draft matches.")]
+AdaptiveGamma = Annotated[bool, typer.Option(
+    "--adaptive-gamma/--fixed-gamma", help="Draft as many exit-head tokens as pay off (<= gamma), or always gamma.")]
+Threads = Annotated[Optional[int], typer.Option("--threads", help="Torch CPU threads for the run (default: torch's own).")]
