@@ -164,6 +164,8 @@ class Generator:
             "tokens": 0,
             "drafted": 0,
             "accepted": 0,
+            "lookup_drafted": 0,
+            "lookup_accepted": 0,
             "verifier_passes": 0,
             "published": 0,
             "publish_failed": 0,
@@ -428,6 +430,8 @@ class Generator:
         c["tokens"] += len(result.token_ids)
         c["drafted"] += result.drafted
         c["accepted"] += result.accepted
+        c["lookup_drafted"] += result.lookup_drafted
+        c["lookup_accepted"] += result.lookup_accepted
         c["verifier_passes"] += result.verifier_passes
         self._last = result
         tokenizer = self.split.tokenizer
@@ -444,6 +448,8 @@ class Generator:
             "acceptance": result.acceptance_rate,
             "drafted": result.drafted,
             "accepted": result.accepted,
+            "lookup_drafted": result.lookup_drafted,
+            "lookup_accepted": result.lookup_accepted,
             "verifier_passes": result.verifier_passes,
             "seconds": result.seconds,
             "tokens_per_s": len(result.token_ids) / result.seconds if result.seconds > 0 else 0.0,
@@ -523,6 +529,8 @@ class Generator:
         m.set("dvi_actor_ar_fallback", 1.0 if self.ar_active else 0.0, actor)
         m.set("dvi_actor_tau", result.mean_accepted, av)
         m.set("dvi_actor_acceptance_rate", result.acceptance_rate, av)
+        lookups = result.lookup_drafted
+        m.set("dvi_actor_context_acceptance_rate", result.lookup_accepted / lookups if lookups else 0.0, actor)
         self._recorded_versions.add(result.weight_version)
         accepted = result.accepted_by_position
         for pos, drafted in enumerate(result.drafted_by_position):

@@ -2,17 +2,24 @@
 
 One block:
   1. the last committed token runs through the shallow layers [0, k) -> h_k;
-  2. the drafter (exit head on h_k) proposes d_1..d_G one at a time, each drafted token also
-     running through the shallow layers so its h_k is ready for verification;
+  2. a draft d_1..d_G is proposed, from one of two sources:
+     * the context: when the sequence's last n tokens occurred before, the tokens that followed
+       them (DecodeConfig.lookup_tokens; common/context_draft.py), run through the shallow
+       layers in one batched pass;
+     * the exit head on h_k, one token at a time, each drafted token also running through the
+       shallow layers so its h_k is ready for verification; it stops below the confidence
+       threshold, and adaptive gamma caps G at what pays (common/adaptive_gamma.py);
   3. the verifier runs only the deep layers [k, L) on the G + 1 states in one pass;
   4. acceptance (greedy prefix match or rejection sampling) commits n_accepted + 1 tokens;
   5. every cache is cropped back to the committed sequence.
+Either way the verifier alone decides what is committed, so the output is the model's own.
 
 Cache invariant (the reference code breaks it, trap 1): between blocks the base caches hold
 every committed token except the last one, and that last token is the first input of the next
-block. The exit head's own cache may lag behind (when a block accepts everything, or while
-gamma is 0): the states it has not seen yet are fed to it at the next draft, so it never
-recomputes nor skips a position. `gamma = 0` runs the same loop with no draft: plain AR.
+block. The exit head's own cache may lag behind (when a block accepts everything, while gamma is
+0, or across blocks drafted from the context): the states it has not seen yet are fed to it at
+the next draft, so it never recomputes nor skips a position. `DecodeConfig.autoregressive()`
+runs the same loop with no draft: plain AR.
 """
 
 from __future__ import annotations
