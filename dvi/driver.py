@@ -66,6 +66,8 @@ class RunConfig:
     """Model alias, local HF directory, or hub id."""
     exit_layer: int = DrafterConfig.exit_layer
     """k: the drafter runs layers [0, k)."""
+    draft_vocab_size: int = DrafterConfig.draft_vocab_size
+    """Tokens the drafter proposes from (0 = all); the learner picks them from the traffic."""
     dtype: str = "float32"
     """Base weights dtype."""
     device: str = "auto"
@@ -115,7 +117,7 @@ class RunConfig:
 
     def model_spec(self) -> ModelSpec:
         return ModelSpec(model=self.model, dtype=self.dtype, device=self.device,
-                         drafter=DrafterConfig(exit_layer=self.exit_layer))
+                         drafter=DrafterConfig(exit_layer=self.exit_layer, draft_vocab_size=self.draft_vocab_size))
 
 
 # ---------------------------------------------------------------------------------- Ray, Redis

@@ -24,6 +24,7 @@ import torch
 
 from actors.service import GeneratorPool, GeneratorSettings
 from common.config import DrafterConfig, ModelSpec
+from common.model_split import DRAFT_VOCAB_KEY
 from common.redis_util import PrivateRedis, free_port
 from common.speculative import SpeculativeDecoder
 from common.transport import TrajectoryStream, TransportConfig
@@ -38,6 +39,7 @@ from tests.tiny_models import STORIES, stories_split
 pytestmark = pytest.mark.slow
 
 EXIT_LAYER = 2
+DRAFT_VOCAB = 256  # of stories260K's 512 tokens: the reduced-vocabulary path end to end
 SPEC = ModelSpec(model=str(STORIES), drafter=DrafterConfig(exit_layer=EXIT_LAYER))
 DECODE = head_only(gamma=4, max_new_tokens=24)  # every block asks the exit head: the learner sees its drafts
 # A fast learner for a 260K-parameter model: a few dozen requests move acceptance visibly.
@@ -121,8 +123,8 @@ def test_run_learns_and_every_actor_reaches_the_final_version(ray_session, redis
     out = tmp_path / "run"
     config = RunConfig(
         workload=write_workload(tmp_path / "train.jsonl", 24), out=out, actors=2, model=str(STORIES),
-        exit_layer=EXIT_LAYER, decode=DECODE, publish_every=2, replay_ratio=2.0, learner=LEARNER,
-        redis_url=redis_url, namespace=namespace,
+        exit_layer=EXIT_LAYER, draft_vocab_size=DRAFT_VOCAB, decode=DECODE, publish_every=2, replay_ratio=2.0,
+        learner=LEARNER, redis_url=redis_url, namespace=namespace,
     )
     try:
         summary = run_service(config)
@@ -147,7 +149,7 @@ def test_run_learns_and_every_actor_reaches_the_final_version(ray_session, redis
         assert all({"actor", "version", "text", "tokens", "tau"} <= set(x) for x in lines)
 
         # Held out: prompts the service never saw, decoded greedily in-process.
-        split = stories_split(EXIT_LAYER)
+        split = stories_split(EXIT_LAYER, draft_vocab_size=DRAFT_VOCAB)
         decoder = SpeculativeDecoder(split)
         held_out = [split.tokenizer(f"One day, {s} went to the zoo.")["input_ids"] for s in SUBJECTS[:8]]
         evaluation = head_only(gamma=4, max_new_tokens=32)
@@ -159,7 +161,11 @@ def test_run_learns_and_every_actor_reaches_the_final_version(ray_session, redis
         before = acceptance()
         record = WeightStore(redis_client, namespace).fetch()
         assert record.version == final
+        # the draft vocabulary travels with the weights: the learner picked it from the traffic
+        vocab = record.tensors[DRAFT_VOCAB_KEY]
+        assert vocab.shape == (DRAFT_VOCAB,) and not torch.equal(vocab, split.draft_vocab.cpu())
         split.load_adapter_state(record.tensors, record.version)
+        assert torch.equal(split.draft_vocab.cpu(), vocab)
         after = acceptance()
         assert after > before + 0.05, (before, after)
     finally:
