@@ -295,7 +295,8 @@ class SpeculativeDecoder:
             drafts, draft_probs, draft_logprobs = self._draft_from_head(state, block_states, gamma)
         g = len(drafts)
         verify_pos = torch.arange(pos0, pos0 + g + 1, device=device)[None]
-        target_logits = split.deep(torch.cat(block_states, dim=1), verify_pos, state.cache)[0]  # [g + 1, V]
+        states = torch.cat(block_states, dim=1)  # [1, g + 1, H]
+        target_logits = split.deep(states, verify_pos, state.cache)[0]  # [g + 1, V]
         draft_tensor = torch.tensor(drafts, dtype=torch.int64, device=target_logits.device)
         if config.greedy:
             n_accepted, next_token = greedy_accept(draft_tensor, target_logits)
@@ -328,7 +329,7 @@ class SpeculativeDecoder:
                 pos0, drafts, draft_logprobs, n_accepted, next_token, target_logits, len(committed), not from_context
             )
         # the states of the committed tokens' inputs: positions pos0 .. pos0 + len(committed) - 1
-        state.hk_committed.extend(torch.cat(block_states, dim=1)[:, : len(committed)].split(1, dim=1))
+        state.hk_committed.extend(states[:, : len(committed)].split(1, dim=1))
         state.tokens.extend(committed)
         if state.context is not None:
             state.context.extend(committed)
