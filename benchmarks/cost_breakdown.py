@@ -68,8 +68,9 @@ def piece_times(split: SplitModel, context: int, repeats: int) -> dict[str, floa
             times[f"full forward, {rows} rows"] = mean_ms(
                 undo(lambda: split.deep(split.shallow(block, block_pos, cache), block_pos, cache), cache), repeats)
         hf_cache = split.model(input_ids=ids, use_cache=True).past_key_values
+        # crop_cache, not DynamicCache.crop: transformers 5.24 made crop's argument a count to remove
         times["HF model forward, 1 token"] = mean_ms(
-            lambda: (split.model(input_ids=one, past_key_values=hf_cache, use_cache=True), hf_cache.crop(n)), repeats)
+            undo(lambda: split.model(input_ids=one, past_key_values=hf_cache, use_cache=True), hf_cache), repeats)
     return times
 
 
