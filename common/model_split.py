@@ -60,6 +60,12 @@ def causal_mask(q_len: int, past_len: int, dtype: torch.dtype, device: torch.dev
     return mask.masked_fill(key_pos > query_pos, torch.finfo(dtype).min)[None, None]
 
 
+def effective_draft_vocab_size(size: int, vocab_size: int) -> int:
+    """The draft vocabulary size a configured `size` means for a model of `vocab_size` tokens:
+    any size >= vocab_size would be no reduction, so it means 0 (the full vocabulary)."""
+    return size if size < vocab_size else 0
+
+
 def crop_cache(cache, length: int) -> None:
     """Drop every cached position >= `length` in every layer of `cache` (no-op where shorter)."""
     if isinstance(cache, StaticKVCache):
@@ -170,12 +176,10 @@ class SplitModel:
         self.num_layers = len(self.layers)
         drafter_config.validate_for(self.num_layers)
         self.drafter_config = drafter_config
-        vocab_size = model.get_output_embeddings().weight.shape[0]
-        # a draft vocabulary as large as the model's is no reduction: draft from the full one
-        self.draft_vocab_size = drafter_config.draft_vocab_size if drafter_config.draft_vocab_size < vocab_size else 0
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.draft_vocab_size = effective_draft_vocab_size(drafter_config.draft_vocab_size, self.vocab_size)
         self.exit_layer = drafter_config.exit_layer
         self.hidden_size = model.config.hidden_size
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.device = model.get_input_embeddings().weight.device
         self.dtype = model.get_input_embeddings().weight.dtype
         self.fingerprint = model_fingerprint(model)
@@ -350,10 +354,9 @@ class SplitModel:
     def _initial_draft_vocab(self) -> torch.Tensor:
         """All V ids, or for a reduced drafter the choice `select_draft_vocab` makes before any
         traffic: the lowest ids, EOS included (the learner replaces it with traffic counts)."""
-        size = self.draft_vocab_size
-        if not size or size >= self.vocab_size:
+        if not self.draft_vocab_size:
             return torch.arange(self.vocab_size, device=self.device)
-        return select_draft_vocab(torch.zeros(self.vocab_size), size, self.eos_token_ids).to(self.device)
+        return select_draft_vocab(torch.zeros(self.vocab_size), self.draft_vocab_size, self.eos_token_ids).to(self.device)
 
     def set_draft_vocab(self, ids: torch.Tensor) -> None:
         """Draft from these token ids only ([V'] int64, distinct, in [0, V)); stored ascending.
@@ -458,7 +461,7 @@ class SplitModel:
             if key in theirs and theirs[key] != mine[key]:
                 raise AdapterError(f"{source} has {key}={theirs[key]}, this drafter has {mine[key]}")
         size = int(theirs.get("draft_vocab_size", 0) or 0)
-        if (size if size < self.vocab_size else 0) != self.draft_vocab_size:
+        if effective_draft_vocab_size(size, self.vocab_size) != self.draft_vocab_size:
             raise AdapterError(f"{source} drafts from {size or 'all'} tokens, this drafter from {self.draft_vocab_size or 'all'}")
 
     def load_adapter(self, directory: str | Path) -> None:

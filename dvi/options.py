@@ -6,7 +6,8 @@ Use as a parameter annotation with the default beside it, e.g.
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from contextlib import contextmanager
+from typing import Annotated, Iterator, Optional
 
 import typer
 
@@ -23,3 +24,25 @@ LookupMinNgram = Annotated[int, typer.Option("--lookup-min-ngram", help="Shortes
 AdaptiveGamma = Annotated[bool, typer.Option(
     "--adaptive-gamma/--fixed-gamma", help="Draft as many exit-head tokens as pay off (<= gamma), or always gamma.")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="Torch CPU threads for the run (default: torch's own).")]
+
+
+def check_threads(threads: int | None) -> None:
+    """ValueError unless --threads is unset or >= 1 (call it before slow work)."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with torch on `threads` CPU threads (None: as it is), then put back the
+    previous count, so in-process callers (tests) get theirs back."""
+    check_threads(threads)
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

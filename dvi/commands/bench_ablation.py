@@ -45,19 +45,11 @@ def ablation(
     decode = DecodeConfig(gamma=gamma, max_new_tokens=max_new_tokens, confidence_threshold=confidence_threshold,
                           lookup_tokens=lookup_tokens, lookup_min_ngram=lookup_min_ngram, adaptive_gamma=adaptive_gamma)
     chosen = parse_names("--levers", levers) or tuple(bench.LEVERS)
-    if threads is not None and threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {threads}")
+    options.check_threads(threads)
     if not Path(adapter).is_dir():
         raise ValueError(f"--adapter: adapter directory not found: {adapter}")
-    import torch
-
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with options.torch_threads(threads):
         _run(model, prompts, adapter, Path(out), decode, chosen, limit, per_category, held_out, warmup)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _run(model_id, prompts_path, adapter, out: Path, decode, levers, limit, per_category, held_out, warmup) -> None:

@@ -91,8 +91,7 @@ def speed(
     from common.prompts import load_prompts
     from dvi.bench import speed as bench
 
-    if threads is not None and threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {threads}")
+    options.check_threads(threads)
     parsed_methods = parse_methods(methods)
     settings = bench.SpeedSettings(
         prompts=prompts,
@@ -126,16 +125,8 @@ def speed(
     if per_category is not None and per_category < 1:
         raise ValueError(f"--per-category must be >= 1, got {per_category}")
     questions = load_prompts(prompts, limit, per_task=per_category)
-
-    import torch
-
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with options.torch_threads(threads):
         _run(settings, questions, out)
-    finally:
-        torch.set_num_threads(previous_threads)  # in-process callers (tests) get theirs back
 
 
 def _run(settings, questions: list, out: str) -> None:

@@ -16,6 +16,7 @@ from typing import Optional
 import typer
 
 from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig
+from dvi import options
 from dvi.cli import app, bench_app
 from dvi.progress import progress_bar
 from learner.config import SCHEDULE_KINDS, LearnerConfig, ScheduleConfig
@@ -139,17 +140,6 @@ def _point_text(p: dict) -> str:
     return f"tau {p['tau']:.3f} acc {p['acceptance']:.3f} @ {p['tokens_seen']} tok"
 
 
-def _set_threads(threads: int | None):
-    import torch
-
-    if threads is not None and threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {threads}")
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    return previous
-
-
 def _command_line() -> str:
     return "dvi " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
 
@@ -164,12 +154,12 @@ def train_local_command(
         None, "--eval-prompts",
         help="Held-out prompts. The same file as --prompts (or omitted): split per category, first half trains, second half evaluates.",
     ),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Alias, local HF directory, or hub id."),
+    model: options.Model = DEFAULT_MODEL,
     schedule: str = typer.Option("kl-rl", "--schedule", help="kl-rl, kl-only or rl-only."),
     eval_every: int = typer.Option(50, "--eval-every", help="Evaluate tau/acceptance every E optimiser steps."),
     eval_limit: Optional[int] = typer.Option(16, "--eval-limit", help="Held-out prompts evaluated (a fixed, category-interleaved subset)."),
     train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Use only the first N training prompts (category-interleaved)."),
-    exit_layer: int = typer.Option(DrafterConfig.exit_layer, "--exit-layer", help="k: the drafter runs layers [0, k)."),
+    exit_layer: options.ExitLayer = DrafterConfig.exit_layer,
     gamma: int = typer.Option(4, "--gamma", help="Most tokens drafted per block (evaluation, and training unless --train-gamma)."),
     train_gamma: Optional[int] = typer.Option(
         None, "--train-gamma", help="Most tokens drafted per block on training requests (default: --gamma). 1 records the same "
@@ -188,7 +178,7 @@ def train_local_command(
     resume: Optional[str] = typer.Option(None, "--resume", help="A checkpoint directory (or a run directory holding checkpoint/) to continue from."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16 base weights (the exit head trains in float32 logits)."),
     device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda:0."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads (default: torch's own)."),
+    threads: options.Threads = None,
 ) -> None:
     """Train the drafter in this process on its own traffic; evaluate held-out tau as it learns."""
     settings = TrainSettings(
@@ -201,13 +191,8 @@ def train_local_command(
     learner_config = settings.learner_config(schedule)
     train, held_out = load_prompt_halves(prompts, eval_prompts, train_limit, eval_limit)
     checkpoint = _resolve_checkpoint(resume) if resume else None
-    previous = _set_threads(threads)
-    try:
+    with options.torch_threads(threads):
         _train_local(settings, learner_config, schedule, train, held_out, checkpoint, Path(out))
-    finally:
-        import torch
-
-        torch.set_num_threads(previous)
 
 
 def _resolve_checkpoint(resume: str) -> Path:
@@ -294,11 +279,11 @@ def learning_command(
         None, "--adapters-out", help="Where each schedule's adapter goes, as <dir>/<schedule>/adapter (default: --out)."
     ),
     schedules: str = typer.Option("kl-rl,kl-only", "--schedules", help="Comma-separated schedules to compare."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Alias, local HF directory, or hub id."),
+    model: options.Model = DEFAULT_MODEL,
     eval_every: int = typer.Option(50, "--eval-every", help="Evaluate every E optimiser steps."),
     eval_limit: Optional[int] = typer.Option(16, "--eval-limit", help="Held-out prompts evaluated (category-interleaved)."),
     train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Use only the first N training prompts."),
-    exit_layer: int = typer.Option(DrafterConfig.exit_layer, "--exit-layer", help="k: the drafter runs layers [0, k)."),
+    exit_layer: options.ExitLayer = DrafterConfig.exit_layer,
     gamma: int = typer.Option(4, "--gamma", help="Most tokens drafted per block (evaluation, and training unless --train-gamma)."),
     train_gamma: Optional[int] = typer.Option(None, "--train-gamma", help="Most tokens drafted per block on training requests (default: --gamma)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Most new tokens per request."),
@@ -314,7 +299,7 @@ def learning_command(
     seed: int = typer.Option(0, "--seed", help="Seed of replay sampling."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
     device: str = typer.Option("cpu", "--device", help="Torch device."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads (default: torch's own)."),
+    threads: options.Threads = None,
 ) -> None:
     """Train each schedule from the same untrained drafter and compare held-out tau as it learns."""
     names = [s.strip() for s in schedules.split(",")]
@@ -329,13 +314,8 @@ def learning_command(
     ).validate()
     configs = {name: settings.learner_config(name) for name in names}
     train, held_out = load_prompt_halves(prompts, None, train_limit, eval_limit)
-    previous = _set_threads(threads)
-    try:
+    with options.torch_threads(threads):
         _bench_learning(settings, configs, train, held_out, Path(out), Path(adapters_out or out))
-    finally:
-        import torch
-
-        torch.set_num_threads(previous)
 
 
 def _bench_learning(settings: TrainSettings, configs: dict, train, held_out, out: Path, adapters_out: Path) -> None:
