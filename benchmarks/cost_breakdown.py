@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 from common.config import DEFAULT_MODEL, DrafterConfig, ModelSpec  # noqa: E402
 from common.model_split import SplitModel, crop_cache  # noqa: E402
+from common.packed_linear import cpu_kernels  # noqa: E402
 
 BLOCK_ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 11, 16)
 
@@ -98,6 +99,7 @@ def main() -> None:
         full = times["full forward, 1 rows"]
         print(f"\n{engine}: one drafted token (shallow + draft) = {drafted:.1f} ms = {drafted / full:.0%} of a one-row "
               f"forward ({full:.1f} ms); HF's own forward of one token: {times['HF model forward, 1 token']:.1f} ms")
+    print(f"\nfast engine's CPU linear kernels here: {cpu_kernels()}")
 
 
 if __name__ == "__main__":

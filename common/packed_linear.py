@@ -5,17 +5,19 @@ cost is reading the weights, not the arithmetic. How fast a weight streams depen
 torch picks for the shape, and on CPU the default (`F.linear`, MKL's GEMM on the [N, K] weight)
 is the slow choice at both batch sizes a speculative decoder runs:
 
-  T == 1  (one drafted token, one AR step): `x @ W_t` with W_t = W^T stored [K, N] contiguous is
-          MKL's row-streaming GEMV, about twice F.linear's speed on wide outputs (the QKV and
-          gate/up projections, the LM head) on the CPUs measured here;
   T > 1   (a verification block, a prefill): oneDNN's GEMM on a weight prepacked for its blocked
           layout (the layout inductor's freezing pass uses), whose time hardly grows from T = 1 to
-          T ~ 16, where F.linear's doubles by T = 6.
+          T ~ 16, where F.linear's doubles by T = 6;
+  T == 1  (one drafted token, one AR step): which kernel wins depends on the CPU. On an Intel
+          Xeon measured here `x @ W_t` (W_t = W^T stored [K, N] contiguous: MKL's row-streaming
+          GEMV) beat the prepacked GEMM; on an AMD EPYC the prepacked GEMM was ~1.4x faster
+          than the GEMV (one-row forward of SmolLM2-135M: 29 ms -> 21 ms). `cpu_kernels()` times
+          both once per process on a weight larger than the last-level cache and keeps the faster.
 
-oneDNN's kernel for exactly two rows was slower than for three on the CPU measured here (a
-two-token block cost a third more than a three-token one), so two rows are padded to three.
-`benchmarks/cost_breakdown.py` prints the per-piece times that motivated this. On CUDA and on
-CPUs without oneDNN the layer is a plain `F.linear` on the weight as it is (no copy).
+oneDNN's kernel for exactly two rows was slower than for three on the Xeon (a two-token block
+cost a third more than a three-token one); where the probe finds that, two rows are padded to
+three. `benchmarks/cost_breakdown.py` prints the per-piece times and the kernels chosen. On CUDA
+and on CPUs without oneDNN the layer is a plain `F.linear` on the weight as it is (no copy).
 
 Numerics: every path computes the same product in the weight's dtype with fp32 accumulation, but
 not in the same order, so results differ from F.linear's in the last bits (~1e-6 relative in
@@ -27,6 +29,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -53,37 +58,98 @@ def onednn_prepack_available() -> bool:
         return False
 
 
+KERNELS_ENV = "DVI_CPU_KERNELS"
+"""Set to `gemv` or `packed` to fix the one-row kernel instead of timing it (e.g. to compare
+runs bit for bit across machines); two-row padding then follows the Xeon measurement (on for
+`gemv`, off for `packed`)."""
+
+
+@dataclass(frozen=True)
+class CpuKernels:
+    """The CPU kernels `PackedLinear` uses: `single_row` is `gemv` (x @ W^T contiguous) or
+    `packed` (oneDNN's prepacked GEMM) for one row; `pad_two_rows` runs two rows as three."""
+
+    single_row: str = "gemv"
+    pad_two_rows: bool = True
+
+    def __post_init__(self):
+        if self.single_row not in ("gemv", "packed"):
+            raise ValueError(f"single_row must be 'gemv' or 'packed', got {self.single_row!r}")
+
+
+def _best_seconds(fn, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.cache
+def cpu_kernels() -> CpuKernels:
+    """The faster one-row kernel on this CPU and whether two rows are better padded to three,
+    from a one-off timing (~50 ms) of a SmolLM2-sized MLP weight streamed from memory, or from
+    `DVI_CPU_KERNELS`. Without oneDNN prepacking: gemv, no padding."""
+    forced = os.environ.get(KERNELS_ENV, "").strip().lower()
+    if forced:
+        return CpuKernels(forced, pad_two_rows=forced == "gemv")
+    if not onednn_prepack_available():
+        return CpuKernels("gemv", pad_two_rows=False)
+    # 12 distinct [3072, 576] weights (85 MB) so every call streams from memory, not cache
+    weights = [torch.randn(3072, 576) for _ in range(12)]
+    rows_t = [w.t().contiguous() for w in weights]
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, PREPACK_BATCH_HINT) for w in weights]
+
+    def run_packed(rows: int):
+        x = torch.randn(rows, 576)
+        return lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed]
+
+    one = torch.randn(1, 576)
+    run_packed(3)()  # oneDNN's first call per shape builds its kernel
+    gemv = _best_seconds(lambda: [torch.mm(one, w) for w in rows_t])
+    kernels = CpuKernels(
+        "packed" if _best_seconds(run_packed(1)) < gemv else "gemv",
+        pad_two_rows=_best_seconds(run_packed(3)) < _best_seconds(run_packed(2)),
+    )
+    log.info("CPU linear kernels: %s", kernels)
+    return kernels
+
+
 class PackedLinear:
     """y = x @ W^T + b for a frozen weight W [N, K] (bias b [N] or None), inference only.
 
     __call__(x [T, K]) -> [T, N] in W's dtype; x must be 2-D and on W's device. The layouts are
     copies made once here: change W afterwards and this layer does not see it (rebuild it).
+    `kernels` picks the CPU paths (default: `cpu_kernels()`, this CPU's faster ones).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, kernels: CpuKernels | None = None):
         assert weight.dim() == 2, f"weight must be [N, K], got {tuple(weight.shape)}"
         weight = weight.detach()
         self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else bias.detach().contiguous()
         self._cpu = weight.device.type == "cpu"
-        if self._cpu:
-            self._rows_t = weight.t().contiguous()  # [K, N]: the T == 1 layout
-            self._packed = (
-                torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PREPACK_BATCH_HINT)
-                if weight.dtype == torch.float32 and onednn_prepack_available()
-                else None
-            )
-            self._weight = weight if self._packed is None else None
-        else:
-            self._rows_t = self._packed = None
+        self._rows_t = self._packed = self._weight = None
+        self._pad_two = False
+        if not self._cpu:
             self._weight = weight
+            return
+        kernels = kernels or cpu_kernels()
+        if weight.dtype == torch.float32 and onednn_prepack_available():
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PREPACK_BATCH_HINT)
+            self._pad_two = kernels.pad_two_rows
+        else:
+            self._weight = weight
+        if self._packed is None or kernels.single_row == "gemv":
+            self._rows_t = weight.t().contiguous()  # [K, N]: the one-row GEMV layout
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._cpu and x.shape[0] == 1:
+        if self._rows_t is not None and x.shape[0] == 1:
             y = torch.mm(x, self._rows_t)
             return y if self.bias is None else y + self.bias
         if self._packed is not None:
-            if x.shape[0] == 2:  # see the module docstring: three rows run faster than two
+            if self._pad_two and x.shape[0] == 2:
                 return torch.ops.mkldnn._linear_pointwise(
                     torch.cat([x, x[:1]]), self._packed, self.bias, "none", [], "")[:2]
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")

@@ -5,19 +5,36 @@ import torch
 import torch.nn.functional as F
 
 from common.kv_cache import StaticKVCache
-from common.packed_linear import PackedLinear, onednn_prepack_available
+from common import packed_linear
+from common.packed_linear import CpuKernels, PackedLinear, cpu_kernels
+
+KERNEL_CHOICES = [CpuKernels("gemv", pad_two_rows=True), CpuKernels("packed", pad_two_rows=False), None]
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 8, 17])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_packed_linear_matches_f_linear(rows, with_bias):
+@pytest.mark.parametrize("kernels", KERNEL_CHOICES, ids=["gemv+pad", "packed", "probed"])
+def test_packed_linear_matches_f_linear(rows, with_bias, kernels):
     g = torch.Generator().manual_seed(rows)
     weight = torch.randn(48, 24, generator=g)
     bias = torch.randn(48, generator=g) if with_bias else None
     x = torch.randn(rows, 24, generator=g)
-    layer = PackedLinear(weight, bias)
+    layer = PackedLinear(weight, bias, kernels=kernels)
     assert torch.allclose(layer(x), F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
     assert (layer.out_features, layer.in_features) == (48, 24)
+
+
+def test_cpu_kernels_can_be_fixed_by_environment(monkeypatch):
+    monkeypatch.setenv(packed_linear.KERNELS_ENV, "packed")
+    cpu_kernels.cache_clear()
+    try:
+        assert cpu_kernels() == CpuKernels("packed", pad_two_rows=False)
+        monkeypatch.setenv(packed_linear.KERNELS_ENV, "gemm")
+        cpu_kernels.cache_clear()
+        with pytest.raises(ValueError, match="single_row"):
+            cpu_kernels()
+    finally:
+        cpu_kernels.cache_clear()
 
 
 def test_packed_linear_copies_its_weight():
@@ -26,10 +43,6 @@ def test_packed_linear_copies_its_weight():
     before = layer(torch.ones(3, 4)).clone()
     weight.zero_()  # the packed layouts are copies made at construction
     assert torch.allclose(layer(torch.ones(3, 4)), before)
-
-
-def test_onednn_probe_answers_a_bool():
-    assert onednn_prepack_available() in (True, False)
 
 
 def test_static_cache_append_crop_and_independent_layers():
