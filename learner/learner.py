@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -55,6 +55,26 @@ _OPTIM_PREFIX = "optim/"
 _RNG_SAMPLER = "rng/sampler"
 _RNG_TORCH = "rng/torch"
 _TOKEN_COUNTS = "vocab/token_counts"
+
+
+@dataclass(frozen=True)
+class DraftSpaceIds:
+    """A batch's token ids as indices into the draft vocabulary, where the drafter's logits live.
+
+    token / target [N] long (an id outside the vocabulary maps to the token's index, or 0, and its
+    row is not `valid`: the vocabulary changed since it was drafted); topk_ids / topk_logprobs
+    [N, K] and extra_ids / extra_logprobs [M, K] with outside ids at probability 0; valid [N] bool
+    (rows every loss may use); keep [M] bool (extra rows with verifier mass left).
+    """
+
+    token: torch.Tensor
+    target: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor
+    valid: torch.Tensor
+    extra_ids: torch.Tensor
+    extra_logprobs: torch.Tensor
+    keep: torch.Tensor
 
 
 class Learner:
@@ -158,20 +178,20 @@ class Learner:
         try:
             logits, verified_logits = self._drafter_logits(batch)  # [N, V'], [M, V'] float32, grad through LoRA only
             ids = self._in_draft_space(batch)
-            keep = ids["keep"]
+            keep = ids.keep
             loss, stats = combined_loss(
                 logits,
-                token=ids["token"],
-                target_token=ids["target"],
+                token=ids.token,
+                target_token=ids.target,
                 reward=batch.reward,
-                verifier_topk_ids=ids["topk_ids"],
-                verifier_topk_logprobs=ids["topk_logprobs"],
+                verifier_topk_ids=ids.topk_ids,
+                verifier_topk_logprobs=ids.topk_logprobs,
                 weights=weights,
                 baseline=baseline,
                 kl_temperature=cfg.kl_temperature,
-                importance_weight=self._pg_weights(batch, logits, ids["token"]),
-                valid=ids["valid"],
-                extra_kl=(verified_logits[keep], ids["extra_ids"][keep], ids["extra_logprobs"][keep]),
+                importance_weight=self._pg_weights(batch, logits, ids.token),
+                valid=ids.valid,
+                extra_kl=(verified_logits[keep], ids.extra_ids[keep], ids.extra_logprobs[keep]),
             )
             finite = bool(torch.isfinite(loss))
             if finite:
@@ -236,27 +256,23 @@ class Learner:
             logits, extra = logits[:, vocab], extra[:, vocab]
         return logits, extra
 
-    def _in_draft_space(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        """The batch's token ids as indices into the draft vocabulary, where the drafter's logits
-        live: token / target [N] (an id outside maps to the token's index, or 0, and its row is
-        not `valid`: the vocabulary changed since it was drafted); topk_ids / topk_logprobs [N, K]
-        and extra_ids / extra_logprobs [M, K] with outside ids at probability 0; valid [N] bool
-        (rows every loss may use); keep [M] bool (extra rows with verifier mass left)."""
+    def _in_draft_space(self, batch: TrainBatch) -> DraftSpaceIds:
+        """The batch's ids mapped into the current draft vocabulary (see `DraftSpaceIds`)."""
         lookup = draft_index(self.split.draft_vocab, self.split.vocab_size)
         token, target = lookup[batch.token], lookup[batch.target_token]
         topk_ids, topk_logprobs = restrict_topk(batch.verifier_topk_ids, batch.verifier_topk_logprobs, lookup)
         extra_ids, extra_logprobs = restrict_topk(batch.verified_topk_ids, batch.verified_topk_logprobs, lookup)
         scored = has_mass(topk_logprobs)
-        return {
-            "token": token.clamp_min(0),
-            "target": torch.where(target >= 0, target, token.clamp_min(0)),  # CE reads accepted rows only
-            "topk_ids": topk_ids,
-            "topk_logprobs": torch.where(scored[:, None], topk_logprobs, torch.zeros_like(topk_logprobs)),  # weight 0, finite
-            "valid": (token >= 0) & scored,
-            "extra_ids": extra_ids,
-            "extra_logprobs": extra_logprobs,
-            "keep": has_mass(extra_logprobs),
-        }
+        return DraftSpaceIds(
+            token=token.clamp_min(0),
+            target=torch.where(target >= 0, target, token.clamp_min(0)),  # CE reads accepted rows only
+            topk_ids=topk_ids,
+            topk_logprobs=torch.where(scored[:, None], topk_logprobs, torch.zeros_like(topk_logprobs)),  # weight 0, finite
+            valid=(token >= 0) & scored,
+            extra_ids=extra_ids,
+            extra_logprobs=extra_logprobs,
+            keep=has_mass(extra_logprobs),
+        )
 
     def _pg_weights(self, batch: TrainBatch, logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
         """[N] detached PG weights min(q_now(token) / q_behaviour(token), importance_clip).
