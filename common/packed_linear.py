@@ -89,8 +89,9 @@ def _best_seconds(fn, repeats: int = 3) -> float:
 @functools.cache
 def cpu_kernels() -> CpuKernels:
     """The faster one-row kernel on this CPU and whether two rows are better padded to three,
-    from a one-off timing (~50 ms) of a SmolLM2-sized MLP weight streamed from memory, or from
-    `DVI_CPU_KERNELS`. Without oneDNN prepacking: gemv, no padding."""
+    from a one-off timing (~0.25 s, at the first CPU fp32 layer built) of a SmolLM2-sized MLP
+    weight streamed from memory, or from `DVI_CPU_KERNELS`. Without oneDNN prepacking: gemv,
+    no padding."""
     forced = os.environ.get(KERNELS_ENV, "").strip().lower()
     if forced:
         return CpuKernels(forced, pad_two_rows=forced == "gemv")
@@ -135,13 +136,15 @@ class PackedLinear:
         if not self._cpu:
             self._weight = weight
             return
-        kernels = kernels or cpu_kernels()
         if weight.dtype == torch.float32 and onednn_prepack_available():
+            kernels = kernels or cpu_kernels()  # probed only where there is a choice to make
             self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PREPACK_BATCH_HINT)
             self._pad_two = kernels.pad_two_rows
+            single_row_gemv = kernels.single_row == "gemv"
         else:
             self._weight = weight
-        if self._packed is None or kernels.single_row == "gemv":
+            single_row_gemv = True
+        if single_row_gemv:
             self._rows_t = weight.t().contiguous()  # [K, N]: the one-row GEMV layout
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,16 @@ def test_cpu_kernels_can_be_fixed_by_environment(monkeypatch):
         cpu_kernels.cache_clear()
 
 
+def test_layers_without_a_kernel_choice_do_not_probe(monkeypatch):
+    def no_probe():
+        raise AssertionError("cpu_kernels() probed for a layer that only has the GEMV path")
+
+    monkeypatch.setattr(packed_linear, "cpu_kernels", no_probe)
+    weight = torch.randn(8, 4, dtype=torch.bfloat16)  # no prepacked layout below fp32: GEMV only
+    x = torch.randn(1, 4, dtype=torch.bfloat16)
+    assert torch.allclose(PackedLinear(weight)(x).float(), F.linear(x, weight).float(), atol=1e-2)
+
+
 def test_packed_linear_copies_its_weight():
     weight = torch.randn(6, 4)
     layer = PackedLinear(weight)
