@@ -355,13 +355,19 @@ def test_killed_actor_restarts_and_resyncs_to_the_latest_version(one_actor):
     ray.kill(actor, no_restart=False)
     latest = (store.latest_version() or 0) + 1
     store.publish(adapter(5), latest, "learner-0")  # published while it is down
-    pid = wait_for(lambda: _ping(actor), 120, "the restarted actor")
+    # ray.kill is asynchronous: the old process may still answer a ping or two before it dies
+    pid = wait_for(lambda: _new_pid(actor, first_pid), 120, "a restarted actor process")
     assert pid != first_pid
     status = ray.get(actor.status.remote())
     assert status["version"] == latest
     assert status["versions_seen"][0] == 0 and status["versions_seen"][-1] == latest  # synced on (re)start
     served = ray.get(actor.serve.remote("after-restart", "Once upon a time", None, DECODE))
     assert served["version"] == latest
+
+
+def _new_pid(actor, old_pid: int) -> int | None:
+    pid = _ping(actor)
+    return pid if pid is not None and pid != old_pid else None
 
 
 def _ping(actor) -> int | None:
