@@ -1,6 +1,6 @@
 """Which exit layer pays: `dvi bench speed --learn` once per exit layer, one table.
 
-    python benchmarks/exit_layer_sweep.py --prompts ../shared/data/spec_bench/question_dev.jsonl \
+    python benchmarks/exit_layer_sweep.py --prompts dvi/data/spec_bench/question_dev.jsonl \
         --layers 2,4,6,8,12 --per-category 8 --max-new-tokens 64 --out benchmarks/results/exit_layers
 
 For every layer k it runs `dvi bench speed --exit-layer k --learn SCHEDULE --methods hf_ar,dvi`

@@ -44,8 +44,7 @@ from common.redis_util import connect, embedded_redis  # noqa: E402
 from common.transport import TrajectoryStream, TransportConfig  # noqa: E402
 from common.weights import WeightStore  # noqa: E402
 
-SHARED = ROOT.parent / "shared"
-STORIES = SHARED / "models" / "stories260K"
+STORIES = ROOT / "tests" / "models" / "stories260K"
 RESULTS = ROOT / "benchmarks" / "results"
 
 # (label, hidden size H, context T, drafted N, verifier top-k K)

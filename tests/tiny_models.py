@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -10,11 +9,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from common.config import DrafterConfig
 from common.model_split import SplitModel
+from dvi.data import SPEC_BENCH_DEV
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("DVI_SHARED", REPO_ROOT.parent / "shared"))
-STORIES = SHARED / "models" / "stories260K"
-SPEC_BENCH = SHARED / "data" / "spec_bench" / "question_dev.jsonl"
+STORIES = REPO_ROOT / "tests" / "models" / "stories260K"  # shipped with the tests (MIT, ~1 MB)
+SPEC_BENCH = SPEC_BENCH_DEV
 
 
 def tiny_llama(seed: int = 0, layers: int = 4, vocab: int = 96, hidden: int = 32, dtype=torch.float32) -> LlamaForCausalLM:

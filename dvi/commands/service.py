@@ -18,11 +18,10 @@ import typer
 from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig
 
 from dvi import options
+from dvi.data import SPEC_BENCH_DEV
 from dvi.cli import app
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SHARED = Path(os.environ.get("DVI_SHARED", REPO_ROOT.parent / "shared"))
-DEFAULT_WORKLOAD = SHARED / "data" / "spec_bench" / "question_dev.jsonl"
+DEFAULT_WORKLOAD = SPEC_BENCH_DEV
 SECRET_ENV = "DVI_WEIGHT_SECRET"
 
 
@@ -34,8 +33,7 @@ def _secret() -> bytes | None:
 def _workload(path: Path) -> Path:
     if not path.is_file():
         raise ValueError(
-            f"workload not found: {path} (the Spec-Bench dev prompts live in ../shared/data/spec_bench/ next to "
-            f"the repository, or set DVI_SHARED; pass --workload FILE.jsonl for your own prompts)"
+            f"workload not found: {path} (pass --workload FILE.jsonl, Spec-Bench format: question_id, category, turns)"
         )
     return path
 
