@@ -89,6 +89,9 @@ class DecodeConfig:
     """Most tokens drafted from the context per block (prompt lookup, common/context_draft.py;
     0 = off). A block whose suffix occurred before drafts its continuation instead of asking the
     exit head."""
+    arbitrate: bool = True
+    """When the context has a match, choose between its draft and the exit head's by expected
+    tokens per unit of cost (common/arbitration.py); False: any context match wins the block."""
     lookup_ngram: int = 3
     """Longest suffix n-gram context drafting matches (shorter ones are tried down to lookup_min_ngram)."""
     lookup_min_ngram: int = 1

@@ -9,6 +9,9 @@ One block:
      * the exit head on h_k, one token at a time, each drafted token also running through the
        shallow layers so its h_k is ready for verification; it stops below the confidence
        threshold, and adaptive gamma caps G at what pays (common/adaptive_gamma.py);
+     when the context has a match, the source with more expected tokens per unit of cost drafts
+     (common/arbitration.py: the match's length and acceptance history against the exit head's
+     confidence and acceptance history);
   3. the verifier runs only the deep layers [k, L) on the G + 1 states in one pass;
   4. acceptance (greedy prefix match or rejection sampling) commits n_accepted + 1 tokens;
   5. every cache is cropped back to the committed sequence.
@@ -34,6 +37,7 @@ import torch
 
 from common.acceptance import greedy_accept, rejection_accept
 from common.adaptive_gamma import DraftStats
+from common.arbitration import CONTEXT, HEAD, ContextStats, choose_draft_source
 from common.config import DecodeConfig
 from common.context_draft import ContextIndex
 from common.model_split import SplitModel, crop_cache
@@ -50,7 +54,8 @@ class GenerationResult:
     drafted / the verifier accepted of them; accepted_by_position[i]: exit-head drafts accepted at
     block position i, drafted_by_position likewise; lookup_drafted / lookup_accepted: the same for
     tokens drafted from the context (DecodeConfig.lookup_tokens), kept apart so that acceptance
-    always measures the learned drafter; trajectory: the learner's record when
+    always measures the learned drafter; head_over_context: blocks the exit head drafted although
+    the context had a match (common/arbitration.py); trajectory: the learner's record when
     `record_trajectories` was set.
     """
 
@@ -63,6 +68,7 @@ class GenerationResult:
     accepted_by_position: list[int] = field(default_factory=list)
     lookup_drafted: int = 0
     lookup_accepted: int = 0
+    head_over_context: int = 0
     finished_by_eos: bool = False
     seconds: float = 0.0
     weight_version: int = 0
@@ -163,7 +169,8 @@ class DecodeState:
     layer-k states of positions [0, len(tokens) - 1); budget: tokens still allowed; context: the
     n-gram index of `tokens` for context drafting (None when it is off); draft_stats: this
     request's running exit-head acceptance for adaptive gamma (per request, so a seeded request
-    decodes the same whatever was served before it).
+    decodes the same whatever was served before it); context_stats: its running acceptance of
+    context drafts per match length, for the draft-source choice (common/arbitration.py).
     """
 
     config: DecodeConfig
@@ -179,6 +186,7 @@ class DecodeState:
     started: float
     context: ContextIndex | None = None
     draft_stats: DraftStats = field(default_factory=DraftStats)
+    context_stats: ContextStats = field(default_factory=ContextStats)
 
     @property
     def done(self) -> bool:
@@ -280,19 +288,7 @@ class SpeculativeDecoder:
         h = split.shallow(torch.tensor([[state.tokens[-1]]], device=device), torch.tensor([[pos0]], device=device), state.cache)
         block_states = [h]  # layer-k states of positions pos0 .. pos0 + len(drafts)
         room = state.budget - 1  # never draft past the budget
-        drafts = state.context.propose(min(config.lookup_tokens, room))[0] if state.context is not None else []
-        from_context = bool(drafts)
-        if from_context:  # every drafted token's layer-k state in one batched shallow pass
-            draft_pos = torch.arange(pos0 + 1, pos0 + 1 + len(drafts), device=device)[None]
-            block_states.append(split.shallow(torch.tensor([drafts], device=device), draft_pos, state.cache))
-            draft_probs = [] if config.greedy else [_one_hot(t, split.vocab_size, device) for t in drafts]
-            draft_logprobs: list[float] = []
-        else:
-            gamma = config.gamma if self.gamma_policy is None else self.gamma_policy(result, config.gamma)
-            gamma = max(0, min(gamma, room))
-            if config.adaptive_gamma:
-                gamma = state.draft_stats.gamma(gamma, split.draft_cost)
-            drafts, draft_probs, draft_logprobs = self._draft_from_head(state, block_states, gamma)
+        drafts, draft_probs, draft_logprobs, from_context, ngram = self._draft(state, block_states, room)
         g = len(drafts)
         verify_pos = torch.arange(pos0, pos0 + g + 1, device=device)[None]
         states = torch.cat(block_states, dim=1)  # [1, g + 1, H]
@@ -309,6 +305,7 @@ class SpeculativeDecoder:
         if from_context:
             result.lookup_drafted += g
             result.lookup_accepted += n_accepted
+            state.context_stats.observe_block(ngram, g, n_accepted)
         else:
             result.drafted += g
             result.accepted += n_accepted
@@ -337,10 +334,64 @@ class SpeculativeDecoder:
         state.budget -= len(committed)
         return committed
 
-    def _draft_from_head(self, state: DecodeState, block_states: list[torch.Tensor], gamma: int):
+    def _draft(self, state: DecodeState, block_states: list[torch.Tensor], room: int):
+        """The block's draft, from the context or the exit head (`common.arbitration`; with
+        `arbitrate` off, any context match wins). Appends the drafted tokens' layer-k states to
+        `block_states`. Returns (tokens, q rows (sampling only), log q of each head-drafted token,
+        from_context, the context match's n-gram length)."""
+        split, config = self.split, state.config
+        context, ngram = state.context.propose(min(config.lookup_tokens, room)) if state.context is not None else ([], 0)
+        first_logits, use_head = None, not context
+        if context and config.arbitrate and config.gamma > 0:
+            first_logits, use_head = self._arbitrate(state, block_states, len(context), ngram, room)
+        if use_head:
+            gamma = config.gamma if self.gamma_policy is None else self.gamma_policy(state.result, config.gamma)
+            gamma = max(0, min(gamma, room))
+            if config.adaptive_gamma:
+                gamma = state.draft_stats.gamma(gamma, split.draft_cost)
+            if gamma > 0 or not context:
+                if context:
+                    state.result.head_over_context += 1
+                return (*self._draft_from_head(state, block_states, gamma, first_logits), False, 0)
+        # every drafted token's layer-k state in one batched shallow pass
+        pos0, device = len(state.tokens) - 1, split.device
+        draft_pos = torch.arange(pos0 + 1, pos0 + 1 + len(context), device=device)[None]
+        block_states.append(split.shallow(torch.tensor([context], device=device), draft_pos, state.cache))
+        draft_probs = [] if config.greedy else [_one_hot(t, split.vocab_size, device) for t in context]
+        return context, draft_probs, [], True, ngram
+
+    def _arbitrate(self, state: DecodeState, block_states: list[torch.Tensor], context_tokens: int, ngram: int,
+                   room: int) -> tuple[torch.Tensor | None, bool]:
+        """Context or exit head for a block the context can draft: (the head's first-step logits
+        when they were computed, True for the head). The head's confidence is measured (one draft
+        step, reused if the head wins) only when its best case could beat the context."""
+        config, stats, cost = state.config, state.draft_stats, self.split.draft_cost
+        gamma = min(config.gamma, room)
+        if config.adaptive_gamma:
+            gamma = stats.gamma(gamma, cost)
+        head_acceptance = stats.prior if stats.acceptance is None else stats.acceptance
+        args = (context_tokens, state.context_stats.estimate(ngram), gamma, head_acceptance)
+        if choose_draft_source(*args, None, cost, config.confidence_threshold) == CONTEXT:
+            return None, False
+        first = self._head_logits(state, block_states, 0)
+        confidence = _confidence(first, config)
+        return first, choose_draft_source(*args, confidence, cost, config.confidence_threshold) == HEAD
+
+    def _head_logits(self, state: DecodeState, block_states: list[torch.Tensor], i: int) -> torch.Tensor:
+        """The exit head's logits [V'] (draft vocabulary) for block position i: feeds it every
+        layer-k state it has not seen yet (its cache may lag, see the module docstring)."""
+        pos0, device = len(state.tokens) - 1, self.split.device
+        exit_len = state.exit_cache.get_seq_length(0)
+        unseen = state.hk_committed[exit_len:] + block_states[max(0, exit_len - pos0):]
+        unseen_pos = torch.arange(exit_len, pos0 + i + 1, device=device)[None]
+        return self.split.draft(torch.cat(unseen, dim=1) if len(unseen) > 1 else unseen[0], unseen_pos, state.exit_cache)
+
+    def _draft_from_head(self, state: DecodeState, block_states: list[torch.Tensor], gamma: int,
+                         first_logits: torch.Tensor | None = None):
         """Draft up to `gamma` tokens with the exit head, one at a time, each drafted token also
         run through the shallow layers (its state appended to `block_states`). Drafting stops
         early when the drafter's top-1 probability falls below the confidence threshold.
+        first_logits: the first step's logits when `_arbitrate` already computed them.
         Returns (tokens, q rows over the full vocabulary (sampling only), log q of each token)."""
         split, config, device = self.split, state.config, self.split.device
         pos0 = len(state.tokens) - 1
@@ -349,10 +400,7 @@ class SpeculativeDecoder:
         draft_probs: list[torch.Tensor] = []
         draft_logprobs: list[float] = []
         for i in range(gamma):
-            exit_len = state.exit_cache.get_seq_length(0)
-            unseen = state.hk_committed[exit_len:] + block_states[max(0, exit_len - pos0):]
-            unseen_pos = torch.arange(exit_len, pos0 + i + 1, device=device)[None]
-            q_logits = split.draft(torch.cat(unseen, dim=1) if len(unseen) > 1 else unseen[0], unseen_pos, state.exit_cache)
+            q_logits = first_logits if i == 0 and first_logits is not None else self._head_logits(state, block_states, i)
             if config.greedy:  # [V'] over the draft vocabulary
                 logq = torch.log_softmax(q_logits, -1)
                 index = int(logq.argmax())
@@ -386,6 +434,13 @@ class SpeculativeDecoder:
                 state.tokens, len(result.prompt_ids), split.vocab_size,
             )
         return result
+
+
+def _confidence(q_logits: torch.Tensor, config: DecodeConfig) -> float:
+    """The exit head's top-1 probability for one step, as its confidence stop sees it."""
+    if config.greedy:
+        return float(torch.softmax(q_logits.float(), -1).max())
+    return float(warp(q_logits, config.temperature, config.top_k, config.top_p).max())
 
 
 def _one_hot(token: int, vocab_size: int, device) -> torch.Tensor:

@@ -1,0 +1,96 @@
+"""Which draft source a block uses: the context or the exit head, by expected tokens per unit of cost.
+
+A block verifies one draft in one verifier pass. Drafted from the **context** (prompt lookup,
+common/context_draft.py), L tokens that followed a suffix n-gram of length n earlier in the
+sequence; drafted by the **exit head**, up to g tokens one step at a time (adaptive gamma caps g,
+common/adaptive_gamma.py). With per-token acceptance a (each token accepted given the ones before
+it were), a block of d drafted tokens commits E(a, d) = 1 + a + ... + a^d tokens in expectation.
+
+  context:  E(a_ctx[n], L) / (1 + c)                 a_ctx[n]: this request's running acceptance of
+                                                     context drafts matched on an n-gram of length n
+  exit head: (1 + p1 * E(a_head, g - 1)) / (1 + g c)  p1 = (confidence + a_head) / 2: the head's top-1
+                                                     probability for the block's first token, shrunk
+                                                     toward its running acceptance a_head
+
+c is one exit-head draft step in verifier passes (`SplitModel.draft_cost`, counted in weights read).
+The context's drafted rows go through the shallow layers in one batched pass; it is priced as one
+draft step (an upper bound: the k shallow layers for all rows at once, no exit layer, no LM head).
+The head's confidence costs one draft step to know, so `choose_draft_source` is asked twice: first
+without a confidence (the head's best case, confidence 1), and only when the head could win is the
+first draft step run and the rule asked again with the measured confidence. A tie goes to the
+context. Everything is a deterministic function of the decoded tokens, so a seeded run reproduces,
+and the choice only changes the proposal, never what the verifier accepts: decoding stays lossless.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from common.adaptive_gamma import expected_tokens
+
+CONTEXT = "context"
+HEAD = "head"
+
+
+def context_value(tokens: int, acceptance: float, draft_cost: float) -> float:
+    """Expected committed tokens per unit of cost of a context draft of `tokens` tokens."""
+    return expected_tokens(acceptance, tokens) / (1.0 + draft_cost)
+
+
+def head_value(gamma: int, first_acceptance: float, acceptance: float, draft_cost: float) -> float:
+    """Expected committed tokens per unit of cost of an exit-head draft of `gamma` tokens whose first
+    token is accepted with `first_acceptance` and every later one with `acceptance`."""
+    if gamma <= 0:
+        return 1.0
+    return (1.0 + first_acceptance * expected_tokens(acceptance, gamma - 1)) / (1.0 + gamma * draft_cost)
+
+
+def choose_draft_source(
+    context_tokens: int,
+    context_acceptance: float,
+    head_gamma: int,
+    head_acceptance: float,
+    head_confidence: float | None,
+    draft_cost: float,
+    confidence_threshold: float = 0.0,
+) -> str:
+    """CONTEXT or HEAD for the next block (see the module docstring for the values compared).
+
+    context_tokens: L, tokens the context proposes (0: no match); context_acceptance: a_ctx for the
+    match's n-gram length; head_gamma: g, the most the exit head may draft (0: it is off);
+    head_acceptance: a_head; head_confidence: the head's top-1 probability for the first token,
+    None when not measured (then its best case, 1.0); confidence_threshold: below it the head
+    drafts nothing, so the context wins. Ties go to the context.
+    """
+    for name, value in (("context_acceptance", context_acceptance), ("head_acceptance", head_acceptance)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
+    if context_tokens <= 0:
+        return HEAD
+    if head_gamma <= 0:
+        return CONTEXT
+    confidence = 1.0 if head_confidence is None else head_confidence
+    if confidence < confidence_threshold:
+        return CONTEXT
+    first = 0.5 * (confidence + head_acceptance)
+    head = head_value(head_gamma, first, head_acceptance, draft_cost)
+    return HEAD if head > context_value(context_tokens, context_acceptance, draft_cost) else CONTEXT
+
+
+@dataclass
+class ContextStats:
+    """One request's running acceptance of context drafts, per matched n-gram length (an EMA per
+    drafted token up to the block's first rejection, as `DraftStats` keeps the exit head's)."""
+
+    prior: float = 0.5
+    decay: float = 0.9
+    acceptance: dict[int, float] = field(default_factory=dict)
+
+    def estimate(self, ngram: int) -> float:
+        """a_ctx for a match of length `ngram` (the prior before any such block)."""
+        return self.acceptance.get(ngram, self.prior)
+
+    def observe_block(self, ngram: int, drafted: int, accepted: int) -> None:
+        """A context block matched on `ngram` tokens drafted `drafted`, of which the first `accepted` were kept."""
+        for outcome in [1.0] * accepted + ([0.0] if accepted < drafted else []):
+            self.acceptance[ngram] = self.decay * self.estimate(ngram) + (1.0 - self.decay) * outcome

@@ -1,0 +1,61 @@
+"""The draft-source choice inside the decoder (common/arbitration.py wired into common/speculative.py):
+whichever source a block takes, decoding stays lossless, and a block handed to the exit head drafts
+exactly what the exit head alone would have drafted (its first step, run to measure confidence, is
+reused, not repeated)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import common.speculative as speculative
+from common.arbitration import CONTEXT, HEAD
+from common.config import DecodeConfig
+from common.speculative import SpeculativeDecoder
+from tests.tiny_models import randomize_adapter, stories_split
+
+TEXTS = ("Tom and Sue went to the park. Tom and Sue", "The cat sat. The cat sat on")
+
+
+def decode(split, text, config, seed=None):
+    ids = split.tokenizer(text)["input_ids"]
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return SpeculativeDecoder(split).generate(ids, config, generator=generator)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_head_chosen_over_the_context_drafts_as_the_head_alone(monkeypatch, temperature):
+    split = stories_split(exit_layer=2)
+    randomize_adapter(split, 3, scale=0.2)
+    base = dict(gamma=3, max_new_tokens=40, temperature=temperature, confidence_threshold=0.0, adaptive_gamma=False)
+    asked = []
+
+    def always_head(*args):
+        asked.append(args[4])  # head_confidence: None first, then the measured one
+        return HEAD
+
+    monkeypatch.setattr(speculative, "choose_draft_source", always_head)
+    for text in TEXTS:
+        chosen = decode(split, text, DecodeConfig(lookup_tokens=5, **base), seed=7)
+        alone = decode(split, text, DecodeConfig(lookup_tokens=0, **base), seed=7)
+        assert chosen.head_over_context > 0 and chosen.lookup_drafted == 0
+        assert chosen.token_ids == alone.token_ids
+        assert (chosen.drafted, chosen.accepted, chosen.verifier_passes) == (alone.drafted, alone.accepted, alone.verifier_passes)
+    assert None in asked and any(isinstance(c, float) for c in asked)
+
+
+def test_arbitration_on_or_off_stays_lossless_and_reproducible(monkeypatch):
+    split = stories_split(exit_layer=2)
+    randomize_adapter(split, 3, scale=0.2)
+    greedy = DecodeConfig(gamma=3, lookup_tokens=5, max_new_tokens=40)
+    for text in TEXTS:
+        reference = decode(split, text, DecodeConfig.autoregressive(40)).token_ids
+        for arbitrate in (True, False):
+            assert decode(split, text, DecodeConfig(**{**greedy.__dict__, "arbitrate": arbitrate})).token_ids == reference
+        sampled = DecodeConfig(gamma=3, lookup_tokens=5, max_new_tokens=40, temperature=0.8)
+        assert decode(split, text, sampled, seed=3).token_ids == decode(split, text, sampled, seed=3).token_ids
+    monkeypatch.setattr(speculative, "choose_draft_source", lambda *args: CONTEXT)
+    for text in TEXTS:  # the context always chosen: the rule before arbitration, token for token
+        on = decode(split, text, greedy)
+        off = decode(split, text, DecodeConfig(**{**greedy.__dict__, "arbitrate": False}))
+        assert (on.token_ids, on.lookup_drafted, on.drafted) == (off.token_ids, off.lookup_drafted, off.drafted)

@@ -1,0 +1,63 @@
+"""The draft-source rule (common/arbitration.py), with the arithmetic written out by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.arbitration import CONTEXT, HEAD, ContextStats, choose_draft_source, context_value, head_value
+
+COST = 0.2  # one draft step = 0.2 verifier passes
+
+
+def test_values_by_hand():
+    # context, 3 tokens at a = 0.5: (1 + .5 + .25 + .125) / (1 + .2) = 1.875 / 1.2
+    assert context_value(3, 0.5, COST) == pytest.approx(1.5625)
+    # head, g = 2, first token 0.9, then 0.5: (1 + .9 * (1 + .5)) / (1 + 2 * .2) = 2.35 / 1.4
+    assert head_value(2, 0.9, 0.5, COST) == pytest.approx(2.35 / 1.4)
+    assert head_value(0, 0.9, 0.9, COST) == 1.0
+
+
+def test_a_long_context_match_wins():
+    # context: 5 tokens at 0.8 -> (1 + .8 + .64 + .512 + .4096 + .32768) / 1.2 = 4.68928 / 1.2 = 3.908
+    # head at its best (confidence 1, history 0.6, g = 5): first 0.8 -> (1 + .8 * 2.3056) / 2 = 1.422
+    assert choose_draft_source(5, 0.8, 5, 0.6, None, COST) == CONTEXT
+    assert choose_draft_source(5, 0.8, 5, 0.6, 0.99, COST) == CONTEXT
+
+
+def test_a_weak_one_token_match_with_poor_history_loses_to_a_confident_head():
+    # context: 1 token at 0.2 -> (1 + .2) / 1.2 = 1.0
+    # head: g = 3, confidence 0.9, history 0.7 -> first .8: (1 + .8 * (1 + .7 + .49)) / 1.6 = 2.752 / 1.6 = 1.72
+    assert choose_draft_source(1, 0.2, 3, 0.7, 0.9, COST) == HEAD
+    # the same head unsure of this token (confidence 0.3 < threshold 0.5) drafts nothing: context
+    assert choose_draft_source(1, 0.2, 3, 0.7, 0.3, COST, confidence_threshold=0.5) == CONTEXT
+    # and the same weak match with a good history (0.9): (1 + .9) / 1.2 = 1.583 < 1.72, still the head;
+    # with a 4-token continuation at 0.9: (1 + .9 + .81 + .729 + .6561) / 1.2 = 3.40 > 1.72: context
+    assert choose_draft_source(1, 0.9, 3, 0.7, 0.9, COST) == HEAD
+    assert choose_draft_source(4, 0.9, 3, 0.7, 0.9, COST) == CONTEXT
+
+
+def test_no_head_means_context_and_no_context_means_head():
+    for confidence in (None, 0.0, 1.0):
+        assert choose_draft_source(1, 0.0, 0, 1.0, confidence, COST) == CONTEXT  # gamma 0: the head is off
+        assert choose_draft_source(0, 1.0, 4, 0.0, confidence, COST) == HEAD  # nothing to look up
+
+
+def test_ties_go_to_the_context_deterministically():
+    # context: 1 token at 0.5 -> 1.5 / 1.2 = 1.25; head: g = 1, confidence 0.5, history 0.5, cost 0.2
+    # -> first 0.5: (1 + .5) / 1.2 = 1.25: a tie
+    assert context_value(1, 0.5, COST) == head_value(1, 0.5, 0.5, COST)
+    assert {choose_draft_source(1, 0.5, 1, 0.5, 0.5, COST) for _ in range(5)} == {CONTEXT}
+
+
+def test_bad_acceptance_is_refused():
+    with pytest.raises(ValueError, match="context_acceptance"):
+        choose_draft_source(1, 1.5, 1, 0.5, None, COST)
+
+
+def test_context_stats_keep_one_history_per_match_length():
+    stats = ContextStats(prior=0.5, decay=0.5)
+    stats.observe_block(ngram=1, drafted=3, accepted=1)  # outcomes 1, 0: 0.5 -> 0.75 -> 0.375
+    assert stats.estimate(1) == pytest.approx(0.375)
+    assert stats.estimate(3) == 0.5  # untouched: the prior
+    stats.observe_block(ngram=3, drafted=2, accepted=2)  # outcomes 1, 1: 0.5 -> 0.75 -> 0.875
+    assert stats.estimate(3) == pytest.approx(0.875)
