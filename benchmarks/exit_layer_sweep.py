@@ -24,7 +24,8 @@ from pathlib import Path
 def layer_row(layer: int, report: dict, schedule: str) -> dict:
     """One table row from a `dvi bench speed --learn` report (its speed.json, parsed)."""
     overall = {r["method"]: r for r in report["runs"] if r["category"] == "overall"}
-    learned, untrained = overall[f"dvi_{schedule}"], overall["dvi_untrained"]
+    # the frozen starting drafter: `dvi` (reports before dvi_context existed named it dvi_untrained)
+    learned, untrained = overall[f"dvi_{schedule}"], overall.get("dvi_untrained") or overall["dvi"]
     learning = report["settings"]["learning"]["schedules"][schedule]
     drafted, accepted = learning["drafted"], learning["accepted"]
     return {

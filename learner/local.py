@@ -13,6 +13,8 @@ and acceptance are measured on a fixed held-out prompt set by greedy decoding wi
 Metrics of an evaluation (pooled over its prompts, as `dvi bench speed` pools them):
   tau         new tokens / verifier passes (mean accepted length + 1 bonus per pass; 1.0 for AR)
   acceptance  accepted drafted tokens / drafted tokens
+  agreement   top-1 agreement of the exit head with the verifier at every position of the held-out
+              prompts followed by the model's greedy continuations, ungated (common/agreement.py)
 A point also carries the learner's mean kl / ce / pg since the previous point, the phase of the
 last step, `tokens_seen` (drafted tokens fed to the learner) and `traffic_tokens` (new tokens
 the training requests generated).
@@ -35,7 +37,7 @@ from learner.learner import Learner
 from learner.loop import LearnerLoop, LearnerLoopConfig
 
 POINT_FIELDS = (
-    "step", "tokens_seen", "traffic_tokens", "requests", "version", "tau", "acceptance",
+    "step", "tokens_seen", "traffic_tokens", "requests", "version", "tau", "acceptance", "agreement",
     "kl", "ce", "pg", "phase", "lambda_pg", "seconds",
 )
 
@@ -113,12 +115,30 @@ def evaluate(decoder: SpeculativeDecoder, prompts: Sequence[Sequence[int]], deco
     }
 
 
+class HeldOutAgreement:
+    """`agreement` of a point: the exit head's top-1 agreement with the verifier at every position
+    (start 0) of the held-out prompts followed by the model's greedy continuations. The verifier's
+    side is computed on the first call and kept (the verifier never changes)."""
+
+    def __init__(self, split, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        self.split, self.prompts, self.max_new_tokens = split, prompts, max_new_tokens
+        self._targets = None
+
+    def __call__(self) -> float:
+        from common.agreement import agreement, greedy_continuations, verifier_targets
+
+        if self._targets is None:
+            sequences, _ = greedy_continuations(self.split, self.prompts, self.max_new_tokens)
+            self._targets = verifier_targets(self.split, sequences, 0)
+        return agreement(self.split, self._targets).rate
+
+
 class _Points:
     """Evaluation points of one `train_local` run (see the module docstring for their fields)."""
 
-    def __init__(self, learner: Learner, evaluate_now: Callable[[], dict[str, float]], traffic_tokens: int,
-                 on_point: Callable[[dict], None] | None) -> None:
-        self.learner, self.evaluate_now, self.on_point = learner, evaluate_now, on_point
+    def __init__(self, learner: Learner, evaluate_now: Callable[[], dict[str, float]],
+                 agreement_now: Callable[[], float], traffic_tokens: int, on_point: Callable[[dict], None] | None) -> None:
+        self.learner, self.evaluate_now, self.agreement_now, self.on_point = learner, evaluate_now, agreement_now, on_point
         self.traffic = int(traffic_tokens)
         self.points: list[dict] = []
         self.window: list[dict] = []  # update stats since the last point
@@ -141,6 +161,7 @@ class _Points:
             "version": self.learner.version,
             "tau": measured["tau"],
             "acceptance": measured["acceptance"],
+            "agreement": self.agreement_now(),
             "kl": mean("kl"),
             "ce": mean("ce"),
             "pg": mean("pg"),
@@ -183,7 +204,9 @@ def train_local(
         raise ValueError("train_local needs at least one evaluation prompt")
     decoder = SpeculativeDecoder(learner.split)
     evaluating = config.eval_every is not None
-    points = _Points(learner, lambda: evaluate(decoder, eval_prompts, config.held_out_decode), traffic_tokens, on_point)
+    points = _Points(learner, lambda: evaluate(decoder, eval_prompts, config.held_out_decode),
+                     HeldOutAgreement(learner.split, eval_prompts, config.held_out_decode.max_new_tokens),
+                     traffic_tokens, on_point)
     if evaluate_at_start and evaluating:
         points.add(initial_eval)
     stream = MemoryTrajectoryStream()

@@ -84,8 +84,11 @@ def tokens_to_fraction(points: Sequence[dict], fraction: float = 0.9, key: str =
 
 
 def summarize(name: str, points: Sequence[dict]) -> dict:
-    """One table row: tau and acceptance before (first point) and after (last point) training."""
+    """One table row: tau and acceptance (and agreement, when the points carry it) before (first
+    point) and after (last point) training."""
     first, last = points[0], points[-1]
+    agreement = ({"agreement_before": first["agreement"], "agreement_after": last["agreement"]}
+                 if "agreement" in first and "agreement" in last else {})
     return {
         "schedule": name,
         "steps": last["step"] - first["step"],
@@ -93,6 +96,7 @@ def summarize(name: str, points: Sequence[dict]) -> dict:
         "tau_after": last["tau"],
         "acceptance_before": first["acceptance"],
         "acceptance_after": last["acceptance"],
+        **agreement,
         "tokens_seen": last["tokens_seen"],
         "traffic_tokens": last["traffic_tokens"],
         "tokens_seen_to_90pct": tokens_to_fraction(points, 0.9, "tokens_seen"),
@@ -101,10 +105,13 @@ def summarize(name: str, points: Sequence[dict]) -> dict:
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
+    """The summary rows as markdown; the agreement columns appear when every row has them."""
+    agreement = bool(rows) and all("agreement_after" in r for r in rows)
     head = (
         "| schedule | steps | tau before | tau after | acceptance before | acceptance after "
-        "| drafted tokens seen | traffic tokens | traffic to 90% of the tau gain |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        + ("| agreement before | agreement after " if agreement else "")
+        + "| drafted tokens seen | traffic tokens | traffic to 90% of the tau gain |\n"
+        "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if agreement else "") + "---:|---:|---:|\n"
     )
 
     def fmt(v) -> str:
@@ -112,7 +119,9 @@ def markdown_table(rows: Sequence[dict]) -> str:
 
     body = "".join(
         f"| {r['schedule']} | {r['steps']} | {fmt(r['tau_before'])} | {fmt(r['tau_after'])} "
-        f"| {fmt(r['acceptance_before'])} | {fmt(r['acceptance_after'])} | {fmt(r['tokens_seen'])} "
+        f"| {fmt(r['acceptance_before'])} | {fmt(r['acceptance_after'])} "
+        + (f"| {fmt(r['agreement_before'])} | {fmt(r['agreement_after'])} " if agreement else "")
+        + f"| {fmt(r['tokens_seen'])} "
         f"| {fmt(r['traffic_tokens'])} | {fmt(r['traffic_tokens_to_90pct'])} |\n"
         for r in rows
     )
@@ -121,18 +130,23 @@ def markdown_table(rows: Sequence[dict]) -> str:
 
 # --------------------------------------------------------------------------- files
 def plot_learning(runs: dict[str, Sequence[dict]], path: str | Path, title: str) -> Path:
-    """learning.png: tau (left) and acceptance (right) against drafted tokens seen, a line per run."""
+    """learning.png: tau, acceptance and (when the points carry it) agreement against drafted tokens
+    seen, a panel each, a line per run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    keys = ["tau", "acceptance"] + (["agreement"] if any(p.get("agreement") is not None
+                                                         for points in runs.values() for p in points) else [])
+    labels = {"tau": "tau (tokens per verifier pass)", "acceptance": "acceptance (accepted / drafted)",
+              "agreement": "held-out top-1 agreement (every position)"}
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
     for name, points in runs.items():
         x = [p["tokens_seen"] for p in points]
-        axes[0].plot(x, [p["tau"] for p in points], marker="o", ms=3, label=name)
-        axes[1].plot(x, [p["acceptance"] for p in points], marker="o", ms=3, label=name)
-    for ax, label in zip(axes, ("tau (tokens per verifier pass)", "acceptance (accepted / drafted)")):
+        for ax, key in zip(axes, keys):
+            ax.plot(x, [p.get(key) for p in points], marker="o", ms=3, label=name)
+    for ax, label in zip(axes, (labels[k] for k in keys)):
         ax.set_xlabel("drafted tokens seen by the learner")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -183,7 +197,8 @@ def write_bench_reports(out: str | Path, settings: dict, runs: dict[str, list[di
         f"staleness policy {settings.get('staleness_policy')}.",
         "",
         markdown_table(rows),
-        "tau = new tokens / verifier passes; acceptance = accepted / drafted tokens. \"traffic to 90%\" is the number",
+        "tau = new tokens / verifier passes; acceptance = accepted / drafted tokens; agreement = the exit head's",
+        "top-1 agreement with the verifier at every held-out position, ungated. \"traffic to 90%\" is the number",
         "of tokens the training requests generated before held-out tau first reached tau before + 90% of the",
         "(tau after - tau before) gain. Every schedule starts from the same untrained exit head.",
         "",

@@ -30,7 +30,7 @@ import platform
 import re
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -40,7 +40,9 @@ from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig
 from common.prompts import SkippedRequest, skipped_summary
 
 REFERENCE = "hf_ar"
-BUILTIN_METHODS: tuple[str, ...] = ("hf_ar", "ar", "hf_prompt_lookup", "hf_early_exit", "dvi")
+BUILTIN_METHODS: tuple[str, ...] = ("hf_ar", "ar", "hf_prompt_lookup", "hf_early_exit", "dvi_context", "dvi")
+CONTEXT_ONLY = "dvi_context"
+"""Our decoder drafting from the context only (the exit head off): the bar the learned drafter must clear."""
 OVERALL = "overall"
 PROMPT_LOOKUP_NUM_TOKENS = 10
 ROW_FIELDS = (
@@ -82,9 +84,10 @@ class SpeedSettings:
     engine: str = "fast"
     """Inference forward of our own methods (ar, dvi): fast or hf."""
     learn: tuple[str, ...] = ()
-    """Schedules (kl-only, kl-rl, rl-only) to train online before timing: each serves the first
-    half of every category's prompts with a fresh drafter that learns as it goes, and is timed as
-    method dvi_<schedule> on the second half, next to the untrained drafter (dvi_untrained)."""
+    """Schedules (kl-only, kl-rl, rl-only) to train online before timing: each starts from the
+    `dvi` method's drafter (the product's default unless `adapter`), serves the first half of every
+    category's prompts and learns as it goes, and is timed as method dvi_<schedule> on the second
+    half, next to that drafter frozen (`dvi`) and the context drafting alone (`dvi_context`)."""
     learn_updates_per_request: int = 4
     """Optimiser steps after each learning request."""
     learn_lr: float = 3e-3
@@ -94,7 +97,7 @@ class SpeedSettings:
     learn_publish_every: int = 8
     """Optimiser steps between weight versions while learning (each may re-pick the draft vocabulary)."""
     adapter: str | None = None
-    """Trained drafter adapter directory for `dvi` (None = the untrained exit head)."""
+    """Trained drafter adapter directory for `dvi` (None = the drafter `SplitModel` loads by default)."""
     variants: tuple[tuple[str, str], ...] = ()
     """Extra dvi methods as (name, adapter directory) pairs, run after `methods`."""
     methods: tuple[str, ...] = BUILTIN_METHODS
@@ -130,6 +133,8 @@ class SpeedSettings:
             raise ValueError(f"--methods must include {REFERENCE}, the reference every speedup is measured against")
         if self.adapter is not None and "dvi" not in self.methods:
             raise ValueError("--adapter is the drafter of the `dvi` method, which --methods leaves out")
+        if CONTEXT_ONLY in self.methods and self.lookup_tokens == 0:
+            raise ValueError(f"{CONTEXT_ONLY} drafts from the context only: it needs --lookup-tokens >= 1")
         DecodeConfig(gamma=self.gamma, lookup_tokens=self.lookup_tokens, lookup_min_ngram=self.lookup_min_ngram,
                      confidence_threshold=self.confidence_threshold)  # the same checks, one place
         if self.draft_vocab_size < 0:
@@ -160,17 +165,11 @@ class SpeedSettings:
 
     @property
     def all_methods(self) -> tuple[str, ...]:
-        """Every method run, in table order: the built-ins (dvi named dvi_untrained when it is the
-        fresh drafter beside learned ones), the learned drafters, then the variants."""
-        builtins = tuple(UNTRAINED if m == "dvi" and self.untrained_dvi_renamed else m for m in self.methods)
-        return builtins + tuple(learned_name(k) for k in self.learn) + tuple(name for name, _ in self.variants)
-
-    @property
-    def untrained_dvi_renamed(self) -> bool:
-        return bool(self.learn) and self.adapter is None
+        """Every method run, in table order: the built-ins, the learned drafters, then the variants."""
+        return self.methods + tuple(learned_name(k) for k in self.learn) + tuple(name for name, _ in self.variants)
 
     def decode_config(self) -> DecodeConfig:
-        """How every dvi method decodes."""
+        """How every dvi method decodes (`dvi_context`: the same with gamma 0)."""
         return DecodeConfig(
             gamma=self.gamma, max_new_tokens=self.max_new_tokens, confidence_threshold=self.confidence_threshold,
             lookup_tokens=self.lookup_tokens, lookup_min_ngram=self.lookup_min_ngram,
@@ -178,9 +177,6 @@ class SpeedSettings:
 
     def drafter_config(self) -> DrafterConfig:
         return DrafterConfig(exit_layer=self.exit_layer, draft_vocab_size=self.draft_vocab_size)
-
-
-UNTRAINED = "dvi_untrained"
 
 
 def learned_name(schedule: str) -> str:
@@ -312,6 +308,7 @@ def build_methods(split, settings: SpeedSettings, counter: PassCounter, drafters
             model, device, counter, {**stop, "prompt_lookup_num_tokens": PROMPT_LOOKUP_NUM_TOKENS}
         ),
         "hf_early_exit": lambda: _hf_method(model, device, counter, {**stop, "assistant_early_exit": settings.exit_layer}),
+        CONTEXT_ONLY: lambda: decoder_method(split, replace(settings.decode_config(), gamma=0)),
     }
     dvi_config = settings.decode_config()
     for name, drafter in drafters.items():

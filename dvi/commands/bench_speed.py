@@ -17,7 +17,8 @@ from dvi.progress import progress_bar
 
 _METHODS_HELP = (
     "Comma-separated built-in methods, in order: hf_ar (HF generate, the reference), ar (our loop, gamma 0), "
-    "hf_prompt_lookup, hf_early_exit, dvi. Default: all five."
+    "hf_prompt_lookup, hf_early_exit, dvi_context (our decoder, context drafting only), dvi (the default drafter, "
+    "frozen, or --adapter). Default: all six."
 )
 
 
@@ -71,8 +72,9 @@ def speed(
     engine: str = typer.Option("fast", "--engine", help="Forward of our own methods: fast (packed weights, static cache) or hf."),
     learn: Optional[str] = typer.Option(
         None, "--learn",
-        help="Comma-separated schedules (kl-only, kl-rl, rl-only) to learn online first: each trains a fresh drafter on "
-        "the first half of every category's prompts and is timed as dvi_<schedule> on the second half.",
+        help="Comma-separated schedules (kl-only, kl-rl, rl-only) to learn online first: each starts from the dvi drafter "
+        "(the default one, or --adapter), learns on the first half of every category's prompts and is timed as "
+        "dvi_<schedule> on the second half.",
     ),
     learn_updates_per_request: int = typer.Option(4, "--learn-updates-per-request", help="Optimiser steps after each learning request."),
     learn_lr: float = typer.Option(3e-3, "--learn-lr", help="AdamW lr of the LoRA tensors while learning."),
@@ -143,7 +145,6 @@ def _run(settings, questions: list, out: str) -> None:
     from common.speculative import SpeculativeDecoder
     from dvi.bench import speed as bench
     from dvi.bench.learning import split_train_eval
-    from dvi.bench.online import learn_online
 
     drafter = settings.drafter_config()
     spec = ModelSpec(model=settings.model, dtype=settings.dtype, device=settings.device, drafter=drafter, engine=settings.engine)
@@ -164,35 +165,8 @@ def _run(settings, questions: list, out: str) -> None:
                for i, (q, ids) in enumerate(timed_kept)]
     learning_ids = [ids for _, ids in learning_kept]
 
-    def fresh_drafter() -> SplitModel:
-        # another exit head on the same frozen base model: no second copy of its weights
-        return SplitModel(split.model, split.tokenizer, drafter, settings.model, engine=settings.engine)
-
     console = Console(stderr=True)
-    drafters = {}
-    if "dvi" in settings.methods:
-        if settings.adapter:
-            split.load_adapter(settings.adapter)
-        drafters[bench.UNTRAINED if settings.untrained_dvi_renamed else "dvi"] = split
-    learning = {}
-    for kind in settings.learn:
-        learner_split = fresh_drafter()
-        with progress_bar(console) as progress:
-            task = progress.add_task(f"learn {kind}", total=len(learning_ids), now="")
-
-            def on_request(result, task=task, progress=progress) -> None:
-                progress.update(task, advance=1, now=f"tau {result.mean_accepted:.2f}")
-
-            summary = learn_online(learner_split, kind, learning_ids, settings, on_request=on_request)
-        learner_split.save_adapter(Path(out) / "adapters" / kind)
-        learning[kind] = summary.as_dict()
-        console.print(f"learned {kind}: {summary.steps} steps on {summary.requests} requests "
-                      f"({summary.traffic_tokens} tokens) in {summary.seconds:.0f} s; adapter in {Path(out) / 'adapters' / kind}")
-        drafters[bench.learned_name(kind)] = learner_split
-    for name, directory in settings.variants:
-        drafters[name] = fresh_drafter()
-        drafters[name].load_adapter(directory)
-
+    drafters, learning = _drafters(settings, split, learning_ids, Path(out), console)
     names = list(settings.all_methods)
     n_warm = min(settings.warmup, len(encoded))
     with bench.PassCounter(split.layers[-1]) as counter, bench.quiet_hf_nested_generate():
@@ -216,3 +190,42 @@ def _run(settings, questions: list, out: str) -> None:
     _, markdown = bench.write_reports(out, settings.model, machine, record, records, skipped)
     sys.stdout.write(markdown + "\n")
     console.print(f"wrote {Path(out) / 'speed.json'}, speed.md, speed.png, speed_runs.jsonl")
+
+
+def _drafters(settings, split, learning_ids: list, out: Path, console) -> tuple[dict, dict]:
+    """(method name -> SplitModel, schedule -> learning summary). `dvi` is `split` with the default
+    drafter (or --adapter), frozen; each dvi_<schedule> is another exit head on the same base
+    model that starts from that drafter's weights and learns online on `learning_ids`; each
+    variant loads its adapter."""
+    from common.model_split import SplitModel
+    from dvi.bench import speed as bench
+    from dvi.bench.online import learn_online
+
+    def fresh_drafter() -> SplitModel:
+        # another exit head on the same frozen base model: no second copy of its weights
+        return SplitModel(split.model, split.tokenizer, settings.drafter_config(), settings.model, engine=settings.engine)
+
+    if settings.adapter:
+        split.load_adapter(settings.adapter)
+    default_drafter = split.adapter_state()  # what `dvi` times frozen; every learned drafter starts here
+    drafters = {"dvi": split} if "dvi" in settings.methods else {}
+    learning = {}
+    for kind in settings.learn:
+        learner_split = fresh_drafter()
+        learner_split.load_adapter_state(default_drafter, version=0)
+        with progress_bar(console) as progress:
+            task = progress.add_task(f"learn {kind}", total=len(learning_ids), now="")
+
+            def on_request(result, task=task, progress=progress) -> None:
+                progress.update(task, advance=1, now=f"tau {result.mean_accepted:.2f}")
+
+            summary = learn_online(learner_split, kind, learning_ids, settings, on_request=on_request)
+        learner_split.save_adapter(out / "adapters" / kind)
+        learning[kind] = summary.as_dict()
+        console.print(f"learned {kind}: {summary.steps} steps on {summary.requests} requests "
+                      f"({summary.traffic_tokens} tokens) in {summary.seconds:.0f} s; adapter in {out / 'adapters' / kind}")
+        drafters[bench.learned_name(kind)] = learner_split
+    for name, directory in settings.variants:
+        drafters[name] = fresh_drafter()
+        drafters[name].load_adapter(directory)
+    return drafters, learning

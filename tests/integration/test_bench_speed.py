@@ -110,13 +110,13 @@ def test_bench_speed_learns_online_then_times_the_held_out_half(tmp_path):
     out = tmp_path / "bench"
     code = main([
         "bench", "speed", "--model", str(STORIES), "--prompts", str(prompts), "--exit-layer", "2",
-        "--max-new-tokens", "24", "--warmup", "0", "--methods", "hf_ar,ar,dvi", "--learn", "kl-only,kl-rl",
+        "--max-new-tokens", "24", "--warmup", "0", "--methods", "hf_ar,ar,dvi_context,dvi", "--learn", "kl-only,kl-rl",
         "--learn-batch-tokens", "16", "--lookup-tokens", "4", "--out", str(out), "--threads", "1",
     ])
     assert code == 0
     report = json.loads((out / "speed.json").read_text())
     overall = [r for r in report["runs"] if r["category"] == "overall"]
-    assert [r["method"] for r in overall] == ["hf_ar", "ar", "dvi_untrained", "dvi_kl-only", "dvi_kl-rl"]
+    assert [r["method"] for r in overall] == ["hf_ar", "ar", "dvi_context", "dvi", "dvi_kl-only", "dvi_kl-rl"]
     assert all(r["identical_to_ar"] == 1.0 and r["prompts"] == 4 for r in overall)  # the held-out half only
     learning = report["settings"]["learning"]
     assert learning["prompts"] == 4
@@ -161,3 +161,40 @@ def test_bench_speed_skips_and_counts_an_over_long_prompt(tmp_path, capsys, capl
     assert "exceeds the model's context of 512 tokens" in report["skipped"][0]["reason"]
     assert report["settings"]["prompts_used"] == 4  # every good prompt still timed
     assert "skipped request long-1" in caplog.text
+
+
+def test_learned_drafters_start_from_the_dvi_drafter_and_dvi_context_never_asks_the_head(tmp_path, monkeypatch):
+    import torch
+    from rich.console import Console
+
+    import dvi.bench.online as online
+    from dvi.bench.online import LearningSummary
+    from dvi.bench.speed import PassCounter, SpeedSettings, build_methods
+    from dvi.commands.bench_speed import _drafters
+
+    split = stories_split(exit_layer=2)
+    randomize_adapter(split, seed=4, scale=0.3)
+    adapter = split.save_adapter(tmp_path / "adapter")
+    fresh = stories_split(exit_layer=2)  # the default drafter, with --adapter on top
+    started = {}
+
+    def fake_learn(learner_split, kind, prompts, settings, **kwargs):
+        started[kind] = learner_split.adapter_state()
+        return LearningSummary(kind, 0, 0, 0, 0, 0, 0, 0, 0.0)
+
+    monkeypatch.setattr(online, "learn_online", fake_learn)
+    settings = SpeedSettings(prompts="p", model=str(STORIES), exit_layer=2, methods=("hf_ar", "dvi_context", "dvi"),
+                             learn=("kl-only", "kl-rl"), adapter=str(adapter), draft_vocab_size=0)
+    drafters, _ = _drafters(settings, fresh, [[1, 2, 3]], tmp_path / "out", Console(file=open("/dev/null", "w")))
+    assert list(drafters) == ["dvi", "dvi_kl-only", "dvi_kl-rl"] and drafters["dvi"] is fresh
+    reference = split.adapter_state()
+    for kind in ("kl-only", "kl-rl"):
+        assert started[kind].keys() == reference.keys()
+        assert all(torch.equal(started[kind][k], reference[k]) for k in reference), kind
+    calls = []
+    monkeypatch.setattr(type(fresh), "draft", lambda self, *a, **k: calls.append(1) or (_ for _ in ()).throw(AssertionError))
+    with PassCounter(fresh.layers[-1]) as counter:
+        methods = build_methods(fresh, settings, counter, drafters)
+    ids = fresh.tokenizer("Tom and Sue went to the park. Tom and Sue")["input_ids"]
+    tokens, passes = methods["dvi_context"](ids)
+    assert calls == [] and len(tokens) > passes  # context drafts only, and they were accepted

@@ -86,3 +86,12 @@ def test_bench_reports_are_written(tmp_path):
     assert [r["tau_after"] for r in record["summary"]] == [1.3, 1.2]
     assert (tmp_path / "learning.png").stat().st_size > 1000
     assert (tmp_path / "learning.md").read_text() == markdown and "| kl-only | 10 |" in markdown
+
+
+def test_agreement_columns_when_the_points_carry_agreement():
+    pts = [{**point(0, 1.0, 0.0, 0, 0), "agreement": 0.1}, {**point(10, 1.2, 0.2, 64, 100), "agreement": 0.25}]
+    row = summarize("kl-only", pts)
+    assert (row["agreement_before"], row["agreement_after"]) == (0.1, 0.25)
+    table = markdown_table([row])
+    assert "| agreement before | agreement after |" in table
+    assert "| kl-only | 10 | 1.000 | 1.200 | 0.000 | 0.200 | 0.100 | 0.250 | 64 | 100 | 100 |" in table

@@ -112,6 +112,8 @@ def test_flag_parsing_and_validation():
     with pytest.raises(ValueError, match="unknown schedule"):
         SpeedSettings(prompts="p", learn=("kl-only", "sgd"))
     learned = SpeedSettings(prompts="p", methods=("hf_ar", "dvi"), learn=("kl-only", "kl-rl"))
-    assert learned.all_methods == ("hf_ar", "dvi_untrained", "dvi_kl-only", "dvi_kl-rl")
+    assert learned.all_methods == ("hf_ar", "dvi", "dvi_kl-only", "dvi_kl-rl")  # dvi: the default drafter, frozen
+    with pytest.raises(ValueError, match="dvi_context drafts from the context only"):
+        SpeedSettings(prompts="p", methods=("hf_ar", "dvi_context"), lookup_tokens=0)
     settings = SpeedSettings(prompts="p", methods=("hf_ar", "dvi"), variants=(("dvi_kl_only", "x"),))
     assert settings.all_methods == ("hf_ar", "dvi", "dvi_kl_only")
