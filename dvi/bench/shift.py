@@ -51,20 +51,10 @@ class ShiftSettings:
     """Starting drafter adapter (None = the drafter `SplitModel` loads by default)."""
     schedule: str = "kl-only"
     """The learner's loss schedule (kl-only, kl-rl, rl-only)."""
-    max_new_tokens: int = SpeedSettings.max_new_tokens
-    """Most new tokens per request."""
-    exit_layer: int = DrafterConfig.exit_layer
-    """k: the drafter runs layers [0, k)."""
-    gamma: int = DecodeConfig.gamma
-    """Most exit-head drafts per block."""
-    confidence_threshold: float = DecodeConfig.confidence_threshold
-    """The exit head's confidence stop."""
-    lookup_tokens: int = DecodeConfig.lookup_tokens
-    """Most context-drafted tokens per block (0 = off)."""
-    lookup_min_ngram: int = DecodeConfig.lookup_min_ngram
-    """Shortest suffix n-gram a context draft matches."""
-    draft_vocab_size: int = DrafterConfig.draft_vocab_size
-    """The drafter's vocabulary (0 = full)."""
+    decode: DecodeConfig = DecodeConfig(max_new_tokens=SpeedSettings.max_new_tokens)
+    """How every request is decoded (greedy; as `dvi bench speed` decodes its dvi methods)."""
+    drafter: DrafterConfig = DrafterConfig()
+    """The drafter's shape (exit layer, draft vocabulary)."""
     learn_updates_per_request: int = SpeedSettings.learn_updates_per_request
     """Optimiser steps per request."""
     learn_lr: float = SpeedSettings.learn_lr
@@ -103,19 +93,15 @@ class ShiftSettings:
             raise ValueError(f"--window must be >= 1, got {self.window}")
         if not 0.0 < self.final_fraction <= 1.0 or not 0.0 < self.recovery_fraction <= 1.0:
             raise ValueError("final_fraction and recovery_fraction must be in (0, 1]")
-        for name in ("learn_updates_per_request", "learn_batch_tokens", "learn_publish_every", "max_new_tokens"):
+        for name in ("learn_updates_per_request", "learn_batch_tokens", "learn_publish_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        self.decode_config()  # the decoder's own checks
+        if not self.decode.greedy or self.decode.record_trajectories:
+            raise ValueError("the shift benchmark decodes greedily; the learning loop records trajectories itself")
 
     def decode_config(self) -> DecodeConfig:
-        """How every request is decoded (as `dvi bench speed` decodes its dvi methods)."""
-        return DecodeConfig(gamma=self.gamma, max_new_tokens=self.max_new_tokens,
-                            confidence_threshold=self.confidence_threshold, lookup_tokens=self.lookup_tokens,
-                            lookup_min_ngram=self.lookup_min_ngram)
-
-    def drafter_config(self) -> DrafterConfig:
-        return DrafterConfig(exit_layer=self.exit_layer, draft_vocab_size=self.draft_vocab_size)
+        """How every request is decoded (`learn_online` reads it)."""
+        return self.decode
 
 
 @dataclass(frozen=True)
@@ -235,8 +221,8 @@ def markdown_summary(settings: ShiftSettings, summary: ShiftSummary, machine: st
     return "\n".join([
         f"# dvi bench shift: {settings.source} -> {settings.target}",
         "",
-        f"Model `{settings.model}`, exit layer {settings.exit_layer}, schedule {settings.schedule}, "
-        f"{settings.max_new_tokens} new tokens per request, greedy; machine: {machine}.",
+        f"Model `{settings.model}`, exit layer {settings.drafter.exit_layer}, schedule {settings.schedule}, "
+        f"{settings.decode.max_new_tokens} new tokens per request, greedy; machine: {machine}.",
         "",
         "| measure | exit-head acceptance | tau |",
         "|---|---:|---:|",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -27,7 +28,7 @@ def shift(
     model: options.Model = DEFAULT_MODEL,
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Starting drafter adapter (default: the default drafter)."),
     schedule: str = typer.Option(ShiftSettings.schedule, "--schedule", help="kl-only, kl-rl or rl-only."),
-    max_new_tokens: int = typer.Option(ShiftSettings.max_new_tokens, "--max-new-tokens", help="Most new tokens per request."),
+    max_new_tokens: int = typer.Option(ShiftSettings.decode.max_new_tokens, "--max-new-tokens", help="Most new tokens per request."),
     exit_layer: options.ExitLayer = DrafterConfig.exit_layer,
     gamma: options.Gamma = DecodeConfig.gamma,
     lookup_tokens: options.LookupTokens = DecodeConfig.lookup_tokens,
@@ -44,8 +45,9 @@ def shift(
         raise ValueError(f"--adapter: adapter directory not found: {adapter}")
     settings = ShiftSettings(
         prompts=prompts, source=source, target=target, from_requests=from_requests, to_requests=to_requests,
-        model=model, adapter=adapter, schedule=schedule, max_new_tokens=max_new_tokens, exit_layer=exit_layer,
-        gamma=gamma, lookup_tokens=lookup_tokens, draft_vocab_size=draft_vocab_size,
+        model=model, adapter=adapter, schedule=schedule,
+        decode=replace(ShiftSettings.decode, max_new_tokens=max_new_tokens, gamma=gamma, lookup_tokens=lookup_tokens),
+        drafter=DrafterConfig(exit_layer=exit_layer, draft_vocab_size=draft_vocab_size),
         learn_batch_tokens=learn_batch_tokens, learn_updates_per_request=learn_updates_per_request, window=window,
     )
     with options.torch_threads(threads):
@@ -60,7 +62,7 @@ def _task_requests(split, settings: ShiftSettings) -> tuple[list[list[int]], lis
 
     questions = load_prompts(settings.prompts)
     checker = SpeculativeDecoder(split)
-    decode = DecodeConfig(gamma=0, max_new_tokens=settings.max_new_tokens)
+    decode = DecodeConfig(gamma=0, max_new_tokens=settings.decode.max_new_tokens)
     out, skipped = [], []
     for task, count in ((settings.source, settings.from_requests), (settings.target, settings.to_requests)):
         mine = [q for q in questions if spec_bench_task(q.category) == task]
@@ -68,7 +70,7 @@ def _task_requests(split, settings: ShiftSettings) -> tuple[list[list[int]], lis
             tasks = sorted({spec_bench_task(q.category) for q in questions})
             raise ValueError(f"no prompt of task {task!r} in {settings.prompts}; its tasks: {', '.join(tasks)}")
         kept, lost = encode_workload(mine, split.tokenizer, lambda ids: checker.check_request(ids, decode),
-                                     max_new_tokens=settings.max_new_tokens, context=split.max_positions,
+                                     max_new_tokens=settings.decode.max_new_tokens, context=split.max_positions,
                                      what=f"{task} prompts")
         ids = [list(i) for _, i in kept]
         n = count or len(ids)
@@ -87,7 +89,7 @@ def _run(settings: ShiftSettings, out: Path) -> None:
     from dvi.bench.speed import machine_info
 
     spec = ModelSpec(model=settings.model, dtype=settings.dtype, device=settings.device,
-                     drafter=settings.drafter_config(), engine=settings.engine)
+                     drafter=settings.drafter, engine=settings.engine)
     split = SplitModel.load(spec)
     if settings.adapter:
         split.load_adapter(settings.adapter)
