@@ -1,7 +1,8 @@
 """Each speed lever of dvi switched off in turn, timed side by side (`dvi bench ablation`).
 
 The full method ("dvi") decodes with every lever on: the fast engine, the trained exit head, its
-reduced draft vocabulary, context drafting, the confidence stop and adaptive gamma. Each other
+reduced draft vocabulary, context drafting, the confidence stop, adaptive gamma and the draft-source
+arbitration. Each other
 variant ("dvi-<lever>") switches exactly one lever off and keeps the rest, so its row shows what
 that lever is worth on this machine; "ar" and "hf_ar" anchor the table. All variants run
 interleaved on the same prompts through `dvi.bench.speed.run_benchmark` and are checked
@@ -24,6 +25,7 @@ LEVERS: dict[str, str] = {
     "exit_head": "no exit-head drafts: context drafting only (gamma 0)",
     "confidence": "no confidence stop: the exit head drafts gamma tokens every block",
     "adaptive_gamma": "a fixed gamma instead of the per-block choice from acceptance and cost",
+    "arbitration": "any context match wins the block instead of the choice by expected tokens per cost",
 }
 """Lever name -> what its variant does instead (the table's `off` column)."""
 
@@ -54,6 +56,7 @@ def variants(decode: DecodeConfig, draft_vocab_size: int, levers: tuple[str, ...
         "exit_head": replace(full, decode=replace(decode, gamma=0)),
         "confidence": replace(full, decode=replace(decode, confidence_threshold=0.0)),
         "adaptive_gamma": replace(full, decode=replace(decode, adaptive_gamma=False)),
+        "arbitration": replace(full, decode=replace(decode, arbitrate=False)),
     }
     return [full] + [replace(off[lever], name=f"{FULL}-{lever}", lever=lever) for lever in levers]
 

@@ -61,3 +61,12 @@ def test_context_stats_keep_one_history_per_match_length():
     assert stats.estimate(3) == 0.5  # untouched: the prior
     stats.observe_block(ngram=3, drafted=2, accepted=2)  # outcomes 1, 1: 0.5 -> 0.75 -> 0.875
     assert stats.estimate(3) == pytest.approx(0.875)
+
+
+def test_the_ablation_switches_arbitration_off_alone():
+    from common.config import DecodeConfig
+    from dvi.bench.ablation import variants
+
+    rows = {v.lever: v for v in variants(DecodeConfig(), 8192)}
+    assert rows[None].decode.arbitrate is True
+    assert rows["arbitration"].decode == DecodeConfig(arbitrate=False)  # everything else as the full method
