@@ -387,6 +387,20 @@ def run_benchmark(
     return records
 
 
+def drafter_agreement(drafters: dict, prompts: list[BenchPrompt], records: list[RunRecord]) -> dict[str, float]:
+    """Held-out top-1 agreement of each drafter's exit head with the verifier (common/agreement.py):
+    at every position of each timed prompt followed by the reference's output (the model's own
+    greedy continuation), ungated. drafters: method name -> SplitModel on one base model."""
+    from common.agreement import agreement, verifier_targets
+
+    if not drafters:
+        return {}
+    output = {r.prompt_index: r.token_ids for r in records if r.method == REFERENCE}
+    sequences = [list(p.ids) + list(output[p.index]) for p in prompts if p.index in output]
+    targets = verifier_targets(next(iter(drafters.values())), sequences, 0)  # the verifier is shared
+    return {name: agreement(split, targets).rate for name, split in drafters.items()}
+
+
 # --------------------------------------------------------------------------- aggregation (pure)
 def _ordered(values) -> list:
     return list(dict.fromkeys(values))

@@ -184,6 +184,9 @@ def _run(settings, questions: list, out: str) -> None:
 
     machine = bench.machine_info(str(split.device))
     record = bench.settings_record(settings, len(encoded))
+    record["agreement"] = bench.drafter_agreement(drafters, encoded, records)
+    record["agreement_measure"] = ("top-1 agreement of each drafter's exit head with the verifier at every position "
+                                   "of the timed prompts plus hf_ar's output, ungated (common/agreement.py)")
     if settings.learn:
         record["learning"] = {"prompts": len(learning_ids), "split": "per category: the first half learns, "
                               "the second half is timed", "schedules": learning}

@@ -118,6 +118,8 @@ def test_bench_speed_learns_online_then_times_the_held_out_half(tmp_path):
     overall = [r for r in report["runs"] if r["category"] == "overall"]
     assert [r["method"] for r in overall] == ["hf_ar", "ar", "dvi_context", "dvi", "dvi_kl-only", "dvi_kl-rl"]
     assert all(r["identical_to_ar"] == 1.0 and r["prompts"] == 4 for r in overall)  # the held-out half only
+    agreement = report["settings"]["agreement"]
+    assert list(agreement) == ["dvi", "dvi_kl-only", "dvi_kl-rl"] and all(0.0 <= a <= 1.0 for a in agreement.values())
     learning = report["settings"]["learning"]
     assert learning["prompts"] == 4
     for kind in ("kl-only", "kl-rl"):
