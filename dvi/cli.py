@@ -36,7 +36,7 @@ def _register() -> None:
     # Imported lazily so `dvi --help` stays fast; each module adds its own commands.
     from dvi.commands import generate  # noqa: F401
 
-    for optional in ("bench_speed", "bench_ablation", "train", "service", "dashboard", "monitor", "report"):
+    for optional in ("bench_speed", "bench_ablation", "train", "warmstart", "service", "dashboard", "monitor", "report"):
         try:
             __import__(f"dvi.commands.{optional}")
         except ModuleNotFoundError as exc:
