@@ -20,6 +20,7 @@ Contract (both functions are pure: they read the split's current weights and cha
 `greedy_continuations` makes the sequences to score from prompts: each prompt followed by the
 model's own greedy continuation (lossless decoding, context drafting only, so the exit head's
 weights cannot change them), with `start` at the last prompt position.
+`greedy_targets` gives the same targets for those positions at the cost of the decoding alone.
 `verifier_targets` runs the frozen verifier once per sequence (one chunked pass through the
 split's own shallow and deep layers); the result can be kept and scored again after every update
 of the drafter with `agreement` (the verifier never changes, so its targets never go stale).
@@ -105,10 +106,8 @@ def verifier_targets(
 def drafter_top1(split: SplitModel, hidden: torch.Tensor) -> torch.Tensor:
     """[T] int64 full-vocabulary ids of the exit head's argmax at every position of hidden [T, H]
     (the draft-vocabulary argmax mapped back through `split.draft_vocab`)."""
-    logits = split.drafter_logits(hidden, torch.arange(hidden.shape[0]))  # [T, V]
-    vocab = split.draft_vocab.to(logits.device)
-    if vocab.shape[0] < split.vocab_size:
-        logits = logits[:, vocab]
+    vocab = split.draft_vocab
+    logits = split.drafter_logits(hidden, torch.arange(hidden.shape[0]), rows=vocab)  # [T, V']
     return vocab[logits.argmax(-1)].cpu()
 
 
@@ -135,6 +134,25 @@ def exit_head_agreement(
     """Top-1 agreement of the exit head with the verifier over every position >= start of each
     sequence, ungated, at temperature 0 (see the module docstring for the exact contract)."""
     return agreement(split, verifier_targets(split, sequences, start))
+
+
+def greedy_targets(split: SplitModel, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[AgreementTargets]:
+    """Agreement targets of each prompt's greedy continuation (as `greedy_continuations`) at the
+    cost of decoding it alone: greedy decoding commits the verifier's argmax, so the top-1 after
+    position t >= P - 1 is the token the sequence holds at t + 1, and the layer-k states are the
+    ones decoding computed (recorded in float16, as trajectories carry them). Scored positions:
+    P - 1 .. T - 2 (the last token's successor was never computed); top1 is -1 before P - 1."""
+    decode = DecodeConfig(
+        gamma=0, max_new_tokens=max_new_tokens, record_trajectories=True, record_topk=1, record_prompt_positions=0
+    )
+    decoder = SpeculativeDecoder(split)
+    out = []
+    for ids in prompts:
+        traj = decoder.generate(list(ids), decode).trajectory
+        top1 = traj.tokens[1:].clone()
+        top1[: traj.prompt_length - 1] = -1
+        out.append(AgreementTargets(hidden=traj.hidden.to(split.dtype), top1=top1, start=traj.prompt_length - 1))
+    return out
 
 
 def greedy_continuations(

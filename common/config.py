@@ -25,9 +25,15 @@ class DrafterConfig:
     default: on a CPU a drafted token costs its k shallow layers, so a cheap drafter pays at the
     acceptance an online-trained exit head reaches (README, "Exit layer")."""
     exit_init_layer: int | None = None
-    """Which of the model's own decoder layers initialises the exit adapter layer (default: L - 1)."""
+    """Which of the model's own decoder layers initialises the exit adapter layer (None: k, the
+    layer right after the cut, which already reads h_k; the last layer L - 1 reads a far deeper
+    state and, untrained, agrees with the verifier 0% of the time on SmolLM2-135M)."""
+    full_rank_exit_layer: bool = True
+    """Train every weight of the exit layer (its private copy: the verifier never runs it, so
+    decoding stays lossless; peft's modules_to_save); False: a LoRA of `lora_rank` on its projections."""
     lora_rank: int = 16
-    """LoRA rank of every adapted projection in the exit head."""
+    """LoRA rank of every LoRA-adapted projection of the exit head (the LM head as the drafter sees
+    it, and the exit layer's projections unless it trains at full rank)."""
     lora_alpha: int = 32
     """LoRA scaling numerator (scale = alpha / rank)."""
     lora_dropout: float = 0.0
@@ -46,6 +52,10 @@ class DrafterConfig:
         _check(self.lora_alpha >= 1, f"lora_alpha must be >= 1, got {self.lora_alpha}")
         _check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         _check(self.draft_vocab_size >= 0, f"draft_vocab_size must be >= 0, got {self.draft_vocab_size}")
+        _check(
+            self.adapt_lm_head or not self.full_rank_exit_layer,
+            "a full-rank exit layer needs adapt_lm_head (peft needs at least one LoRA target)",
+        )
 
     def validate_for(self, num_layers: int) -> None:
         """Raise ValueError unless this drafter fits a model with `num_layers` decoder layers."""
@@ -61,8 +71,8 @@ class DrafterConfig:
             )
 
     def init_layer_for(self, num_layers: int) -> int:
-        """The decoder layer the exit adapter is copied from."""
-        return num_layers - 1 if self.exit_init_layer is None else self.exit_init_layer
+        """The decoder layer the exit adapter is copied from (see `exit_init_layer`)."""
+        return self.exit_layer if self.exit_init_layer is None else self.exit_init_layer
 
 
 @dataclass(frozen=True)
@@ -102,6 +112,10 @@ class DecodeConfig:
     """Verifier log-probs kept per drafted token in trajectory records (0 = the full vocabulary)."""
     record_trajectories: bool = False
     """Collect a Trajectory for the learner while decoding."""
+    record_prompt_positions: int = 64
+    """When recording: the verifier's top-K at up to this many prompt positions too (spread evenly,
+    the last ones included; 0 = none), computed in the prefill pass (the LM head on those rows
+    only): distillation targets the exit head is never asked about while drafting."""
 
     def __post_init__(self) -> None:
         _check(self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}")
@@ -119,6 +133,7 @@ class DecodeConfig:
             f"need 1 <= lookup_min_ngram <= lookup_ngram, got {self.lookup_min_ngram} and {self.lookup_ngram}",
         )
         _check(self.record_topk >= 0, f"record_topk must be >= 0, got {self.record_topk}")
+        _check(self.record_prompt_positions >= 0, f"record_prompt_positions must be >= 0, got {self.record_prompt_positions}")
 
     @property
     def greedy(self) -> bool:
@@ -142,6 +157,11 @@ class ModelSpec:
     """Torch device, e.g. cpu or cuda:0."""
     drafter: DrafterConfig = field(default_factory=DrafterConfig)
     """The drafter's shape."""
+    warm_start: bool = True
+    """Start the drafter from the warm start made for this model and exit layer (`dvi warmstart`;
+    common/warm_start.py: the user's cache, then the one shipped for the default model) when one
+    fits; otherwise, or when False, the exit head starts untrained. An adapter loaded afterwards
+    (`--adapter`) replaces it."""
     engine: str = "fast"
     """Inference forward: "fast" (common/fast_decoder.py: packed weights, static KV cache; used
     when the model supports it and reproduces the HF forward) or "hf" (the HF decoder layers)."""

@@ -21,15 +21,22 @@ from __future__ import annotations
 import torch
 
 
-def select_draft_vocab(counts: torch.Tensor, size: int, always: set[int] | frozenset[int] = frozenset()) -> torch.Tensor:
-    """The `size` ids with the highest `counts` [V] (ties: lower id first), `always` ids forced in
-    (replacing the lowest-ranked others). Returns [size] int64 ids, ascending."""
+def select_draft_vocab(
+    counts: torch.Tensor, size: int, always: set[int] | frozenset[int] = frozenset(), prefer: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The `size` ids with the highest `counts` [V] (ties: ids in `prefer` first, then lower id
+    first), `always` ids forced in (replacing the lowest-ranked others). Returns [size] int64 ids,
+    ascending. `prefer` (e.g. the current vocabulary, a warm start's) keeps a vocabulary in place
+    where traffic has not said otherwise, so a few requests cannot displace it."""
     vocab = counts.shape[0]
     if not 1 <= size <= vocab:
         raise ValueError(f"draft vocabulary size must be in [1, {vocab}], got {size}")
     forced = sorted(i for i in always if 0 <= i < vocab)[:size]
-    # stable sort on -count keeps id order among equal counts
-    ranked = torch.sort(-counts.to(torch.float64), stable=True).indices
+    score = 2.0 * counts.to(torch.float64)
+    if prefer is not None:
+        score[prefer.to(torch.int64).cpu()] += 1.0  # counts are integers: this only breaks ties
+    # stable sort on -score keeps id order among equal scores
+    ranked = torch.sort(-score, stable=True).indices
     keep = ranked[~torch.isin(ranked, torch.tensor(forced, dtype=torch.int64))][: size - len(forced)]
     return torch.sort(torch.cat([keep, torch.tensor(forced, dtype=torch.int64)])).values
 

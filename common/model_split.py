@@ -27,6 +27,7 @@ from pathlib import Path
 
 import peft
 import torch
+from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 from transformers import DynamicCache
 
@@ -93,7 +94,7 @@ def call_layer(layer: nn.Module, hidden, rope, mask=None, position_ids=None, cac
         position_ids=position_ids,
         use_cache=cache is not None,
         position_embeddings=rope,
-        **{_cache_kwarg(type(layer)): cache},
+        **{_cache_kwarg(type(layer.modules_to_save[layer.active_adapters[0]] if isinstance(layer, ModulesToSaveWrapper) else layer)): cache},
     )
     return out[0] if isinstance(out, tuple) else out  # older transformers return a tuple
 
@@ -107,20 +108,28 @@ def _cache_kwarg(layer_type: type) -> str:
 
 
 class ExitHead(nn.Module):
-    """q's head: exit adapter layer -> final norm -> LM head, over layer-k hidden states.
+    """q's head: exit block (one decoder layer) -> final norm -> LM head, over layer-k hidden states.
 
     forward(hidden [B, T, H], position_embeddings (cos, sin), attention_mask, cache, logits_for)
     -> logits [B, T', V] where T' = T, or the last `logits_for` positions only.
     """
 
-    def __init__(self, layer: nn.Module, norm: nn.Module, lm_head: nn.Module):
+    def __init__(self, block: nn.Module, norm: nn.Module, lm_head: nn.Module):
         super().__init__()
-        self.layer = layer
+        self.block = block  # not "layer": peft's modules_to_save matches names by suffix, and "base_layer" ends in "layer"
         self.norm = norm
         self.lm_head = lm_head
 
+    def exit_block(self) -> nn.Module:
+        """The decoder layer that runs: peft's trainable copy when the block trains at full rank
+        (a ModulesToSaveWrapper), else the (LoRA-wrapped) block itself."""
+        block = self.block
+        if isinstance(block, ModulesToSaveWrapper):
+            return block.modules_to_save[block.active_adapters[0]]
+        return block
+
     def forward(self, hidden, position_embeddings, attention_mask=None, cache=None, position_ids=None, logits_for=None):
-        out = call_layer(self.layer, hidden, position_embeddings, attention_mask, position_ids, cache)
+        out = call_layer(self.block, hidden, position_embeddings, attention_mask, position_ids, cache)
         if logits_for == 0:
             return None
         if logits_for is not None:
@@ -189,26 +198,29 @@ class SplitModel:
         self._layer_weights = sum(p.numel() for p in self.layers[0].parameters())
 
         init_layer = drafter_config.init_layer_for(self.num_layers)
-        exit_layer = copy.deepcopy(self.layers[init_layer])
-        exit_layer.self_attn.layer_idx = 0  # it owns a one-layer cache of its own
-        head = ExitHead(exit_layer, decoder.norm, model.lm_head)
+        block = copy.deepcopy(self.layers[init_layer])
+        block.self_attn.layer_idx = 0  # it owns a one-layer cache of its own
+        head = ExitHead(block, decoder.norm, model.lm_head)
+        full_rank = drafter_config.full_rank_exit_layer
         targets = [
             name
             for name, module in head.named_modules()
-            if isinstance(module, nn.Linear) and (name != "lm_head" or drafter_config.adapt_lm_head)
+            if isinstance(module, nn.Linear)
+            and (drafter_config.adapt_lm_head if name == "lm_head" else not full_rank)
         ]
         lora = peft.LoraConfig(
             r=drafter_config.lora_rank,
             lora_alpha=drafter_config.lora_alpha,
             lora_dropout=drafter_config.lora_dropout,
             target_modules=targets,
+            modules_to_save=["block"] if full_rank else None,  # a trainable full copy, saved with the adapter
             bias="none",
         )
         self.exit_head = peft.get_peft_model(head, lora)
         self._head: ExitHead = self.exit_head.base_model.model  # LoRA layers live inside it
         self.exit_head.eval()
         for name, param in self.exit_head.named_parameters():
-            param.requires_grad_("lora_" in name)
+            param.requires_grad_("lora_" in name or ".modules_to_save." in name)
         self.draft_vocab = self._initial_draft_vocab()
         self._fast: FastStack | None = None
         self._fast_head: tuple[FastLayer, PackedLinear] | None = None  # merged exit head; None = rebuild
@@ -221,7 +233,30 @@ class SplitModel:
     @classmethod
     def load(cls, spec: ModelSpec) -> "SplitModel":
         model, tokenizer = load_model_and_tokenizer(spec.model, spec.dtype, spec.device)
-        return cls(model, tokenizer, spec.drafter, spec.model, engine=spec.engine)
+        split = cls(model, tokenizer, spec.drafter, spec.model, engine=spec.engine)
+        if spec.warm_start:
+            split.start_from_warm_start()
+        return split
+
+    def start_from_warm_start(self) -> Path | None:
+        """Load the first warm start (common/warm_start.py) that fits this drafter, at weight
+        version 0; returns its directory, or None (logged) when none fits: the head stays untrained."""
+        from common.warm_start import warm_start_candidates
+
+        for directory in warm_start_candidates(self.fingerprint, self.exit_layer):
+            try:
+                self.load_adapter(directory)
+            except AdapterError as exc:
+                log.warning("warm start %s does not fit this drafter (%s); trying the next", directory, exc)
+                continue
+            self.weight_version = 0
+            log.info("drafter of '%s' at exit layer %d starts from the warm start in %s", self.model_id, self.exit_layer, directory)
+            return directory
+        log.info(
+            "no warm start fits '%s' at exit layer %d: the exit head starts untrained (make one with `dvi warmstart`)",
+            self.model_id, self.exit_layer,
+        )
+        return None
 
     def _parity(self) -> tuple[bool, float]:
         """(allclose, largest |logit| difference) between the model's own forward and this split's
@@ -293,17 +328,24 @@ class SplitModel:
         return self._run_layers(hidden, 0, self.exit_layer, position_ids, cache)
 
     @torch.no_grad()
-    def deep(self, h_k: torch.Tensor, position_ids: torch.Tensor, cache, logits: bool = True):
+    def deep(self, h_k: torch.Tensor, position_ids: torch.Tensor, cache, logits: bool | torch.Tensor = True):
         """Verifier: layers [k, L) + final norm + base LM head on h_k [1, T, H].
 
-        Returns p's logits [1, T, V] float32, or None when `logits` is False (cache fill only).
+        Returns p's logits [1, T, V] float32; None when `logits` is False (cache fill only); with
+        `logits` a [R] int64 tensor of row indices, the logits of those rows only, [1, R, V] (the
+        LM head runs on R rows: a prefill that keeps a sample of its positions' targets).
         """
+        rows = logits if isinstance(logits, torch.Tensor) else None
         if self._fast is not None:
             k = self.exit_layer
             hidden = self._fast.run(h_k[0], k, self.num_layers, cache, cache.get_seq_length(k))
+            if rows is not None:
+                return self._fast.logits(hidden[rows.to(hidden.device)])[None]
             return self._fast.logits(hidden)[None] if logits else None
         hidden = self._run_layers(h_k, self.exit_layer, self.num_layers, position_ids, cache)
-        if not logits:
+        if rows is not None:
+            hidden = hidden[:, rows.to(hidden.device)]
+        elif not logits:
             return None
         return self.model.lm_head(self.decoder.norm(hidden)).float()
 
@@ -328,7 +370,7 @@ class SplitModel:
         the exit layer, and the LM head rows of the draft vocabulary."""
         if self._fast_head is None:
             with torch.no_grad():
-                layer = FastLayer(self._head.layer, weight_of=lora_merged_weight)
+                layer = FastLayer(self._head.exit_block(), weight_of=lora_merged_weight)
                 lm_head = self._head.lm_head
                 rows = lora_merged_weight(lm_head)[self.draft_vocab]
                 bias = base_linear(lm_head).bias
@@ -364,19 +406,22 @@ class SplitModel:
         self.draft_vocab = checked_draft_vocab(ids, self.vocab_size).to(self.device)
         self.adapter_changed()
 
-    def drafter_logits(self, hidden: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    def drafter_logits(self, hidden: torch.Tensor, at: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Training view of q: run the exit head causally over a whole context.
 
         hidden: [T, H] layer-k states of positions 0..T-1 (any float dtype); at: [N] int64 indices
-        into them. Returns logits [N, V] float32 with grad through the LoRA parameters only.
+        into them; rows: [V'] int64 token ids to score (None = all V). Returns logits [N, V] (or
+        [N, V'], column j scoring token rows[j]) float32 with grad through the trainable tensors only.
         """
         x = hidden.to(device=self.device, dtype=self.dtype)[None]
         position_ids = torch.arange(x.shape[1], device=self.device)[None]
         mask = causal_mask(x.shape[1], 0, x.dtype, x.device)
         rope = self.decoder.rotary_emb(x, position_ids)
-        out = call_layer(self._head.layer, x, rope, mask, position_ids)
-        picked = out[0, at.to(self.device)]
-        return self._head.lm_head(self._head.norm(picked)).float()
+        out = call_layer(self._head.block, x, rope, mask, position_ids)
+        picked = self._head.norm(out[0, at.to(self.device)])
+        if rows is None:
+            return self._head.lm_head(picked).float()
+        return lm_head_rows(self._head.lm_head, picked, rows.to(self.device)).float()
 
     # ------------------------------------------------------------------ adapter weights
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -457,7 +502,7 @@ class SplitModel:
             )
         theirs = meta.get("drafter", {})
         mine = asdict(self.drafter_config)
-        for key in ("exit_init_layer", "lora_rank", "adapt_lm_head"):
+        for key in ("exit_init_layer", "lora_rank", "adapt_lm_head", "full_rank_exit_layer"):
             if key in theirs and theirs[key] != mine[key]:
                 raise AdapterError(f"{source} has {key}={theirs[key]}, this drafter has {mine[key]}")
         size = int(theirs.get("draft_vocab_size", 0) or 0)
@@ -506,6 +551,23 @@ def lora_merged_weight(module: nn.Module) -> torch.Tensor:
         if name in module.lora_A:
             weight = weight + module.get_delta_weight(name).detach()
     return weight
+
+
+def lm_head_rows(head: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x [N, H] through the output rows `rows` [V'] of a (possibly peft LoRA-wrapped) linear head:
+    [N, V'], equal to head(x)[:, rows] with the same gradient, at about V'/V of the cost (the LoRA
+    delta is peft's own `get_delta_weight`). A head with LoRA dropout runs in full, then is sliced."""
+    if isinstance(head, peft.tuners.lora.LoraLayer):
+        if any(not isinstance(d, nn.Identity) for d in head.lora_dropout.values()):
+            return head(x)[:, rows]
+        base = head.get_base_layer()
+        weight = base.weight[rows]
+        for name in head.active_adapters:
+            if name in head.lora_A:
+                weight = weight + head.get_delta_weight(name)[rows]
+    else:
+        base, weight = head, head.weight[rows]
+    return nn.functional.linear(x, weight, None if base.bias is None else base.bias[rows])
 
 
 def with_draft_vocab(tensors: dict[str, torch.Tensor], meta: dict, source: str) -> dict[str, torch.Tensor]:

@@ -108,11 +108,7 @@ class _Recorder:
         verified = [i for i in range(min(n_accepted + 1, n_committed)) if i not in drafted]
         if not drafted and not verified:
             return
-        logp = torch.log_softmax(target_logits[: max([*drafted, *verified]) + 1].float(), dim=-1)
-        if self.topk and self.topk < logp.shape[-1]:
-            values, ids = torch.topk(logp, self.topk, dim=-1)
-        else:
-            values, ids = logp, torch.arange(logp.shape[-1]).expand_as(logp)
+        values, ids = self._topk(torch.log_softmax(target_logits[: max([*drafted, *verified]) + 1].float(), dim=-1))
         now = time.time()
         r = self.rows
         for i in drafted:
@@ -129,6 +125,21 @@ class _Recorder:
             self.verified["position"].append(pos0 + i)
             self.verified["ids"].append(ids[i])
             self.verified["logprobs"].append(values[i])
+
+    def add_verified(self, positions: list[int], target_logits: torch.Tensor) -> None:
+        """Verifier distributions with no draft: row i of target_logits [R, V] scored the token
+        after position positions[i] (the prompt positions a prefill kept)."""
+        values, ids = self._topk(torch.log_softmax(target_logits.float(), dim=-1))
+        for i, position in enumerate(positions):
+            self.verified["position"].append(position)
+            self.verified["ids"].append(ids[i])
+            self.verified["logprobs"].append(values[i])
+
+    def _topk(self, logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs, ids) [R, K] of rows of log-probs [R, V]: the top `topk`, or all V in id order."""
+        if self.topk and self.topk < logp.shape[-1]:
+            return torch.topk(logp, self.topk, dim=-1)
+        return logp, torch.arange(logp.shape[-1]).expand_as(logp)
 
     def build(self, request_id, version, exit_layer, temperature, hidden: torch.Tensor, tokens: list[int],
               prompt_length: int, vocab: int) -> Trajectory:
@@ -270,7 +281,11 @@ class SpeculativeDecoder:
             ids = torch.tensor([prompt_ids[:-1]], device=split.device)
             pos = torch.arange(len(prompt_ids) - 1, device=split.device)[None]
             h = split.shallow(ids, pos, state.cache)
-            split.deep(h, pos, state.cache, logits=False)
+            scored = prompt_positions(len(prompt_ids) - 1, config.record_prompt_positions if state.recorder else 0)
+            if scored.numel():
+                state.recorder.add_verified(scored.tolist(), split.deep(h, pos, state.cache, logits=scored)[0])
+            else:
+                split.deep(h, pos, state.cache, logits=False)
             state.hk_committed.extend(h.split(1, dim=1))
         return state
 
@@ -437,6 +452,16 @@ def _confidence(q_logits: torch.Tensor, config: DecodeConfig) -> float:
     if config.greedy:
         return float(torch.softmax(q_logits.float(), -1).max())
     return float(warp(q_logits, config.temperature, config.top_k, config.top_p).max())
+
+
+def prompt_positions(length: int, most: int) -> torch.Tensor:
+    """[R] int64 ascending positions of a prefill of `length` rows whose verifier targets are
+    recorded: all of them when `most` >= length, else `most` spread evenly with the last one in."""
+    if most <= 0 or length <= 0:
+        return torch.empty(0, dtype=torch.int64)
+    if most >= length:
+        return torch.arange(length)
+    return torch.unique(torch.linspace(length - 1, 0, most).round().to(torch.int64))
 
 
 def _one_hot(token: int, vocab_size: int, device) -> torch.Tensor:

@@ -101,11 +101,12 @@ class Trajectory:
                                     vocabulary at temperature 1); K == V when kept in full.
       timestamp: [N] float64        unix seconds at which the token was verified.
       verified_position: [M] int64  positions (indices into `hidden`) whose next token the verifier
-                                    scored and committed, not covered by `position`.
+                                    scored, not covered by `position`: committed tokens, and
+                                    prompt positions the prefill kept (DecodeConfig.record_prompt_positions).
       verified_topk_ids / verified_topk_logprobs: [M, K]  the verifier's top-K there, as above.
     Invariants: `position` is non-decreasing and < T; each block's records are a run of accepted
     tokens optionally followed by exactly one rejected one; `position` and `verified_position`
-    are disjoint and >= P - 1 (committed tokens only are scored).
+    are disjoint; `position` >= P - 1 (drafts follow the prompt), `verified_position` >= 0.
     """
 
     request_id: str
@@ -188,8 +189,7 @@ class Trajectory:
         for ids, logprobs in (("verifier_topk_ids", "verifier_topk_logprobs"), ("verified_topk_ids", "verified_topk_logprobs")):
             if getattr(self, ids).shape != getattr(self, logprobs).shape:
                 raise TrajectoryError(f"{ids} and {logprobs} differ in shape")
-        lowest = self.prompt_length - 1
-        for name in ("position", "verified_position"):
+        for name, lowest in (("position", self.prompt_length - 1), ("verified_position", 0)):
             where = getattr(self, name)
             if where.numel() and (int(where.min()) < lowest or int(where.max()) >= self.num_context):
                 raise TrajectoryError(f"{name} must index hidden's rows [{lowest}, {self.num_context})")

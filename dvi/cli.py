@@ -36,7 +36,8 @@ def _register() -> None:
     # Imported lazily so `dvi --help` stays fast; each module adds its own commands.
     from dvi.commands import generate  # noqa: F401
 
-    for optional in ("bench_speed", "bench_ablation", "bench_shift", "train", "service", "dashboard", "monitor", "report"):
+    for optional in ("bench_speed", "bench_ablation", "bench_shift", "train", "warmstart", "service", "dashboard",
+                     "monitor", "report"):
         try:
             __import__(f"dvi.commands.{optional}")
         except ModuleNotFoundError as exc:

@@ -46,7 +46,7 @@ from learner.checkpoint import CheckpointContents, read_checkpoint, write_checkp
 from learner.config import LearnerConfig
 from learner.losses import EmaBaseline, combined_loss
 from learner.replay import ReplayBuffer, TrainBatch, collate, importance_weights
-from learner.schedule import schedule_weights
+from learner.schedule import batch_weights, schedule_weights
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,8 @@ class Learner:
             logits, verified_logits = self._drafter_logits(batch)  # [N, V'], [M, V'] float32, grad through LoRA only
             ids = self._in_draft_space(batch)
             keep = ids.keep
+            drafted_rows = int(ids.valid.sum())
+            weights = batch_weights(weights, drafted_rows, drafted_rows + int(keep.sum()))
             loss, stats = combined_loss(
                 logits,
                 token=ids.token,
@@ -244,17 +246,14 @@ class Learner:
         [M, V'] at the extra verified positions), the exit head run once over each trajectory's
         whole recorded context."""
         drafted, verified = [], []
+        vocab = self.split.draft_vocab if self.split.draft_vocab.shape[0] < self.split.vocab_size else None
         for t in batch.trajectories:
             at = torch.cat([t.position, t.verified_position])
             # clone(): records made under torch.inference_mode (an in-process decoder) cannot enter autograd
-            rows = self.split.drafter_logits(t.hidden.clone(), at.clone())  # [n_t + m_t, V]
+            rows = self.split.drafter_logits(t.hidden.clone(), at.clone(), rows=vocab)  # [n_t + m_t, V']
             drafted.append(rows[: t.num_drafted])
             verified.append(rows[t.num_drafted :])
-        logits, extra = torch.cat(drafted), torch.cat(verified)
-        if self.split.draft_vocab.shape[0] < self.split.vocab_size:
-            vocab = self.split.draft_vocab.to(logits.device)
-            logits, extra = logits[:, vocab], extra[:, vocab]
-        return logits, extra
+        return torch.cat(drafted), torch.cat(verified)
 
     def _in_draft_space(self, batch: TrainBatch) -> DraftSpaceIds:
         """The batch's ids mapped into the current draft vocabulary (see `DraftSpaceIds`)."""
@@ -294,11 +293,12 @@ class Learner:
 
     def refresh_draft_vocab(self) -> bool:
         """Re-pick a reduced drafter's vocabulary from the traffic counted so far (the most
-        frequent tokens, EOS always in); True when it changed. A full-vocabulary drafter: False."""
+        frequent tokens, EOS always in, ties kept by the current vocabulary: a warm start's stays
+        where traffic has not outranked it); True when it changed. A full-vocabulary drafter: False."""
         size = self.split.draft_vocab_size
         if not size:
             return False
-        vocab = select_draft_vocab(self.token_counts, size, self.split.eos_token_ids)
+        vocab = select_draft_vocab(self.token_counts, size, self.split.eos_token_ids, prefer=self.split.draft_vocab)
         if torch.equal(vocab, self.split.draft_vocab.cpu()):
             return False
         self.split.set_draft_vocab(vocab)

@@ -1,5 +1,7 @@
 """Drafting from the context keeps decoding lossless and feeds the learner extra verified rows."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -43,12 +45,37 @@ def test_context_blocks_record_verified_rows_not_drafts():
     sequence = prompt + result.token_ids
     assert traj.tokens.tolist() == sequence and traj.prompt_length == len(prompt)
     assert traj.num_context == len(sequence) - 1
-    # every committed token is scored exactly once: by a drafted record or a verified row
+    # every position is scored exactly once: by a drafted record or a verified row (the prompt's
+    # positions by the prefill, record_prompt_positions >= its length)
     scored = sorted(traj.position.tolist() + traj.verified_position.tolist())
-    assert scored == list(range(len(prompt) - 1, len(sequence) - 1))
+    assert scored == list(range(len(sequence) - 1))
     # greedy: the verifier's top-1 at a verified position is the token committed after it
     for p, ids in zip(traj.verified_position.tolist(), traj.verified_topk_ids):
-        assert int(ids[0]) == sequence[p + 1]
+        if p >= len(prompt) - 1:
+            assert int(ids[0]) == sequence[p + 1]
+
+
+def test_prefill_records_a_sample_of_prompt_positions_with_the_verifiers_targets():
+    from common.speculative import prompt_positions
+
+    assert prompt_positions(10, 0).tolist() == []
+    assert prompt_positions(4, 9).tolist() == [0, 1, 2, 3]
+    assert prompt_positions(10, 3).tolist() == [0, 4, 9]  # spread evenly, the last one in
+    split = tiny_split(seed=5, exit_layer=2)
+    prompt = [4, 8, 15, 16, 23, 42, 7, 9, 11, 3, 5]
+    decoder = SpeculativeDecoder(split)
+    config = DecodeConfig(gamma=2, max_new_tokens=5, record_trajectories=True, record_topk=5, record_prompt_positions=3)
+    traj = decoder.generate(prompt, config).trajectory.validate()
+    kept = [p for p in traj.verified_position.tolist() if p < len(prompt) - 1]
+    assert kept == [0, 4, 9]  # linspace(9, 0, 3) = 9, 4.5, 0; 4.5 rounds to even
+    with torch.no_grad():
+        logp = torch.log_softmax(split.model(input_ids=torch.tensor([prompt])).logits[0].float(), -1)
+    for row, p in enumerate(traj.verified_position.tolist()[:3]):
+        values, ids = torch.topk(logp[p], 5)
+        assert torch.equal(traj.verified_topk_ids[row], ids)
+        assert torch.allclose(traj.verified_topk_logprobs[row], values, atol=1e-4)
+    none = decoder.generate(prompt, replace(config, record_prompt_positions=0)).trajectory
+    assert int(none.verified_position.min()) >= len(prompt) - 1
 
 
 def test_sampling_with_context_drafts_keeps_the_model_distribution():

@@ -7,6 +7,8 @@ the verifier itself: drafter logits == verifier logits at every position, so agr
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -91,3 +93,42 @@ def test_greedy_continuations_are_the_models_greedy_output():
     for seq, prompt in zip(sequences, ([5, 17, 3], [70, 4])):
         out = split.model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=2, pad_token_id=0)[0].tolist()
         assert seq == out
+
+
+def test_lm_head_rows_equals_the_sliced_head_with_its_gradient():
+    from common.model_split import lm_head_rows
+    from tests.tiny_models import randomize_adapter
+
+    split = verifier_copy_split()
+    randomize_adapter(split, seed=1)
+    head = split._head.lm_head
+    x = torch.randn(3, 32)
+    rows = torch.tensor([7, 1, 50])
+    full = head(x)[:, rows]
+    part = lm_head_rows(head, x, rows)
+    assert torch.allclose(full, part, atol=1e-5)
+    (g_full,) = torch.autograd.grad(full.sum(), [head.lora_B["default"].weight])
+    (g_part,) = torch.autograd.grad(part.sum(), [head.lora_B["default"].weight])
+    assert torch.allclose(g_full, g_part, atol=1e-5) and g_part.abs().sum() > 0
+
+
+def test_greedy_targets_match_the_verifiers_targets_on_the_generated_positions():
+    from common.agreement import greedy_continuations, greedy_targets
+
+    split = verifier_copy_split()
+    randomize_adapter_small(split)
+    prompts = [[5, 17, 3], [70, 4, 9, 9]]
+    cheap = greedy_targets(split, prompts, max_new_tokens=7)
+    sequences, starts = greedy_continuations(split, prompts, max_new_tokens=7)
+    exact = verifier_targets(split, sequences, starts)
+    for c, e in zip(cheap, exact):
+        assert c.start == e.start and c.top1.shape[0] == e.top1.shape[0] - 1
+        assert torch.equal(c.top1[c.start :], e.top1[e.start : -1])
+    a, b = agreement(split, cheap), agreement(split, [replace(e, top1=e.top1[:-1]) for e in exact])
+    assert a == b and 0 < a.agreed < a.positions
+
+
+def randomize_adapter_small(split):
+    from tests.tiny_models import randomize_adapter
+
+    randomize_adapter(split, seed=4, scale=0.05)

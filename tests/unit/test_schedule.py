@@ -126,8 +126,8 @@ def test_param_groups_split_lm_head_lora_from_the_rest():
     frozen = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
     named = [
         ("base_model.model.lm_head.lora_A.default.weight", head_a),
-        ("base_model.model.layer.self_attn.q_proj.lora_A.default.weight", layer_a),
-        ("base_model.model.layer.self_attn.q_proj.base_layer.weight", frozen),
+        ("base_model.model.block.self_attn.q_proj.lora_A.default.weight", layer_a),
+        ("base_model.model.block.self_attn.q_proj.base_layer.weight", frozen),
     ]
     groups = LearnerConfig().param_groups(named)
     assert [g["name"] for g in groups] == ["head", "lora"]
@@ -136,3 +136,19 @@ def test_param_groups_split_lm_head_lora_from_the_rest():
     only_layer = LearnerConfig().param_groups(named[1:])
     assert [g["name"] for g in only_layer] == ["lora"]  # an empty group is left out
     torch.optim.AdamW(groups)  # the groups are valid optimiser input
+
+
+def test_batch_weights_keep_the_kl_up_on_rows_without_a_drafted_token():
+    from learner.schedule import ScheduleWeights, batch_weights
+
+    rl = ScheduleWeights("rl", 0.05, 1.0, 1.0, 0.0)
+    # 6 drafted rows of 64: 0.05 * 6/64 + 58/64 = 0.0046875 + 0.90625
+    assert batch_weights(rl, 6, 64).lambda_kl == pytest.approx(0.9109375)
+    assert batch_weights(rl, 6, 64)[2:] == (1.0, 1.0, 0.0)  # CE, PG and entropy untouched
+    assert batch_weights(rl, 64, 64).lambda_kl == pytest.approx(0.05)  # all drafted: the schedule's own weight
+    assert batch_weights(rl, 0, 10).lambda_kl == pytest.approx(1.0)  # nothing drafted: pure distillation
+    assert batch_weights(rl, 0, 0) == rl
+    kl = ScheduleWeights("kl", 1.0, 0.0, 0.0, 0.0)
+    assert batch_weights(kl, 3, 9) == kl
+    with pytest.raises(ValueError):
+        batch_weights(rl, 5, 4)

@@ -1,0 +1,173 @@
+"""`dvi warmstart`: train the drafter by self-distillation on the model's own generations
+(learner/warmstart.py) and install it as the model's default drafter.
+
+Writes DIR/adapter (the trained drafter, fp32), DIR/warmstart.json (settings, times, tokens, the
+held-out agreement curve) and DIR/warmstart.png (the curve), and installs the adapter in the
+user's cache (common/warm_start.py), where every later `dvi` command at this model and exit layer
+starts from it unless `--adapter` says otherwise (`--no-install` skips that). `--ship` also
+writes a bf16 copy where the package ships it (common/warmstarts/<fingerprint>-k<k>/: the default
+model's ships with the project, made by the command in the README).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from common.config import DEFAULT_MODEL, DrafterConfig
+from dvi import options
+from dvi.cli import app
+from learner.config import LearnerConfig
+from learner.warmstart import WarmStartConfig
+
+SEEDS = Path(__file__).resolve().parents[1] / "data" / "warmstart_seeds.jsonl"
+
+
+def bf16_copy(adapter: Path, target: Path, dtype: str = "bfloat16") -> int:
+    """Copy a `save_adapter` directory to `target` with its float tensors cast to `dtype`; returns
+    the bytes of the copied safetensors file."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("adapter_config.json", "dvi_adapter.json"):
+        shutil.copy(adapter / name, target / name)
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    cast = getattr(torch, dtype)
+    save_file({k: (v.to(cast) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()},
+              str(target / "adapter_model.safetensors"))
+    return (target / "adapter_model.safetensors").stat().st_size
+
+
+def plot_curve(points: list[dict], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p["corpus_tokens"] for p in points], [100 * p["agreement"] for p in points], marker="o")
+    ax.set_xlabel("warm-start tokens generated (corpus)")
+    ax.set_ylabel("held-out top-1 agreement (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+@app.command()
+def warmstart(
+    out: str = typer.Option(..., "--out", help="Directory for adapter/, warmstart.json and warmstart.png."),
+    model: options.Model = DEFAULT_MODEL,
+    exit_layer: options.ExitLayer = DrafterConfig.exit_layer,
+    draft_vocab_size: options.DraftVocabSize = DrafterConfig.draft_vocab_size,
+    seeds: str = typer.Option(str(SEEDS), "--seeds", help="Seed instructions (JSONL, Spec-Bench or {\"prompt\"} lines)."),
+    max_new_tokens: int = typer.Option(WarmStartConfig.max_new_tokens, "--max-new-tokens", help="New tokens generated per seed prompt."),
+    temperature: float = typer.Option(0.0, "--temperature", help="Corpus decoding temperature (0 = greedy)."),
+    samples_per_prompt: int = typer.Option(1, "--samples-per-prompt", help="Generations per seed prompt."),
+    epochs: float = typer.Option(WarmStartConfig.epochs, "--epochs", help="Passes over the corpus."),
+    head_lr: float = typer.Option(LearnerConfig.head_lr, "--head-lr", help="AdamW lr of the LM-head LoRA."),
+    lora_lr: float = typer.Option(LearnerConfig.lora_lr, "--lora-lr", help="AdamW lr of the exit layer."),
+    eval_prompts: int = typer.Option(24, "--eval-prompts", help="Held-out Spec-Bench prompts the curve is measured on."),
+    eval_new_tokens: int = typer.Option(64, "--eval-new-tokens", help="Greedy tokens per held-out prompt."),
+    corpus: Optional[str] = typer.Option(None, "--corpus", help="Corpus cache directory (default: in the dvi cache)."),
+    install: bool = typer.Option(True, "--install/--no-install", help="Make it this model's default drafter."),
+    ship: bool = typer.Option(False, "--ship/--no-ship", help="Also write the bf16 copy this package ships (common/warmstarts/)."),
+    seed: int = typer.Option(0, "--seed"),
+    threads: options.Threads = None,
+) -> None:
+    """Warm-start the drafter on the model's own generations from the shipped seed instructions."""
+    options.check_threads(threads)
+    with options.torch_threads(threads):
+        _run(**locals())
+
+
+def _run(out, model, exit_layer, draft_vocab_size, seeds, max_new_tokens, temperature, samples_per_prompt, epochs,
+         head_lr, lora_lr, eval_prompts, eval_new_tokens, corpus, install, ship, seed, threads) -> None:
+    from common.agreement import agreement, greedy_targets
+    from common.config import ModelSpec
+    from common.model_split import SplitModel
+    from common.models import cache_dir
+    from common.prompts import encode_prompt, load_prompts
+    from common.warm_start import SHIPPED_DIR, installed_warm_start_dir, warm_start_name
+    from dvi.bench.learning import interleave_categories, split_train_eval
+    from dvi.data import SPEC_BENCH_DEV
+    from dvi.progress import progress_bar
+    from learner.warmstart import generate_corpus, train_warm_start, warm_start_record
+
+    started = time.perf_counter()
+    config = WarmStartConfig(
+        max_new_tokens=max_new_tokens, temperature=temperature, samples_per_prompt=samples_per_prompt,
+        epochs=epochs, seed=seed,
+    )
+    config = replace(config, learner=replace(config.learner, head_lr=head_lr, lora_lr=lora_lr))
+    drafter = DrafterConfig(exit_layer=exit_layer, draft_vocab_size=draft_vocab_size)
+    split = SplitModel.load(ModelSpec(model=model, drafter=drafter, warm_start=False))
+    seed_prompts = interleave_categories(load_prompts(seeds))  # any prefix of the corpus covers every kind
+    prompt_ids = [encode_prompt(split.tokenizer, p.text) for p in seed_prompts]
+    corpus_dir = Path(corpus) if corpus else cache_dir() / "warmstart" / f"{split.fingerprint}-k{split.exit_layer}" / "corpus"
+
+    from rich.console import Console
+
+    with progress_bar(Console(stderr=True)) as progress:
+        task = progress.add_task("warm-start corpus", total=len(prompt_ids) * samples_per_prompt, now="")
+        trajectories, generation_seconds = generate_corpus(
+            split, prompt_ids, config, corpus_dir,
+            on_request=lambda done, total: progress.update(task, completed=done, now=f"{done}/{total}"),
+        )
+    held = split_train_eval(load_prompts(SPEC_BENCH_DEV))[1][:eval_prompts]
+    eval_started = time.perf_counter()
+    targets = greedy_targets(split, [encode_prompt(split.tokenizer, p.text) for p in held], eval_new_tokens)
+    eval_setup_seconds = time.perf_counter() - eval_started
+
+    train_started = time.perf_counter()
+    learner, points = train_warm_start(
+        split, trajectories, targets, config,
+        on_point=lambda p: print(f"warmstart: {p.corpus_tokens} corpus tokens, step {p.steps}: held-out agreement {p.agreement:.3f}", flush=True),
+    )
+    train_seconds = time.perf_counter() - train_started
+
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    adapter = split.save_adapter(out_dir / "adapter")
+    sizes = {"adapter_bytes_fp32": (adapter / "adapter_model.safetensors").stat().st_size}
+    if install:
+        target = installed_warm_start_dir(split.fingerprint, split.exit_layer)
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(adapter, target)
+        print(f"warmstart: installed as the default drafter of '{model}' at exit layer {exit_layer}: {target}")
+    if ship:
+        shipped = SHIPPED_DIR / warm_start_name(split.fingerprint, split.exit_layer)
+        sizes["shipped_bytes_bf16"] = bf16_copy(adapter, shipped)
+        check = SplitModel(split.model, split.tokenizer, drafter, model, engine=split.engine)
+        check.load_adapter(shipped)
+        print(f"warmstart: shipped a bf16 copy ({sizes['shipped_bytes_bf16']} bytes) in {shipped}")
+        sizes["shipped_agreement"] = agreement(check, targets).rate
+    record = warm_start_record(
+        config, points,
+        model=model, exit_layer=exit_layer, draft_vocab_size=draft_vocab_size, seeds=str(seeds),
+        seed_prompts=len(prompt_ids), corpus_trajectories=len(trajectories),
+        corpus_tokens=sum(len(t.committed_tokens) for t in trajectories),
+        corpus_positions=sum(t.num_scored for t in trajectories),
+        generation_seconds=generation_seconds, train_seconds=train_seconds, eval_setup_seconds=eval_setup_seconds,
+        total_seconds=time.perf_counter() - started,
+        held_out={"prompts": len(held), "new_tokens": eval_new_tokens, "positions": sum(t.num_scored for t in targets),
+                  "source": "Spec-Bench dev, second half of every category (dvi.bench.learning.split_train_eval), first N interleaved"},
+        machine={"platform": platform.platform(), "processor": platform.processor() or platform.machine(), "threads": threads},
+        **sizes,
+    )
+    (out_dir / "warmstart.json").write_text(json.dumps(record, indent=2))
+    plot_curve(record["curve"], out_dir / "warmstart.png",
+               f"{model}, exit layer {exit_layer}: warm start by self-distillation")
+    first, last = points[0].agreement, points[-1].agreement
+    print(f"warmstart: held-out agreement {first:.3f} -> {last:.3f} ({record['corpus_tokens']} corpus tokens, "
+          f"generation {generation_seconds:.0f} s, training {train_seconds:.0f} s); wrote {out_dir}")
