@@ -370,7 +370,9 @@ class SplitModel:
         the exit layer, and the LM head rows of the draft vocabulary."""
         if self._fast_head is None:
             with torch.no_grad():
-                layer = FastLayer(self._head.exit_block(), weight_of=lora_merged_weight)
+                # a snapshot (deepcopy): a full-rank block's weights would otherwise be shared with
+                # the live parameters, and an optimiser step would reach half of the merged head
+                layer = FastLayer(copy.deepcopy(self._head.exit_block()), weight_of=lora_merged_weight)
                 lm_head = self._head.lm_head
                 rows = lora_merged_weight(lm_head)[self.draft_vocab]
                 bias = base_linear(lm_head).bias

@@ -221,12 +221,5 @@ def train_warm_start(
 
 def warm_start_record(config: WarmStartConfig, points: Sequence[CurvePoint], **extra) -> dict:
     """The JSON record of a warm-start run: settings, the curve and whatever `extra` adds (times, sizes)."""
-    return {"config": _jsonable(asdict(config)), "curve": [asdict(p) for p in points], **extra}
+    return {"config": asdict(config), "curve": [asdict(p) for p in points], **extra}  # json.dumps takes its tuples
 
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value

@@ -49,10 +49,10 @@ class TrainSettings:
     """Publish a new weight version every N optimiser steps."""
     eval_every: int = 50
     """Evaluate held-out tau and acceptance every E optimiser steps."""
-    head_lr: float = 3e-3
-    """AdamW lr of the LM-head LoRA. LearnerConfig's reference value 5e-4 learned ~2x slower on SmolLM2 (exit layer 8)."""
-    lora_lr: float = 3e-3
-    """AdamW lr of the exit-layer LoRA (LearnerConfig's reference value 5e-5 barely moves the exit layer)."""
+    head_lr: float = LearnerConfig.head_lr
+    """AdamW lr of the LM-head LoRA (the service's, LearnerConfig's: one source for both)."""
+    lora_lr: float = LearnerConfig.lora_lr
+    """AdamW lr of the exit layer (the service's, LearnerConfig's)."""
     batch_tokens: int = LearnerConfig.batch_tokens
     """Drafted tokens per optimiser step."""
     warmup_steps: int = ScheduleConfig.warmup_steps
