@@ -1,7 +1,7 @@
 """Generation actors on Ray: a thin shell around `actors.generator.Generator`, and a pool.
 
 `GeneratorService` builds a `Generator` from picklable `GeneratorSettings` (model, Redis URL,
-transport, secret), syncs it to the latest published weight version, and runs the weight watcher
+transport, where the weight secret is: never the secret itself), syncs it to the latest published weight version, and runs the weight watcher
 thread. It adds no math. `ray.remote` is applied at the edge (`GeneratorPool`), with
 `max_restarts=-1`: a killed actor comes back, re-runs `__init__`, and so re-syncs to the latest
 verified weights before serving again.
@@ -64,8 +64,9 @@ class GeneratorSettings:
     """Where the trajectory stream, weight store and telemetry live."""
     transport: TransportConfig = field(default_factory=TransportConfig)
     """Stream settings; `transport.namespace` is also the weight store and telemetry namespace."""
-    secret: bytes | None = None
-    """HMAC secret the weight store verifies records with (None: sha256 only)."""
+    secret_file: str | None = None
+    """File holding the HMAC secret weight records are verified with (the secret never travels in
+    pickled arguments); None: $DVI_WEIGHT_SECRET, $DVI_WEIGHT_SECRET_FILE or ~/.dvi/weight-secret."""
     actor_id: str = "actor-0"
     """This actor's name."""
     learn: bool = True
@@ -97,11 +98,12 @@ class GeneratorService:
         from actors.generator import Generator, GeneratorConfig
         from common.runtime import make_observers, start_service_process
         from common.transport import TrajectoryStream
-        from common.weights import WeightStore
+        from common.weights import service_store
 
         self.settings = settings
         self.started_at = time.time()
         split, client = start_service_process(settings.model, settings.torch_threads, settings.redis_url)
+        weights = service_store(client, settings.transport.namespace, split, settings.secret_file)
         ns = settings.transport.namespace
         metrics, telemetry = make_observers(client, ns, settings.metrics, settings.telemetry)
         self.generator = Generator(
@@ -111,7 +113,7 @@ class GeneratorService:
                             ar_fallback_config=settings.ar_fallback_config,
                             ar_fallback_gamma=max(1, settings.ar_fallback_gamma)),
             stream=TrajectoryStream(client, settings.transport) if settings.learn else None,
-            weights=WeightStore(client, ns, settings.secret),
+            weights=weights,
             metrics=metrics,
             telemetry=telemetry,
         )
@@ -132,6 +134,15 @@ class GeneratorService:
     def sync(self) -> int:
         """Swap to the latest verified version now; return the version in use."""
         return self.generator.sync_weights()
+
+    def flush(self, timeout_s: float = 30.0) -> int:
+        """Send the trajectory outbox, retrying while Redis is away, for at most `timeout_s`;
+        return what is left in it."""
+        deadline = time.monotonic() + timeout_s
+        while self.generator.outbox_size and time.monotonic() < deadline:
+            if not self.generator.flush():
+                time.sleep(0.5)
+        return self.generator.outbox_size
 
     def status(self) -> dict[str, Any]:
         return {**self.generator.status(), "pid": os.getpid(), "started_at": self.started_at}
@@ -227,6 +238,20 @@ class GeneratorPool:
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
                 out[aid] = {"actor": aid, "error": str(err)}
         return out
+
+    def flush_all(self, timeout_s: float = 60.0) -> dict[str, int]:
+        """Every live actor sends its trajectory outbox; actor_id -> entries left (-1: unreachable)."""
+        import ray
+
+        left: dict[str, int] = {}
+        refs = {aid: a.flush.remote(timeout_s) for aid, a in self.actors.items()}
+        for aid, ref in refs.items():
+            try:
+                left[aid] = ray.get(ref, timeout=timeout_s + 30)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+                log.warning("actor %s did not flush its outbox: %s", aid, err)
+                left[aid] = -1
+        return left
 
     def sync_all(self, timeout_s: float = 60.0) -> dict[str, int]:
         import ray

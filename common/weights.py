@@ -120,6 +120,18 @@ def load_secret(path: str | Path | None = None) -> bytes | None:
     return secret
 
 
+def service_store(client: redis.Redis, namespace: str, split, secret_file: str | None, **kwargs) -> "WeightStore":
+    """The weight store of a service process (actor or learner) for drafter `split`: signed with
+    the secret `load_secret(secret_file)` finds; ServiceError naming the fix when there is none."""
+    secret = load_secret(secret_file)
+    if secret is None:
+        raise ServiceError(
+            f"no weight-signing secret: set ${SECRET_ENV} or ${SECRET_FILE_ENV}, or write one to "
+            f"{DEFAULT_SECRET_FILE} on every node (cluster.yaml does)"
+        )
+    return WeightStore(client, namespace, secret, model_id=split.model_id, exit_layer=split.exit_layer, **kwargs)
+
+
 def write_secret_file(path: str | Path) -> Path:
     """Write a fresh random secret (64 hex characters) to `path`, readable by its owner only."""
     file = Path(path).expanduser()

@@ -113,6 +113,12 @@ def test_bad_version_is_rolled_back_and_the_learner_monitor_and_report_hear_of_i
     assert gen.version == 1 and gen.blocked_versions == [2]
     after = serve(gen, prompts, references, 3, "after")
     assert {r["version"] for r in after} == {1} and gen.sync_weights() == 1
+    # The verdict is stored in Redis: a restarted actor (fresh process, version 0) never takes
+    # version 2, and resumes from the newest good one.
+    split.load_adapter_state(untrained, 0)
+    restarted = Generator(split, GeneratorConfig(actor_id="actor-0", learn=False, drift_guard=GUARD), weights=store)
+    assert restarted.sync_weights() == 1 and restarted.blocked_versions == [2]
+    assert store.blocked_versions() == {2}
     # An idle actor's weight watcher neither takes version 2 again nor spins on it.
     calls = []
     latest_version = store.latest_version
