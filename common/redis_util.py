@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -33,6 +34,8 @@ from common.errors import ServiceError
 log = logging.getLogger(__name__)
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+PASSWORD_FILE_ENV = "DVI_REDIS_PASSWORD_FILE"
+"""Names a file holding the Redis password, used when the URL carries none (cluster.yaml sets it)."""
 DEFAULT_RETRIES = 3
 """Retries redis-py makes of one command on a connection error or timeout (after the first try)."""
 DEFAULT_BACKOFF_S = 0.1
@@ -97,14 +100,24 @@ def connect(
     `Retry` with `ExponentialBackoff` from `backoff_s`, capped at DEFAULT_BACKOFF_CAP_S), then
     raises; `redis_call` turns that into a ServiceError. `timeout_s` is the socket connect and
     read timeout, so blocking stream reads must use a block time below it. `ping=False` is for
-    service processes that must start while Redis is away: the first command connects.
+    service processes that must start while Redis is away: the first command connects. A URL
+    without a password takes it from the file $DVI_REDIS_PASSWORD_FILE names, when set.
     """
     if retries < 0:
         raise ValueError(f"retries must be >= 0, got {retries}")
     shown = redact(url)
+    extra: dict[str, str] = {}
+    password_file = os.environ.get(PASSWORD_FILE_ENV)
+    if password_file and urlsplit(url).password is None:
+        try:
+            extra["password"] = Path(password_file).expanduser().read_text().strip()
+        except OSError as err:
+            raise ServiceError(f"cannot read the Redis password file ${PASSWORD_FILE_ENV}={password_file}: "
+                               f"{err.strerror or err}") from err
     try:
         client = redis.Redis.from_url(
             url,
+            **extra,
             socket_connect_timeout=timeout_s,
             socket_timeout=timeout_s,
             retry=client_retry(retries, backoff_s),

@@ -122,3 +122,13 @@ def test_the_client_retries_with_backoff_across_a_restart_and_the_aof_keeps_the_
             redis_call(lambda: short.get("k"), what="GET k")
     finally:
         server.stop()
+
+
+def test_a_password_file_supplies_the_password_a_url_lacks(password_server, tmp_path, monkeypatch) -> None:
+    secret = tmp_path / "redis-password"
+    secret.write_text("s3cret\n")
+    monkeypatch.setenv("DVI_REDIS_PASSWORD_FILE", str(secret))
+    assert connect(password_server.url).ping()
+    monkeypatch.setenv("DVI_REDIS_PASSWORD_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ServiceError, match="cannot read the Redis password file"):
+        connect(password_server.url)
