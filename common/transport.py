@@ -464,6 +464,23 @@ class TrajectoryStream:
                 return None if entries_read is None else int(delivered or 0) - int(entries_read)
         return None
 
+    @property
+    def name(self) -> str:
+        """The stream's name within its namespace: the label of its metrics."""
+        return self.config.stream
+
+    def lag(self) -> int | None:
+        """Entries in the stream the group has not read yet: 0 when the stream does not exist,
+        None when Redis cannot tell (after trims or deletions)."""
+        try:
+            groups = self._retry(lambda: self.client.xinfo_groups(self._key), "XINFO GROUPS")
+        except redis.ResponseError:  # no such key: nothing was ever published
+            return 0
+        for group in groups:
+            if _text(group["name"]) == self.config.group:
+                return None if group.get("lag") is None else int(group["lag"])
+        return 0
+
     def stats(self) -> StreamStats:
         """This instance's counters and the stream-wide drop count (one Redis round trip)."""
         return StreamStats(

@@ -155,3 +155,23 @@ def _fsync_tree(root: Path) -> None:
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
+
+
+def has_checkpoint(directory: str | Path | None) -> bool:
+    """True when `directory` holds something a previous run saved."""
+    if directory is None:
+        return False
+    path = Path(directory)
+    return path.is_dir() and any(not p.name.startswith(".") for p in path.iterdir())
+
+
+def find_checkpoint(directory: str | Path | None) -> Path | None:
+    """The checkpoint to resume from: `directory`, or, if a crash hit the moment between the
+    writer moving the old checkpoint aside and renaming the new one in, the newest set-aside one."""
+    if directory is None:
+        return None
+    path = Path(directory)
+    if has_checkpoint(path):
+        return path
+    aside = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime) if path.parent.is_dir() else []
+    return aside[-1] if aside and has_checkpoint(aside[-1]) else None

@@ -1,8 +1,11 @@
-"""The single-process DVI training loop: decode with the live drafter, learn from it, measure it.
+"""`dvi train-local`: the service's learning loop in one process, with held-out evaluation.
 
-One loop iteration serves one training request with the current drafter (recording its
-trajectory), feeds it to the `Learner`, and takes up to K optimiser steps from the replay. Every
-`publish_every` steps a new weight version is published; in-process the decoder already drafts
+Each training request is decoded with the live drafter (recording its trajectory) and published
+to an in-memory stream; `learner.loop.LearnerLoop`, the very loop the learner service runs over
+Redis, ingests it, trains on the step credit it earns and publishes weight versions to an
+in-memory store (`common.memory_transport`). `LocalLoopConfig.loop_config` maps train-local's
+knobs onto that loop: K steps per request (`steps_per_request`, at most K per request),
+no time-based publish or checkpoint, and a stop at `steps`. In-process the decoder already drafts
 with the live weights, so publishing only advances the version that tags the next trajectories
 (and ages the replay). Every `eval_every` steps, and at step 0 with the untrained drafter, tau
 and acceptance are measured on a fixed held-out prompt set by greedy decoding without recording.
@@ -26,8 +29,10 @@ import torch
 
 from common.config import DecodeConfig
 from common.errors import DVIError
+from common.memory_transport import MemoryTrajectoryStream, MemoryWeightStore
 from common.speculative import GenerationResult, SpeculativeDecoder
 from learner.learner import Learner
+from learner.loop import LearnerLoop, LearnerLoopConfig
 
 POINT_FIELDS = (
     "step", "tokens_seen", "traffic_tokens", "requests", "version", "tau", "acceptance",
@@ -71,6 +76,17 @@ class LocalLoopConfig:
     def train_decode(self) -> DecodeConfig:
         return replace(self.decode, record_trajectories=True)
 
+    def loop_config(self, learner_id: str) -> LearnerLoopConfig:
+        """The service loop's settings that make it train-local: one request per poll earns K
+        steps (taken at once, fewer while the replay is not ready), a version every N steps,
+        nothing time-based (reproducible), no step past `steps`."""
+        return LearnerLoopConfig(
+            learner_id=learner_id, checkpoint_dir=None, publish_every_steps=self.publish_every,
+            publish_every_s=math.inf, checkpoint_every_s=math.inf, claim_every_s=math.inf,
+            replay_ratio=0.0, steps_per_request=float(self.updates_per_request),
+            max_steps_per_poll=self.updates_per_request, stop_at_step=self.steps, read_count=1, block_ms=0,
+        )
+
     @property
     def held_out_decode(self) -> DecodeConfig:
         base = self.eval_decode if self.eval_decode is not None else self.decode
@@ -97,6 +113,47 @@ def evaluate(decoder: SpeculativeDecoder, prompts: Sequence[Sequence[int]], deco
     }
 
 
+class _Points:
+    """Evaluation points of one `train_local` run (see the module docstring for their fields)."""
+
+    def __init__(self, learner: Learner, evaluate_now: Callable[[], dict[str, float]], traffic_tokens: int,
+                 on_point: Callable[[dict], None] | None) -> None:
+        self.learner, self.evaluate_now, self.on_point = learner, evaluate_now, on_point
+        self.traffic = int(traffic_tokens)
+        self.points: list[dict] = []
+        self.window: list[dict] = []  # update stats since the last point
+        self.last_phase: str | None = None
+        self.started = time.perf_counter()
+
+    def add(self, measured: dict[str, float] | None = None) -> None:
+        measured = measured if measured is not None else self.evaluate_now()
+        counters, window = self.learner.counters(), self.window
+
+        def mean(key: str) -> float | None:
+            values = [s[key] for s in window if math.isfinite(s[key])]
+            return sum(values) / len(values) if values else None
+
+        p = {
+            "step": self.learner.step,
+            "tokens_seen": counters["tokens_seen"],
+            "traffic_tokens": self.traffic,
+            "requests": counters["added"] + counters["stale_dropped"],
+            "version": self.learner.version,
+            "tau": measured["tau"],
+            "acceptance": measured["acceptance"],
+            "kl": mean("kl"),
+            "ce": mean("ce"),
+            "pg": mean("pg"),
+            "phase": self.last_phase,
+            "lambda_pg": window[-1]["lambda_pg"] if window else None,
+            "seconds": time.perf_counter() - self.started,
+        }
+        self.points.append(p)
+        window.clear()
+        if self.on_point is not None:
+            self.on_point(p)
+
+
 def train_local(
     learner: Learner,
     train_prompts: Sequence[Sequence[int]],
@@ -118,52 +175,21 @@ def train_local(
     (the benchmark shares one untrained evaluation between schedules); evaluate_at_start=False
     skips the start point (a resumed run that already has it). traffic_tokens: starting value
     of the traffic counter (resume). on_step(stats) after each update, on_point(point) after
-    each evaluation.
+    each evaluation, on_request(result) after each training request is decoded.
     """
     if not train_prompts:
         raise ValueError("train_local needs at least one training prompt")
     if not eval_prompts:
         raise ValueError("train_local needs at least one evaluation prompt")
     decoder = SpeculativeDecoder(learner.split)
-    train_decode, eval_decode = config.train_decode, config.held_out_decode
-    points: list[dict] = []
-    window: list[dict] = []  # update stats since the last point
-    last_phase = None
-    started = time.perf_counter()
-
-    def point(measured: dict[str, float] | None = None) -> None:
-        measured = measured if measured is not None else evaluate(decoder, eval_prompts, eval_decode)
-        counters = learner.counters()
-
-        def mean(key: str) -> float | None:
-            values = [s[key] for s in window if math.isfinite(s[key])]
-            return sum(values) / len(values) if values else None
-
-        p = {
-            "step": learner.step,
-            "tokens_seen": counters["tokens_seen"],
-            "traffic_tokens": traffic,
-            "requests": counters["added"] + counters["stale_dropped"],
-            "version": learner.version,
-            "tau": measured["tau"],
-            "acceptance": measured["acceptance"],
-            "kl": mean("kl"),
-            "ce": mean("ce"),
-            "pg": mean("pg"),
-            "phase": last_phase,
-            "lambda_pg": window[-1]["lambda_pg"] if window else None,
-            "seconds": time.perf_counter() - started,
-        }
-        points.append(p)
-        window.clear()
-        if on_point is not None:
-            on_point(p)
-
-    traffic = int(traffic_tokens)
     evaluating = config.eval_every is not None
+    points = _Points(learner, lambda: evaluate(decoder, eval_prompts, config.held_out_decode), traffic_tokens, on_point)
     if evaluate_at_start and evaluating:
-        point(initial_eval)
-    skips = 0
+        points.add(initial_eval)
+    stream = MemoryTrajectoryStream()
+    loop = LearnerLoop(learner, stream, MemoryWeightStore(), config.loop_config(learner.learner_id),
+                       on_step=_step_hook(learner, config, points, on_step))
+    loop.start()
     while learner.step < config.steps:
         counters = learner.counters()
         index = counters["added"] + counters["stale_dropped"]
@@ -171,33 +197,38 @@ def train_local(
             break
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
         result = decoder.generate(
-            list(train_prompts[index % len(train_prompts)]), train_decode,
+            list(train_prompts[index % len(train_prompts)]), config.train_decode,
             generator=generator, request_id=f"{learner.learner_id}-req-{index}",
         )
-        traffic += len(result.token_ids)
+        points.traffic += len(result.token_ids)
         if on_request is not None:
             on_request(result)
-        learner.add([result.trajectory])
-        for _ in range(config.updates_per_request):
-            stats = learner.train_step()
-            if stats is None:
-                break
-            if on_step is not None:
-                on_step(stats)
-            if stats["skipped"]:
-                skips += 1
-                if skips >= config.max_consecutive_skips:
-                    raise DVIError(f"training diverged: {skips} non-finite updates in a row at step {learner.step}")
-                continue
-            skips = 0
-            window.append(stats)
-            last_phase = stats["phase"]
-            if learner.step % config.publish_every == 0:
-                learner.publish_version()
-            if evaluating and (learner.step % config.eval_every == 0 or learner.step >= config.steps):
-                point()
-            if learner.step >= config.steps:
-                break
-    if evaluating and (not points or points[-1]["step"] != learner.step):
-        point()  # the loop stopped between points (or had nothing to do): still report where it stands
-    return points
+        stream.publish(result.trajectory)
+        loop.poll(block_ms=0)
+    if evaluating and (not points.points or points.points[-1]["step"] != learner.step):
+        points.add()  # the loop stopped between points (or had nothing to do): still report where it stands
+    return points.points
+
+
+def _step_hook(learner: Learner, config: LocalLoopConfig, points: _Points,
+               on_step: Callable[[dict], None] | None) -> Callable[[dict], None]:
+    """The loop's per-step callback: the caller's `on_step`, the divergence guard, evaluation points."""
+    skips = 0
+
+    def hook(stats: dict) -> None:
+        nonlocal skips
+        if on_step is not None:
+            on_step(stats)
+        if stats["skipped"]:
+            skips += 1
+            if skips >= config.max_consecutive_skips:
+                raise DVIError(f"training diverged: {skips} non-finite updates in a row at step {learner.step}")
+            return
+        skips = 0
+        points.window.append(stats)
+        points.last_phase = stats["phase"]
+        every = config.eval_every
+        if every is not None and (learner.step % every == 0 or learner.step >= config.steps):
+            points.add()
+
+    return hook

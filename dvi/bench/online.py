@@ -3,7 +3,7 @@ of the prompts and learns from its own traffic, then is frozen and timed on the 
 
 Each learning request is decoded exactly as the timed dvi methods decode (same DecodeConfig,
 trajectories recorded), fed to a `Learner`, and followed by `updates_per_request` optimiser steps
-(`learner.local.train_local`, the service's single-process reference loop). The draft vocabulary
+(`learner.local.train_local`: the service's learning loop in one process). The draft vocabulary
 is re-picked from the traffic at every published version. Nothing of this phase is timed for the
 speed table; its own cost is reported in `LearningSummary`.
 """

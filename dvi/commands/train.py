@@ -1,6 +1,7 @@
 """`dvi train-local` (single-process training loop) and `dvi bench learning` (schedules compared).
 
-Both run `learner.local.train_local` in this process: the decoder drafts with the live adapter,
+Both run `learner.local.train_local` (the service's `learner.loop.LearnerLoop` over an in-memory transport)
+in this process: the decoder drafts with the live adapter,
 the learner trains it from the recorded trajectories. Prompts are split by
 `dvi.bench.learning.split_train_eval` when one file serves both roles (see that module).
 """
