@@ -34,6 +34,7 @@ from dvi.driver import SUMMARY_KEYS, RunConfig, run_service
 from learner.config import LearnerConfig
 from learner.service import LearnerLoopConfig, LearnerSettings, create_learner_actor
 from tests.helpers import head_only, make_trajectory
+from tests.service.conftest import TEST_WEIGHT_SECRET
 from tests.tiny_models import STORIES, stories_split
 
 pytestmark = pytest.mark.slow
@@ -295,18 +296,20 @@ def test_learner_killed_mid_run_loses_and_duplicates_nothing(learner_service):
 # ---------------------------------------------------------------------------------- generation actors
 
 
-SECRET = b"test-secret"
+def signed_store(client, namespace: str, secret: bytes = TEST_WEIGHT_SECRET) -> WeightStore:
+    """A weight store signing as this session's actors verify (secret, model, exit layer)."""
+    return WeightStore(client, namespace, secret, model_id=SPEC.model, exit_layer=EXIT_LAYER)
 
 
 @pytest.fixture(scope="module")
 def one_actor(ray_session, redis_client, redis_url):
     namespace = f"test:{uuid.uuid4().hex}"
     settings = GeneratorSettings(model=SPEC, redis_url=redis_url, transport=TransportConfig(namespace=namespace),
-                                 secret=SECRET, actor_id="actor-0", learn=False, metrics=False,
+                                 actor_id="actor-0", learn=False, metrics=False,
                                  watch=False)  # swaps only on sync() / before a request: no race with tampering
     pool = GeneratorPool([settings])
     pool.wait_ready(timeout_s=120)
-    yield pool.actors["actor-0"], WeightStore(redis_client, namespace, SECRET), namespace
+    yield pool.actors["actor-0"], signed_store(redis_client, namespace), namespace
     pool.shutdown()
     delete_namespace(redis_client, namespace)
 
@@ -328,7 +331,7 @@ def test_actor_refuses_a_tampered_or_badly_signed_blob(one_actor, redis_client):
     store.publish(adapter(1), base, "learner-0")
     assert ray.get(actor.sync.remote()) == base
 
-    forged = WeightStore(redis_client, namespace, b"not-the-secret")
+    forged = signed_store(redis_client, namespace, b"not-the-secret")
     forged.publish(adapter(2), base + 1, "learner-0")  # wrong signature
     assert ray.get(actor.sync.remote()) == base
 
