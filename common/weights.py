@@ -83,6 +83,15 @@ class WeightIntegrityError(ValueError):
     """A stored weight record whose bytes, hash or signature cannot be trusted; never load it."""
 
 
+class VersionConflictError(ValueError):
+    """`publish` of a version not above the newest stored one; `newest` is that version."""
+
+    def __init__(self, version: int, newest: int) -> None:
+        super().__init__(f"weight version {version} is not newer than the latest published version {newest}")
+        self.version = version
+        self.newest = newest
+
+
 class WeightNotFoundError(LookupError):
     """The requested weight version is not (or no longer) in the store."""
 
@@ -258,9 +267,7 @@ class WeightStore:
             "publish weights",
         )
         if not int(ok):
-            raise ValueError(
-                f"weight version {version} is not newer than the latest published version {int(detail)}"
-            )
+            raise VersionConflictError(version, int(detail))
         log.info(
             "weights %s: learner %s published version %d (%d bytes, sha256 %s)%s",
             self.namespace,

@@ -199,6 +199,10 @@ class RunState:
     namespace: str = ""
     redis_url: str = ""
     """The resolved Redis URL (may hold a password: show it through `redact`)."""
+    learner_actor: Any = None
+    """The learner's Ray actor handle once created (fault-injection tools kill it)."""
+    pool: Any = None
+    """The `GeneratorPool` once created."""
 
     def add(self, result: dict[str, Any]) -> None:
         self.results.append(result)
@@ -340,6 +344,7 @@ def _run(config, prompts, out, run_id, namespace, redis_url, state, phase, on_re
         ]
         phase(f"loading {config.model} in {config.actors} generation actor(s)")
         pool = GeneratorPool(settings, cpus_per_actor=cpus)
+        state.learner_actor, state.pool = learner_actor, pool
         pool.wait_ready()
         if learner_actor is not None:
             try:

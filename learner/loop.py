@@ -461,7 +461,11 @@ class LearnerLoop(LoopReporting):
         except ValueError as err:  # another learner on this namespace is ahead: skip past it
             self.counters["publish_conflicts"] += 1
             log.error("learner %s: weight version %d refused by the store (%s)", self.consumer, version, err)
-            latest = self.weights.latest_version() or 0
+            newest = getattr(err, "newest", None)  # the store's newest record (its pointer may be forged)
+            latest = max(newest if newest is not None else 0, self.weights.latest_version() or 0)
+            _check(latest + 1 - self.learner.version <= self.config.max_version_jump,
+                   f"the store's newest weight version {latest} is more than max_version_jump="
+                   f"{self.config.max_version_jump} ahead of this learner's {self.learner.version}")
             self._set_version(latest + 1)
             version = self.learner.version
             self._checkpoint()
