@@ -470,14 +470,28 @@ class TrajectoryStream:
         return self.config.stream
 
     def lag(self) -> int | None:
-        """Entries in the stream the group has not read yet: 0 when the stream does not exist,
-        None when Redis cannot tell (after trims or deletions)."""
+        """Entries in the stream the group has not read yet: 0 when the stream does not exist or
+        the group has been delivered its newest entry, None when Redis cannot tell (after trims
+        or deletions).
+
+        Redis's own `lag` comes from the group's entries-read counter, which an AOF reload can
+        reset (seen with Redis 7.0: entries-read 0, lag = stream length, everything delivered), so
+        a group whose last-delivered id is the stream's newest entry counts as caught up."""
+        def read() -> tuple[list, dict]:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.xinfo_groups(self._key)
+            pipe.xinfo_stream(self._key)
+            return tuple(pipe.execute())
+
         try:
-            groups = self._retry(lambda: self.client.xinfo_groups(self._key), "XINFO GROUPS")
+            groups, info = self._retry(read, "XINFO")
         except redis.ResponseError:  # no such key: nothing was ever published
             return 0
         for group in groups:
             if _text(group["name"]) == self.config.group:
+                newest = info.get("last-entry")
+                if newest is None or _id_key(group["last-delivered-id"]) >= _id_key(newest[0]):
+                    return 0
                 return None if group.get("lag") is None else int(group["lag"])
         return 0
 
@@ -595,6 +609,12 @@ class TrajectoryStream:
             consumer,
             reason,
         )
+
+
+def _id_key(entry_id: bytes | str) -> tuple[int, int]:
+    """A stream entry id "ms-seq" as a comparable pair."""
+    ms, _, seq = _text(entry_id).partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _text(value: bytes | str) -> str:

@@ -271,8 +271,8 @@ def run_service(
 
 def preflight(config: RunConfig) -> None:
     """Check the static arguments before anything starts (seconds, not the 30 s of a Ray start):
-    the model resolves and its config reads, the exit layer and draft vocabulary fit it, and a
-    weight secret named by file or variable can be read. ValueError / ServiceError naming the fix."""
+    the model resolves and its config reads, the exit layer fits it, and a weight secret named by
+    file can be read. ValueError / ServiceError naming the fix."""
     from transformers import AutoConfig
 
     from common.errors import ModelLoadError
@@ -288,9 +288,6 @@ def preflight(config: RunConfig) -> None:
     num_layers = getattr(model_config, "num_hidden_layers", None)
     if num_layers is not None:
         spec.drafter.validate_for(int(num_layers))
-    vocab = getattr(model_config, "vocab_size", None)
-    _check(vocab is None or spec.drafter.draft_vocab_size <= vocab,
-           f"draft vocabulary {spec.drafter.draft_vocab_size} exceeds the model's {vocab} tokens")
     if config.secret_file is not None:
         load_secret(config.secret_file)
 

@@ -159,3 +159,24 @@ def test_non_finite_weights_written_around_the_store_are_refused_before_a_swap(s
     assert gen.sync_weights() == 1 and gen.refused_versions == [2]
     result = gen.serve("e", prompt_ids=prompts[1], decode=DECODE)
     assert result["token_ids"] == references[1] and result["version"] == 1
+
+
+def test_the_group_counts_as_caught_up_after_an_aof_reload(server):
+    """Redis 7.0 reloads a consumer group from the AOF with entries-read 0 (lag = stream length):
+    `lag()` goes by the last-delivered id, or a drain would wait forever."""
+    from tests.helpers import make_trajectory
+
+    client = connect(server.url)
+    stream = TrajectoryStream(client, TransportConfig(namespace="run"))
+    stream.ensure_group()
+    for i in range(3):
+        stream.publish(make_trajectory(n_drafted=2, seed=i))
+    stream.ack([entry_id for entry_id, _ in stream.consume("learner-0", count=10, block_ms=0)])
+    assert stream.lag() == 0
+    time.sleep(1.2)  # appendfsync everysec
+    server.kill()
+    server.start()
+    assert stream.lag() == 0
+    stream.publish(make_trajectory(n_drafted=2, seed=9))
+    assert stream.lag() >= 1
+    assert len(stream.consume("learner-0", count=10, block_ms=0)) == 1 and stream.lag() == 0
