@@ -264,54 +264,89 @@ class GeneratorPool:
         decode: DecodeConfig,
         on_result: Callable[[dict[str, Any]], None] | None = None,
         max_attempts: int = 3,
+        recover_timeout_s: float = 300.0,
     ) -> list[dict[str, Any]]:
         """Serve every request; each idle actor pulls the next one. Returns results in completion order.
 
-        A result carries "meta" from its request. A request that fails `max_attempts` times (its
-        actor died each time, or the request itself is bad) yields {"request_id", "error", "meta"}.
+        A result carries "meta" from its request. An actor that dies mid-request (Ray restarts it)
+        is left alone until it answers a ping again (tried every second; given up after
+        `recover_timeout_s`), and its request goes back to the front of the queue for the next
+        idle actor. A request that fails `max_attempts` times (its actor died each time, or the
+        request itself is bad) yields {"request_id", "error", "meta"}; so does every request left
+        when no actor can serve any more.
         """
         import ray
 
         queue = list(requests)[::-1]  # pop() from the end = take the next in order
         attempts: dict[str, int] = {}
         in_flight: dict[Any, tuple[str, Request]] = {}
+        pings: dict[Any, str] = {}
+        recovering: dict[str, tuple[float, float]] = {}  # actor -> (since, next ping), monotonic
+        idle: list[str] = list(self.actors)
         results: list[dict[str, Any]] = []
 
-        def submit(actor_id: str) -> None:
-            if not queue:
-                return
-            req = queue.pop()
-            attempts[req.request_id] = attempts.get(req.request_id, 0) + 1
-            ref = self.actors[actor_id].serve.remote(req.request_id, req.prompt, req.prompt_ids, decode)
-            in_flight[ref] = (actor_id, req)
+        def finish(result: dict[str, Any], req: Request) -> None:
+            results.append({**result, "meta": req.meta})
+            if on_result is not None:
+                on_result(results[-1])
 
-        for actor_id in self.actors:
-            submit(actor_id)
-        while in_flight:
-            done, _ = ray.wait(list(in_flight), num_returns=1)
+        def dispatch() -> None:
+            while queue and idle:
+                actor_id, req = idle.pop(0), queue.pop()
+                attempts[req.request_id] = attempts.get(req.request_id, 0) + 1
+                ref = self.actors[actor_id].serve.remote(req.request_id, req.prompt, req.prompt_ids, decode)
+                in_flight[ref] = (actor_id, req)
+
+        dispatch()
+        while in_flight or (queue and (pings or recovering)):
+            now = time.monotonic()
+            for actor_id, (since, due) in list(recovering.items()):
+                if now - since > recover_timeout_s:
+                    log.error("actor %s did not come back within %g s; serving without it", actor_id, recover_timeout_s)
+                    del recovering[actor_id]
+                elif due <= now:
+                    pings[self.actors[actor_id].ping.remote()] = actor_id
+                    recovering[actor_id] = (since, float("inf"))
+            waiting = list(in_flight) + list(pings)
+            if not waiting:
+                time.sleep(0.2)
+                continue
+            done, _ = ray.wait(waiting, num_returns=1, timeout=0.5)
+            if not done:
+                continue
             ref = done[0]
+            if ref in pings:
+                actor_id = pings.pop(ref)
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError:  # still restarting: ask again in a second
+                    recovering[actor_id] = (recovering[actor_id][0], time.monotonic() + 1.0)
+                    continue
+                log.info("actor %s is back after %.1f s", actor_id, time.monotonic() - recovering.pop(actor_id)[0])
+                idle.append(actor_id)
+                dispatch()
+                continue
             actor_id, req = in_flight.pop(ref)
             try:
                 result = ray.get(ref)
             except ray.exceptions.RayActorError as err:  # died mid-request: Ray restarts it
                 if attempts[req.request_id] < max_attempts:
-                    log.warning("actor %s died serving %s; retrying: %s", actor_id, req.request_id, err)
+                    log.warning("actor %s died serving %s; retrying elsewhere: %s", actor_id, req.request_id, err)
                     queue.append(req)
                 else:
-                    result = {"request_id": req.request_id, "actor": actor_id, "error": str(err)}
-                    results.append({**result, "meta": req.meta})
-                    if on_result is not None:
-                        on_result(results[-1])
-                submit(actor_id)
+                    finish({"request_id": req.request_id, "actor": actor_id, "error": str(err)}, req)
+                recovering[actor_id] = (time.monotonic(), time.monotonic())
+                dispatch()
                 continue
             except ray.exceptions.RayTaskError as err:  # the request itself failed (bad prompt)
                 cause = err.cause if getattr(err, "cause", None) is not None else err
                 log.warning("request %s failed on actor %s: %s", req.request_id, actor_id, cause)
                 result = {"request_id": req.request_id, "actor": actor_id, "error": f"{type(cause).__name__}: {cause}"}
-            results.append({**result, "meta": req.meta})
-            if on_result is not None:
-                on_result(results[-1])
-            submit(actor_id)
+            finish(result, req)
+            idle.append(actor_id)
+            dispatch()
+        for req in reversed(queue):  # no actor left to serve them
+            finish({"request_id": req.request_id, "actor": None, "error": "no generation actor available"}, req)
         return results
 
     def shutdown(self) -> None:

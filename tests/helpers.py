@@ -160,3 +160,15 @@ def matches_model_distribution(model, prompt: list[int], counts: dict) -> float:
     expected = np.array([float(p1[a] * p2[a][b]) for a, b in cells], dtype=np.float64)
     expected *= observed.sum() / expected.sum()  # chisquare wants equal totals to ~1e-8
     return float(chisquare(observed, expected).pvalue)
+
+
+def greedy_references(split, texts: list[str], max_new_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, the frozen model's own greedy continuation) for each text, decoded by Hugging
+    Face `generate`: what a lossless decoder must reproduce token for token."""
+    prompts = [split.tokenizer(text)["input_ids"] for text in texts]
+    references = []
+    for ids in prompts:
+        out = split.model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                                   eos_token_id=split.model.generation_config.eos_token_id, pad_token_id=0)
+        references.append(out[0, len(ids):].tolist())
+    return prompts, references

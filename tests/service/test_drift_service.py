@@ -27,7 +27,7 @@ from common.transport import TrajectoryStream, TransportConfig
 from common.weights import WeightStore
 from dvi.cli import main
 from dvi.monitor import render
-from tests.helpers import head_only
+from tests.helpers import greedy_references, head_only
 from tests.tiny_models import stories_split
 
 pytestmark = pytest.mark.slow
@@ -43,12 +43,7 @@ GUARD = DriftGuardConfig(window=64, min_baseline_tokens=64)
 @functools.cache
 def split_and_references():
     split = stories_split(EXIT_LAYER)
-    prompts = [split.tokenizer(text)["input_ids"] for text in OPENINGS]
-    references = []
-    for ids in prompts:  # plain greedy decoding of the frozen model, as Hugging Face does it
-        out = split.model.generate(torch.tensor([ids]), max_new_tokens=DECODE.max_new_tokens, do_sample=False,
-                                   eos_token_id=split.model.generation_config.eos_token_id, pad_token_id=0)
-        references.append(out[0, len(ids):].tolist())
+    prompts, references = greedy_references(split, OPENINGS, DECODE.max_new_tokens)
     return split, prompts, references, split.adapter_state()
 
 

@@ -22,7 +22,7 @@ from common.metrics import MetricsRecorder
 from common.redis_util import PrivateRedis, connect
 from common.transport import TrajectoryStream, TransportConfig
 from common.weights import WeightStore
-from tests.helpers import head_only
+from tests.helpers import greedy_references, head_only
 from tests.tiny_models import stories_split
 
 pytestmark = pytest.mark.slow
@@ -36,12 +36,7 @@ OPENINGS = ["Once upon a time", "The little dog", "Tom and Sue", "One day, a bir
 @functools.cache
 def _split_and_references():
     split = stories_split(EXIT_LAYER)
-    prompts = [split.tokenizer(text)["input_ids"] for text in OPENINGS]
-    references = []
-    for ids in prompts:
-        out = split.model.generate(torch.tensor([ids]), max_new_tokens=DECODE.max_new_tokens, do_sample=False,
-                                   eos_token_id=split.model.generation_config.eos_token_id, pad_token_id=0)
-        references.append(out[0, len(ids):].tolist())
+    prompts, references = greedy_references(split, OPENINGS, DECODE.max_new_tokens)
     return split, prompts, references, split.adapter_state()
 
 
