@@ -396,8 +396,9 @@ class Generator:
         """Answer one request; publish its trajectory unless learning is off.
 
         Returns a JSON-able dict: request_id, actor, version, text, token_ids, prompt_tokens,
-        new_tokens, tau, acceptance, drafted, accepted, seconds, tokens_per_s, published,
-        prompt_truncated, finished_by_eos. ValueError for an empty or unfittable prompt.
+        new_tokens, tau, acceptance, drafted, accepted, seconds, tokens_per_s, published (its
+        trajectory was queued for the learner), producer and pseq (that trajectory's number, or
+        None), prompt_truncated, finished_by_eos. ValueError for an empty or unfittable prompt.
         """
         _check(bool(request_id), "request_id must be non-empty")
         if not self._redis_paused():
@@ -409,8 +410,9 @@ class Generator:
         with self._model_lock:
             result = self.decoder.generate(ids, config, generator=generator, request_id=request_id)
         self._last_gamma = 0 if self.ar_active else decode.gamma
-        published = self._publish(result) if self.config.learn else False
-        out = self._account(request_id, ids, result, published, truncated)
+        pseq = self._publish(result) if self.config.learn else None
+        out = self._account(request_id, ids, result, pseq is not None, truncated)
+        out.update(producer=self.producer_id if pseq is not None else None, pseq=pseq)
         self._record_request_metrics(result)
         self._judge(result)
         self._emit_fallback_events()
@@ -510,22 +512,24 @@ class Generator:
         log.warning("actor %s: prompt of %d tokens cut to its last %d", self.config.actor_id, len(ids), keep)
         return ids[-keep:], True
 
-    def _publish(self, result: GenerationResult) -> bool:
-        """Number the trajectory, put it in the outbox, send what Redis takes; True if queued."""
+    def _publish(self, result: GenerationResult) -> int | None:
+        """Number the trajectory, put it in the outbox, send what Redis takes; its number (pseq)
+        if queued, None if there was nothing to send or it could not be encoded."""
         traj = result.trajectory
         assert traj is not None and self.stream is not None
         if traj.num_scored == 0:  # nothing scored (a one-token answer): no signal
             self.counters["publish_skipped_empty"] += 1
-            return False
+            return None
         try:
             data = self.stream.encode(traj)
         except CodecError as err:
             self.counters["publish_failed"] += 1
             log.warning("actor %s: trajectory of request %s (v%d) refused: %s",
                         self.config.actor_id, traj.request_id, traj.weight_version, err)
-            return False
+            return None
         with self._outbox_lock:
             self._pseq += 1
+            pseq = self._pseq
             self.counters["trajectories_produced"] += 1
             if len(self._outbox) >= self.config.outbox_size:
                 pseq, lost_id, _ = self._outbox.popleft()
@@ -537,7 +541,7 @@ class Generator:
             self._outbox.append((self._pseq, traj.request_id, data))
         if not self._redis_paused():
             self.flush()
-        return True
+        return pseq
 
     def flush(self) -> int:
         """Send the outbox in order; stop at the first Redis failure (kept for later). Returns sent."""

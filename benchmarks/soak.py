@@ -166,9 +166,9 @@ def _forge(client, namespace: str, kind: int, template: dict[str, torch.Tensor],
         client.set(f"{namespace}:weights:latest", version)
         client.publish(f"{namespace}:weights:notices", json.dumps({"version": version}))
     elif kind == 3:  # NaN tensors (unsigned; a signed one would need the key)
-        WeightStore(client, namespace, model_id=str(STORIES), exit_layer=EXIT_LAYER)
-        from safetensors.torch import save
         import hashlib
+
+        from safetensors.torch import save
 
         blob = save({k: torch.full_like(v, math.nan) for k, v in template.items()})
         client.hset(f"{namespace}:weights:v:{version}", mapping={
@@ -184,7 +184,7 @@ def _forge(client, namespace: str, kind: int, template: dict[str, torch.Tensor],
         faults.note("forged latest pointer", version=10**12)
         return
     faults.forged_versions.append(version)
-    faults.note("forged weights", kind=["unsigned", "wrong key", "replayed", "NaN"][kind], version=version)
+    faults.note("forged weights", forgery=["unsigned", "wrong key", "replayed", "NaN"][kind], version=version)
 
 
 def _kill(actor, what: str, faults: FaultLog) -> None:
@@ -265,6 +265,7 @@ def run_soak(config: SoakConfig) -> dict[str, Any]:
                             else:
                                 stream.publish_raw(payload)
                             faults.poison_injected += 1
+                            faults.note("poison entry", number=faults.poison_injected)
                         else:
                             _forge(client, namespace, index, template, faults)
                         break
@@ -319,7 +320,7 @@ def run_soak(config: SoakConfig) -> dict[str, Any]:
                                summary["trajectories_lost"])
     report = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": f"{_cpu_name()}, {os.cpu_count()} cores",
         "requests_served": summary["requests"] - summary["failed_requests"],
         "requests_failed": summary["failed_requests"],
         "trajectories_produced": produced,
@@ -341,6 +342,16 @@ def run_soak(config: SoakConfig) -> dict[str, Any]:
     (out / "soak.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "soak.md").write_text(table(report) + "\n")
     return report
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def table(report: dict[str, Any]) -> str:

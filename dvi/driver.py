@@ -457,18 +457,23 @@ def consumed_count(learner_status: dict[str, Any]) -> int:
     return int(counters.get("added", 0)) + int(counters.get("stale_dropped", 0))
 
 
-def lost_count(learner_status: dict[str, Any], statuses: dict[str, dict[str, Any]]) -> int:
+def lost_count(learner_status: dict[str, Any], statuses: dict[str, dict[str, Any]],
+               results: list[dict[str, Any]] = ()) -> int:
     """Trajectories counted as lost: holes the learner found in producers' numbering, plus each
-    live producer's numbers after the last one the learner received (a tail no later entry
-    revealed), plus what an actor still holds in its outbox at the end."""
+    producer's numbers after the last one the learner received (a tail no later entry revealed:
+    an outbox still full at the end, or a killed actor's). A producer's last number comes from
+    its status (live actors) and from the results it returned (killed ones too)."""
     lost = int(learner_status.get("trajectories_lost", 0))
     received = learner_status.get("producers", {})
+    last: dict[str, int] = {}
     for st in statuses.values():
-        producer, last = st.get("producer"), st.get("last_pseq")
-        if producer is None or last is None:
-            continue
-        tail = int(last) - int(received.get(producer, 0))
-        lost += max(0, tail)  # the outbox is part of the tail
+        if st.get("producer") is not None and st.get("last_pseq") is not None:
+            last[st["producer"]] = max(last.get(st["producer"], 0), int(st["last_pseq"]))
+    for r in results:
+        if r.get("producer") is not None and r.get("pseq") is not None:
+            last[r["producer"]] = max(last.get(r["producer"], 0), int(r["pseq"]))
+    for producer, number in last.items():
+        lost += max(0, number - int(received.get(producer, 0)))
     return lost
 
 
@@ -477,7 +482,7 @@ def _summary(config, state: RunState, statuses, learner_status, dead, published_
     ok = [r for r in state.results if "error" not in r]
     produced = {r["request_id"] for r in ok if r["published"]}
     consumed = consumed_count(learner_status) - seen_before if learner_status else 0
-    lost = lost_count(learner_status, statuses) if learner_status else 0
+    lost = lost_count(learner_status, statuses, state.results) if learner_status else 0
     counters = learner_status.get("learner", {}) if learner_status else {}
     versions: dict[str, list[int]] = {}
     for actor_id, st in statuses.items():  # what each actor served with, plus what it swapped to

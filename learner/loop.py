@@ -52,6 +52,10 @@ __all__ = ["LearnerLoop", "LearnerLoopConfig", "TrajectorySource", "WeightPublis
 
 
 
+_PUBLISH_ATTEMPTS = 5
+"""Publishes of one version the loop tries while other writers keep getting ahead of it."""
+
+
 def _accounting_path(checkpoint_dir: str) -> Path:
     """The producers' numbering state (`learner.accounting`), saved beside the checkpoint directory."""
     directory = Path(checkpoint_dir)
@@ -456,20 +460,21 @@ class LearnerLoop(LoopReporting):
         self._checkpoint()
         metadata = {"step": str(self.learner.step), "model": str(self.split.model_id),
                     "exit_layer": str(self.split.exit_layer)}
-        try:
-            self.weights.publish(self.split.adapter_state(), version, self.consumer, metadata)
-        except ValueError as err:  # another learner on this namespace is ahead: skip past it
-            self.counters["publish_conflicts"] += 1
-            log.error("learner %s: weight version %d refused by the store (%s)", self.consumer, version, err)
-            newest = getattr(err, "newest", None)  # the store's newest record (its pointer may be forged)
-            latest = max(newest if newest is not None else 0, self.weights.latest_version() or 0)
-            _check(latest + 1 - self.learner.version <= self.config.max_version_jump,
-                   f"the store's newest weight version {latest} is more than max_version_jump="
-                   f"{self.config.max_version_jump} ahead of this learner's {self.learner.version}")
-            self._set_version(latest + 1)
-            version = self.learner.version
-            self._checkpoint()
-            self.weights.publish(self.split.adapter_state(), version, self.consumer, metadata)
+        for attempt in range(_PUBLISH_ATTEMPTS):
+            try:
+                self.weights.publish(self.split.adapter_state(), version, self.consumer, metadata)
+                break
+            except ValueError as err:  # another writer on this namespace is ahead: skip past it
+                self.counters["publish_conflicts"] += 1
+                log.error("learner %s: weight version %d refused by the store (%s)", self.consumer, version, err)
+                newest = getattr(err, "newest", None)  # the store's newest record (its pointer may be forged)
+                latest = max(newest if newest is not None else 0, self.weights.latest_version() or 0)
+                _check(attempt + 1 < _PUBLISH_ATTEMPTS and latest + 1 - self.learner.version <= self.config.max_version_jump,
+                       f"weight version {version} refused {attempt + 1} times; the store's newest is {latest} "
+                       f"(max_version_jump {self.config.max_version_jump})")
+                self._set_version(latest + 1)
+                version = self.learner.version
+                self._checkpoint()
         self._steps_since_publish = 0
         self._last_publish = self.clock()
         self.counters["published"] += 1
