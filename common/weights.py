@@ -113,7 +113,7 @@ def load_secret(path: str | Path | None = None) -> bytes | None:
     if path is None and os.environ.get(SECRET_ENV):
         return os.environ[SECRET_ENV].strip().encode()
     if path is None:
-        path = os.environ.get(SECRET_FILE_ENV)
+        path = os.environ.get(SECRET_FILE_ENV) or None
     if path is None:
         default = Path(DEFAULT_SECRET_FILE).expanduser()
         if not default.is_file():

@@ -261,3 +261,21 @@ def test_blocked_versions_are_stored_signed(redis_client, redis_ns) -> None:
     redis_client.hset(f"{redis_ns}:weights:blocked", "6", "not json")
     assert store.blocked_versions() == {4}  # unsigned and malformed verdicts ignored
     assert _store(redis_client, f"{redis_ns}:other").blocked_versions() == set()
+
+
+def test_the_secret_comes_from_a_file_or_the_environment_never_from_arguments(tmp_path, monkeypatch) -> None:
+    from common.errors import ServiceError
+    from common.weights import load_secret, write_secret_file
+
+    monkeypatch.delenv("DVI_WEIGHT_SECRET", raising=False)
+    monkeypatch.delenv("DVI_WEIGHT_SECRET_FILE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.dvi/weight-secret
+    assert load_secret() is None
+    path = write_secret_file(tmp_path / "run" / "weight-secret")
+    assert path.stat().st_mode & 0o777 == 0o600 and len(load_secret(path)) == 64
+    monkeypatch.setenv("DVI_WEIGHT_SECRET_FILE", str(path))
+    assert load_secret() == path.read_bytes().strip()
+    monkeypatch.setenv("DVI_WEIGHT_SECRET", "from-env")
+    assert load_secret() == b"from-env"
+    with pytest.raises(ServiceError, match="cannot read the weight secret file"):
+        load_secret(tmp_path / "missing")
