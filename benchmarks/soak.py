@@ -31,6 +31,7 @@ import os
 import platform
 import signal
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -65,7 +66,9 @@ class SoakConfig:
     """One soak run; fault counts are spread over the run by completed requests."""
 
     out: Path
-    """Where the run's files, soak.json and soak.md go."""
+    """Where soak.json and soak.md go."""
+    work: Path | None = None
+    """Where the redis-server's AOF and the run's files go; None: a fresh temp dir (removed after)."""
     requests: int = 240
     """Prompts served."""
     actors: int = 4
@@ -208,6 +211,8 @@ def run_soak(config: SoakConfig) -> dict[str, Any]:
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    scratch = tempfile.TemporaryDirectory(prefix="dvi-soak-") if config.work is None else None
+    work = Path(scratch.name) if scratch is not None else Path(config.work)
     namespace = f"soak:{uuid.uuid4().hex[:8]}"
     split = stories_split(EXIT_LAYER)
     template = split.adapter_state()
@@ -222,7 +227,7 @@ def run_soak(config: SoakConfig) -> dict[str, Any]:
     inject_at = _schedule(total, config.poison + config.forgeries, 0.05, 0.9)
     completions: list[float] = []
 
-    with PrivateRedis(directory=out / "redis") as server:
+    with PrivateRedis(directory=work / "redis") as server:
         client = connect(server.url, retries=2, backoff_s=0.05)
         stream = TrajectoryStream(client, TransportConfig(namespace=namespace))
         state_box: dict[str, Any] = {}
@@ -290,7 +295,7 @@ def run_soak(config: SoakConfig) -> dict[str, Any]:
         for t in threads:
             t.start()
         run = RunConfig(
-            workload=write_workload(out / "workload.jsonl", total), out=out / "run", actors=config.actors,
+            workload=write_workload(work / "workload.jsonl", total), out=work / "run", actors=config.actors,
             model=str(STORIES), exit_layer=EXIT_LAYER,
             decode=head_only(gamma=4, max_new_tokens=config.max_new_tokens), publish_every=2, replay_ratio=2.0,
             learner=LearnerConfig(head_lr=5e-3, lora_lr=5e-3, max_staleness=100), redis_url=server.url,
@@ -307,6 +312,8 @@ def run_soak(config: SoakConfig) -> dict[str, Any]:
                 t.join(timeout=60)
         serve_start = state_box["state"].started
         client.close()
+    if scratch is not None:
+        scratch.cleanup()
 
     served_versions = {v for vs in summary["versions_seen_per_actor"].values() for v in vs}
     served_versions |= {p["version"] for p in summary["tau_over_time"]}

@@ -198,7 +198,7 @@ class PrivateRedis:
         self.port: int | None = None
         self._proc: subprocess.Popen | None = None
         self._dir: tempfile.TemporaryDirectory | None = None
-        self._directory = Path(directory) if directory is not None else None
+        self._directory = Path(directory).resolve() if directory is not None else None  # redis-server chdirs
 
     @property
     def url(self) -> str:

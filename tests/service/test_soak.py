@@ -24,7 +24,7 @@ _spec.loader.exec_module(soak)
 
 
 def test_short_soak_serves_through_every_fault_and_accounts_for_everything(tmp_path):
-    report = soak.run_soak(soak.SoakConfig(out=tmp_path, requests=30, actors=2, redis_restarts=1, outage_s=1.5,
+    report = soak.run_soak(soak.SoakConfig(out=tmp_path, work=tmp_path / "work", requests=30, actors=2, redis_restarts=1, outage_s=1.5,
                                            learner_kills=1, actor_kills=1, poison=8, forgeries=5,
                                            max_new_tokens=16))
     kinds = [e["kind"] for e in report["faults"]]
