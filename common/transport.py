@@ -38,7 +38,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis
 
@@ -448,21 +448,14 @@ class TrajectoryStream:
         entries-read counter (after XDEL or XGROUP SETID on this stream).
         """
 
-        def read() -> tuple[bytes | None, list[dict]]:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.get(self._delivered_key)
-            pipe.xinfo_groups(self._key)
-            return tuple(pipe.execute())
-
-        try:
-            delivered, groups = self._retry(read, "XINFO GROUPS")
-        except redis.ResponseError:  # no such key: nothing was ever published or grouped
+        found = self._group_info(lambda pipe: pipe.get(self._delivered_key))
+        if found is None:  # no such key: nothing was ever published or grouped
             return 0
-        for group in groups:
-            if _text(group["name"]) == self.config.group:
-                entries_read = group.get("entries-read")
-                return None if entries_read is None else int(delivered or 0) - int(entries_read)
-        return None
+        group, delivered = found
+        if group is None:
+            return None
+        entries_read = group.get("entries-read")
+        return None if entries_read is None else int(delivered or 0) - int(entries_read)
 
     @property
     def name(self) -> str:
@@ -477,23 +470,31 @@ class TrajectoryStream:
         Redis's own `lag` comes from the group's entries-read counter, which an AOF reload can
         reset (seen with Redis 7.0: entries-read 0, lag = stream length, everything delivered), so
         a group whose last-delivered id is the stream's newest entry counts as caught up."""
-        def read() -> tuple[list, dict]:
+        found = self._group_info(lambda pipe: pipe.xinfo_stream(self._key))
+        if found is None or found[0] is None:  # no stream, or no group: nothing to read for it
+            return 0
+        group, info = found
+        newest = info.get("last-entry")
+        if newest is None or _id_key(group["last-delivered-id"]) >= _id_key(newest[0]):
+            return 0
+        return None if group.get("lag") is None else int(group["lag"])
+
+    def _group_info(self, also: Callable[[Any], object]) -> tuple[dict | None, Any] | None:
+        """(this group's XINFO GROUPS entry or None, the reply of `also(pipe)`) read in one
+        transaction; None when the stream does not exist."""
+
+        def read() -> list:
             pipe = self.client.pipeline(transaction=True)
             pipe.xinfo_groups(self._key)
-            pipe.xinfo_stream(self._key)
-            return tuple(pipe.execute())
+            also(pipe)
+            return pipe.execute()
 
         try:
-            groups, info = self._retry(read, "XINFO")
-        except redis.ResponseError:  # no such key: nothing was ever published
-            return 0
-        for group in groups:
-            if _text(group["name"]) == self.config.group:
-                newest = info.get("last-entry")
-                if newest is None or _id_key(group["last-delivered-id"]) >= _id_key(newest[0]):
-                    return 0
-                return None if group.get("lag") is None else int(group["lag"])
-        return 0
+            groups, extra = self._retry(read, "XINFO")
+        except redis.ResponseError:  # no such key
+            return None
+        mine = [g for g in groups if _text(g["name"]) == self.config.group]
+        return (mine[0] if mine else None), extra
 
     def stats(self) -> StreamStats:
         """This instance's counters and the stream-wide drop count (one Redis round trip)."""

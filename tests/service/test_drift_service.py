@@ -9,11 +9,8 @@ Face greedy decoding of the frozen model: the guards change speed, never output.
 
 from __future__ import annotations
 
-import functools
 import io
 import json
-import threading
-import time
 
 import pytest
 import torch
@@ -27,7 +24,7 @@ from common.transport import TrajectoryStream, TransportConfig
 from common.weights import WeightStore
 from dvi.cli import main
 from dvi.monitor import render
-from tests.helpers import greedy_references, head_only
+from tests.helpers import head_only, run_watcher, stories_with_references
 from tests.tiny_models import stories_split
 
 pytestmark = pytest.mark.slow
@@ -40,16 +37,10 @@ OPENINGS = ["Once upon a time", "The little dog", "Tom and Sue", "One day, a bir
 GUARD = DriftGuardConfig(window=64, min_baseline_tokens=64)
 
 
-@functools.cache
-def split_and_references():
-    split = stories_split(EXIT_LAYER)
-    prompts, references = greedy_references(split, OPENINGS, DECODE.max_new_tokens)
-    return split, prompts, references, split.adapter_state()
-
-
 @pytest.fixture
 def stories():
-    split, prompts, references, untrained = split_and_references()
+    split, prompts, references, untrained = stories_with_references(
+        EXIT_LAYER, tuple(OPENINGS), DECODE.max_new_tokens)
     split.load_adapter_state(untrained, 0)  # each test starts from the untrained drafter at version 0
     return split, prompts, references, untrained
 
@@ -118,12 +109,7 @@ def test_bad_version_is_rolled_back_and_the_learner_monitor_and_report_hear_of_i
     calls = []
     latest_version = store.latest_version
     store.latest_version = lambda: calls.append(1) or latest_version()
-    stop = threading.Event()
-    watcher = threading.Thread(target=gen.watch, args=(stop, 0.5))
-    watcher.start()
-    time.sleep(1.0)
-    stop.set()
-    watcher.join(timeout=5)
+    run_watcher(gen, 1.0)
     del store.latest_version
     assert gen.version == 1 and len(calls) <= 8, len(calls)  # ~2 per poll; a busy loop makes thousands
     status = gen.status()

@@ -9,9 +9,7 @@ and refuses non-finite weights before a swap.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import threading
 import time
 
 import pytest
@@ -22,8 +20,7 @@ from common.metrics import MetricsRecorder
 from common.redis_util import PrivateRedis, connect
 from common.transport import TrajectoryStream, TransportConfig
 from common.weights import WeightStore
-from tests.helpers import greedy_references, head_only
-from tests.tiny_models import stories_split
+from tests.helpers import head_only, run_watcher, stories_with_references
 
 pytestmark = pytest.mark.slow
 
@@ -33,16 +30,10 @@ SECRET = b"reliability-secret"
 OPENINGS = ["Once upon a time", "The little dog", "Tom and Sue", "One day, a bird"]
 
 
-@functools.cache
-def _split_and_references():
-    split = stories_split(EXIT_LAYER)
-    prompts, references = greedy_references(split, OPENINGS, DECODE.max_new_tokens)
-    return split, prompts, references, split.adapter_state()
-
-
 @pytest.fixture
 def stories():
-    split, prompts, references, untrained = _split_and_references()
+    split, prompts, references, untrained = stories_with_references(
+        EXIT_LAYER, tuple(OPENINGS), DECODE.max_new_tokens)
     split.load_adapter_state(untrained, 0)
     return split, prompts, references, untrained
 
@@ -120,12 +111,7 @@ def test_forged_and_runaway_latest_pointers_are_refused_without_spinning(stories
         store = WeightStore(client, "run", secret, model_id=split.model_id, exit_layer=split.exit_layer)
         gen = Generator(split, GeneratorConfig(learn=False, drift_guard=None), weights=store)
         before = int(client.info("stats")["total_commands_processed"])
-        stop = threading.Event()
-        watcher = threading.Thread(target=gen.watch, args=(stop, 0.5))
-        watcher.start()
-        time.sleep(2.0)
-        stop.set()
-        watcher.join(timeout=5)
+        run_watcher(gen, 2.0)
         commands = int(client.info("stats")["total_commands_processed"]) - before
         assert commands < 100, (secret, commands)  # 21,824 in 2 s before the fix
         assert gen.version == 0
