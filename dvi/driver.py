@@ -480,9 +480,9 @@ def _generation_line(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def consumed_count(learner_status: dict[str, Any]) -> int:
-    """Distinct trajectories the learner took in (applied, or dropped as too stale); survives restarts."""
-    counters = learner_status.get("learner", {})
-    return int(counters.get("added", 0)) + int(counters.get("stale_dropped", 0))
+    """Distinct trajectories the learner took in (applied, or refused at intake as too stale);
+    survives restarts (`LearnerService.taken_in`)."""
+    return int(learner_status.get("taken_in", 0))
 
 
 def lost_count(learner_status: dict[str, Any], statuses: dict[str, dict[str, Any]],

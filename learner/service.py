@@ -196,13 +196,21 @@ class LearnerService:
         """The loop's status plus health and the producers' accounting (`trajectories_lost`:
         holes in their numbering; `producers`: the highest number received from each)."""
         self._set_health()
-        accounting = {"redis_ok": self.redis_ok, "redis_outages": self.redis_outages,
+        accounting = {"redis_ok": self.redis_ok, "redis_outages": self.redis_outages, "taken_in": self.taken_in(),
                       "trajectories_lost": self.loop.accounting.lost(), "producers": self.loop.accounting.highest()}
         if not self.redis_ok:  # the loop's own status reads Redis
             return {"pid": os.getpid(), "started_at": self.started_at, "running": not self._done.is_set(),
                     "error": self._error, "start": self._start_info, **accounting}
         return {"pid": os.getpid(), "started_at": self.started_at, "running": not self._done.is_set(),
                 "error": self._error, "start": self._start_info, **self.loop.status(), **accounting}
+
+    def taken_in(self) -> int:
+        """Distinct trajectories the learner took in: added to the replay, or refused at intake as
+        too stale (the learner's stale count also holds replay entries evicted as stale later,
+        which were added first); both counts are checkpointed, so this survives restarts."""
+        learner = self.loop.learner
+        c = learner.counters()
+        return int(c["added"]) + int(c["stale_dropped"]) - int(learner.replay.counters()["dropped_stale"])
 
     def drain(self, timeout_s: float = 600.0) -> dict[str, Any]:
         """Ask the loop to read the stream to its end, publish a last version and checkpoint; wait."""
