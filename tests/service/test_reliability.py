@@ -21,6 +21,7 @@ from common.redis_util import PrivateRedis, connect
 from common.transport import TrajectoryStream, TransportConfig
 from common.weights import WeightStore
 from tests.helpers import head_only, run_watcher, stories_with_references
+from tests.tiny_models import stories_split
 
 pytestmark = pytest.mark.slow
 
@@ -161,3 +162,48 @@ def test_the_group_counts_as_caught_up_after_an_aof_reload(server):
     stream.publish(make_trajectory(n_drafted=2, seed=9))
     assert stream.lag() >= 1
     assert len(stream.consume("learner-0", count=10, block_ms=0)) == 1 and stream.lag() == 0
+
+
+def test_the_learner_never_starts_from_a_rolled_back_version(stories, server, tmp_path):
+    """Rollback memory, learner side: a fresh learner warm-starts from the newest good version,
+    and one whose checkpoint holds a version that was rolled back since resumes from good weights."""
+    from learner.config import LearnerConfig
+    from learner.learner import Learner
+    from learner.service import LearnerLoop, LearnerLoopConfig, PublishLoggingStore
+
+    split, prompts, references, untrained = stories
+    client = connect(server.url)
+    store = _store(client, split)
+    good = {k: v + 0.01 for k, v in untrained.items() if v.is_floating_point()}
+    good.update({k: v for k, v in untrained.items() if not v.is_floating_point()})
+    bad = {k: (v * 50 if v.is_floating_point() else v) for k, v in untrained.items()}
+    store.publish(good, 1, "learner-0")
+    store.publish(bad, 2, "learner-0")
+    store.block(2, actor="actor-0", reason="acceptance 0.40 -> 0.00")
+
+    def loop(checkpoint_dir=None) -> LearnerLoop:
+        learner = Learner(stories_split(EXIT_LAYER), LearnerConfig())  # a learner process of its own
+        return LearnerLoop(learner, TrajectoryStream(client, TransportConfig(namespace="run")),
+                           PublishLoggingStore(store, client),
+                           LearnerLoopConfig(checkpoint_dir=checkpoint_dir, block_ms=0))
+
+    fresh = loop()
+    fresh.start()
+    assert fresh.learner.version == 2  # its next version is 3: it never republishes 2 ...
+    state = fresh.split.adapter_state()
+    assert all(torch.equal(state[k], good[k]) for k in good)  # ... and starts from version 1's weights
+
+    # A learner that published version 3 itself, checkpointed, and then saw it rolled back
+    ckpt = tmp_path / "ckpt"
+    owner = loop(str(ckpt))
+    owner.start()
+    owner.split.load_adapter_state(bad, owner.learner.version)
+    owner.learner.publish_version()
+    owner.learner.save_checkpoint(ckpt)
+    store.publish(bad, 3, "learner-0")
+    store.block(3, actor="actor-1", reason="acceptance 0.40 -> 0.00")
+    resumed = loop(str(ckpt))
+    assert resumed.start()["resumed"] and resumed.learner.version == 3
+    state = resumed.split.adapter_state()
+    assert all(torch.equal(state[k], good[k]) for k in good)
+
