@@ -157,3 +157,135 @@ class PackedLinear:
                     torch.cat([x, x[:1]]), self._packed, self.bias, "none", [], "")[:2]
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         return F.linear(x, self._weight, self.bias)
+
+
+# --------------------------------------------------------------------------- native 4-bit weights
+INT4_GROUP = 32
+NATIVE_KERNELS_ENV = "DVI_NATIVE_KERNELS"
+"""Fix the kernels of native (GGUF-precision) matrices instead of timing them: `int4` or `dense`
+for both row counts, or `ONE_ROW,BLOCK` (e.g. `dense,int4`)."""
+NATIVE_KERNEL_NAMES = ("int4", "dense")
+PROBE_BLOCK_ROWS = 5
+"""The block size the native-kernel probe times: a typical verification block (gamma 4-5 + 1)."""
+
+
+@dataclass(frozen=True)
+class NativeKernels:
+    """Which kernel a `NativeLinear` runs for one row (`one_row`) and for 2+ rows (`block`):
+    `int4` (torch's CPU int4 kernel on the 4-bit parts, fp32 activations, group size 32) or
+    `dense` (a `PackedLinear` over the dequantised fp32 matrix). Both apply exactly the same
+    weight values; they differ only in the summation order of the product."""
+
+    one_row: str = "int4"
+    block: str = "int4"
+
+    def __post_init__(self):
+        for name in (self.one_row, self.block):
+            if name not in NATIVE_KERNEL_NAMES:
+                raise ValueError(f"native kernel must be one of {NATIVE_KERNEL_NAMES}, got {name!r}")
+
+    @classmethod
+    def from_env(cls) -> "NativeKernels | None":
+        """The choice `DVI_NATIVE_KERNELS` fixes, or None when it is unset."""
+        forced = [s.strip().lower() for s in os.environ.get(NATIVE_KERNELS_ENV, "").split(",") if s.strip()]
+        if not forced:
+            return None
+        return cls(forced[0], forced[-1])
+
+
+def int4_kernels_available() -> bool:
+    """True when this torch build has the CPU int4 weight-only kernels (torch >= 2.5)."""
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+def int4_layout(part) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(packed [N, K/2] uint8, scales_and_zeros [K/32, N, 2] fp32) of one `Int4Part` for
+    `_weight_int4pack_mm_for_cpu`, or None when the part cannot be represented exactly.
+
+    torch's int4 format dequantises w = (q - 8) * scale + zero (tinygemm's convention, checked
+    against gguf's dequantisation in the tests), so zero = offset + 8 * scale; that sum must be
+    exact in fp32 for the kernel to apply the same weights (it is for every block of the shipped
+    SmolLM2 file: fp16 scales and offsets of similar magnitude)."""
+    zero = part.offset + 8 * part.scale
+    if not torch.equal(zero.double(), part.offset.double() + 8 * part.scale.double()):
+        return None
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(part.q.to(torch.int32).contiguous(), 1)
+    scales_and_zeros = torch.stack([part.scale.t(), zero.t()], dim=-1).contiguous()
+    return packed, scales_and_zeros
+
+
+class NativeLinear:
+    """y = x @ W^T + b for a frozen weight W held at its native precision (an `AffineInt4`, e.g. a
+    Q4_1 or Q8_0 GGUF matrix), CPU and fp32 activations only.
+
+    __call__(x [T, K] fp32) -> [T, N] fp32. Until `select` is called both layouts are held so a
+    probe (`choose_native_kernels`) can time them; `select` keeps the chosen ones. A matrix whose
+    4-bit form would not be exact runs dense only.
+    """
+
+    def __init__(self, weight, bias: torch.Tensor | None = None, kernels: NativeKernels | None = None):
+        self.out_features, self.in_features = weight.shape
+        self.bias = None if bias is None else bias.detach().contiguous()
+        self.kind = weight.kind
+        self.bytes_per_weight = weight.bytes_per_weight
+        layouts = [int4_layout(p) for p in weight.parts] if int4_kernels_available() else [None]
+        self._int4 = None if any(layout is None for layout in layouts) else layouts
+        self._dense = PackedLinear(weight.dequantize(), bias)
+        self.kernels = NativeKernels("dense", "dense") if self._int4 is None else (kernels or NativeKernels())
+        if kernels is not None:
+            self.select(kernels)
+
+    @property
+    def int4_exact(self) -> bool:
+        return self._int4 is not None
+
+    def select(self, kernels: NativeKernels) -> None:
+        """Run `kernels` from now on and free the layouts they do not use (dense where int4 is not exact)."""
+        if self._int4 is None:
+            kernels = NativeKernels("dense", "dense")
+        if self._int4 is not None and "dense" not in (kernels.one_row, kernels.block):
+            self._dense = None
+        if "int4" not in (kernels.one_row, kernels.block):
+            self._int4 = None
+        self.kernels = kernels
+
+    def run(self, x: torch.Tensor, kernel: str) -> torch.Tensor:
+        if kernel == "dense":
+            return self._dense(x)
+        y = None
+        for packed, scales_and_zeros in self._int4:
+            part = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, INT4_GROUP, scales_and_zeros)
+            y = part if y is None else y + part
+        return y if self.bias is None else y + self.bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x, self.kernels.one_row if x.shape[0] == 1 else self.kernels.block)
+
+
+def choose_native_kernels(linears: list[NativeLinear], repeats: int = 2) -> NativeKernels:
+    """Time the int4 and dense kernels over every matrix of `linears` (one role across all layers,
+    so the weights stream from memory as in decoding) at one row and at a block of
+    `PROBE_BLOCK_ROWS` rows, keep the faster per row count, and `select` it on each. The
+    `DVI_NATIVE_KERNELS` setting, when present, is taken instead of timing."""
+    exact = [lin for lin in linears if lin.int4_exact]
+    forced = NativeKernels.from_env()
+    if forced is not None or not exact:
+        choice = forced or NativeKernels("dense", "dense")
+    else:
+        chosen = []
+        for rows in (1, PROBE_BLOCK_ROWS):
+            x = torch.randn(rows, exact[0].in_features)
+            seconds = {}
+            for kernel in NATIVE_KERNEL_NAMES:
+                run = lambda kernel=kernel: [lin.run(x, kernel) for lin in exact]  # noqa: E731
+                run()  # first call per shape builds oneDNN's kernel
+                seconds[kernel] = _best_seconds(run, repeats)
+            chosen.append(min(seconds, key=seconds.get))
+            log.info("native %s [%d x %d] x %d matrices, %d row(s): %s", exact[0].kind, exact[0].out_features,
+                     exact[0].in_features, len(exact), rows,
+                     ", ".join(f"{k} {1e3 * s:.2f} ms" for k, s in seconds.items()))
+        choice = NativeKernels(*chosen)
+    for lin in linears:
+        lin.select(choice)
+    return choice
