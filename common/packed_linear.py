@@ -206,7 +206,11 @@ def int4_layout(part) -> tuple[torch.Tensor, torch.Tensor] | None:
     torch's int4 format dequantises w = (q - 8) * scale + zero (tinygemm's convention, checked
     against gguf's dequantisation in the tests), so zero = offset + 8 * scale; that sum must be
     exact in fp32 for the kernel to apply the same weights (it is for every block of the shipped
-    SmolLM2 file: fp16 scales and offsets of similar magnitude)."""
+    SmolLM2 file: fp16 scales and offsets of similar magnitude). The kernel also needs N to be a
+    multiple of 16."""
+    rows, cols = part.q.shape
+    if rows % 16 or cols % INT4_GROUP:
+        return None
     zero = part.offset + 8 * part.scale
     if not torch.equal(zero.double(), part.offset.double() + 8 * part.scale.double()):
         return None
@@ -273,14 +277,20 @@ def choose_native_kernels(linears: list[NativeLinear], repeats: int = 2) -> Nati
     if forced is not None or not exact:
         choice = forced or NativeKernels("dense", "dense")
     else:
-        chosen = []
+        chosen, int4_one_row = [], 0.0
         for rows in (1, PROBE_BLOCK_ROWS):
             x = torch.randn(rows, exact[0].in_features)
-            seconds = {}
-            for kernel in NATIVE_KERNEL_NAMES:
-                run = lambda kernel=kernel: [lin.run(x, kernel) for lin in exact]  # noqa: E731
-                run()  # first call per shape builds oneDNN's kernel
-                seconds[kernel] = _best_seconds(run, repeats)
+            runs = {k: (lambda k=k: [lin.run(x, k) for lin in exact]) for k in NATIVE_KERNEL_NAMES}
+            runs["dense"]()  # first call per shape builds oneDNN's kernel
+            seconds = {"dense": _best_seconds(runs["dense"], repeats)}
+            # a block never costs less than one row: int4 that lost by that much cannot win here
+            if rows > 1 and int4_one_row > seconds["dense"]:
+                seconds["int4"] = float("inf")
+            else:
+                seconds["int4"] = _best_seconds(runs["int4"], 1)
+                if seconds["int4"] < 1.5 * seconds["dense"]:  # close: time it as carefully as dense
+                    seconds["int4"] = min(seconds["int4"], _best_seconds(runs["int4"], repeats))
+            int4_one_row = int4_one_row or seconds["int4"]
             chosen.append(min(seconds, key=seconds.get))
             log.info("native %s [%d x %d] x %d matrices, %d row(s): %s", exact[0].kind, exact[0].out_features,
                      exact[0].in_features, len(exact), rows,
