@@ -211,7 +211,7 @@ class SplitModel:
         for name, param in self.exit_head.named_parameters():
             param.requires_grad_("lora_" in name)
         self.draft_vocab = self._initial_draft_vocab()
-        self._native = native or None  # base matrices at the model file's precision (fast engine only)
+        self.native = native or None  # base matrices at the model file's precision (fast engine only)
         self._fast: FastStack | None = None
         self._fast_head: tuple[FastLayer, PackedLinear] | None = None  # merged exit head; None = rebuild
         self.engine = "hf"
@@ -232,9 +232,14 @@ class SplitModel:
         return cls(model, tokenizer, spec.drafter, spec.model, engine=spec.engine, native=native)
 
     @property
+    def native_kernels(self) -> dict | None:
+        """Per matrix role, the kernels the fast engine chose for native weights (None when it runs none)."""
+        return self._fast.native_kernels if self._fast is not None and self.native else None
+
+    @property
     def weights(self) -> str:
         """"native" when the fast engine runs matrices at the model file's precision, else "dequantized"."""
-        return "native" if self._fast is not None and self._native else "dequantized"
+        return "native" if self._fast is not None and self.native else "dequantized"
 
     def _parity(self) -> tuple[bool, float]:
         """(allclose, largest |logit| difference) between the model's own forward and this split's
@@ -266,7 +271,7 @@ class SplitModel:
         if blocker is not None:
             log.info("'%s' decodes through the HF layers: the fast engine does not support %s", self.model_id, blocker)
             return
-        self._fast = shared_fast_stack(self.model, self._native)
+        self._fast = shared_fast_stack(self.model, self.native)
         self.engine = "fast"
         ok, err = self._parity()
         if not ok:

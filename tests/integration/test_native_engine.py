@@ -78,10 +78,10 @@ def test_smollm2_native_weights_are_the_gguf_blocks_and_speculation_is_lossless(
     stack = split._fast
     assert set(stack.native_kernels) == {"qkv", "o", "gate_up", "down", "lm_head"}
     assert isinstance(stack.lm_head, NativeLinear) and stack.lm_head.kind == "Q8_0"
-    for native in split._native.values():
+    for native in split.native.values():
         assert native.kind in ("Q4_1", "Q8_0")
     # every native matrix applies exactly the weights transformers dequantised from the same file
-    for name, native in list(split._native.items())[:: 7] + [("lm_head", split._native["lm_head"])]:
+    for name, native in list(split.native.items())[:: 7] + [("lm_head", split.native["lm_head"])]:
         assert torch.equal(native.dequantize(), split.model.get_submodule(name).weight), name
     decoder = SpeculativeDecoder(split)
     for prompt in load_prompts(SPEC_BENCH, limit=40)[5::13]:  # 3 prompts from different categories
