@@ -162,9 +162,9 @@ class PackedLinear:
 # --------------------------------------------------------------------------- native 4-bit weights
 INT4_GROUP = 32
 NATIVE_KERNELS_ENV = "DVI_NATIVE_KERNELS"
-"""Fix the kernels of native (GGUF-precision) matrices instead of timing them: `int4` or `dense`
-for both row counts, or `ONE_ROW,BLOCK` (e.g. `dense,int4`)."""
-NATIVE_KERNEL_NAMES = ("int4", "dense")
+"""Fix the kernels of native (GGUF-precision) matrices instead of timing them: `gguf`, `int4` or
+`dense` for both row counts, or `ONE_ROW,BLOCK` (e.g. `gguf,dense`)."""
+NATIVE_KERNEL_NAMES = ("gguf", "int4", "dense")
 PROBE_BLOCK_ROWS = 5
 """The block size the native-kernel probe times: a typical verification block (gamma 4-5 + 1)."""
 
@@ -172,9 +172,10 @@ PROBE_BLOCK_ROWS = 5
 @dataclass(frozen=True)
 class NativeKernels:
     """Which kernel a `NativeLinear` runs for one row (`one_row`) and for 2+ rows (`block`):
-    `int4` (torch's CPU int4 kernel on the 4-bit parts, fp32 activations, group size 32) or
-    `dense` (a `PackedLinear` over the dequantised fp32 matrix). Both apply exactly the same
-    weight values; they differ only in the summation order of the product."""
+    `gguf` (common/gguf_kernels.py: a C AVX2 kernel on the GGUF blocks as stored), `int4` (torch's
+    CPU int4 kernel on the 4-bit parts, fp32 activations, group size 32) or `dense` (a
+    `PackedLinear` over the dequantised fp32 matrix). All apply exactly the same weight values;
+    they differ only in the summation order of the product."""
 
     one_row: str = "int4"
     block: str = "int4"
@@ -223,9 +224,10 @@ class NativeLinear:
     """y = x @ W^T + b for a frozen weight W held at its native precision (an `AffineInt4`, e.g. a
     Q4_1 or Q8_0 GGUF matrix), CPU and fp32 activations only.
 
-    __call__(x [T, K] fp32) -> [T, N] fp32. Until `select` is called both layouts are held so a
-    probe (`choose_native_kernels`) can time them; `select` keeps the chosen ones. A matrix whose
-    4-bit form would not be exact runs dense only.
+    __call__(x [T, K] fp32) -> [T, N] fp32. Until `select` is called every layout available here
+    is held so a probe (`choose_native_kernels`) can time them; `select` keeps the chosen ones. A
+    kernel that cannot run a matrix (int4 where its 4-bit form would not be exact or N is not a
+    multiple of 16; gguf without a compiled kernel) is replaced by `dense`.
     """
 
     def __init__(self, weight, bias: torch.Tensor | None = None, kernels: NativeKernels | None = None):
@@ -233,10 +235,13 @@ class NativeLinear:
         self.bias = None if bias is None else bias.detach().contiguous()
         self.kind = weight.kind
         self.bytes_per_weight = weight.bytes_per_weight
+        from common import gguf_kernels
+
         layouts = [int4_layout(p) for p in weight.parts] if int4_kernels_available() else [None]
         self._int4 = None if any(layout is None for layout in layouts) else layouts
+        self._blocks = gguf_kernels.GgufBlocks(weight) if gguf_kernels.available() else None
         self._dense = PackedLinear(weight.dequantize(), bias)
-        self.kernels = NativeKernels("dense", "dense") if self._int4 is None else (kernels or NativeKernels())
+        self.kernels = NativeKernels(*[self.best_available()] * 2)  # every layout held until `select`
         if kernels is not None:
             self.select(kernels)
 
@@ -244,19 +249,34 @@ class NativeLinear:
     def int4_exact(self) -> bool:
         return self._int4 is not None
 
+    def available(self) -> list[str]:
+        """The kernels this matrix can run here, in NATIVE_KERNEL_NAMES order."""
+        held = {"gguf": self._blocks, "int4": self._int4, "dense": self._dense}
+        return [k for k in NATIVE_KERNEL_NAMES if held[k] is not None]
+
+    def best_available(self) -> str:
+        return self.available()[0]
+
     def select(self, kernels: NativeKernels) -> None:
-        """Run `kernels` from now on and free the layouts they do not use (dense where int4 is not exact)."""
-        if self._int4 is None:
-            kernels = NativeKernels("dense", "dense")
-        if self._int4 is not None and "dense" not in (kernels.one_row, kernels.block):
-            self._dense = None
-        if "int4" not in (kernels.one_row, kernels.block):
+        """Run `kernels` from now on (each replaced by dense where this matrix cannot run it) and
+        free the layouts they do not use."""
+        can = self.available()
+        kernels = NativeKernels(*(k if k in can else "dense" for k in (kernels.one_row, kernels.block)))
+        used = {kernels.one_row, kernels.block}
+        if "gguf" not in used:
+            self._blocks = None
+        if "int4" not in used:
             self._int4 = None
+        if "dense" not in used:
+            self._dense = None
         self.kernels = kernels
 
     def run(self, x: torch.Tensor, kernel: str) -> torch.Tensor:
         if kernel == "dense":
             return self._dense(x)
+        if kernel == "gguf":
+            y = self._blocks(x)
+            return y if self.bias is None else y + self.bias
         y = None
         for packed, scales_and_zeros in self._int4:
             part = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, INT4_GROUP, scales_and_zeros)
@@ -268,32 +288,36 @@ class NativeLinear:
 
 
 def choose_native_kernels(linears: list[NativeLinear], repeats: int = 2) -> NativeKernels:
-    """Time the int4 and dense kernels over every matrix of `linears` (one role across all layers,
+    """Time every kernel the matrices can run over all of `linears` (one role across all layers,
     so the weights stream from memory as in decoding) at one row and at a block of
-    `PROBE_BLOCK_ROWS` rows, keep the faster per row count, and `select` it on each. The
-    `DVI_NATIVE_KERNELS` setting, when present, is taken instead of timing."""
-    exact = [lin for lin in linears if lin.int4_exact]
+    `PROBE_BLOCK_ROWS` rows, keep the fastest per row count, and `select` it on each. The
+    `DVI_NATIVE_KERNELS` setting, when present, is taken instead of timing. A kernel that is
+    clearly slower (50% over the best so far in one run, or a one-row time above the best block
+    time) is not timed again."""
     forced = NativeKernels.from_env()
-    if forced is not None or not exact:
+    candidates = [k for k in NATIVE_KERNEL_NAMES if all(k in lin.available() for lin in linears)]
+    if forced is not None or candidates == ["dense"]:
         choice = forced or NativeKernels("dense", "dense")
     else:
-        chosen, int4_one_row = [], 0.0
+        chosen, one_row = [], {}
         for rows in (1, PROBE_BLOCK_ROWS):
-            x = torch.randn(rows, exact[0].in_features)
-            runs = {k: (lambda k=k: [lin.run(x, k) for lin in exact]) for k in NATIVE_KERNEL_NAMES}
-            runs["dense"]()  # first call per shape builds oneDNN's kernel
-            seconds = {"dense": _best_seconds(runs["dense"], repeats)}
-            # a block never costs less than one row: int4 that lost by that much cannot win here
-            if rows > 1 and int4_one_row > seconds["dense"]:
-                seconds["int4"] = float("inf")
-            else:
-                seconds["int4"] = _best_seconds(runs["int4"], 1)
-                if seconds["int4"] < 1.5 * seconds["dense"]:  # close: time it as carefully as dense
-                    seconds["int4"] = min(seconds["int4"], _best_seconds(runs["int4"], repeats))
-            int4_one_row = int4_one_row or seconds["int4"]
+            x = torch.randn(rows, linears[0].in_features)
+            seconds: dict[str, float] = {}
+            for kernel in candidates:
+                run = lambda kernel=kernel: [lin.run(x, kernel) for lin in linears]  # noqa: E731
+                best = min(seconds.values(), default=float("inf"))
+                if rows > 1 and one_row[kernel] > best:  # a block never costs less than one row
+                    continue
+                run()  # warm: oneDNN builds its kernel on the first call per shape
+                seconds[kernel] = _best_seconds(run, 1)
+                if seconds[kernel] < 1.5 * best:
+                    seconds[kernel] = min(seconds[kernel], _best_seconds(run, repeats))
+            if rows == 1:
+                one_row = seconds
             chosen.append(min(seconds, key=seconds.get))
-            log.info("native %s [%d x %d] x %d matrices, %d row(s): %s", exact[0].kind, exact[0].out_features,
-                     exact[0].in_features, len(exact), rows,
+            first = linears[0]
+            log.info("native %s [%d x %d] x %d matrices, %d row(s): %s", first.kind, first.out_features,
+                     first.in_features, len(linears), rows,
                      ", ".join(f"{k} {1e3 * s:.2f} ms" for k, s in seconds.items()))
         choice = NativeKernels(*chosen)
     for lin in linears:

@@ -6,8 +6,9 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
 
+from common import gguf_kernels
 from common.native_weights import AffineInt4, concat_rows, q4_1_matrix, q8_0_matrix
-from common.packed_linear import NATIVE_KERNELS_ENV, NativeKernels, NativeLinear, choose_native_kernels, int4_layout
+from common.packed_linear import NATIVE_KERNEL_NAMES, NATIVE_KERNELS_ENV, NativeKernels, NativeLinear, choose_native_kernels, int4_layout
 
 DECODERS = {"Q4_1": q4_1_matrix, "Q8_0": q8_0_matrix}
 
@@ -55,7 +56,8 @@ def test_native_matmul_matches_the_dequantised_fp32_matmul(kind, rows):
     x = torch.randn(rows, 256)
     expected = torch.nn.functional.linear(x, weight, bias)
     scale = x.abs() @ weight.abs().t() + bias.abs()
-    for kernel in ("int4", "dense"):
+    assert set(linear.available()) >= {"int4", "dense"}
+    for kernel in linear.available():
         got = linear.run(x, kernel)
         assert got.shape == (rows, 64) and got.dtype == torch.float32
         assert bool(((got - expected).abs() <= 1e-5 * scale).all()), kernel
@@ -69,8 +71,7 @@ def test_select_keeps_only_the_chosen_layouts_and_routes_by_row_count():
     linear.select(NativeKernels(one_row="int4", block="dense"))
     assert torch.equal(linear(x1), want1) and torch.equal(linear(x3), want3)
     linear.select(NativeKernels("int4", "int4"))
-    with pytest.raises(TypeError):  # the dense layout is gone once nothing uses it
-        linear.run(x3, "dense")
+    assert linear.available() == ["int4"]  # the other layouts are freed once nothing uses them
 
 
 def test_rows_not_a_multiple_of_16_run_dense():
@@ -117,6 +118,25 @@ def test_kernel_choice_is_timed_or_fixed_by_the_environment(monkeypatch):
     monkeypatch.delenv(NATIVE_KERNELS_ENV)
     fresh = [NativeLinear(q4_1_matrix(gguf_blocks("Q4_1", 64, 64, seed=s)[0], 64, 64)) for s in range(3)]
     choice = choose_native_kernels(fresh)
-    assert choice.one_row in ("int4", "dense") and choice.block in ("int4", "dense")
+    assert choice.one_row in NATIVE_KERNEL_NAMES and choice.block in NATIVE_KERNEL_NAMES
+    assert all(set(lin.available()) == {choice.one_row, choice.block} for lin in fresh)
     with pytest.raises(ValueError):
         NativeKernels("fp16", "int4")
+
+
+@pytest.mark.skipif(not gguf_kernels.available(), reason="no C compiler or no AVX2/FMA here: the engine uses torch's kernels")
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_gguf_block_kernel_matches_gguf_and_is_row_invariant(kind):
+    """The C kernel on the blocks as stored: the dequantised product to 1e-5 of its scale, and each
+    row's result bit for bit the same in a one-row call and inside blocks of 2..20 rows (so a
+    verify block and an AR step agree exactly)."""
+    blocks, reference = gguf_blocks(kind, 80, 192, seed=7)
+    weight = torch.from_numpy(reference)
+    kernel = gguf_kernels.GgufBlocks(DECODERS[kind](blocks, 80, 192))
+    x = torch.randn(20, 192)
+    expected = x @ weight.t()
+    got = kernel(x)
+    assert bool(((got - expected).abs() <= 1e-5 * (x.abs() @ weight.abs().t())).all())
+    for rows in (1, 2, 5, 16, 20):
+        assert torch.equal(kernel(x[:rows]), got[:rows])
+    assert torch.equal(kernel(x[7:8]), got[7:8])
