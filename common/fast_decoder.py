@@ -139,6 +139,10 @@ class FastLayer:
         self.norm2 = (layer.post_attention_layernorm.weight.detach(), _norm_eps(layer.post_attention_layernorm))
         self._split = [self.q_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
 
+    def weight_bytes(self, rows: int = 1) -> int:
+        """Bytes of weight matrices one call on `rows` rows streams."""
+        return sum(getattr(self, role).bytes_read(rows) for role in NATIVE_ROLES)
+
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: StaticKVCache, slot: int,
                  mask: torch.Tensor | None) -> torch.Tensor:
         """x [T, H]; cos/sin [T, head_dim] of the rows' positions; mask [T, past + T] bool or None."""
@@ -192,6 +196,11 @@ class FastStack:
         first = self.layers[0]
         self.kv_heads, self.head_dim = first.kv_heads, first.head_dim
         self.dtype, self.device = self.embed_weight.dtype, self.embed_weight.device
+
+    def weight_bytes(self, rows: int = 1) -> int:
+        """Bytes of weight matrices one forward of `rows` rows streams (every layer and the LM
+        head, in the layouts their kernels read; norms and the embedding row are negligible)."""
+        return sum(layer.weight_bytes(rows) for layer in self.layers) + self.lm_head.bytes_read(rows)
 
     def new_cache(self, num_layers: int, capacity: int) -> StaticKVCache:
         return StaticKVCache(num_layers, self.kv_heads, self.head_dim, capacity, self.dtype, self.device)

@@ -208,6 +208,10 @@ class GgufBlocks:
             raise ValueError(f"no GGUF block kernel for {weight.kind}")
         self.kind = weight.kind
 
+    def bytes_read(self) -> int:
+        """Bytes one call streams: the quants plus the fp32 scales (and offsets)."""
+        return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m) if t is not None)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         rows = x.shape[0]

@@ -129,6 +129,7 @@ class PackedLinear:
         assert weight.dim() == 2, f"weight must be [N, K], got {tuple(weight.shape)}"
         weight = weight.detach()
         self.out_features, self.in_features = weight.shape
+        self._itemsize = weight.element_size()
         self.bias = None if bias is None else bias.detach().contiguous()
         self._cpu = weight.device.type == "cpu"
         self._rows_t = self._packed = self._weight = None
@@ -146,6 +147,10 @@ class PackedLinear:
             single_row_gemv = True
         if single_row_gemv:
             self._rows_t = weight.t().contiguous()  # [K, N]: the one-row GEMV layout
+
+    def bytes_read(self, rows: int = 1) -> int:
+        """Bytes of weight one call on `rows` rows streams (the layout its kernel reads)."""
+        return self.out_features * self.in_features * self._itemsize  # every layout holds W once
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._rows_t is not None and x.shape[0] == 1:
@@ -270,6 +275,15 @@ class NativeLinear:
         if "dense" not in used:
             self._dense = None
         self.kernels = kernels
+
+    def bytes_read(self, rows: int = 1) -> int:
+        """Bytes of weight one call on `rows` rows streams with the kernel chosen for that count."""
+        kernel = self.kernels.one_row if rows == 1 else self.kernels.block
+        if kernel == "dense":
+            return self._dense.bytes_read(rows)
+        if kernel == "gguf":
+            return self._blocks.bytes_read()
+        return sum(p.numel() * p.element_size() + sz.numel() * sz.element_size() for p, sz in self._int4)
 
     def run(self, x: torch.Tensor, kernel: str) -> torch.Tensor:
         if kernel == "dense":
