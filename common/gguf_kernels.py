@@ -14,7 +14,8 @@ row's result does not depend on the block it is in (one-row steps and verify blo
 bit). The activations of a block's rows are read while its weights are in registers, so T rows
 cost far less than T one-row calls.
 
-It is compiled once per machine with the system C compiler (`cc`, `-O3 -mavx2 -mfma -fopenmp`)
+The per-block d and m stay fp16 as in the file (converted with F16C as they are read).
+It is compiled once per machine with the system C compiler (`cc`, `-O3 -mavx2 -mfma -mf16c -fopenmp`)
 into the dvi cache directory and loaded with ctypes; `available()` is False (and the engine
 uses torch's kernels) where there is no compiler, no AVX2/FMA, or the build fails.
 """
@@ -53,8 +54,8 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
-/* x [T, K] fp32, qs [N, G, 16] nibbles (GGUF Q4_1 order), d, m [N, G] fp32, y [T, N]. */
-void q4_1_mm(const float *x, int T, int K, const uint8_t *qs, const float *d, const float *m,
+/* x [T, K] fp32, qs [N, G, 16] nibbles (GGUF Q4_1 order), d, m [N, G] fp16 bits, y [T, N]. */
+void q4_1_mm(const float *x, int T, int K, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
              int N, float *y, int threads) {
     const int G = K / 32;
     float *xs = (float *)malloc(sizeof(float) * T * G);
@@ -80,12 +81,12 @@ void q4_1_mm(const float *x, int T, int K, const uint8_t *qs, const float *d, co
             __m128i b = _mm_loadu_si128((const __m128i *)(row + 16 * g));
             __m128i lo = _mm_and_si128(b, mask);
             __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
-            __m256 dv = _mm256_set1_ps(d[(size_t)n * G + g]);
+            __m256 dv = _mm256_set1_ps(_cvtsh_ss(d[(size_t)n * G + g]));
             __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), dv);
             __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), dv);
             __m256 w2 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), dv);
             __m256 w3 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), dv);
-            float mg = m[(size_t)n * G + g];
+            float mg = _cvtsh_ss(m[(size_t)n * G + g]);
             for (int t = 0; t < T; t++) {
                 const float *xp = x + t * K + 32 * g;
                 acc[t][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), acc[t][0]);
@@ -103,8 +104,8 @@ void q4_1_mm(const float *x, int T, int K, const uint8_t *qs, const float *d, co
     free(xs);
 }
 
-/* x [T, K] fp32, qs [N, K] int8 (GGUF Q8_0 values), d [N, G] fp32, y [T, N]. */
-void q8_0_mm(const float *x, int T, int K, const int8_t *qs, const float *d, int N, float *y, int threads) {
+/* x [T, K] fp32, qs [N, K] int8 (GGUF Q8_0 values), d [N, G] fp16 bits, y [T, N]. */
+void q8_0_mm(const float *x, int T, int K, const int8_t *qs, const uint16_t *d, int N, float *y, int threads) {
     const int G = K / 32;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int n = 0; n < N; n++) {
@@ -115,7 +116,7 @@ void q8_0_mm(const float *x, int T, int K, const int8_t *qs, const float *d, int
         for (int g = 0; g < G; g++) {
             __m256i b = _mm256_loadu_si256((const __m256i *)(row + 32 * g));
             __m128i b0 = _mm256_castsi256_si128(b), b1 = _mm256_extracti128_si256(b, 1);
-            __m256 dv = _mm256_set1_ps(d[(size_t)n * G + g]);
+            __m256 dv = _mm256_set1_ps(_cvtsh_ss(d[(size_t)n * G + g]));
             __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b0)), dv);
             __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b0, 8))), dv);
             __m256 w2 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b1)), dv);
@@ -136,7 +137,7 @@ void q8_0_mm(const float *x, int T, int K, const int8_t *qs, const float *d, int
 }
 """
 
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 
 
 def _cpu_has_avx2_fma() -> bool:
@@ -144,7 +145,7 @@ def _cpu_has_avx2_fma() -> bool:
         flags = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
         return False
-    return " avx2" in flags and " fma" in flags
+    return all(f" {flag}" in flags for flag in ("avx2", "fma", "f16c"))
 
 
 @functools.cache
@@ -182,6 +183,26 @@ def available() -> bool:
     return _library() is not None
 
 
+def blocks_or_none(weight) -> "GgufBlocks | None":
+    """`GgufBlocks(weight)`, or None where the kernel is unavailable or the matrix is not in a form
+    it reads exactly (scales that are not fp16 values, a GGUF type it has no kernel for)."""
+    if not available():
+        return None
+    try:
+        return GgufBlocks(weight)
+    except ValueError as exc:
+        log.info("GGUF block kernel skipped for a %s matrix: %s", weight.kind, exc)
+        return None
+
+
+def _fp16_exact(values: torch.Tensor) -> torch.Tensor:
+    """The fp16 form of scales that came from the file's fp16 fields (ValueError if one does not fit)."""
+    half = values.half().contiguous()
+    if not torch.equal(half.float(), values):
+        raise ValueError("GGUF block scales must be exact fp16 values")
+    return half
+
+
 class GgufBlocks:
     """One matrix [N, K] in the layout the kernel reads, built from an `AffineInt4` of kind Q4_1
     (one part: scale d, offset m) or Q8_0 (two parts: high and low nibbles of q + 128).
@@ -199,11 +220,11 @@ class GgufBlocks:
             (part,) = weight.parts
             q = part.q.reshape(n, groups, 32)
             self.qs = (q[..., :16] | (q[..., 16:] << 4)).contiguous()  # [N, G, 16] GGUF's nibble order
-            self.d, self.m = part.scale.contiguous(), part.offset.contiguous()
+            self.d, self.m = _fp16_exact(part.scale), _fp16_exact(part.offset)
         elif weight.kind == "Q8_0":
             high, low = weight.parts
             self.qs = (high.q.to(torch.int16) * 16 + low.q.to(torch.int16) - 128).to(torch.int8).contiguous()
-            self.d, self.m = low.scale.contiguous(), None
+            self.d, self.m = _fp16_exact(low.scale), None
         else:
             raise ValueError(f"no GGUF block kernel for {weight.kind}")
         self.kind = weight.kind

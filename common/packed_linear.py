@@ -244,7 +244,7 @@ class NativeLinear:
 
         layouts = [int4_layout(p) for p in weight.parts] if int4_kernels_available() else [None]
         self._int4 = None if any(layout is None for layout in layouts) else layouts
-        self._blocks = gguf_kernels.GgufBlocks(weight) if gguf_kernels.available() else None
+        self._blocks = gguf_kernels.blocks_or_none(weight)
         self._dense = PackedLinear(weight.dequantize(), bias)
         self.kernels = NativeKernels(*[self.best_available()] * 2)  # every layout held until `select`
         if kernels is not None:
