@@ -52,7 +52,7 @@ from common.config import DecodeConfig
 from common.drift import ArFallback, ArFallbackConfig, DriftDecision, DriftGuard, DriftGuardConfig
 from common.errors import AdapterError, ServiceError
 from common.model_split import SplitModel
-from common.prompts import encode_prompt
+from common.prompts import encode_prompt, fit_to_context
 from common.speculative import GenerationResult, SpeculativeDecoder
 from common.transport import TrajectoryStream
 from common.weights import WeightIntegrityError, WeightNotFoundError, WeightStore
@@ -75,8 +75,9 @@ class GeneratorConfig:
     """Record and publish each request's trajectory for the learner."""
     seed: int = 0
     """Base seed; each request samples from its own generator seeded with seed ^ crc32(request_id)."""
-    truncate_prompts: bool = True
-    """Keep only a prompt's last tokens when prompt + max_new_tokens exceeds the context (else ValueError)."""
+    truncate_prompts: bool = False
+    """Keep only a prompt's last tokens when prompt + max_new_tokens exceeds the context (False: the
+    request is rejected with RequestRejected, which the pool reports as skipped)."""
     metrics_every_s: float = 5.0
     """Re-send gauges at least this often (Ray expires gauges that are not re-reported)."""
     drift_guard: DriftGuardConfig | None = field(default_factory=DriftGuardConfig)
@@ -397,14 +398,11 @@ class Generator:
             log.warning("actor %s: %s event not published: %s", self.config.actor_id, kind, err)
 
     def _fit(self, ids: list[int], decode: DecodeConfig) -> tuple[list[int], bool]:
-        limit = self.split.max_positions
-        if not limit or len(ids) + decode.max_new_tokens <= limit or not self.config.truncate_prompts:
-            return ids, False
-        keep = limit - decode.max_new_tokens
-        _check(keep >= 1, f"max-new-tokens {decode.max_new_tokens} leaves no room for a prompt in {limit} positions")
-        self.counters["prompts_truncated"] += 1
-        log.warning("actor %s: prompt of %d tokens cut to its last %d", self.config.actor_id, len(ids), keep)
-        return ids[-keep:], True
+        ids, truncated = fit_to_context(ids, decode.max_new_tokens, self.split.max_positions, self.config.truncate_prompts)
+        if truncated:
+            self.counters["prompts_truncated"] += 1
+            log.warning("actor %s: prompt cut to its last %d tokens", self.config.actor_id, len(ids))
+        return ids, truncated
 
     def _publish(self, result: GenerationResult) -> bool:
         traj = result.trajectory

@@ -28,7 +28,7 @@ from typing import Any
 
 from common.config import DecodeConfig, ModelSpec
 from common.drift import ArFallbackConfig, DriftGuardConfig
-from common.errors import ServiceError
+from common.errors import RequestRejected, ServiceError
 from common.transport import TransportConfig
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,8 @@ class GeneratorSettings:
     """Fall-back thresholds; None: derived from the drafter's k, L and `ar_fallback_gamma`."""
     ar_fallback_gamma: int = DecodeConfig.gamma
     """The draft length requests use (sets the default break-even tau)."""
+    truncate_prompts: bool = False
+    """Cut an over-long prompt to its last tokens (GeneratorConfig.truncate_prompts); False: skip it."""
 
 
 class GeneratorService:
@@ -109,7 +111,8 @@ class GeneratorService:
             GeneratorConfig(actor_id=settings.actor_id, learn=settings.learn, seed=settings.seed,
                             drift_guard=settings.drift_guard, ar_fallback=settings.ar_fallback,
                             ar_fallback_config=settings.ar_fallback_config,
-                            ar_fallback_gamma=max(1, settings.ar_fallback_gamma)),
+                            ar_fallback_gamma=max(1, settings.ar_fallback_gamma),
+                            truncate_prompts=settings.truncate_prompts),
             stream=TrajectoryStream(client, settings.transport) if settings.learn else None,
             weights=WeightStore(client, ns, settings.secret),
             metrics=metrics,
@@ -242,8 +245,10 @@ class GeneratorPool:
     ) -> list[dict[str, Any]]:
         """Serve every request; each idle actor pulls the next one. Returns results in completion order.
 
-        A result carries "meta" from its request. A request that fails `max_attempts` times (its
-        actor died each time, or the request itself is bad) yields {"request_id", "error", "meta"}.
+        A result carries "meta" from its request. A request that cannot be served as given
+        (RequestRejected: empty, too long for the context) yields {"request_id", "skipped": reason,
+        "meta"}; one that fails `max_attempts` times (its actor died each time) or fails otherwise
+        yields {"request_id", "error", "meta"}.
         """
         import ray
 
@@ -281,8 +286,11 @@ class GeneratorPool:
                 continue
             except ray.exceptions.RayTaskError as err:  # the request itself failed (bad prompt)
                 cause = err.cause if getattr(err, "cause", None) is not None else err
-                log.warning("request %s failed on actor %s: %s", req.request_id, actor_id, cause)
-                result = {"request_id": req.request_id, "actor": actor_id, "error": f"{type(cause).__name__}: {cause}"}
+                if isinstance(cause, RequestRejected):  # cannot be served as given: skipped, not failed
+                    result = {"request_id": req.request_id, "actor": actor_id, "skipped": str(cause)}
+                else:
+                    log.warning("request %s failed on actor %s: %s", req.request_id, actor_id, cause)
+                    result = {"request_id": req.request_id, "actor": actor_id, "error": f"{type(cause).__name__}: {cause}"}
             results.append({**result, "meta": req.meta})
             if on_result is not None:
                 on_result(results[-1])

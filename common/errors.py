@@ -15,3 +15,8 @@ class AdapterError(DVIError, ValueError):
 
 class ServiceError(DVIError, RuntimeError):
     """Redis or Ray is unreachable or misconfigured; the message says what to do."""
+
+
+class RequestRejected(DVIError, ValueError):
+    """One request cannot be served as given (empty, or too long for the model's context): the run
+    skips it, counts it and goes on; only a workload in which every request is rejected fails."""

@@ -36,7 +36,9 @@ from common.acceptance import greedy_accept, rejection_accept
 from common.adaptive_gamma import DraftStats
 from common.config import DecodeConfig
 from common.context_draft import ContextIndex
+from common.errors import RequestRejected
 from common.model_split import SplitModel, crop_cache
+from common.prompts import fit_to_context
 from common.sampling import sample, warp
 from common.types import Trajectory
 
@@ -199,18 +201,12 @@ class SpeculativeDecoder:
         self.gamma_policy = gamma_policy
 
     def check_request(self, prompt_ids: list[int], config: DecodeConfig) -> None:
-        """ValueError for an empty prompt or one that cannot fit max_new_tokens in the context."""
-        if not prompt_ids:
-            raise ValueError("prompt is empty")
-        limit = self.split.max_positions
-        if limit and len(prompt_ids) + config.max_new_tokens > limit:
-            raise ValueError(
-                f"prompt ({len(prompt_ids)} tokens) + max-new-tokens ({config.max_new_tokens}) exceeds "
-                f"the model's context of {limit} tokens"
-            )
+        """RequestRejected (a ValueError) for an empty prompt, one that cannot fit max_new_tokens in
+        the context, or one holding token ids outside the vocabulary."""
+        fit_to_context(prompt_ids, config.max_new_tokens, self.split.max_positions, truncate=False)
         bad = [t for t in prompt_ids if not 0 <= t < self.split.vocab_size]
         if bad:
-            raise ValueError(f"prompt holds token ids outside the vocabulary: {bad[:5]}")
+            raise RequestRejected(f"prompt holds token ids outside the vocabulary: {bad[:5]}")
 
     @torch.inference_mode()
     def generate(

@@ -31,6 +31,7 @@ from typing import Any
 
 from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig, ModelSpec
 from common.errors import ServiceError
+from common.prompts import SkippedRequest, require_some_served, skipped_summary, warn_skipped
 from common.redis_util import DEFAULT_REDIS_URL, connect, embedded_redis, redact
 from learner.config import LearnerConfig
 
@@ -106,6 +107,8 @@ class RunConfig:
     """After the run, the namespace's keys (weights, telemetry) expire after this long; 0 keeps them."""
     ar_fallback: bool | None = None
     """Actors decode AR while drafting does not pay (common.drift.ArFallback); None: on unless `learn`."""
+    truncate_prompts: bool = False
+    """A prompt too long for the context: keep its last tokens (False: skip it, counted in summary.json)."""
 
     def __post_init__(self) -> None:
         _check(self.actors >= 1, f"actors must be >= 1, got {self.actors}")
@@ -182,6 +185,16 @@ def actor_cpus(total_cpus: float, actors: int, learner: bool) -> float:
 # ---------------------------------------------------------------------------------- the run
 
 
+def served(result: dict[str, Any]) -> bool:
+    """True for a pool result that answered its request (neither skipped nor failed)."""
+    return "error" not in result and "skipped" not in result
+
+
+def skipped_request(result: dict[str, Any]) -> SkippedRequest:
+    """The SkippedRequest of a pool result with "skipped" (named by its question id when it has one)."""
+    return SkippedRequest(str(result.get("meta", {}).get("question_id") or result["request_id"]), result["skipped"])
+
+
 @dataclass
 class RunState:
     """What the driver has seen so far; `on_result` callbacks read it for live views."""
@@ -198,7 +211,9 @@ class RunState:
 
     def add(self, result: dict[str, Any]) -> None:
         self.results.append(result)
-        if "error" in result:
+        if "skipped" in result:
+            warn_skipped(skipped_request(result))
+        if not served(result):
             return
         seen = self.versions_by_actor.setdefault(result["actor"], [])
         if result["version"] not in seen:
@@ -210,11 +225,15 @@ class RunState:
             "actor": result["actor"],
         })
 
+    def skipped(self) -> list[SkippedRequest]:
+        """The requests the actors could not serve as given, in completion order."""
+        return [skipped_request(r) for r in self.results if "skipped" in r]
+
     def tau_by_version(self) -> dict[int, tuple[float, int]]:
         """version -> (tokens / verifier passes over its requests, requests)."""
         acc: dict[int, list[int]] = {}
         for r in self.results:
-            if "error" not in r:
+            if served(r):
                 a = acc.setdefault(r["version"], [0, 0, 0])
                 a[0] += r["new_tokens"]
                 a[1] += r["verifier_passes"]
@@ -244,10 +263,14 @@ def run_service(
         if on_phase is not None:
             on_phase(state)
 
+    phase(f"preparing {config.model} (the first run converts a GGUF model to safetensors once)")
+    from common.models import resolve_model_path
+
+    resolve_model_path(config.model)  # an unknown model fails here, before Redis and Ray start
     phase("connecting to Redis")
     with resolve_redis(config.redis_url) as redis_url:
         state.redis_url = redis_url
-        phase("starting Ray")
+        phase("starting Ray (10-30 s)")
         started_ray = init_ray(config.ray_address, log_to_driver=config.log_to_driver)
         try:
             return _run(config, prompts, out, run_id, namespace, redis_url, state, phase, on_result, run_started)
@@ -289,10 +312,12 @@ def _run(config, prompts, out, run_id, namespace, redis_url, state, phase, on_re
         settings = [
             GeneratorSettings(model=spec, redis_url=redis_url, transport=transport, secret=config.secret,
                               actor_id=f"actor-{i}", learn=config.learn, seed=config.seed,
-                              ar_fallback=config.ar_fallback, ar_fallback_gamma=max(1, config.decode.gamma))
+                              ar_fallback=config.ar_fallback, ar_fallback_gamma=max(1, config.decode.gamma),
+                              truncate_prompts=config.truncate_prompts)
             for i in range(config.actors)
         ]
-        phase(f"loading {config.model} in {config.actors} generation actor(s)")
+        phase(f"loading {config.model} in {config.actors} generation actor(s) (each loads it and checks the split: "
+              "about a minute on 2 CPU cores)")
         pool = GeneratorPool(settings, cpus_per_actor=cpus)
         pool.wait_ready()
         if learner_actor is not None:
@@ -354,6 +379,7 @@ def _run(config, prompts, out, run_id, namespace, redis_url, state, phase, on_re
                            serve_seconds, run_id, namespace, seen_before)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         phase("done")
+        require_some_served(len(state.results) - summary["skipped_requests"], state.skipped())
         return summary
     finally:
         if pool is not None:
@@ -387,6 +413,8 @@ def _generation_line(result: dict[str, Any]) -> dict[str, Any]:
     }
     if "error" in result:
         return {**line, "error": result["error"]}
+    if "skipped" in result:
+        return {**line, "skipped": result["skipped"]}
     return {
         **line,
         "version": result["version"],
@@ -402,7 +430,8 @@ def _generation_line(result: dict[str, Any]) -> dict[str, Any]:
 
 def _summary(config, state: RunState, statuses, learner_status, dead, published_log, latest, wall,
              serve_seconds, run_id, namespace, seen_before) -> dict[str, Any]:
-    ok = [r for r in state.results if "error" not in r]
+    ok = [r for r in state.results if served(r)]
+    skipped = state.skipped()
     produced = {r["request_id"] for r in ok if r["published"]}
     counters = learner_status.get("learner", {}) if learner_status else {}
     versions: dict[str, list[int]] = {}
@@ -427,7 +456,8 @@ def _summary(config, state: RunState, statuses, learner_status, dead, published_
             "last_stats": learner_status.get("last_stats"),
         } if config.learn else None,
         "requests": len(state.results),
-        "failed_requests": len(state.results) - len(ok),
+        "failed_requests": len(state.results) - len(ok) - len(skipped),
+        **skipped_summary(skipped),
         "tokens": tokens,
         "tokens_per_s": round(tokens / serve_seconds, 3) if serve_seconds > 0 else 0.0,
         "serve_seconds": round(serve_seconds, 3),

@@ -25,6 +25,9 @@ LookupTokens = Annotated[int, typer.Option(
 LookupMinNgram = Annotated[int, typer.Option("--lookup-min-ngram", help="Shortest suffix n-gram a context draft matches.")]
 AdaptiveGamma = Annotated[bool, typer.Option(
     "--adaptive-gamma/--fixed-gamma", help="Draft as many exit-head tokens as pay off (<= gamma), or always gamma.")]
+TruncatePrompts = Annotated[bool, typer.Option(
+    "--truncate-prompts/--skip-long-prompts",
+    help="A prompt too long for the context with max-new-tokens: keep its last tokens (default: skip it, with a warning).")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="Torch CPU threads for the run (default: torch's own).")]
 
 

@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 from typing import Sequence, TypeVar
 
-from common.prompts import spec_bench_task
+from common.prompts import skipped_summary, spec_bench_task
 
 P = TypeVar("P")
 
@@ -156,12 +156,14 @@ def write_json(path: str | Path, payload: dict) -> Path:
     return path
 
 
-def write_bench_reports(out: str | Path, settings: dict, runs: dict[str, list[dict]]) -> str:
-    """learning.json, learning.md and learning.png of a benchmark; returns the markdown."""
+def write_bench_reports(out: str | Path, settings: dict, runs: dict[str, list[dict]], skipped: dict | None = None) -> str:
+    """learning.json, learning.md and learning.png of a benchmark; returns the markdown.
+    `skipped`: {"skipped_requests": n, "skipped": [...]}, the prompts that could not be served."""
     out = Path(out)
     rows = [summarize(name, points) for name, points in runs.items()]
     write_json(out / "learning.json", {
         "settings": settings,
+        **(skipped or skipped_summary([])),
         "schedules": {name: {"points": points} for name, points in runs.items()},
         "summary": rows,
     })

@@ -36,11 +36,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig, ModelSpec
+from common.prompts import SkippedRequest, skipped_summary
 from dvi.bench.peers import PEER_METHODS
 
 REFERENCE = "hf_ar"
@@ -105,6 +106,8 @@ class SpeedSettings:
     """Extra dvi methods as (name, adapter directory) pairs, run after `methods`."""
     methods: tuple[str, ...] = BUILTIN_METHODS
     """Built-in methods to run, in this order; must include hf_ar, the reference."""
+    truncate_prompts: bool = False
+    """A prompt too long for the context with max_new_tokens: keep its last tokens (False: skip it)."""
     warmup: int = 3
     """Prompts run through every method before timing starts (not recorded)."""
     dtype: str = "float32"
@@ -616,14 +619,15 @@ def plot_speedups(rows: list[dict], path: Path, title: str) -> None:
 def write_reports(
     out_dir: str | Path, model: str, machine: dict, settings: dict, records: list[RunRecord],
     identity: dict[str, str] | None = None,
+    skipped: Sequence[SkippedRequest] = (),
 ) -> tuple[list[dict], str]:
     """Write speed.json, speed.md, speed.png and speed_runs.jsonl (every timed run) under
-    out_dir; return (rows, markdown table)."""
+    out_dir; return (rows, markdown table). `skipped`: prompts that could not be served."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = aggregate(records, identity=identity)
     table = markdown_table(rows, spec_bench_speedups(records))
-    payload = {"model": model, "machine": machine, "settings": settings, "runs": rows}
+    payload = {"model": model, "machine": machine, "settings": settings, **skipped_summary(skipped), "runs": rows}
     (out / "speed.json").write_text(json.dumps(payload, indent=2) + "\n")
     (out / "speed.md").write_text(markdown_report(model, machine, settings, table))
     with (out / "speed_runs.jsonl").open("w") as fh:

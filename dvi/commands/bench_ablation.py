@@ -57,7 +57,8 @@ def _run(model_id, prompts_path, adapter, out: Path, decode, levers, limit, per_
 
     from common.config import ModelSpec
     from common.model_split import DRAFT_VOCAB_KEY, SplitModel, read_adapter_dir
-    from common.prompts import encode_prompt, load_prompts
+    from common.prompts import encode_workload, load_prompts, skipped_summary
+    from common.speculative import SpeculativeDecoder
     from dvi.bench import ablation as bench
     from dvi.bench import speed
     from dvi.bench.learning import select_per_task, split_train_eval
@@ -87,8 +88,11 @@ def _run(model_id, prompts_path, adapter, out: Path, decode, levers, limit, per_
     if held_out:
         questions = split_train_eval(questions)[1]
     questions = select_per_task(questions, per_category, limit)
-    encoded = [speed.BenchPrompt(i, q.question_id, spec_bench_task(q.category), tuple(encode_prompt(base.tokenizer, q.text)))
-               for i, q in enumerate(questions)]
+    checker = SpeculativeDecoder(base)
+    kept, skipped = encode_workload(questions, base.tokenizer, lambda ids: checker.check_request(ids, decode),
+                                    max_new_tokens=decode.max_new_tokens, context=base.max_positions)
+    encoded = [speed.BenchPrompt(i, q.question_id, spec_bench_task(q.category), tuple(ids))
+               for i, (q, ids) in enumerate(kept)]
     settings = speed.SpeedSettings(prompts=prompts_path, model=model_id, max_new_tokens=decode.max_new_tokens,
                                    exit_layer=drafter.exit_layer, methods=("hf_ar", "ar"))
     console = Console(stderr=True)
@@ -112,6 +116,7 @@ def _run(model_id, prompts_path, adapter, out: Path, decode, levers, limit, per_
                      "max_new_tokens": decode.max_new_tokens, "decode": decode.__dict__, "drafter": drafter.__dict__,
                      "levers": {lever: bench.LEVERS[lever] for lever in levers},
                      "command": "dvi " + " ".join(shlex.quote(a) for a in sys.argv[1:])},
+        **skipped_summary(skipped),
         "runs": rows,
     }
     bench.write_reports(out, payload, markdown)

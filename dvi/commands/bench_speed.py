@@ -12,6 +12,7 @@ import typer
 from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig, ModelSpec
 from common.prompts import spec_bench_task
 from dvi import options
+from dvi.bench.speed import SpeedSettings
 from dvi.cli import bench_app
 from dvi.progress import progress_bar
 
@@ -83,6 +84,7 @@ def speed(
         None, "--variant", help="NAME=ADAPTER_DIR: one more dvi method with that adapter (repeatable)."
     ),
     methods: Optional[str] = typer.Option(None, "--methods", help=_METHODS_HELP),
+    truncate_prompts: options.TruncatePrompts = SpeedSettings.truncate_prompts,
     warmup: int = typer.Option(3, "--warmup", help="Prompts run through every method before timing (not recorded)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
     device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda:0."),
@@ -119,6 +121,7 @@ def speed(
         adapter=adapter,
         variants=parse_variants(variant),
         methods=parsed_methods if parsed_methods is not None else bench.BUILTIN_METHODS,
+        truncate_prompts=truncate_prompts,
         warmup=warmup,
         dtype=dtype,
         device=device,
@@ -149,7 +152,7 @@ def _run(settings, questions: list, out: str) -> None:
 
     from common.config import ModelSpec
     from common.model_split import SplitModel
-    from common.prompts import encode_prompt
+    from common.prompts import encode_workload
     from common.speculative import SpeculativeDecoder
     from dvi.bench import speed as bench
     from dvi.bench.learning import split_train_eval
@@ -161,17 +164,19 @@ def _run(settings, questions: list, out: str) -> None:
     split = SplitModel.load(spec)
     learning_prompts, timed = split_train_eval(questions) if settings.learn else ([], questions)
     checker = SpeculativeDecoder(split)
+    decode = DecodeConfig(gamma=0, max_new_tokens=settings.max_new_tokens)
 
-    def encode(q) -> tuple[int, ...]:
-        ids = encode_prompt(split.tokenizer, q.text)
-        try:
-            checker.check_request(ids, DecodeConfig(gamma=0, max_new_tokens=settings.max_new_tokens))
-        except ValueError as exc:
-            raise ValueError(f"question {q.question_id}: {exc}") from None
-        return tuple(ids)
+    def encode(questions: list, what: str) -> tuple[list, list]:
+        return encode_workload(questions, split.tokenizer, lambda ids: checker.check_request(ids, decode),
+                               max_new_tokens=settings.max_new_tokens, context=split.max_positions,
+                               truncate=settings.truncate_prompts, what=what)
 
-    encoded = [bench.BenchPrompt(i, q.question_id, spec_bench_task(q.category), encode(q)) for i, q in enumerate(timed)]
-    learning_ids = [list(encode(q)) for q in learning_prompts]
+    timed_kept, skipped = encode(timed, "timed prompts")
+    learning_kept, learning_skipped = encode(learning_prompts, "learning prompts") if learning_prompts else ([], [])
+    skipped += learning_skipped
+    encoded = [bench.BenchPrompt(i, q.question_id, spec_bench_task(q.category), tuple(ids))
+               for i, (q, ids) in enumerate(timed_kept)]
+    learning_ids = [ids for _, ids in learning_kept]
 
     def fresh_drafter() -> SplitModel:
         # another exit head on the same frozen base model: no second copy of its weights
@@ -229,6 +234,6 @@ def _run(settings, questions: list, out: str) -> None:
     if settings.learn:
         record["learning"] = {"prompts": len(learning_ids), "split": "per category: the first half learns, "
                               "the second half is timed", "schedules": learning}
-    _, markdown = bench.write_reports(out, settings.model, machine, record, records, identity)
+    _, markdown = bench.write_reports(out, settings.model, machine, record, records, identity=identity, skipped=skipped)
     sys.stdout.write(markdown + "\n")
     console.print(f"wrote {Path(out) / 'speed.json'}, speed.md, speed.png, speed_runs.jsonl")

@@ -19,6 +19,7 @@ from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig
 
 from dvi import options
 from dvi.data import SPEC_BENCH_DEV
+from dvi.driver import RunConfig
 from dvi.cli import app
 
 DEFAULT_WORKLOAD = SPEC_BENCH_DEV
@@ -85,13 +86,12 @@ def run(
     dtype: str = typer.Option("float32", "--dtype", help="Base weights dtype: float32, float16, bfloat16."),
     seed: int = typer.Option(0, "--seed", help="Base sampling seed."),
     live: bool = typer.Option(False, "--live/--no-live", help="Show the live table (default: one line per request)."),
+    truncate_prompts: options.TruncatePrompts = RunConfig.truncate_prompts,
 ) -> None:
     """Serve WORKLOAD on N Ray actors while the learner improves the drafter; write OUT/summary.json.
 
     The weight-record HMAC secret is read from $DVI_WEIGHT_SECRET (unset: sha256 only).
     """
-    from dvi.driver import RunConfig
-
     config = RunConfig(
         workload=_workload(workload),
         out=out,
@@ -114,6 +114,7 @@ def run(
         namespace=namespace,
         secret=_secret(),
         seed=seed,
+        truncate_prompts=truncate_prompts,
     )
     _execute(config, live=live)
 
@@ -131,9 +132,10 @@ def demo(
     redis_url: Optional[str] = typer.Option(None, "--redis-url", envvar="DVI_REDIS_URL", help="Redis (default: the local one, else an embedded server)."),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Directory for generations.jsonl and summary.json."),
     live: bool = typer.Option(True, "--live/--no-live", help="Show the live table."),
+    truncate_prompts: options.TruncatePrompts = RunConfig.truncate_prompts,
 ) -> None:
     """The whole service on one machine: local Ray, embedded Redis, SmolLM2, Spec-Bench dev prompts."""
-    from dvi.driver import RunConfig
+
 
     config = RunConfig(
         workload=_workload(workload),
@@ -150,6 +152,7 @@ def demo(
         limit=limit,
         redis_url=redis_url,
         secret=_secret(),
+        truncate_prompts=truncate_prompts,
     )
     _execute(config, live=live)
 
@@ -177,7 +180,9 @@ def _execute(config, live: bool) -> None:
     if live and console.is_terminal:
         summary = _run_live(config, console)
     else:
-        summary = run_service(config, on_result=_print_line(console), on_phase=lambda s: console.print(f"[dim]{s.phase}...[/dim]"))
+        started = time.time()
+        summary = run_service(config, on_result=_print_line(console),
+                              on_phase=lambda s: console.print(f"[dim]{time.time() - started:6.1f} s  {s.phase}...[/dim]"))
     _print_summary(console, summary, config.out)
 
 
@@ -186,6 +191,9 @@ def _print_line(console):
         done = len(state.results)
         if "error" in result:
             console.print(f"[{done}/{state.total}] {result['request_id']} on {result.get('actor')}: [red]{result['error']}[/red]")
+            return
+        if "skipped" in result:
+            console.print(f"[{done}/{state.total}] {result['request_id']}: [yellow]skipped: {result['skipped']}[/yellow]")
             return
         console.print(
             f"[{done}/{state.total}] {result['actor']} v{result['version']}: tau {result['tau']:.2f}, "
@@ -225,8 +233,10 @@ def _table(state, learner: dict[str, Any] | None = None):
     actors.add_column("tok/s", justify="right")
     last: dict[str, dict[str, Any]] = {}
     counts: dict[str, int] = {}
+    from dvi.driver import served
+
     for r in state.results:
-        if "error" not in r:
+        if served(r):
             last[r["actor"]] = r
             counts[r["actor"]] = counts.get(r["actor"], 0) + 1
     for actor_id in sorted(last):
@@ -271,7 +281,10 @@ def _run_live(config, console) -> dict[str, Any]:
         return holder["learner"]
 
     with Live(console=console, refresh_per_second=2, transient=False) as view:
+        started = time.time()
+
         def on_phase(state: RunState) -> None:
+            view.console.print(f"[dim]{time.time() - started:6.1f} s  {state.phase}...[/dim]")
             view.update(_table(state, holder["learner"]))
 
         def on_result(state: RunState, result: dict[str, Any]) -> None:
@@ -299,7 +312,7 @@ def _print_summary(console, summary: dict[str, Any], out: Path) -> None:
     table = Table(title="run summary", title_justify="left", show_header=False)
     table.add_column("key")
     table.add_column("value", justify="right")
-    for key in ("requests", "failed_requests", "tokens", "tokens_per_s", "tau", "trajectories_produced",
+    for key in ("requests", "skipped_requests", "failed_requests", "tokens", "tokens_per_s", "tau", "trajectories_produced",
                 "trajectories_consumed", "dead_lettered", "weight_versions_published", "wall_seconds"):
         value = summary.get(key)
         table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
@@ -311,5 +324,7 @@ def _print_summary(console, summary: dict[str, Any], out: Path) -> None:
     ))
     console.print(table)
     console.print(f"wrote {out / 'generations.jsonl'} and {out / 'summary.json'}")
+    if summary.get("skipped_requests"):
+        print(f"warning: {summary['skipped_requests']} request(s) skipped (reasons in summary.json)", file=sys.stderr)
     if summary.get("failed_requests"):
         print(f"warning: {summary['failed_requests']} request(s) failed; see generations.jsonl", file=sys.stderr)

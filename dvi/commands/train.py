@@ -16,6 +16,7 @@ from typing import Optional
 import typer
 
 from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig
+from common.prompts import skipped_summary
 from dvi import options
 from dvi.cli import app, bench_app
 from dvi.progress import progress_bar
@@ -37,6 +38,8 @@ class TrainSettings:
     positions at a fraction of the drafting cost while acceptance is low."""
     max_new_tokens: int = 64
     """Most new tokens per request, training and evaluation."""
+    truncate_prompts: bool = False
+    """A prompt too long for the context: keep its last tokens (False: skip it, counted in learning.json)."""
     steps: int = 200
     """Optimiser steps to reach (per schedule in the benchmark)."""
     updates_per_request: int = 4
@@ -104,20 +107,18 @@ class TrainSettings:
         return self
 
 
-def _encode_all(split, prompts, max_new_tokens: int) -> list[list[int]]:
-    from common.prompts import encode_prompt
+def _encode_all(split, prompts, settings: "TrainSettings", what: str) -> tuple[list[list[int]], list]:
+    """(token ids of every servable prompt, [SkippedRequest]) — see common.prompts.encode_workload."""
+    from common.prompts import encode_workload
     from common.speculative import SpeculativeDecoder
 
+    decode = DecodeConfig(gamma=0, max_new_tokens=settings.max_new_tokens)
     checker = SpeculativeDecoder(split)
-    encoded = []
-    for p in prompts:
-        ids = encode_prompt(split.tokenizer, p.text)
-        try:
-            checker.check_request(ids, DecodeConfig(gamma=0, max_new_tokens=max_new_tokens))
-        except ValueError as exc:
-            raise ValueError(f"question {p.question_id}: {exc}") from None
-        encoded.append(ids)
-    return encoded
+    kept, skipped = encode_workload(
+        prompts, split.tokenizer, lambda ids: checker.check_request(ids, decode), max_new_tokens=settings.max_new_tokens,
+        context=split.max_positions, truncate=settings.truncate_prompts, what=what,
+    )
+    return [ids for _, ids in kept], skipped
 
 
 def load_prompt_halves(prompts: str, eval_prompts: str | None, train_limit: int | None, eval_limit: int | None):
@@ -165,6 +166,7 @@ def train_local_command(
         None, "--train-gamma", help="Most tokens drafted per block on training requests (default: --gamma). 1 records the same "
         "committed-context positions at a fraction of the drafting cost while acceptance is low."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Most new tokens per request, training and evaluation."),
+    truncate_prompts: options.TruncatePrompts = TrainSettings.truncate_prompts,
     updates_per_request: int = typer.Option(TrainSettings.updates_per_request, "--updates-per-request", help="K: optimiser steps after each training request."),
     publish_every: int = typer.Option(TrainSettings.publish_every, "--publish-every", help="Publish a new weight version every N steps."),
     head_lr: float = typer.Option(TrainSettings.head_lr, "--head-lr", help="AdamW lr of the LM-head LoRA."),
@@ -182,7 +184,7 @@ def train_local_command(
 ) -> None:
     """Train the drafter in this process on its own traffic; evaluate held-out tau as it learns."""
     settings = TrainSettings(
-        model=model, exit_layer=exit_layer, gamma=gamma, train_gamma=train_gamma, max_new_tokens=max_new_tokens, steps=steps,
+        model=model, exit_layer=exit_layer, gamma=gamma, train_gamma=train_gamma, max_new_tokens=max_new_tokens, truncate_prompts=truncate_prompts, steps=steps,
         updates_per_request=updates_per_request, publish_every=publish_every, eval_every=eval_every,
         head_lr=head_lr, lora_lr=lora_lr, batch_tokens=batch_tokens, warmup_steps=warmup_steps,
         ramp_steps=ramp_steps, staleness_policy=staleness_policy, max_staleness=max_staleness, seed=seed,
@@ -221,8 +223,8 @@ def _train_local(settings: TrainSettings, learner_config, schedule: str, train, 
     spec = ModelSpec(model=settings.model, dtype=settings.dtype, device=settings.device,
                      drafter=DrafterConfig(exit_layer=settings.exit_layer))
     split = SplitModel.load(spec)
-    train_ids = _encode_all(split, train, settings.max_new_tokens)
-    eval_ids = _encode_all(split, held_out, settings.max_new_tokens)
+    train_ids, train_skipped = _encode_all(split, train, settings, "training prompts")
+    eval_ids, eval_skipped = _encode_all(split, held_out, settings, "held-out prompts")
     learner = Learner(split, learner_config)
     points: list[dict] = []
     traffic = 0
@@ -258,6 +260,7 @@ def _train_local(settings: TrainSettings, learner_config, schedule: str, train, 
     split.save_adapter(out / "adapter")
     learner.save_checkpoint(out / "checkpoint")
     write_json(out / "learning.json", {"settings": settings_record, "schedule": schedule,
+                                       **skipped_summary(train_skipped + eval_skipped),
                                        "counters": learner.counters(), "points": points})
     plot_learning({schedule: points}, out / "learning.png",
                   f"{settings.model} exit layer {settings.exit_layer}, {schedule}, {len(eval_ids)} held-out prompts")
@@ -287,6 +290,7 @@ def learning_command(
     gamma: int = typer.Option(4, "--gamma", help="Most tokens drafted per block (evaluation, and training unless --train-gamma)."),
     train_gamma: Optional[int] = typer.Option(None, "--train-gamma", help="Most tokens drafted per block on training requests (default: --gamma)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Most new tokens per request."),
+    truncate_prompts: options.TruncatePrompts = TrainSettings.truncate_prompts,
     updates_per_request: int = typer.Option(TrainSettings.updates_per_request, "--updates-per-request", help="K: optimiser steps after each training request."),
     publish_every: int = typer.Option(TrainSettings.publish_every, "--publish-every", help="Publish a new weight version every N steps."),
     head_lr: float = typer.Option(TrainSettings.head_lr, "--head-lr", help="AdamW lr of the LM-head LoRA."),
@@ -306,7 +310,7 @@ def learning_command(
     if not names or "" in names or len(set(names)) != len(names):
         raise ValueError(f"--schedules must be distinct comma-separated names, got {schedules!r}")
     settings = TrainSettings(
-        model=model, exit_layer=exit_layer, gamma=gamma, train_gamma=train_gamma, max_new_tokens=max_new_tokens, steps=steps,
+        model=model, exit_layer=exit_layer, gamma=gamma, train_gamma=train_gamma, max_new_tokens=max_new_tokens, truncate_prompts=truncate_prompts, steps=steps,
         updates_per_request=updates_per_request, publish_every=publish_every, eval_every=eval_every,
         head_lr=head_lr, lora_lr=lora_lr, batch_tokens=batch_tokens, warmup_steps=warmup_steps,
         ramp_steps=ramp_steps, staleness_policy=staleness_policy, max_staleness=max_staleness, seed=seed,
@@ -332,8 +336,8 @@ def _bench_learning(settings: TrainSettings, configs: dict, train, held_out, out
     spec = ModelSpec(model=settings.model, dtype=settings.dtype, device=settings.device,
                      drafter=DrafterConfig(exit_layer=settings.exit_layer))
     split = SplitModel.load(spec)
-    train_ids = _encode_all(split, train, settings.max_new_tokens)
-    eval_ids = _encode_all(split, held_out, settings.max_new_tokens)
+    train_ids, train_skipped = _encode_all(split, train, settings, "training prompts")
+    eval_ids, eval_skipped = _encode_all(split, held_out, settings, "held-out prompts")
     loop = settings.loop_config()
     untrained = split.adapter_state()
     console = Console(stderr=True)
@@ -359,6 +363,6 @@ def _bench_learning(settings: TrainSettings, configs: dict, train, held_out, out
     record = {**asdict(settings), "schedules": list(configs), "train_prompts": len(train_ids),
               "eval_prompts": len(eval_ids), "learner": {n: asdict(c) for n, c in configs.items()},
               "command": _command_line()}
-    markdown = write_bench_reports(out, record, runs)
+    markdown = write_bench_reports(out, record, runs, skipped_summary(train_skipped + eval_skipped))
     sys.stdout.write(markdown + "\n")
     console.print(f"wrote {out / 'learning.json'}, learning.md, learning.png; adapters under {adapters_out}/<schedule>/adapter")

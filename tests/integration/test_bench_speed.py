@@ -33,7 +33,8 @@ def test_bench_speed_end_to_end(tmp_path, capsys):
     ])
     assert code == 0
     report = json.loads((out / "speed.json").read_text())
-    assert set(report) == {"model", "machine", "settings", "runs"}
+    assert set(report) == {"model", "machine", "settings", "skipped_requests", "skipped", "runs"}
+    assert report["skipped_requests"] == 0 and report["skipped"] == []
     assert {"platform", "processor", "cpu_count", "torch", "threads", "device"} <= set(report["machine"])
     assert report["settings"]["max_new_tokens"] == 16 and report["settings"]["prompts_used"] == 3
     assert report["machine"]["threads"] == 1
@@ -145,3 +146,18 @@ def test_bench_ablation_switches_each_lever_off(tmp_path, capsys):
     assert all(r["identical_to_ar"] == 1.0 and r["prompts"] == 2 for r in overall.values())
     table = capsys.readouterr().out
     assert "| dvi-engine | the HF decoder layers" in table and (out / "ablation.md").is_file()
+
+
+def test_bench_speed_skips_and_counts_an_over_long_prompt(tmp_path, capsys, caplog):
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    with prompts.open("a") as fh:  # stories260K's context is 512 tokens: this one cannot fit 16 new tokens
+        fh.write(json.dumps({"question_id": "long-1", "category": "qa", "turns": ["Once upon a time " * 200]}) + "\n")
+    out = tmp_path / "bench"
+    code = main(["bench", "speed", "--model", str(STORIES), "--prompts", str(prompts), "--exit-layer", "2",
+                 "--methods", "hf_ar,ar", "--max-new-tokens", "16", "--warmup", "0", "--out", str(out), "--threads", "1"])
+    assert code == 0
+    report = json.loads((out / "speed.json").read_text())
+    assert report["skipped_requests"] == 1 and report["skipped"][0]["question_id"] == "long-1"
+    assert "exceeds the model's context of 512 tokens" in report["skipped"][0]["reason"]
+    assert report["settings"]["prompts_used"] == 4  # every good prompt still timed
+    assert "skipped request long-1" in caplog.text

@@ -143,3 +143,37 @@ def test_bench_learning_compares_schedules_from_the_same_start(tmp_path, capsys)
     assert start[0] == start[1] and start[0]["tokens_seen"] == 0  # one shared untrained evaluation
     assert record["settings"]["train_prompts"] == 6 and record["settings"]["eval_prompts"] == 3
     assert "| kl-only | 4 |" in capsys.readouterr().out
+
+
+LONG_STORY = "Once upon a time there was a little dog who liked to run. " * 40  # > 512 tokens of stories260K
+
+
+def test_train_local_skips_over_long_prompts_and_counts_them(tmp_path, caplog):
+    texts = TRAIN_OPENINGS[:4] + [LONG_STORY] + TRAIN_OPENINGS[4:6] + [LONG_STORY]
+    prompts = write_prompts(tmp_path / "p.jsonl", texts)
+    out = tmp_path / "run"
+    args = ["train-local", "--model", str(STORIES), "--prompts", str(prompts), "--exit-layer", "2", "--gamma", "3",
+            "--max-new-tokens", "12", "--batch-tokens", "16", "--eval-every", "3", "--threads", "1",
+            "--steps", "3", "--out", str(out)]
+    assert main(args) == 0
+    record = json.loads((out / "learning.json").read_text())
+    # one file split in halves per category (a: 0 2 | 4 6, b: 1 3 | 5 7): the long 4 and 7 are held-out prompts
+    assert record["skipped_requests"] == 2
+    assert sorted(s["question_id"] for s in record["skipped"]) == ["4", "7"]
+    assert all("exceeds the model's context of 512 tokens" in s["reason"] for s in record["skipped"])
+    assert "skipped request 4" in caplog.text and "skipped request 7" in caplog.text
+    assert record["points"][-1]["step"] == 3  # the run went on
+
+    truncated = tmp_path / "cut"
+    assert main(args[:-1] + [str(truncated), "--truncate-prompts"]) == 0
+    assert json.loads((truncated / "learning.json").read_text())["skipped_requests"] == 0
+
+
+def test_train_local_with_only_over_long_prompts_exits_2_with_one_line(tmp_path, capsys):
+    prompts = write_prompts(tmp_path / "p.jsonl", [LONG_STORY] * 4)
+    code = main(["train-local", "--model", str(STORIES), "--prompts", str(prompts), "--exit-layer", "2",
+                 "--max-new-tokens", "12", "--steps", "2", "--out", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: every request of the training prompts was skipped (2; first: question 0:")
+    assert not (tmp_path / "o" / "learning.json").exists()

@@ -172,6 +172,49 @@ def test_run_learns_and_every_actor_reaches_the_final_version(ray_session, redis
         delete_namespace(redis_client, namespace)
 
 
+def test_dvi_run_serves_every_good_prompt_and_counts_every_over_long_one(ray_session, redis_url, redis_client, tmp_path, capsys):
+    """One bad request never ends a run: over-long prompts are skipped and counted, the rest served."""
+    workload = write_workload(tmp_path / "w.jsonl", 6)
+    long_story = "Once upon a time there was a little dog who liked to run. " * 40  # > 512 tokens here
+    with workload.open("a") as fh:
+        for qid in ("long-a", "long-b"):
+            fh.write(json.dumps({"question_id": qid, "category": "story", "turns": [long_story]}) + "\n")
+    namespace = f"test:{uuid.uuid4().hex}"
+    out = tmp_path / "run"
+    args = ["run", "--workload", str(workload), "--actors", "1", "--model", str(STORIES), "--exit-layer", "2",
+            "--gamma", "4", "--max-new-tokens", "16", "--publish-every", "1", "--batch-tokens", "16",
+            "--redis-url", redis_url, "--namespace", namespace, "--no-live", "--out", str(out)]
+    try:
+        assert main(args) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["requests"] == 8 and summary["failed_requests"] == 0
+        assert summary["skipped_requests"] == 2
+        assert sorted(s["question_id"] for s in summary["skipped"]) == ["long-a", "long-b"]
+        assert all("exceeds the model's context of 512 tokens" in s["reason"] for s in summary["skipped"])
+        assert summary["trajectories_produced"] == summary["trajectories_consumed"] == 6
+        lines = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
+        assert sorted(str(x["question_id"]) for x in lines if "text" in x) == [str(i) for i in range(6)]
+        assert sorted(x["question_id"] for x in lines if "skipped" in x) == ["long-a", "long-b"]
+        assert "2 request(s) skipped" in capsys.readouterr().err
+    finally:
+        delete_namespace(redis_client, namespace)
+
+
+def test_dvi_run_of_only_over_long_prompts_exits_2(ray_session, redis_url, redis_client, tmp_path, capsys):
+    workload = tmp_path / "w.jsonl"
+    workload.write_text(json.dumps({"question_id": "x", "category": "story", "turns": ["Once upon a time. " * 200]}) + "\n")
+    namespace = f"test:{uuid.uuid4().hex}"
+    try:
+        code = main(["run", "--workload", str(workload), "--actors", "1", "--model", str(STORIES), "--exit-layer", "2",
+                     "--max-new-tokens", "16", "--no-learn", "--redis-url", redis_url, "--namespace", namespace,
+                     "--no-live", "--out", str(tmp_path / "o")])
+        assert code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: every request of the workload was skipped (1; first: question x: prompt (")
+    finally:
+        delete_namespace(redis_client, namespace)
+
+
 # ---------------------------------------------------------------------------------- the learner
 
 
