@@ -5,25 +5,21 @@
 Decoding one sequence streams every weight once per forward, so tokens/s can be at most
 bandwidth / bytes of weights per token. For each thread count it times, best of --repeats, over a
 buffer much larger than the caches: a read (`sum`, reads the buffer once), and a copy
-(`dst.copy_(src)`, reads it once and writes it once: counted as 2x its size). Prints GB/s (1e9).
+(`dst.copy_(src)`, reads it once and writes it once: counted as 2x its size). Prints GB/s (1e9);
+the first of the --repeats + 1 calls warms the buffers.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
 
-def best_seconds(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+from common.packed_linear import best_seconds  # noqa: E402
 
 
 def main() -> None:
@@ -38,8 +34,8 @@ def main() -> None:
     print("| threads | read (sum) GB/s | copy (read + write) GB/s |\n|---:|---:|---:|")
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
-        read = size / best_seconds(lambda: src.sum(), args.repeats) / 1e9
-        copy = 2 * size / best_seconds(lambda: dst.copy_(src), args.repeats) / 1e9
+        read = size / best_seconds(lambda: src.sum(), args.repeats + 1) / 1e9
+        copy = 2 * size / best_seconds(lambda: dst.copy_(src), args.repeats + 1) / 1e9
         print(f"| {threads} | {read:.1f} | {copy:.1f} |")
 
 

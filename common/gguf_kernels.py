@@ -54,6 +54,26 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
+/* acc[t][i] += w_i * x[t, 32g + 8i : 32g + 8i + 8] for every row t: one block of 32 weights. */
+static inline void fma_block(int T, int K, int g, const float *x, __m256 w0, __m256 w1, __m256 w2, __m256 w3,
+                             __m256 acc[][4]) {
+    for (int t = 0; t < T; t++) {
+        const float *xp = x + t * K + 32 * g;
+        acc[t][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), acc[t][0]);
+        acc[t][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp + 8), acc[t][1]);
+        acc[t][2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xp + 16), acc[t][2]);
+        acc[t][3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xp + 24), acc[t][3]);
+    }
+}
+
+/* y[t, n] = the sum of acc[t] + extra[t] for every row t. */
+static inline void store_rows(int T, int N, int n, __m256 acc[][4], const float *extra, float *y) {
+    for (int t = 0; t < T; t++) {
+        __m256 s = _mm256_add_ps(_mm256_add_ps(acc[t][0], acc[t][1]), _mm256_add_ps(acc[t][2], acc[t][3]));
+        y[(size_t)t * N + n] = hsum(s) + extra[t];
+    }
+}
+
 /* x [T, K] fp32, qs [N, G, 16] nibbles (GGUF Q4_1 order), d, m [N, G] fp16 bits, y [T, N]. */
 void q4_1_mm(const float *x, int T, int K, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
              int N, float *y, int threads) {
@@ -87,19 +107,11 @@ void q4_1_mm(const float *x, int T, int K, const uint8_t *qs, const uint16_t *d,
             __m256 w2 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), dv);
             __m256 w3 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), dv);
             float mg = _cvtsh_ss(m[(size_t)n * G + g]);
-            for (int t = 0; t < T; t++) {
-                const float *xp = x + t * K + 32 * g;
-                acc[t][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), acc[t][0]);
-                acc[t][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp + 8), acc[t][1]);
-                acc[t][2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xp + 16), acc[t][2]);
-                acc[t][3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xp + 24), acc[t][3]);
+            fma_block(T, K, g, x, w0, w1, w2, w3, acc);
+            for (int t = 0; t < T; t++)
                 macc[t] += mg * xs[t * G + g];
-            }
         }
-        for (int t = 0; t < T; t++) {
-            __m256 s = _mm256_add_ps(_mm256_add_ps(acc[t][0], acc[t][1]), _mm256_add_ps(acc[t][2], acc[t][3]));
-            y[(size_t)t * N + n] = hsum(s) + macc[t];
-        }
+        store_rows(T, N, n, acc, macc, y);
     }
     free(xs);
 }
@@ -121,18 +133,10 @@ void q8_0_mm(const float *x, int T, int K, const int8_t *qs, const uint16_t *d, 
             __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b0, 8))), dv);
             __m256 w2 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b1)), dv);
             __m256 w3 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b1, 8))), dv);
-            for (int t = 0; t < T; t++) {
-                const float *xp = x + t * K + 32 * g;
-                acc[t][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), acc[t][0]);
-                acc[t][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp + 8), acc[t][1]);
-                acc[t][2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xp + 16), acc[t][2]);
-                acc[t][3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xp + 24), acc[t][3]);
-            }
+            fma_block(T, K, g, x, w0, w1, w2, w3, acc);
         }
-        for (int t = 0; t < T; t++) {
-            __m256 s = _mm256_add_ps(_mm256_add_ps(acc[t][0], acc[t][1]), _mm256_add_ps(acc[t][2], acc[t][3]));
-            y[(size_t)t * N + n] = hsum(s);
-        }
+        static const float zeros[MAXT] = {0};
+        store_rows(T, N, n, acc, zeros, y);
     }
 }
 """

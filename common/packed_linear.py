@@ -77,7 +77,8 @@ class CpuKernels:
             raise ValueError(f"single_row must be 'gemv' or 'packed', got {self.single_row!r}")
 
 
-def _best_seconds(fn, repeats: int = 3) -> float:
+def best_seconds(fn, repeats: int = 3) -> float:
+    """The fastest of `repeats` timed calls of fn(), in seconds."""
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -108,10 +109,10 @@ def cpu_kernels() -> CpuKernels:
 
     one = torch.randn(1, 576)
     run_packed(3)()  # oneDNN's first call per shape builds its kernel
-    gemv = _best_seconds(lambda: [torch.mm(one, w) for w in rows_t])
+    gemv = best_seconds(lambda: [torch.mm(one, w) for w in rows_t])
     kernels = CpuKernels(
-        "packed" if _best_seconds(run_packed(1)) < gemv else "gemv",
-        pad_two_rows=_best_seconds(run_packed(3)) < _best_seconds(run_packed(2)),
+        "packed" if best_seconds(run_packed(1)) < gemv else "gemv",
+        pad_two_rows=best_seconds(run_packed(3)) < best_seconds(run_packed(2)),
     )
     log.info("CPU linear kernels: %s", kernels)
     return kernels
@@ -323,9 +324,9 @@ def choose_native_kernels(linears: list[NativeLinear], repeats: int = 2) -> Nati
                 if rows > 1 and one_row[kernel] > best:  # a block never costs less than one row
                     continue
                 run()  # warm: oneDNN builds its kernel on the first call per shape
-                seconds[kernel] = _best_seconds(run, 1)
+                seconds[kernel] = best_seconds(run, 1)
                 if seconds[kernel] < 1.5 * best:
-                    seconds[kernel] = min(seconds[kernel], _best_seconds(run, repeats))
+                    seconds[kernel] = min(seconds[kernel], best_seconds(run, repeats))
             if rows == 1:
                 one_row = seconds
             chosen.append(min(seconds, key=seconds.get))
