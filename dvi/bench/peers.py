@@ -28,8 +28,10 @@ def llama_cpp_available() -> bool:
 
 
 def llama_cpp_method(gguf: str | Path, threads: int, max_new_tokens: int, eos_ids: set[int],
-                     lookup: bool = False, context: int = 4096):
+                     lookup: bool = False, context: int = 8192):
     """A method decoding greedily with llama.cpp on `gguf` (`lookup`: with its prompt lookup).
+    `context`: llama.cpp's context size, at least the longest prompt plus `max_new_tokens` (the
+    model's own context length: prompt lookup keeps logits of every position, 4 * context * V bytes).
 
     RuntimeError with the install hint when llama-cpp-python is missing."""
     if not llama_cpp_available():

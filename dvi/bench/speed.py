@@ -350,7 +350,8 @@ def _peer_method(split, settings: SpeedSettings, threads: int, lookup: bool) -> 
     path = gguf_file(settings.model)
     if path is None:
         raise ValueError(f"methods {', '.join(PEER_METHODS)} run the model's GGUF file; '{settings.model}' has none")
-    return llama_cpp_method(path, threads, settings.max_new_tokens, split.eos_token_ids, lookup=lookup)
+    return llama_cpp_method(path, threads, settings.max_new_tokens, split.eos_token_ids, lookup=lookup,
+                            context=split.max_positions or 8192)
 
 
 def identity_references(methods: list[str], native: bool) -> dict[str, str]:
