@@ -40,8 +40,10 @@ def llama_cpp_method(gguf: str | Path, threads: int, max_new_tokens: int, eos_id
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
     draft = LlamaPromptLookupDecoding(num_pred_tokens=LOOKUP_NUM_PRED_TOKENS) if lookup else None
+    # logits_all=lookup: llama-cpp-python 0.3.36 turns logits_all on for a draft model but sizes its
+    # score buffer from the argument (n_batch rows), so a prompt over 512 tokens overflows it
     llm = Llama(model_path=str(gguf), n_ctx=context, n_threads=threads, n_threads_batch=threads,
-                draft_model=draft, verbose=False)
+                draft_model=draft, logits_all=lookup, verbose=False)
     stop = set(eos_ids) | {int(llm.token_eos())}
 
     def run(prompt_ids: list[int]) -> tuple[list[int], int | None]:
