@@ -12,10 +12,19 @@ lossless `SpeculativeDecoder`. Around each request it:
   2. decodes, recording the trajectory when learning is on;
   3. publishes the trajectory to the `TrajectoryStream` for the learner.
 
-A record the store refuses (bad checksum or signature -> `WeightIntegrityError`, tensors that do
-not fit this drafter -> `AdapterError`) is logged, counted and remembered; the generator keeps
-serving with the weights it has. A publish that fails (too large, Redis down, backpressure) is
-counted and the request's answer is still returned: serving never waits on learning.
+A record the store refuses (bad checksum or signature, non-finite values ->
+`WeightIntegrityError`, tensors that do not fit this drafter -> `AdapterError`, a version more
+than `max_version_jump` ahead) is logged, counted and remembered; the generator keeps serving
+with the weights it has. Serving never waits on learning, nor on Redis:
+
+  * each trajectory is numbered (producer id, 1-based `pseq`) and put in a bounded local
+    outbox; `flush` sends the outbox in order and keeps what Redis did not take. When the outbox
+    is full the oldest entry is dropped and counted (`trajectories_lost`); the learner sees the
+    hole in the numbering and counts it too, so nothing is lost silently;
+  * while Redis is away (a command failed after the client's own retries) the serving path
+    skips Redis for `redis_retry_s` (doubling up to `redis_retry_max_s`) and serves on the
+    weights it has; the watcher thread keeps trying, swaps and flushes once Redis answers.
+    Health (`redis_ok`, outages, outbox size, lost) is in `status`, the snapshot and metrics.
 
 `watch` (run in a thread by the Ray shell) waits on the store's pub/sub notices so an idle
 generator swaps as soon as a version is published, not only at its next request.
@@ -38,8 +47,10 @@ No Ray here; tests drive a `Generator` in-process.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import uuid
 import zlib
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
@@ -89,12 +100,25 @@ class GeneratorConfig:
     """Fall-back thresholds; None: `ArFallbackConfig.for_model(k, L, ar_fallback_gamma)` for this drafter."""
     ar_fallback_gamma: int = DecodeConfig.gamma
     """Draft length the default break-even tau is computed for (the service's usual gamma)."""
+    outbox_size: int = 256
+    """Trajectories held locally while Redis is away; beyond it the oldest is dropped and counted."""
+    max_version_jump: int = 1_000
+    """A weight version more than this far above the current one is refused (a forged or runaway
+    version number must not make the actor chase it)."""
+    redis_retry_s: float = 1.0
+    """After a Redis failure the serving path leaves Redis alone this long (then doubles)."""
+    redis_retry_max_s: float = 8.0
+    """Longest such pause."""
 
     def __post_init__(self) -> None:
         _check(bool(self.actor_id) and not any(c.isspace() for c in self.actor_id),
                f"actor_id must be a non-empty name without spaces, got {self.actor_id!r}")
         _check(self.metrics_every_s > 0, f"metrics_every_s must be > 0, got {self.metrics_every_s}")
         _check(self.ar_fallback_gamma >= 1, f"ar_fallback_gamma must be >= 1, got {self.ar_fallback_gamma}")
+        _check(self.outbox_size >= 1, f"outbox_size must be >= 1, got {self.outbox_size}")
+        _check(self.max_version_jump >= 1, f"max_version_jump must be >= 1, got {self.max_version_jump}")
+        _check(0 < self.redis_retry_s <= self.redis_retry_max_s,
+               f"need 0 < redis_retry_s <= redis_retry_max_s, got {self.redis_retry_s}, {self.redis_retry_max_s}")
 
     @property
     def uses_ar_fallback(self) -> bool:
@@ -178,6 +202,16 @@ class Generator:
             "ar_fallbacks": 0,
             "ar_releases": 0,
         }
+        self.counters.update(trajectories_produced=0, trajectories_lost=0, redis_outages=0)
+        # (pseq, request id, wire bytes) not yet taken by Redis; one producer id per process life
+        self.producer_id = f"{config.actor_id}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+        self._pseq = 0
+        self._outbox: deque[tuple[int, str, bytes]] = deque()
+        self._outbox_lock = threading.Lock()
+        self.redis_ok = True
+        self._redis_pause = config.redis_retry_s
+        self._redis_skip_until = 0.0
+        self._blocked_loaded = False
         self._last_metrics = 0.0
         self._last: GenerationResult | None = None
         self._last_gamma = 0
@@ -193,15 +227,30 @@ class Generator:
     def sync_weights(self) -> int:
         """Swap to the store's latest version if it is newer and verifies; return the version in use.
 
-        Never raises for a bad record (refused, counted) or a vanished one (tried again later).
-        Redis errors propagate as ServiceError only from `latest_version`.
+        Never raises: a bad record is refused and counted, a vanished one tried again later, and
+        while Redis is away the generator keeps its weights (`redis_ok` False) and tries again.
         """
         if self.weights is None:
             return self.version
+        try:
+            return self._sync_weights()
+        except ServiceError as err:
+            self._redis_failed(err)
+            return self.version
+
+    def _sync_weights(self) -> int:
         with self._sync_lock:
+            self._load_blocked()
             latest = self.weights.latest_version()
+            self._redis_answered()
             self.latest_known = latest
+            if latest is not None and latest > self.version and self._skipped(latest):
+                latest = self._newest_good()  # e.g. a restarted actor under a rolled-back latest
             if latest is None or latest <= self.version or self._skipped(latest):
+                return self.version
+            if latest - self.version > self.config.max_version_jump:
+                self._refuse(latest, f"a jump of {latest - self.version} versions > max_version_jump "
+                                     f"{self.config.max_version_jump}")
                 return self.version
             try:
                 record = self.weights.fetch(latest)
@@ -234,6 +283,51 @@ class Generator:
 
     def _skipped(self, version: int) -> bool:
         return version in self.refused_versions or version in self.blocked_versions
+
+    def _newest_good(self) -> int | None:
+        """The newest kept version above ours that is neither blocked nor refused, if any."""
+        good = [v for v in self.weights.versions() if v > self.version and not self._skipped(v)]
+        return max(good) if good else None
+
+    def _load_blocked(self) -> None:
+        """Once per process: the rollback verdicts stored in Redis (by this actor before a restart,
+        or by any other); a blocked version is never swapped in."""
+        if self._blocked_loaded or self.weights is None:
+            return
+        stored = self.weights.blocked_versions()
+        self._blocked_loaded = True
+        new = sorted(stored - set(self.blocked_versions))
+        if new:
+            self.blocked_versions.extend(new)
+            log.warning("actor %s: weight versions %s were rolled back before; never taking them",
+                        self.config.actor_id, new)
+
+    # ---------------------------------------------------------------------------------- Redis health
+
+    def _redis_failed(self, err: Exception) -> None:
+        """Redis did not answer after the client's retries: serve on, leave Redis alone a while."""
+        now = time.monotonic()
+        if self.redis_ok:
+            self.redis_ok = False
+            self.counters["redis_outages"] += 1
+            log.warning("actor %s: Redis unreachable (%s); serving on weight version %d, holding trajectories",
+                        self.config.actor_id, err, self.version)
+        else:
+            self._redis_pause = min(self._redis_pause * 2, self.config.redis_retry_max_s)
+        self._redis_skip_until = now + self._redis_pause
+        self._record_health_metrics()
+
+    def _redis_answered(self) -> None:
+        if not self.redis_ok:
+            log.info("actor %s: Redis is back", self.config.actor_id)
+            self.redis_ok = True
+            self._record_health_metrics()
+        self._redis_pause = self.config.redis_retry_s
+        self._redis_skip_until = 0.0
+
+    def _redis_paused(self) -> bool:
+        """True while the serving path should not wait on Redis (the watcher keeps trying)."""
+        return not self.redis_ok and time.monotonic() < self._redis_skip_until
 
     def _remember_adapter(self, version: int, tensors: dict[str, torch.Tensor], previous: int) -> None:
         """Keep `version`'s tensors; drop all but the current, the previous and the guard's good one."""
@@ -268,11 +362,14 @@ class Generator:
                 # wake it up again and again
                 skip = max([self.version, *self.refused_versions, *self.blocked_versions])
                 newer = subscriber.wait(newer_than=skip, timeout_s=poll_s)
+                self._redis_answered()
                 if newer is not None and not self._skipped(newer):
                     self.sync_weights()
+                self.flush()
                 self.republish_metrics()
             except ServiceError as err:
-                log.warning("actor %s: weight watcher: %s; retrying", self.config.actor_id, err)
+                self._redis_failed(err)
+                log.debug("actor %s: weight watcher: %s; retrying", self.config.actor_id, err)
                 if subscriber is not None:
                     subscriber.close()
                     subscriber = None
@@ -300,11 +397,13 @@ class Generator:
         """Answer one request; publish its trajectory unless learning is off.
 
         Returns a JSON-able dict: request_id, actor, version, text, token_ids, prompt_tokens,
-        new_tokens, tau, acceptance, drafted, accepted, seconds, tokens_per_s, published,
-        prompt_truncated, finished_by_eos. ValueError for an empty or unfittable prompt.
+        new_tokens, tau, acceptance, drafted, accepted, seconds, tokens_per_s, published (its
+        trajectory was queued for the learner), producer and pseq (that trajectory's number, or
+        None), prompt_truncated, finished_by_eos. ValueError for an empty or unfittable prompt.
         """
         _check(bool(request_id), "request_id must be non-empty")
-        self.sync_weights()  # between requests only
+        if not self._redis_paused():
+            self.sync_weights()  # between requests only
         ids = self.prompt_ids(prompt, prompt_ids)
         ids, truncated = self._fit(ids, decode)
         config = replace(decode, record_trajectories=self.config.learn)
@@ -312,12 +411,14 @@ class Generator:
         with self._model_lock:
             result = self.decoder.generate(ids, config, generator=generator, request_id=request_id)
         self._last_gamma = 0 if self.ar_active else decode.gamma
-        published = self._publish(result) if self.config.learn else False
-        out = self._account(request_id, ids, result, published, truncated)
+        pseq = self._publish(result) if self.config.learn else None
+        out = self._account(request_id, ids, result, pseq is not None, truncated)
+        out.update(producer=self.producer_id if pseq is not None else None, pseq=pseq)
         self._record_request_metrics(result)
         self._judge(result)
         self._emit_fallback_events()
-        self._emit_telemetry()
+        if not self._redis_paused():
+            self._emit_telemetry()
         return out
 
     # ---------------------------------------------------------------------------------- guards
@@ -341,6 +442,11 @@ class Generator:
         """Block `decision.bad_version` and, if it is in use, swap `decision.good_version` back in."""
         actor, bad, good = self.config.actor_id, decision.bad_version, decision.good_version
         self.blocked_versions.append(bad)
+        if self.weights is not None:  # remembered across restarts, by every actor and the learner
+            try:
+                self.weights.block(bad, actor, f"acceptance {decision.before:.3f} -> {decision.after:.3f}")
+            except ServiceError as err:
+                log.error("actor %s: rollback of version %d not stored in Redis: %s", actor, bad, err)
         self.rollbacks.append(decision)
         self.counters["rollbacks"] += 1
         swapped = False
@@ -404,23 +510,68 @@ class Generator:
             log.warning("actor %s: prompt cut to its last %d tokens", self.config.actor_id, len(ids))
         return ids, truncated
 
-    def _publish(self, result: GenerationResult) -> bool:
+    def _publish(self, result: GenerationResult) -> int | None:
+        """Number the trajectory, put it in the outbox, send what Redis takes; its number (pseq)
+        if queued, None if there was nothing to send or it could not be encoded."""
         traj = result.trajectory
         assert traj is not None and self.stream is not None
         if traj.num_scored == 0:  # nothing scored (a one-token answer): no signal
             self.counters["publish_skipped_empty"] += 1
-            return False
+            return None
         try:
-            self.stream.publish(traj)
-        except (CodecError, ServiceError) as err:
+            data = self.stream.encode(traj)
+        except CodecError as err:
             self.counters["publish_failed"] += 1
-            log.warning(
-                "actor %s: trajectory of request %s (v%d) not published: %s",
-                self.config.actor_id, traj.request_id, traj.weight_version, err,
-            )
-            return False
-        self.counters["published"] += 1
-        return True
+            log.warning("actor %s: trajectory of request %s (v%d) refused: %s",
+                        self.config.actor_id, traj.request_id, traj.weight_version, err)
+            return None
+        with self._outbox_lock:
+            self._pseq += 1
+            pseq = self._pseq
+            self.counters["trajectories_produced"] += 1
+            if len(self._outbox) >= self.config.outbox_size:
+                pseq, lost_id, _ = self._outbox.popleft()
+                self.counters["trajectories_lost"] += 1
+                if self.metrics is not None:
+                    self.metrics.inc("dvi_actor_trajectories_lost", 1, {"actor": self.config.actor_id})
+                log.error("actor %s: outbox full (%d) while Redis is away: dropped trajectory %d of request %s",
+                          self.config.actor_id, self.config.outbox_size, pseq, lost_id)
+            self._outbox.append((self._pseq, traj.request_id, data))
+        if not self._redis_paused():
+            self.flush()
+        return pseq
+
+    def flush(self) -> int:
+        """Send the outbox in order; stop at the first Redis failure (kept for later). Returns sent."""
+        if self.stream is None:
+            return 0
+        sent = 0
+        with self._outbox_lock:
+            while self._outbox:
+                pseq, request_id, data = self._outbox[0]
+                try:
+                    self.stream.publish_raw(data, (self.producer_id, pseq))
+                except ServiceError as err:  # BackpressureTimeout included: keep it, try later
+                    self._redis_failed(err)
+                    break
+                self._outbox.popleft()
+                self.counters["published"] += 1
+                sent += 1
+            buffered = len(self._outbox)
+        if sent:
+            self._redis_answered()
+        if self.metrics is not None:
+            self.metrics.set("dvi_actor_outbox", buffered, {"actor": self.config.actor_id})
+        return sent
+
+    @property
+    def outbox_size(self) -> int:
+        return len(self._outbox)
+
+    @property
+    def last_pseq(self) -> int:
+        """Trajectories this producer numbered so far (its last pseq)."""
+        return self._pseq
 
     def _account(self, request_id, ids, result: GenerationResult, published: bool, truncated: bool) -> dict[str, Any]:
         c = self.counters
@@ -475,6 +626,10 @@ class Generator:
             "blocked_versions": list(self.blocked_versions),
             "rollbacks": [asdict(d) for d in self.rollbacks],
             "ar_fallback": self.ar_active,
+            "redis_ok": self.redis_ok,
+            "outbox": self.outbox_size,
+            "producer": self.producer_id,
+            "last_pseq": self.last_pseq,
         }
 
     def snapshot(self) -> dict[str, float | int | str]:
@@ -500,6 +655,10 @@ class Generator:
             "rollbacks": c["rollbacks"],
             "blocked_versions": list(self.blocked_versions),
             "ar_fallback": int(self.ar_active),
+            "redis_ok": int(self.redis_ok),
+            "outbox": self.outbox_size,
+            "trajectories_lost": c["trajectories_lost"],
+            "redis_outages": c["redis_outages"],
             "acceptance_ema": self.guard.ema_by_version().get(self.version) if self.guard is not None else None,
             "updated_at": time.time(),
         }
@@ -546,7 +705,17 @@ class Generator:
         m.inc("dvi_actor_rollbacks", 0, actor)
         m.inc("dvi_drift_rollbacks", 0, {"version": self.version})  # "this version: 0 rollbacks"
         m.set("dvi_actor_ar_fallback", 0.0, actor)
+        m.inc("dvi_actor_trajectories_lost", 0, actor)
+        self._record_health_metrics()
         self._record_version_metrics()
+
+    def _record_health_metrics(self) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        actor = {"actor": self.config.actor_id}
+        m.set("dvi_actor_redis_up", 1.0 if self.redis_ok else 0.0, actor)
+        m.set("dvi_actor_outbox", len(self._outbox), actor)
 
     def _record_drift_metrics(self, version: int) -> None:
         """The drift guard's view of `version`: its acceptance EMA and the change since the last broadcast."""

@@ -1,7 +1,7 @@
 """Generation actors on Ray: a thin shell around `actors.generator.Generator`, and a pool.
 
 `GeneratorService` builds a `Generator` from picklable `GeneratorSettings` (model, Redis URL,
-transport, secret), syncs it to the latest published weight version, and runs the weight watcher
+transport, where the weight secret is: never the secret itself), syncs it to the latest published weight version, and runs the weight watcher
 thread. It adds no math. `ray.remote` is applied at the edge (`GeneratorPool`), with
 `max_restarts=-1`: a killed actor comes back, re-runs `__init__`, and so re-syncs to the latest
 verified weights before serving again.
@@ -64,8 +64,9 @@ class GeneratorSettings:
     """Where the trajectory stream, weight store and telemetry live."""
     transport: TransportConfig = field(default_factory=TransportConfig)
     """Stream settings; `transport.namespace` is also the weight store and telemetry namespace."""
-    secret: bytes | None = None
-    """HMAC secret the weight store verifies records with (None: sha256 only)."""
+    secret_file: str | None = None
+    """File holding the HMAC secret weight records are verified with (the secret never travels in
+    pickled arguments); None: $DVI_WEIGHT_SECRET, $DVI_WEIGHT_SECRET_FILE or ~/.dvi/weight-secret."""
     actor_id: str = "actor-0"
     """This actor's name."""
     learn: bool = True
@@ -99,11 +100,12 @@ class GeneratorService:
         from actors.generator import Generator, GeneratorConfig
         from common.runtime import make_observers, start_service_process
         from common.transport import TrajectoryStream
-        from common.weights import WeightStore
+        from common.weights import service_store
 
         self.settings = settings
         self.started_at = time.time()
         split, client = start_service_process(settings.model, settings.torch_threads, settings.redis_url)
+        weights = service_store(client, settings.transport.namespace, split, settings.secret_file)
         ns = settings.transport.namespace
         metrics, telemetry = make_observers(client, ns, settings.metrics, settings.telemetry)
         self.generator = Generator(
@@ -114,7 +116,7 @@ class GeneratorService:
                             ar_fallback_gamma=max(1, settings.ar_fallback_gamma),
                             truncate_prompts=settings.truncate_prompts),
             stream=TrajectoryStream(client, settings.transport) if settings.learn else None,
-            weights=WeightStore(client, ns, settings.secret),
+            weights=weights,
             metrics=metrics,
             telemetry=telemetry,
         )
@@ -135,6 +137,15 @@ class GeneratorService:
     def sync(self) -> int:
         """Swap to the latest verified version now; return the version in use."""
         return self.generator.sync_weights()
+
+    def flush(self, timeout_s: float = 30.0) -> int:
+        """Send the trajectory outbox, retrying while Redis is away, for at most `timeout_s`;
+        return what is left in it."""
+        deadline = time.monotonic() + timeout_s
+        while self.generator.outbox_size and time.monotonic() < deadline:
+            if not self.generator.flush():
+                time.sleep(0.5)
+        return self.generator.outbox_size
 
     def status(self) -> dict[str, Any]:
         return {**self.generator.status(), "pid": os.getpid(), "started_at": self.started_at}
@@ -231,6 +242,20 @@ class GeneratorPool:
                 out[aid] = {"actor": aid, "error": str(err)}
         return out
 
+    def flush_all(self, timeout_s: float = 60.0) -> dict[str, int]:
+        """Every live actor sends its trajectory outbox; actor_id -> entries left (-1: unreachable)."""
+        import ray
+
+        left: dict[str, int] = {}
+        refs = {aid: a.flush.remote(timeout_s) for aid, a in self.actors.items()}
+        for aid, ref in refs.items():
+            try:
+                left[aid] = ray.get(ref, timeout=timeout_s + 30)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+                log.warning("actor %s did not flush its outbox: %s", aid, err)
+                left[aid] = -1
+        return left
+
     def sync_all(self, timeout_s: float = 60.0) -> dict[str, int]:
         import ray
 
@@ -242,47 +267,80 @@ class GeneratorPool:
         decode: DecodeConfig,
         on_result: Callable[[dict[str, Any]], None] | None = None,
         max_attempts: int = 3,
+        recover_timeout_s: float = 300.0,
     ) -> list[dict[str, Any]]:
         """Serve every request; each idle actor pulls the next one. Returns results in completion order.
 
-        A result carries "meta" from its request. A request that cannot be served as given
-        (RequestRejected: empty, too long for the context) yields {"request_id", "skipped": reason,
-        "meta"}; one that fails `max_attempts` times (its actor died each time) or fails otherwise
-        yields {"request_id", "error", "meta"}.
+        A result carries "meta" from its request. An actor that dies mid-request (Ray restarts it)
+        is left alone until it answers a ping again (tried every second; given up after
+        `recover_timeout_s`), and its request goes back to the front of the queue for the next
+        idle actor. A request that cannot be served as given (RequestRejected: empty, too long for
+        the context) yields {"request_id", "skipped": reason, "meta"}; one that fails
+        `max_attempts` times (its actor died each time) or fails otherwise yields
+        {"request_id", "error", "meta"}; so does every request left when no actor can serve any more.
         """
         import ray
 
         queue = list(requests)[::-1]  # pop() from the end = take the next in order
         attempts: dict[str, int] = {}
         in_flight: dict[Any, tuple[str, Request]] = {}
+        pings: dict[Any, str] = {}
+        recovering: dict[str, tuple[float, float]] = {}  # actor -> (since, next ping), monotonic
+        idle: list[str] = list(self.actors)
         results: list[dict[str, Any]] = []
 
-        def submit(actor_id: str) -> None:
-            if not queue:
-                return
-            req = queue.pop()
-            attempts[req.request_id] = attempts.get(req.request_id, 0) + 1
-            ref = self.actors[actor_id].serve.remote(req.request_id, req.prompt, req.prompt_ids, decode)
-            in_flight[ref] = (actor_id, req)
+        def finish(result: dict[str, Any], req: Request) -> None:
+            results.append({**result, "meta": req.meta})
+            if on_result is not None:
+                on_result(results[-1])
 
-        for actor_id in self.actors:
-            submit(actor_id)
-        while in_flight:
-            done, _ = ray.wait(list(in_flight), num_returns=1)
+        def dispatch() -> None:
+            while queue and idle:
+                actor_id, req = idle.pop(0), queue.pop()
+                attempts[req.request_id] = attempts.get(req.request_id, 0) + 1
+                ref = self.actors[actor_id].serve.remote(req.request_id, req.prompt, req.prompt_ids, decode)
+                in_flight[ref] = (actor_id, req)
+
+        dispatch()
+        while in_flight or (queue and (pings or recovering)):
+            now = time.monotonic()
+            for actor_id, (since, due) in list(recovering.items()):
+                if now - since > recover_timeout_s:
+                    log.error("actor %s did not come back within %g s; serving without it", actor_id, recover_timeout_s)
+                    del recovering[actor_id]
+                elif due <= now:
+                    pings[self.actors[actor_id].ping.remote()] = actor_id
+                    recovering[actor_id] = (since, float("inf"))
+            waiting = list(in_flight) + list(pings)
+            if not waiting:
+                time.sleep(0.2)
+                continue
+            done, _ = ray.wait(waiting, num_returns=1, timeout=0.5)
+            if not done:
+                continue
             ref = done[0]
+            if ref in pings:
+                actor_id = pings.pop(ref)
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError:  # still restarting: ask again in a second
+                    recovering[actor_id] = (recovering[actor_id][0], time.monotonic() + 1.0)
+                    continue
+                log.info("actor %s is back after %.1f s", actor_id, time.monotonic() - recovering.pop(actor_id)[0])
+                idle.append(actor_id)
+                dispatch()
+                continue
             actor_id, req = in_flight.pop(ref)
             try:
                 result = ray.get(ref)
             except ray.exceptions.RayActorError as err:  # died mid-request: Ray restarts it
                 if attempts[req.request_id] < max_attempts:
-                    log.warning("actor %s died serving %s; retrying: %s", actor_id, req.request_id, err)
+                    log.warning("actor %s died serving %s; retrying elsewhere: %s", actor_id, req.request_id, err)
                     queue.append(req)
                 else:
-                    result = {"request_id": req.request_id, "actor": actor_id, "error": str(err)}
-                    results.append({**result, "meta": req.meta})
-                    if on_result is not None:
-                        on_result(results[-1])
-                submit(actor_id)
+                    finish({"request_id": req.request_id, "actor": actor_id, "error": str(err)}, req)
+                recovering[actor_id] = (time.monotonic(), time.monotonic())
+                dispatch()
                 continue
             except ray.exceptions.RayTaskError as err:  # the request itself failed (bad prompt)
                 cause = err.cause if getattr(err, "cause", None) is not None else err
@@ -291,10 +349,11 @@ class GeneratorPool:
                 else:
                     log.warning("request %s failed on actor %s: %s", req.request_id, actor_id, cause)
                     result = {"request_id": req.request_id, "actor": actor_id, "error": f"{type(cause).__name__}: {cause}"}
-            results.append({**result, "meta": req.meta})
-            if on_result is not None:
-                on_result(results[-1])
-            submit(actor_id)
+            finish(result, req)
+            idle.append(actor_id)
+            dispatch()
+        for req in reversed(queue):  # no actor left to serve them
+            finish({"request_id": req.request_id, "actor": None, "error": "no generation actor available"}, req)
         return results
 
     def shutdown(self) -> None:

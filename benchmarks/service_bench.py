@@ -143,16 +143,20 @@ def bench_broadcast(redis_url: str, spec: ModelSpec, actors: int, publishes: int
     from actors.service import GeneratorPool, GeneratorSettings
     from common.model_split import SplitModel
 
+    from common.weights import write_secret_file
+
     namespace = f"bench:{uuid.uuid4().hex}"
     transport = TransportConfig(namespace=namespace)
+    secret_file = write_secret_file(Path(tempfile.mkdtemp(prefix="dvi-bench-")) / "weight-secret")
     pool = GeneratorPool([
         GeneratorSettings(model=spec, redis_url=redis_url, transport=transport, actor_id=f"actor-{i}",
-                          learn=False, metrics=False, telemetry=False)
+                          learn=False, metrics=False, telemetry=False, secret_file=str(secret_file))
         for i in range(actors)
     ], cpus_per_actor=0.5)
     pool.wait_ready()
     client = connect(redis_url)
-    store = WeightStore(client, namespace)
+    store = WeightStore(client, namespace, secret_file.read_bytes().strip(), model_id=spec.model,
+                        exit_layer=spec.drafter.exit_layer)  # signed as the actors require
     state = SplitModel.load(spec).adapter_state()
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     published: dict[int, float] = {}

@@ -10,10 +10,13 @@ Layout (schema version `common.types.SCHEMA_VERSION`):
 Tensor bytes are the C-contiguous little-endian element bytes, so a round trip is bit-exact for
 every dtype in `_DTYPES` (NaN payloads and -0.0 included) on any host byte order.
 
-Decoding trusts nothing: the size cap is checked before parsing, every key, dtype, shape and
-byte length is checked before a tensor is built, and the result must pass
-`Trajectory.validate()`. Every failure raises `CodecError` whose message is a short reason; the
-transport stores that reason in the dead-letter stream. Imports only numpy, torch, msgpack.
+Decoding trusts nothing: the size cap is checked before parsing, every key, dtype, rank, shape
+and byte length is checked before a tensor is built, the result must pass
+`Trajectory.validate()`, and, given `RecordLimits`, the record must fit the model that will
+train on it (vocabulary, hidden size, exit layer). Every failure raises `CodecError` (and only
+`CodecError`: an unexpected numpy or torch error on hostile bytes is turned into one) whose
+message is a short reason; the transport stores that reason in the dead-letter stream. Imports
+only numpy, torch, msgpack.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import math
 import msgpack
 import numpy as np
 import torch
+
+from dataclasses import dataclass
 
 from common.types import SCALAR_FIELDS, SCHEMA_VERSION, TENSOR_FIELDS, Trajectory, TrajectoryError
 
@@ -37,12 +42,56 @@ _DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
     "bool": (torch.bool, np.dtype("?")),
 }
 _NAME_OF: dict[torch.dtype, str] = {torch_dtype: name for name, (torch_dtype, _) in _DTYPES.items()}
+_MAX_DIM = 2**31 - 1
 _TOP_KEYS = frozenset({"schema_version", "scalars", "tensors"})
 _TENSOR_KEYS = frozenset({"dtype", "shape", "data"})
 
 
 class CodecError(ValueError):
     """A record that cannot be encoded or decoded; `str(err)` is a short reason for the dead letter."""
+
+
+@dataclass(frozen=True)
+class RecordLimits:
+    """What a trajectory must fit to be trained on by one model's drafter (`check_limits`)."""
+
+    vocab_size: int
+    """Token ids (tokens, token, target_token, top-K ids) must lie in [0, vocab_size)."""
+    hidden_size: int
+    """`hidden` must have exactly this many columns."""
+    exit_layer: int
+    """The record's exit_layer must equal the drafter's k."""
+    max_context: int | None = None
+    """Most context positions T a record may carry (None: no cap beyond the message size)."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "exit_layer"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_context is not None and self.max_context < 1:
+            raise ValueError(f"max_context must be >= 1 or None, got {self.max_context}")
+
+
+_ID_FIELDS = ("tokens", "token", "target_token", "verifier_topk_ids", "verified_topk_ids")
+
+
+def check_limits(traj: Trajectory, limits: RecordLimits) -> Trajectory:
+    """Raise CodecError naming the first way `traj` does not fit `limits`' model; return `traj`."""
+    if traj.exit_layer != limits.exit_layer:
+        raise CodecError(f"exit_layer {traj.exit_layer}, this drafter's is {limits.exit_layer}")
+    if traj.hidden.shape[1] != limits.hidden_size:
+        raise CodecError(f"hidden has {traj.hidden.shape[1]} columns, the model's hidden size is {limits.hidden_size}")
+    if limits.max_context is not None and traj.num_context > limits.max_context:
+        raise CodecError(f"{traj.num_context} context positions > cap {limits.max_context}")
+    for name in _ID_FIELDS:
+        ids = getattr(traj, name)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= limits.vocab_size):
+            raise CodecError(f"{name} holds token ids outside [0, {limits.vocab_size})")
+    for name in ("drafter_logprob", "verifier_topk_logprobs", "verified_topk_logprobs"):
+        values = getattr(traj, name)
+        if values.numel() and not bool((values <= 0).all()):  # NaN compares False: refused too
+            raise CodecError(f"{name} holds values that are not log-probabilities (NaN or > 0)")
+    return traj
 
 
 def encode_trajectory(traj: Trajectory, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> bytes:
@@ -65,11 +114,25 @@ def encode_trajectory(traj: Trajectory, max_bytes: int = DEFAULT_MAX_MESSAGE_BYT
     return data
 
 
-def decode_trajectory(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Trajectory:
-    """Parse and fully validate one record; raise CodecError with a short reason on any breach.
+def decode_trajectory(
+    data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, limits: RecordLimits | None = None
+) -> Trajectory:
+    """Parse and fully validate one record (against `limits` when given); raise CodecError with a
+    short reason on any breach, and nothing else.
 
     Returns a Trajectory whose tensors are CPU, contiguous, writable and own their memory.
     """
+    try:
+        traj = _decode(data, max_bytes)
+        return traj if limits is None else check_limits(traj, limits)
+    except CodecError:
+        raise
+    except (ValueError, TypeError, OverflowError, IndexError, RuntimeError, MemoryError) as err:
+        # hostile bytes can reach numpy/torch corners the checks above do not name
+        raise CodecError(f"malformed record: {type(err).__name__}: {str(err)[:200]}") from err
+
+
+def _decode(data: bytes, max_bytes: int) -> Trajectory:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise CodecError(f"payload must be bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
@@ -90,8 +153,8 @@ def decode_trajectory(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -
     _check_keys("scalars", scalars, frozenset(SCALAR_FIELDS))
     _check_keys("tensors", tensors, frozenset(TENSOR_FIELDS))
     values = dict(scalars)
-    for name, (expected_dtype, _) in TENSOR_FIELDS.items():
-        values[name] = _decode_tensor(name, tensors[name], expected_dtype)
+    for name, (expected_dtype, rank) in TENSOR_FIELDS.items():
+        values[name] = _decode_tensor(name, tensors[name], expected_dtype, rank)
     try:
         return Trajectory(**values).validate()
     except TrajectoryError as err:
@@ -120,8 +183,8 @@ def _encode_tensor(tensor: torch.Tensor) -> dict[str, object]:
     }
 
 
-def _decode_tensor(field: str, entry: object, expected: torch.dtype) -> torch.Tensor:
-    """Rebuild `field` from its wire map, checking dtype, shape and byte length first."""
+def _decode_tensor(field: str, entry: object, expected: torch.dtype, rank: int) -> torch.Tensor:
+    """Rebuild `field` from its wire map, checking dtype, rank, shape and byte length first."""
     if not isinstance(entry, dict):
         raise CodecError(f"tensor {field}: must be a map")
     _check_keys(f"tensor {field}", entry, _TENSOR_KEYS)
@@ -135,6 +198,10 @@ def _decode_tensor(field: str, entry: object, expected: torch.dtype) -> torch.Te
         isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape
     ):
         raise CodecError(f"tensor {field}: shape must be a list of non-negative ints")
+    if len(shape) != rank:
+        raise CodecError(f"tensor {field}: rank {len(shape)}, expected {rank}")
+    if any(dim > _MAX_DIM for dim in shape):  # a zero next to a huge dim passes the byte check
+        raise CodecError(f"tensor {field}: dimension over {_MAX_DIM} in shape {shape}")
     if not isinstance(raw, bytes):
         raise CodecError(f"tensor {field}: data must be bytes")
     expected_len = math.prod(shape) * np_dtype.itemsize

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+WEIGHTS = ("native", "dequantized")
+"""The precisions `ModelSpec.weights` (and `--weights`) accept."""
 
 
 def _check(condition: bool, message: str) -> None:
@@ -165,6 +167,11 @@ class ModelSpec:
     engine: str = "fast"
     """Inference forward: "fast" (common/fast_decoder.py: packed weights, static KV cache; used
     when the model supports it and reproduces the HF forward) or "hf" (the HF decoder layers)."""
+    weights: str = "native"
+    """Precision of the inference weights of a model shipped quantised (a GGUF alias): "native"
+    runs its Q4_1/Q8_0 matrices at that precision in the fast engine (fp32 CPU only; the exit
+    head, norms and embedding stay floating point), "dequantized" runs them dequantised to
+    `dtype`. A model loaded from safetensors has no native form: both mean its `dtype` weights."""
 
     def __post_init__(self) -> None:
         _check(bool(self.model.strip()), "model must be a non-empty id or path")
@@ -173,3 +180,4 @@ class ModelSpec:
             f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}",
         )
         _check(self.engine in ("fast", "hf"), f"engine must be fast or hf, got {self.engine!r}")
+        _check(self.weights in WEIGHTS, f"weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")

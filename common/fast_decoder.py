@@ -25,13 +25,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.kv_cache import StaticKVCache
-from common.packed_linear import PackedLinear
+from common.native_weights import AffineInt4, concat_rows
+from common.packed_linear import NativeKernels, NativeLinear, PackedLinear, choose_native_kernels
 
 FAST_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 """Model types whose decoder layer this module reproduces (checked again numerically at load)."""
 _STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
 
 WeightOf = Callable[[nn.Module], torch.Tensor]
+NativeOf = Callable[[nn.Module], "AffineInt4 | None"]
+Linear = PackedLinear | NativeLinear
+NATIVE_ROLES = ("qkv", "o", "gate_up", "down")
+"""The FastLayer matrices that can run at native precision (each probed as one role across layers)."""
+
+
+def no_native(linear: nn.Module) -> None:
+    return None
+
+
+def fused_linear(modules: list[nn.Module], weight_of: WeightOf, native_of: NativeOf, bias) -> Linear:
+    """One linear applying `modules` stacked along their outputs: a `NativeLinear` when every one
+    has a native-precision matrix (`native_of`), else a `PackedLinear` over `weight_of` of each."""
+    natives = [native_of(m) for m in modules]
+    if all(n is not None for n in natives):
+        return NativeLinear(natives[0] if len(natives) == 1 else concat_rows(natives), bias)
+    weights = [weight_of(m) for m in modules]
+    return PackedLinear(weights[0] if len(weights) == 1 else torch.cat(weights), bias)
 
 
 def plain_weight(linear: nn.Module) -> torch.Tensor:
@@ -97,28 +116,32 @@ class FastLayer:
     """One decoder layer (inference): x [T, H] -> x [T, H], appending its keys/values to a cache slot.
 
     Built from an HF Llama-style layer; `weight_of(linear)` gives the weight each projection
-    applies (the plain weight, or a LoRA-merged one for the drafter's exit layer).
+    applies (the plain weight, or a LoRA-merged one for the drafter's exit layer); `native_of(linear)`
+    its matrix at native precision (a GGUF's Q4_1 blocks), or None to use `weight_of`.
     """
 
-    def __init__(self, layer: nn.Module, weight_of: WeightOf = plain_weight):
+    def __init__(self, layer: nn.Module, weight_of: WeightOf = plain_weight, native_of: NativeOf = no_native):
         attn, mlp = layer.self_attn, layer.mlp
         q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         self.head_dim = int(attn.head_dim)
         self.q_heads = base_linear(q).out_features // self.head_dim
         self.kv_heads = base_linear(k).out_features // self.head_dim
         self.scale = float(getattr(attn, "scaling", self.head_dim**-0.5))
-        self.qkv = PackedLinear(
-            torch.cat([weight_of(q), weight_of(k), weight_of(v)]),
-            _cat_bias([base_linear(q).bias, base_linear(k).bias, base_linear(v).bias]),
+        self.qkv = fused_linear(
+            [q, k, v], weight_of, native_of, _cat_bias([base_linear(q).bias, base_linear(k).bias, base_linear(v).bias])
         )
-        self.o = PackedLinear(weight_of(o), base_linear(o).bias)
+        self.o = fused_linear([o], weight_of, native_of, base_linear(o).bias)
         self.intermediate = base_linear(mlp.gate_proj).out_features
-        self.gate_up = PackedLinear(torch.cat([weight_of(mlp.gate_proj), weight_of(mlp.up_proj)]))
-        self.down = PackedLinear(weight_of(mlp.down_proj), base_linear(mlp.down_proj).bias)
+        self.gate_up = fused_linear([mlp.gate_proj, mlp.up_proj], weight_of, native_of, None)
+        self.down = fused_linear([mlp.down_proj], weight_of, native_of, base_linear(mlp.down_proj).bias)
         self.act = mlp.act_fn
         self.norm1 = (layer.input_layernorm.weight.detach(), _norm_eps(layer.input_layernorm))
         self.norm2 = (layer.post_attention_layernorm.weight.detach(), _norm_eps(layer.post_attention_layernorm))
         self._split = [self.q_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
+
+    def weight_bytes(self, rows: int = 1) -> int:
+        """Bytes of weight matrices one call on `rows` rows streams."""
+        return sum(getattr(self, role).bytes_read(rows) for role in NATIVE_ROLES)
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: StaticKVCache, slot: int,
                  mask: torch.Tensor | None) -> torch.Tensor:
@@ -144,19 +167,40 @@ class FastStack:
     embed(ids [T]) -> [T, H]; run(x, start, stop, cache, position) runs layers [start, stop) on
     rows at positions [position, position + T) (cache slots `start..stop-1` must hold exactly
     `position` positions); logits(x [T, H]) -> [T, V] float32 through the final norm and LM head.
+
+    `native`: HF module name (`model.layers.3.mlp.up_proj`, `lm_head`) -> that matrix at the
+    precision the model file ships in (common/native_weights.py); those matrices run as
+    `NativeLinear`s, whose kernels (torch's int4 kernel or the dense fp32 one) are timed per role
+    and per row count here (`native_kernels` records the choice). The model's own (dequantised)
+    weights must equal them; the embedding and norms always come from the model.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, native: "dict[str, AffineInt4] | None" = None):
         decoder = model.get_decoder()
-        self.layers = [FastLayer(layer) for layer in decoder.layers]
+        native = native or {}
+        names = {module: name for name, module in model.named_modules()} if native else {}
+        native_of: NativeOf = (lambda m: native.get(names.get(base_linear(m), ""))) if native else no_native
+        self.layers = [FastLayer(layer, native_of=native_of) for layer in decoder.layers]
         self.embed_weight = decoder.embed_tokens.weight.detach()
         self.norm = (decoder.norm.weight.detach(), _norm_eps(decoder.norm))
-        self.lm_head = PackedLinear(model.lm_head.weight, model.lm_head.bias)
+        self.lm_head = fused_linear([model.lm_head], plain_weight, native_of, model.lm_head.bias)
+        self.native_kernels: dict[str, NativeKernels] = {}
+        for role in NATIVE_ROLES:
+            linears = [getattr(layer, role) for layer in self.layers if isinstance(getattr(layer, role), NativeLinear)]
+            if linears:
+                self.native_kernels[role] = choose_native_kernels(linears)
+        if isinstance(self.lm_head, NativeLinear):
+            self.native_kernels["lm_head"] = choose_native_kernels([self.lm_head])
         self._rotary = decoder.rotary_emb
         self._cos = self._sin = None
         first = self.layers[0]
         self.kv_heads, self.head_dim = first.kv_heads, first.head_dim
         self.dtype, self.device = self.embed_weight.dtype, self.embed_weight.device
+
+    def weight_bytes(self, rows: int = 1) -> int:
+        """Bytes of weight matrices one forward of `rows` rows streams (every layer and the LM
+        head, in the layouts their kernels read; norms and the embedding row are negligible)."""
+        return sum(layer.weight_bytes(rows) for layer in self.layers) + self.lm_head.bytes_read(rows)
 
     def new_cache(self, num_layers: int, capacity: int) -> StaticKVCache:
         return StaticKVCache(num_layers, self.kv_heads, self.head_dim, capacity, self.dtype, self.device)
@@ -202,13 +246,16 @@ def _cat_bias(biases: list[torch.Tensor | None]) -> torch.Tensor | None:
     return torch.cat([b.detach() for b in biases])
 
 
-_STACKS: "weakref.WeakKeyDictionary[nn.Module, FastStack]" = weakref.WeakKeyDictionary()
+_STACKS: "weakref.WeakKeyDictionary[nn.Module, dict[int, FastStack]]" = weakref.WeakKeyDictionary()
 
 
-def shared_fast_stack(model: nn.Module) -> FastStack:
-    """The one FastStack of `model` (built on first use): every split of the same frozen model
-    (several drafters in one benchmark, say) shares its packed weights instead of copying them."""
-    stack = _STACKS.get(model)
+def shared_fast_stack(model: nn.Module, native: "dict[str, AffineInt4] | None" = None) -> FastStack:
+    """The one FastStack of `model` per set of native weights (built on first use): every split
+    of the same frozen model (several drafters in one benchmark, say) shares its packed weights
+    instead of copying them."""
+    stacks = _STACKS.setdefault(model, {})
+    key = id(native) if native else 0
+    stack = stacks.get(key)
     if stack is None:
-        stack = _STACKS[model] = FastStack(model)
+        stack = stacks[key] = FastStack(model, native)
     return stack

@@ -151,6 +151,10 @@ class MemoryWeightStore:
     def latest_version(self) -> int | None:
         return self.versions[-1] if self.versions else None
 
+    def blocked_versions(self) -> set[int]:
+        """No actor rolls back in one process: nothing is blocked."""
+        return set()
+
     def fetch(self, version: int | None = None) -> MemoryWeightRecord:
         """The latest record, or `version` if it is still kept; LookupError otherwise."""
         for record in reversed(self._records):

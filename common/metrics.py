@@ -146,6 +146,9 @@ METRICS: tuple[MetricSpec, ...] = (
     _g("dvi_actor_adapter_version", "Weight version of the LoRA adapter the actor's drafter is using.", _A, PANEL_ADAPTER, "none"),
     _g("dvi_actor_version_lag", "Learner's published weight version minus the actor's adapter version.", _A, PANEL_ADAPTER, "none"),
     _c("dvi_actor_rollbacks", "Times the actor swapped back to an earlier adapter version.", _A, PANEL_ADAPTER),
+    _g("dvi_actor_redis_up", "1 while the actor's last Redis command succeeded, 0 while Redis is unreachable (the actor serves on).", _A, PANEL_STREAM, "none"),
+    _g("dvi_actor_outbox", "Trajectories held in the actor's local outbox, not yet taken by Redis.", _A, PANEL_STREAM, "short"),
+    _c("dvi_actor_trajectories_lost", "Trajectories the actor dropped because its outbox was full while Redis was away.", _A, PANEL_STREAM),
     # --- learner ----------------------------------------------------------------------------
     _g("dvi_learner_kl", "KL(verifier || drafter) distillation loss of the latest step.", (), PANEL_LOSSES, "none"),
     _g("dvi_learner_ce", "Cross-entropy of the drafter on verifier tokens in the latest step.", (), PANEL_LOSSES, "none"),
@@ -162,6 +165,8 @@ METRICS: tuple[MetricSpec, ...] = (
     _g("dvi_stream_pending", "Entries delivered to the learner's consumer group but not yet acknowledged (XPENDING).", ("stream",), PANEL_STREAM, "short"),
     MetricSpec("dvi_learner_trajectory_age_seconds", "histogram", "Seconds between a trajectory's creation on an actor and its use by the learner.", (), PANEL_STREAM, "s", _AGE_SECONDS_BUCKETS),
     _c("dvi_learner_trajectories_dropped", "Trajectories trimmed from the stream (drop-oldest backpressure) before the learner read them.", (), PANEL_STREAM),
+    _g("dvi_learner_redis_up", "1 while the learner's last Redis command succeeded, 0 while it waits for Redis.", (), PANEL_STREAM, "none"),
+    _c("dvi_learner_trajectories_lost", "Trajectories missing from their producer's numbering (trimmed, lost in a Redis crash, or dropped from a full outbox).", (), PANEL_STREAM),
     _c("dvi_learner_trajectories_stale", "Trajectories discarded because their weight version lagged more than the staleness limit.", (), PANEL_STREAM),
     _c("dvi_learner_trajectories_dead_lettered", "Trajectories moved to the dead-letter stream (undecodable, oversized, malformed, or refused by the learner).", (), PANEL_STREAM),
     # --- drift signals ---------------------------------------------------------------------

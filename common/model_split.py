@@ -36,7 +36,7 @@ from common.draft_vocab import checked_draft_vocab, select_draft_vocab
 from common.errors import AdapterError, ModelLoadError
 from common.fast_decoder import FastLayer, FastStack, base_linear, chunk_mask, fast_path_blocker, rms_norm, shared_fast_stack
 from common.kv_cache import StaticKVCache
-from common.models import load_model_and_tokenizer
+from common.models import load_model_and_tokenizer, load_native_weights
 from common.packed_linear import PackedLinear
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,8 @@ class SplitModel:
     the cache they are given already holds; the caches come from `new_cache` / `new_exit_cache`.
     """
 
-    def __init__(self, model, tokenizer, drafter_config: DrafterConfig, model_id: str, engine: str = "fast"):
+    def __init__(self, model, tokenizer, drafter_config: DrafterConfig, model_id: str, engine: str = "fast",
+                 native: dict | None = None):
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
         needed = ("embed_tokens", "layers", "norm", "rotary_emb")
         if decoder is None or not all(hasattr(decoder, name) for name in needed):
@@ -222,6 +223,7 @@ class SplitModel:
         for name, param in self.exit_head.named_parameters():
             param.requires_grad_("lora_" in name or ".modules_to_save." in name)
         self.draft_vocab = self._initial_draft_vocab()
+        self.native = native or None  # base matrices at the model file's precision (fast engine only)
         self._fast: FastStack | None = None
         self._fast_head: tuple[FastLayer, PackedLinear] | None = None  # merged exit head; None = rebuild
         self.engine = "hf"
@@ -233,7 +235,13 @@ class SplitModel:
     @classmethod
     def load(cls, spec: ModelSpec) -> "SplitModel":
         model, tokenizer = load_model_and_tokenizer(spec.model, spec.dtype, spec.device)
-        split = cls(model, tokenizer, spec.drafter, spec.model, engine=spec.engine)
+        native = None
+        if spec.weights == "native" and spec.engine == "fast":
+            if spec.dtype == "float32" and torch.device(spec.device).type == "cpu":
+                native = load_native_weights(spec.model, model.config)
+            else:
+                log.info("native weights run on CPU in float32 only; '%s' runs dequantised to %s", spec.model, spec.dtype)
+        split = cls(model, tokenizer, spec.drafter, spec.model, engine=spec.engine, native=native)
         if spec.warm_start:
             split.start_from_warm_start()
         return split
@@ -257,6 +265,16 @@ class SplitModel:
             self.model_id, self.exit_layer,
         )
         return None
+
+    @property
+    def native_kernels(self) -> dict | None:
+        """Per matrix role, the kernels the fast engine chose for native weights (None when it runs none)."""
+        return self._fast.native_kernels if self._fast is not None and self.native else None
+
+    @property
+    def weights(self) -> str:
+        """"native" when the fast engine runs matrices at the model file's precision, else "dequantized"."""
+        return "native" if self._fast is not None and self.native else "dequantized"
 
     def _parity(self) -> tuple[bool, float]:
         """(allclose, largest |logit| difference) between the model's own forward and this split's
@@ -288,7 +306,7 @@ class SplitModel:
         if blocker is not None:
             log.info("'%s' decodes through the HF layers: the fast engine does not support %s", self.model_id, blocker)
             return
-        self._fast = shared_fast_stack(self.model)
+        self._fast = shared_fast_stack(self.model, self.native)
         self.engine = "fast"
         ok, err = self._parity()
         if not ok:
@@ -384,7 +402,14 @@ class SplitModel:
         """One exit-head draft step (k shallow layers, the exit layer, the LM head rows of the draft
         vocabulary) in verifier passes (the L - k deep layers and the full LM head), by weights
         read: decoding one sequence streams the weights, so its time follows the bytes it reads
-        (on the CPU measured, 0.17 measured vs 0.19 by this count for SmolLM2 at k = 4)."""
+        (on the CPU measured, 0.17 measured vs 0.19 by this count for SmolLM2 at k = 4). On native
+        weights the bytes differ per piece (4-bit base layers, an fp32 exit head), so they are
+        counted in the layouts the fast engine reads."""
+        if self._fast is not None and self.native:
+            layer, head = self._merged_head()
+            k, layers = self.exit_layer, self._fast.layers
+            drafted = sum(x.weight_bytes() for x in layers[:k]) + layer.weight_bytes() + head.bytes_read()
+            return drafted / (sum(x.weight_bytes() for x in layers[k:]) + self._fast.lm_head.bytes_read())
         layer = self._layer_weights
         head = self.vocab_size * self.hidden_size
         drafted = (self.exit_layer + 1) * layer + self.draft_vocab.shape[0] * self.hidden_size

@@ -50,11 +50,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DVI_CACHE", Path.home() / ".cache" / "dvi"))
 
 
-def _convert_gguf(alias: str, spec: GgufAlias) -> Path:
-    """Convert the alias's GGUF file into an HF safetensors directory once; return that directory."""
-    target = cache_dir() / "models" / alias
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
+def _gguf_file(alias: str, spec: GgufAlias) -> Path:
+    """The alias's GGUF file inside its installed package; ModelLoadError when it is missing."""
     found = importlib.util.find_spec(spec.package)
     if found is None or found.origin is None:
         raise ModelLoadError(f"model '{alias}' needs the package {spec.package}: {spec.install_hint}")
@@ -63,6 +60,34 @@ def _convert_gguf(alias: str, spec: GgufAlias) -> Path:
         raise ModelLoadError(f"{spec.filename} is missing from {gguf_dir}: reinstall with {spec.install_hint}")
     if importlib.util.find_spec("gguf") is None:
         raise ModelLoadError(f"model '{alias}' needs the gguf package: pip install gguf")
+    return gguf_dir / spec.filename
+
+
+def gguf_file(model_id: str) -> Path | None:
+    """The GGUF file a model id is loaded from (an alias shipped as GGUF), or None for a model
+    that is not (a local HF directory, a hub id)."""
+    spec = ALIASES.get(model_id.strip())
+    return None if spec is None else _gguf_file(model_id.strip(), spec)
+
+
+def load_native_weights(model_id: str, config) -> dict:
+    """The matrices a GGUF model ships quantised (Q4_1, Q8_0), at that precision, by HF module
+    name (common/native_weights.py); {} for a model that is not loaded from a GGUF file."""
+    path = gguf_file(model_id)
+    if path is None:
+        return {}
+    from common.native_weights import read_native_weights
+
+    return read_native_weights(path, config.num_attention_heads, config.num_key_value_heads)
+
+
+def _convert_gguf(alias: str, spec: GgufAlias) -> Path:
+    """Convert the alias's GGUF file into an HF safetensors directory once; return that directory."""
+    target = cache_dir() / "models" / alias
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    path = _gguf_file(alias, spec)
+    gguf_dir = path.parent
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.warning("converting %s from GGUF to safetensors in %s (once)", alias, target)

@@ -77,7 +77,8 @@ class CpuKernels:
             raise ValueError(f"single_row must be 'gemv' or 'packed', got {self.single_row!r}")
 
 
-def _best_seconds(fn, repeats: int = 3) -> float:
+def best_seconds(fn, repeats: int = 3) -> float:
+    """The fastest of `repeats` timed calls of fn(), in seconds."""
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -108,10 +109,10 @@ def cpu_kernels() -> CpuKernels:
 
     one = torch.randn(1, 576)
     run_packed(3)()  # oneDNN's first call per shape builds its kernel
-    gemv = _best_seconds(lambda: [torch.mm(one, w) for w in rows_t])
+    gemv = best_seconds(lambda: [torch.mm(one, w) for w in rows_t])
     kernels = CpuKernels(
-        "packed" if _best_seconds(run_packed(1)) < gemv else "gemv",
-        pad_two_rows=_best_seconds(run_packed(3)) < _best_seconds(run_packed(2)),
+        "packed" if best_seconds(run_packed(1)) < gemv else "gemv",
+        pad_two_rows=best_seconds(run_packed(3)) < best_seconds(run_packed(2)),
     )
     log.info("CPU linear kernels: %s", kernels)
     return kernels
@@ -129,6 +130,7 @@ class PackedLinear:
         assert weight.dim() == 2, f"weight must be [N, K], got {tuple(weight.shape)}"
         weight = weight.detach()
         self.out_features, self.in_features = weight.shape
+        self._itemsize = weight.element_size()
         self.bias = None if bias is None else bias.detach().contiguous()
         self._cpu = weight.device.type == "cpu"
         self._rows_t = self._packed = self._weight = None
@@ -147,6 +149,10 @@ class PackedLinear:
         if single_row_gemv:
             self._rows_t = weight.t().contiguous()  # [K, N]: the one-row GEMV layout
 
+    def bytes_read(self, rows: int = 1) -> int:
+        """Bytes of weight one call on `rows` rows streams (the layout its kernel reads)."""
+        return self.out_features * self.in_features * self._itemsize  # every layout holds W once
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._rows_t is not None and x.shape[0] == 1:
             y = torch.mm(x, self._rows_t)
@@ -157,3 +163,178 @@ class PackedLinear:
                     torch.cat([x, x[:1]]), self._packed, self.bias, "none", [], "")[:2]
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         return F.linear(x, self._weight, self.bias)
+
+
+# --------------------------------------------------------------------------- native 4-bit weights
+INT4_GROUP = 32
+NATIVE_KERNELS_ENV = "DVI_NATIVE_KERNELS"
+"""Fix the kernels of native (GGUF-precision) matrices instead of timing them: `gguf`, `int4` or
+`dense` for both row counts, or `ONE_ROW,BLOCK` (e.g. `gguf,dense`)."""
+NATIVE_KERNEL_NAMES = ("gguf", "int4", "dense")
+PROBE_BLOCK_ROWS = 5
+"""The block size the native-kernel probe times: a typical verification block (gamma 4-5 + 1)."""
+
+
+@dataclass(frozen=True)
+class NativeKernels:
+    """Which kernel a `NativeLinear` runs for one row (`one_row`) and for 2+ rows (`block`):
+    `gguf` (common/gguf_kernels.py: a C AVX2 kernel on the GGUF blocks as stored), `int4` (torch's
+    CPU int4 kernel on the 4-bit parts, fp32 activations, group size 32) or `dense` (a
+    `PackedLinear` over the dequantised fp32 matrix). All apply exactly the same weight values;
+    they differ only in the summation order of the product."""
+
+    one_row: str = "int4"
+    block: str = "int4"
+
+    def __post_init__(self):
+        for name in (self.one_row, self.block):
+            if name not in NATIVE_KERNEL_NAMES:
+                raise ValueError(f"native kernel must be one of {NATIVE_KERNEL_NAMES}, got {name!r}")
+
+    @classmethod
+    def from_env(cls) -> "NativeKernels | None":
+        """The choice `DVI_NATIVE_KERNELS` fixes, or None when it is unset."""
+        forced = [s.strip().lower() for s in os.environ.get(NATIVE_KERNELS_ENV, "").split(",") if s.strip()]
+        if not forced:
+            return None
+        return cls(forced[0], forced[-1])
+
+
+def int4_kernels_available() -> bool:
+    """True when this torch build has the CPU int4 weight-only kernels (torch >= 2.5)."""
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+def int4_layout(part) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(packed [N, K/2] uint8, scales_and_zeros [K/32, N, 2] fp32) of one `Int4Part` for
+    `_weight_int4pack_mm_for_cpu`, or None when the part cannot be represented exactly.
+
+    torch's int4 format dequantises w = (q - 8) * scale + zero (tinygemm's convention, checked
+    against gguf's dequantisation in the tests), so zero = offset + 8 * scale; that sum must be
+    exact in fp32 for the kernel to apply the same weights (it is for every block of the shipped
+    SmolLM2 file: fp16 scales and offsets of similar magnitude). The kernel also needs N to be a
+    multiple of 16."""
+    rows, cols = part.q.shape
+    if rows % 16 or cols % INT4_GROUP:
+        return None
+    zero = part.offset + 8 * part.scale
+    if not torch.equal(zero.double(), part.offset.double() + 8 * part.scale.double()):
+        return None
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(part.q.to(torch.int32).contiguous(), 1)
+    scales_and_zeros = torch.stack([part.scale.t(), zero.t()], dim=-1).contiguous()
+    return packed, scales_and_zeros
+
+
+class NativeLinear:
+    """y = x @ W^T + b for a frozen weight W held at its native precision (an `AffineInt4`, e.g. a
+    Q4_1 or Q8_0 GGUF matrix), CPU and fp32 activations only.
+
+    __call__(x [T, K] fp32) -> [T, N] fp32. Until `select` is called every layout available here
+    is held so a probe (`choose_native_kernels`) can time them; `select` keeps the chosen ones. A
+    kernel that cannot run a matrix (int4 where its 4-bit form would not be exact or N is not a
+    multiple of 16; gguf without a compiled kernel) is replaced by `dense`.
+    """
+
+    def __init__(self, weight, bias: torch.Tensor | None = None, kernels: NativeKernels | None = None):
+        self.out_features, self.in_features = weight.shape
+        self.bias = None if bias is None else bias.detach().contiguous()
+        self.kind = weight.kind
+        self.bytes_per_weight = weight.bytes_per_weight
+        from common import gguf_kernels
+
+        layouts = [int4_layout(p) for p in weight.parts] if int4_kernels_available() else [None]
+        self._int4 = None if any(layout is None for layout in layouts) else layouts
+        self._blocks = gguf_kernels.blocks_or_none(weight)
+        self._dense = PackedLinear(weight.dequantize(), bias)
+        self.kernels = NativeKernels(*[self.best_available()] * 2)  # every layout held until `select`
+        if kernels is not None:
+            self.select(kernels)
+
+    @property
+    def int4_exact(self) -> bool:
+        return self._int4 is not None
+
+    def available(self) -> list[str]:
+        """The kernels this matrix can run here, in NATIVE_KERNEL_NAMES order."""
+        held = {"gguf": self._blocks, "int4": self._int4, "dense": self._dense}
+        return [k for k in NATIVE_KERNEL_NAMES if held[k] is not None]
+
+    def best_available(self) -> str:
+        return self.available()[0]
+
+    def select(self, kernels: NativeKernels) -> None:
+        """Run `kernels` from now on (each replaced by dense where this matrix cannot run it) and
+        free the layouts they do not use."""
+        can = self.available()
+        kernels = NativeKernels(*(k if k in can else "dense" for k in (kernels.one_row, kernels.block)))
+        used = {kernels.one_row, kernels.block}
+        if "gguf" not in used:
+            self._blocks = None
+        if "int4" not in used:
+            self._int4 = None
+        if "dense" not in used:
+            self._dense = None
+        self.kernels = kernels
+
+    def bytes_read(self, rows: int = 1) -> int:
+        """Bytes of weight one call on `rows` rows streams with the kernel chosen for that count."""
+        kernel = self.kernels.one_row if rows == 1 else self.kernels.block
+        if kernel == "dense":
+            return self._dense.bytes_read(rows)
+        if kernel == "gguf":
+            return self._blocks.bytes_read()
+        return sum(p.numel() * p.element_size() + sz.numel() * sz.element_size() for p, sz in self._int4)
+
+    def run(self, x: torch.Tensor, kernel: str) -> torch.Tensor:
+        if kernel == "dense":
+            return self._dense(x)
+        if kernel == "gguf":
+            y = self._blocks(x)
+            return y if self.bias is None else y + self.bias
+        y = None
+        for packed, scales_and_zeros in self._int4:
+            part = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, INT4_GROUP, scales_and_zeros)
+            y = part if y is None else y + part
+        return y if self.bias is None else y + self.bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x, self.kernels.one_row if x.shape[0] == 1 else self.kernels.block)
+
+
+def choose_native_kernels(linears: list[NativeLinear], repeats: int = 2) -> NativeKernels:
+    """Time every kernel the matrices can run over all of `linears` (one role across all layers,
+    so the weights stream from memory as in decoding) at one row and at a block of
+    `PROBE_BLOCK_ROWS` rows, keep the fastest per row count, and `select` it on each. The
+    `DVI_NATIVE_KERNELS` setting, when present, is taken instead of timing. A kernel that is
+    clearly slower (50% over the best so far in one run, or a one-row time above the best block
+    time) is not timed again."""
+    forced = NativeKernels.from_env()
+    candidates = [k for k in NATIVE_KERNEL_NAMES if all(k in lin.available() for lin in linears)]
+    if forced is not None or candidates == ["dense"]:
+        choice = forced or NativeKernels("dense", "dense")
+    else:
+        chosen, one_row = [], {}
+        for rows in (1, PROBE_BLOCK_ROWS):
+            x = torch.randn(rows, linears[0].in_features)
+            seconds: dict[str, float] = {}
+            for kernel in candidates:
+                run = lambda kernel=kernel: [lin.run(x, kernel) for lin in linears]  # noqa: E731
+                best = min(seconds.values(), default=float("inf"))
+                if rows > 1 and one_row[kernel] > best:  # a block never costs less than one row
+                    continue
+                run()  # warm: oneDNN builds its kernel on the first call per shape
+                seconds[kernel] = best_seconds(run, 1)
+                if seconds[kernel] < 1.5 * best:
+                    seconds[kernel] = min(seconds[kernel], best_seconds(run, repeats))
+            if rows == 1:
+                one_row = seconds
+            chosen.append(min(seconds, key=seconds.get))
+            first = linears[0]
+            log.info("native %s [%d x %d] x %d matrices, %d row(s): %s", first.kind, first.out_features,
+                     first.in_features, len(linears), rows,
+                     ", ".join(f"{k} {1e3 * s:.2f} ms" for k, s in seconds.items()))
+        choice = NativeKernels(*chosen)
+    for lin in linears:
+        lin.select(choice)
+    return choice

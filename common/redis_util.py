@@ -1,15 +1,20 @@
 """Connecting to Redis with clear errors, bounded retries, and a private server when none runs.
 
-`connect` pings with bounded retries and turns every failure into a one-line `ServiceError` that
-says what to do. `with_retries` is the one retry loop the transport and weight store share.
-`PrivateRedis` / `embedded_redis` start a throw-away `redis-server` (no persistence, temp dir)
-for `dvi demo` and for tests when no server answers.
+`connect` builds a client that retries connection errors and timeouts itself, with redis-py's
+own `Retry(ExponentialBackoff(...), retries)` (so every command, pub/sub read and pipeline gets
+the same bounded, backed-off retries), pings it, and turns every failure into a one-line
+`ServiceError` that says what to do. `redis_call` runs one command on such a client and turns
+the error left after the client's retries into a `ServiceError` naming the command: callers
+that can wait out an outage (actors, the learner) catch that and try again later.
+`PrivateRedis` / `embedded_redis` start a `redis-server` (AOF with `appendfsync everysec`, in a
+temp dir or a given one that survives a restart) for `dvi demo` and for tests.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -21,7 +26,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from common.errors import ServiceError
@@ -29,6 +34,14 @@ from common.errors import ServiceError
 log = logging.getLogger(__name__)
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+PASSWORD_FILE_ENV = "DVI_REDIS_PASSWORD_FILE"
+"""Names a file holding the Redis password, used when the URL carries none (cluster.yaml sets it)."""
+DEFAULT_RETRIES = 3
+"""Retries redis-py makes of one command on a connection error or timeout (after the first try)."""
+DEFAULT_BACKOFF_S = 0.1
+"""First retry delay; redis-py's ExponentialBackoff doubles it up to DEFAULT_BACKOFF_CAP_S."""
+DEFAULT_BACKOFF_CAP_S = 1.0
+"""Longest delay between two retries of one command."""
 T = TypeVar("T")
 
 
@@ -63,57 +76,76 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+def client_retry(retries: int = DEFAULT_RETRIES, backoff_s: float = DEFAULT_BACKOFF_S,
+                 cap_s: float = DEFAULT_BACKOFF_CAP_S) -> Retry:
+    """redis-py's Retry: `retries` retries of a connection error or timeout, exponential backoff."""
+    if retries < 0 or backoff_s < 0 or cap_s < backoff_s:
+        raise ValueError(f"need retries >= 0 and 0 <= backoff_s <= cap_s, got {retries}, {backoff_s}, {cap_s}")
+    return Retry(ExponentialBackoff(cap=cap_s, base=backoff_s), retries,
+                 supported_errors=(redis.ConnectionError, redis.TimeoutError))
+
+
 def connect(
     url: str = DEFAULT_REDIS_URL,
     *,
-    retries: int = 3,
-    backoff_s: float = 0.2,
+    retries: int = DEFAULT_RETRIES,
+    backoff_s: float = DEFAULT_BACKOFF_S,
     timeout_s: float = 10.0,
+    ping: bool = True,
 ) -> redis.Redis:
-    """A pinged `redis.Redis` (bytes responses) for `url`, or a ServiceError saying what to do.
+    """A `redis.Redis` (bytes responses) for `url` that retries by itself, pinged unless `ping`
+    is False, or a ServiceError saying what to do.
 
-    Makes at most `retries` ping attempts, sleeping `backoff_s * 2**i` between them; auth
-    failures are not retried. `timeout_s` is the socket connect and read timeout, so blocking
-    stream reads must use a block time below it. The client itself does not retry: callers wrap
-    commands in `with_retries` so the total number of attempts stays bounded and logged.
+    Every command is retried `retries` times on connection errors and timeouts (redis-py's
+    `Retry` with `ExponentialBackoff` from `backoff_s`, capped at DEFAULT_BACKOFF_CAP_S), then
+    raises; `redis_call` turns that into a ServiceError. `timeout_s` is the socket connect and
+    read timeout, so blocking stream reads must use a block time below it. `ping=False` is for
+    service processes that must start while Redis is away: the first command connects. A URL
+    without a password takes it from the file $DVI_REDIS_PASSWORD_FILE names, when set.
     """
-    if retries < 1:
-        raise ValueError(f"retries must be >= 1, got {retries}")
+    if retries < 0:
+        raise ValueError(f"retries must be >= 0, got {retries}")
     shown = redact(url)
+    extra: dict[str, str] = {}
+    password_file = os.environ.get(PASSWORD_FILE_ENV)
+    if password_file and urlsplit(url).password is None:
+        try:
+            extra["password"] = Path(password_file).expanduser().read_text().strip()
+        except OSError as err:
+            raise ServiceError(f"cannot read the Redis password file ${PASSWORD_FILE_ENV}={password_file}: "
+                               f"{err.strerror or err}") from err
     try:
         client = redis.Redis.from_url(
             url,
+            **extra,
             socket_connect_timeout=timeout_s,
             socket_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
+            retry=client_retry(retries, backoff_s),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
             decode_responses=False,
         )
     except ValueError as err:
         raise ServiceError(
             f"bad Redis URL {shown}: {err} (expected redis://[:password@]host:port/db)"
         ) from err
-    last: Exception | None = None
-    for attempt in range(retries):
-        try:
-            client.ping()
-            return client
-        except redis.AuthenticationError as err:
-            client.close()
+    if not ping:
+        return client
+    try:
+        client.ping()
+        return client
+    except redis.AuthenticationError as err:
+        client.close()
+        raise _auth_error(url, err) from err
+    except redis.ResponseError as err:
+        client.close()
+        if "NOAUTH" in str(err) or "WRONGPASS" in str(err):
             raise _auth_error(url, err) from err
-        except redis.ResponseError as err:
-            client.close()
-            if "NOAUTH" in str(err) or "WRONGPASS" in str(err):
-                raise _auth_error(url, err) from err
-            raise ServiceError(f"Redis at {shown} refused PING: {err}") from err
-        except (redis.ConnectionError, redis.TimeoutError) as err:
-            last = err
-            log.debug("redis %s ping attempt %d/%d failed: %s", shown, attempt + 1, retries, err)
-            if attempt + 1 < retries:
-                time.sleep(backoff_s * 2**attempt)
-    client.close()
-    raise RedisUnreachableError(
-        f"cannot reach Redis at {shown} ({last}): start one with `redis-server` or pass --redis-url"
-    )
+        raise ServiceError(f"Redis at {shown} refused PING: {err}") from err
+    except (redis.ConnectionError, redis.TimeoutError) as err:
+        client.close()
+        raise RedisUnreachableError(
+            f"cannot reach Redis at {shown} ({err}): start one with `redis-server` or pass --redis-url"
+        ) from err
 
 
 def _auth_error(url: str, err: Exception) -> RedisAuthError:
@@ -127,24 +159,19 @@ def _auth_error(url: str, err: Exception) -> RedisAuthError:
     )
 
 
-def with_retries(fn: Callable[[], T], *, what: str, retries: int = 3, backoff_s: float = 0.1) -> T:
-    """Run `fn`, retrying connection errors and timeouts at most `retries` times in all.
+def redis_call(fn: Callable[[], T], *, what: str) -> T:
+    """Run `fn` (Redis commands on a `connect` client, which retries them itself); turn the
+    connection error or timeout left after those retries into a ServiceError naming `what`.
 
-    Other Redis errors propagate at once. After the last failed attempt raises ServiceError naming
-    `what`. A retried write may have been applied before its connection dropped: callers state
-    whether their writes are idempotent.
+    Other Redis errors propagate unchanged. A retried write may have been applied before its
+    connection dropped: callers state whether their writes are idempotent.
     """
-    for attempt in range(retries):
-        try:
-            return fn()
-        except (redis.ConnectionError, redis.TimeoutError) as err:
-            if isinstance(err, redis.AuthenticationError):
-                raise ServiceError(f"{what}: Redis rejected the credentials ({err})") from err
-            log.warning("%s: attempt %d/%d failed: %s", what, attempt + 1, retries, err)
-            if attempt + 1 == retries:
-                raise ServiceError(f"{what} failed after {retries} attempts: {err}") from err
-            time.sleep(backoff_s * 2**attempt)
-    raise AssertionError("unreachable: retries >= 1")
+    try:
+        return fn()
+    except redis.AuthenticationError as err:
+        raise ServiceError(f"{what}: Redis rejected the credentials ({err})") from err
+    except (redis.ConnectionError, redis.TimeoutError) as err:
+        raise ServiceError(f"{what} failed: Redis unreachable ({err})") from err
 
 
 def free_port() -> int:
@@ -155,18 +182,23 @@ def free_port() -> int:
 
 
 class PrivateRedis:
-    """A throw-away `redis-server` on 127.0.0.1: no persistence, its own temp dir, stopped on exit.
+    """A private `redis-server` on 127.0.0.1 with an append-only file (`appendfsync everysec`).
 
-    Usage: `with PrivateRedis() as server: connect(server.url)`. `extra_args` are appended to the
-    command line (e.g. ["--requirepass", "s3cret"]; `url` then carries no password).
+    Usage: `with PrivateRedis() as server: connect(server.url)`. Without `directory` it lives in
+    its own temp dir, deleted on `stop`; with one, its AOF stays there. `kill()` ends it with
+    SIGKILL (a crash) and a later `start()` brings it back on the same port from the same AOF:
+    at most the last second of writes is lost. `extra_args` are appended to the command line
+    (e.g. ["--requirepass", "s3cret"]; `url` then carries no password).
     """
 
-    def __init__(self, extra_args: Sequence[str] = (), start_timeout_s: float = 10.0) -> None:
+    def __init__(self, extra_args: Sequence[str] = (), start_timeout_s: float = 10.0,
+                 directory: str | Path | None = None) -> None:
         self.extra_args = list(extra_args)
         self.start_timeout_s = start_timeout_s
         self.port: int | None = None
         self._proc: subprocess.Popen | None = None
         self._dir: tempfile.TemporaryDirectory | None = None
+        self._directory = Path(directory).resolve() if directory is not None else None  # redis-server chdirs
 
     @property
     def url(self) -> str:
@@ -178,33 +210,30 @@ class PrivateRedis:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def directory(self) -> Path:
+        """Where the AOF and the log live."""
+        if self._directory is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="dvi-redis-")
+            self._directory = Path(self._dir.name)
+        self._directory.mkdir(parents=True, exist_ok=True)
+        return self._directory
+
     def start(self) -> PrivateRedis:
-        """Start the server and wait until it accepts connections; ServiceError if it cannot."""
+        """Start the server (again on its port after `kill`) and wait until it accepts
+        connections; ServiceError if it cannot."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise ServiceError("`redis-server` is not on PATH: install Redis or pass --redis-url")
-        self._dir = tempfile.TemporaryDirectory(prefix="dvi-redis-")
-        for _ in range(3):  # the free port can be taken between probing and binding
-            self.port = free_port()
-            logfile = Path(self._dir.name) / f"redis-{self.port}.log"
-            cmd = [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self._dir.name,
-                "--logfile",
-                str(logfile),
-                "--daemonize",
-                "no",
-                *self.extra_args,
-            ]
+        directory = self.directory
+        fixed = self.port is not None
+        for _ in range(1 if fixed else 3):  # a free port can be taken between probing and binding
+            if not fixed:
+                self.port = free_port()
+            logfile = directory / f"redis-{self.port}.log"
+            cmd = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                   "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(directory),
+                   "--logfile", str(logfile), "--daemonize", "no", *self.extra_args]
             self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             if self._wait_listening():
                 log.info("started private redis-server pid=%d on port %d", self._proc.pid, self.port)
@@ -223,6 +252,14 @@ class PrivateRedis:
                 return True
             time.sleep(0.02)
         return False
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash: no final fsync); its port and AOF stay for `start()`."""
+        if self._proc is not None:
+            log.info("killing private redis-server pid=%d on port %s", self._proc.pid, self.port)
+            self._proc.kill()
+            self._proc.wait(timeout=5)
+            self._proc = None
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 5 s) and delete its temp dir."""
@@ -246,6 +283,7 @@ class PrivateRedis:
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None
+            self._directory = None
 
     def __enter__(self) -> PrivateRedis:
         return self.start()

@@ -47,7 +47,9 @@ def make_observers(client, namespace: str, metrics: bool, telemetry: bool):
 
 def start_service_process(model_spec, torch_threads: int, redis_url: str):
     """The common start of a service process: CPU threads, quiet libraries, the split model on the
-    device this process was given, and a verified Redis connection. Returns (split, client)."""
+    device this process was given, and a Redis client that connects on first use (a service
+    process must start while Redis is away: its commands retry, then raise ServiceError, which
+    actors and the learner wait out). Returns (split, client)."""
     from dataclasses import replace
 
     import torch
@@ -58,4 +60,4 @@ def start_service_process(model_spec, torch_threads: int, redis_url: str):
     torch.set_num_threads(max(1, torch_threads))
     quiet_libraries()
     split = SplitModel.load(replace(model_spec, device=resolve_device(model_spec.device)))
-    return split, connect(redis_url)
+    return split, connect(redis_url, ping=False)

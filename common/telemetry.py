@@ -40,7 +40,8 @@ Events (`event`): `EVENT_KINDS` lists the kinds the service emits; their fields 
 The event stream is also a channel: the learner reads actors' `rollback` events with
 `events_after` (see learner/service.py).
 
-Writes are retried on connection errors (bounded, `with_retries`); a retried XADD can add a
+Writes are retried on connection errors by the client itself (redis-py's Retry with exponential
+backoff, see `common.redis_util.connect`), then raise ServiceError; a retried XADD can add a
 history row or an event twice, which the views tolerate. `RunMetricsWriter` appends the history
 to `RUN_DIR/metrics.jsonl` (and events to `RUN_DIR/events.jsonl`) without duplicates, for
 `dvi report`.
@@ -60,7 +61,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from common.redis_util import check_bytes_client, with_retries
+from common.redis_util import check_bytes_client, redis_call
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -197,21 +198,16 @@ class Telemetry:
         history_maxlen: int = 10_000,
         events_maxlen: int = 1_000,
         actor_ttl_s: float = 300.0,
-        retries: int = 3,
-        retry_backoff_s: float = 0.1,
     ) -> None:
         check_bytes_client(client, namespace)
         _check(history_maxlen >= 1, f"history_maxlen must be >= 1, got {history_maxlen}")
         _check(events_maxlen >= 1, f"events_maxlen must be >= 1, got {events_maxlen}")
         _check(actor_ttl_s >= 0, f"actor_ttl_s must be >= 0, got {actor_ttl_s}")
-        _check(retries >= 1, f"retries must be >= 1, got {retries}")
         self.client = client
         self.namespace = namespace
         self.history_maxlen = history_maxlen
         self.events_maxlen = events_maxlen
         self.actor_ttl_s = actor_ttl_s
-        self.retries = retries
-        self.retry_backoff_s = retry_backoff_s
         self.actors_key = f"{namespace}:telemetry:actors"
         self.learner_key = f"{namespace}:telemetry:learner"
         self.history_key = f"{namespace}:telemetry:history"
@@ -357,9 +353,7 @@ class Telemetry:
         return out, (_text(entries[-1][0]) if entries else after)
 
     def _retry(self, fn: Callable[[], T], what: str) -> T:
-        return with_retries(
-            fn, what=f"{what} (namespace {self.namespace})", retries=self.retries, backoff_s=self.retry_backoff_s
-        )
+        return redis_call(fn, what=f"{what} (namespace {self.namespace})")
 
 
 def _float(raw: bytes | None) -> float:

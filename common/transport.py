@@ -2,6 +2,10 @@
 
 Delivery is at-least-once. Each entry is `{seq: <n>, data: <codec bytes>}` where `seq` is the
 stream's own 1-based publish counter, assigned atomically with the XADD by a Lua script. A
+numbered producer (`publish(..., origin=(producer, pseq))`) adds `producer` and `pseq`, its own
+1-based count of the trajectories it produced: the consumer's `on_origin` callback sees every
+entry's origin (dead-lettered ones too), so it can count what never arrived (gaps), whether
+Redis trimmed it, lost it in a crash, or the producer dropped it from its local buffer. A
 consumer acks an entry only after its effect is durable (the learner: after checkpointing);
 after a crash it re-reads its own unacked entries with `pending_own`, and a different consumer
 takes over a dead one's with `claim_stale` (XAUTOCLAIM). A producer retry after a dropped
@@ -20,8 +24,12 @@ Backpressure (`TransportConfig.backpressure`), memory is bounded under both poli
 Worst-case stream memory is about (maxlen + 100) x max_message_bytes (approximate trimming cuts
 whole nodes of up to 100 entries); the dead-letter stream is bounded by dead_letter_maxlen.
 
-A malformed entry (undecodable, oversized, failing `Trajectory.validate`) is copied to the
-dead-letter stream with its reason, acked, counted, and skipped; consumption goes on.
+A malformed entry (undecodable, oversized, failing `Trajectory.validate`, or, given
+`RecordLimits`, not fitting the consumer's model) is copied to the dead-letter stream with its
+reason, acked, counted, and skipped; consumption goes on.
+
+Connection errors are retried by the client itself (redis-py's Retry, see common.redis_util);
+what is left after those retries raises ServiceError.
 """
 
 from __future__ import annotations
@@ -30,13 +38,19 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis
 
-from common.codec import DEFAULT_MAX_MESSAGE_BYTES, CodecError, decode_trajectory, encode_trajectory
+from common.codec import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    CodecError,
+    RecordLimits,
+    decode_trajectory,
+    encode_trajectory,
+)
 from common.errors import ServiceError
-from common.redis_util import check_bytes_client, with_retries
+from common.redis_util import check_bytes_client, redis_call
 from common.types import Trajectory
 
 log = logging.getLogger(__name__)
@@ -44,7 +58,8 @@ T = TypeVar("T")
 
 BACKPRESSURE_POLICIES = ("drop-oldest", "block")
 
-# KEYS: stream, seq counter. ARGV: maxlen, payload, group, high_water (0 = no check).
+# KEYS: stream, seq counter. ARGV: maxlen, payload, group, high_water (0 = no check), then the
+# origin fields (producer, pseq) when numbered.
 # Returns {seq, id} when added, {0, backlog} when the block policy refuses.
 _PUBLISH_LUA = """
 local high_water = tonumber(ARGV[4])
@@ -61,7 +76,13 @@ if high_water > 0 then
   if backlog >= high_water then return {0, backlog} end
 end
 local seq = redis.call('INCR', KEYS[2])
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'seq', seq, 'data', ARGV[2])
+local id
+if #ARGV >= 6 then
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'seq', seq, 'data', ARGV[2],
+                  'producer', ARGV[5], 'pseq', ARGV[6])
+else
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'seq', seq, 'data', ARGV[2])
+end
 return {seq, id}
 """
 
@@ -118,10 +139,6 @@ class TransportConfig:
     """Default number of entries one consume call returns at most."""
     claim_min_idle_ms: int = 60_000
     """Default idle time after which another consumer's pending entry may be claimed."""
-    retries: int = 3
-    """Attempts per Redis command on connection errors before raising ServiceError."""
-    retry_backoff_s: float = 0.1
-    """First retry delay; doubles each attempt."""
 
     def __post_init__(self) -> None:
         for name in ("namespace", "stream", "group", "dead_letter_stream"):
@@ -148,8 +165,6 @@ class TransportConfig:
         _check(self.block_ms >= 0, f"block_ms must be >= 0, got {self.block_ms}")
         _check(self.read_count >= 1, f"read_count must be >= 1, got {self.read_count}")
         _check(self.claim_min_idle_ms >= 0, f"claim_min_idle_ms must be >= 0, got {self.claim_min_idle_ms}")
-        _check(self.retries >= 1, f"retries must be >= 1, got {self.retries}")
-        _check(self.retry_backoff_s >= 0, f"retry_backoff_s must be >= 0, got {self.retry_backoff_s}")
 
     @property
     def stream_key(self) -> str:
@@ -194,17 +209,32 @@ class DeadLetter:
     timestamp: float
 
 
+Origin = tuple[str, int]
+"""(producer id, that producer's 1-based trajectory number)."""
+
+
 class TrajectoryStream:
     """Publish and consume `Trajectory` records on the stream described by a `TransportConfig`.
 
     `client` must return bytes (decode_responses=False). One instance may serve producers and
-    consumers; its counters are per instance. Entry ids are returned as str.
+    consumers; its counters are per instance. Entry ids are returned as str. A consumer passes
+    `limits` to dead-letter records that do not fit its model, and `on_origin(producer, pseq)`
+    to see the origin of every numbered entry it reads (decoded or dead-lettered).
     """
 
-    def __init__(self, client: redis.Redis, config: TransportConfig = TransportConfig()) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        config: TransportConfig = TransportConfig(),
+        *,
+        limits: RecordLimits | None = None,
+        on_origin: Callable[[str, int], None] | None = None,
+    ) -> None:
         check_bytes_client(client)
         self.client = client
         self.config = config
+        self.limits = limits
+        self.on_origin = on_origin
         self._key = config.stream_key
         self._seq_key = f"{self._key}:seq"
         self._delivered_key = f"{self._key}:group:{config.group}:delivered-seq"
@@ -216,15 +246,28 @@ class TrajectoryStream:
 
     # ---- producer -------------------------------------------------------------------------
 
-    def publish(self, traj: Trajectory) -> str:
-        """Encode and add one trajectory; return its entry id.
+    def publish(self, traj: Trajectory, origin: Origin | None = None) -> str:
+        """Encode and add one trajectory (numbered by `origin` when given); return its entry id.
 
         Raises CodecError (nothing sent, counted as rejected) if it is invalid or larger than
         max_message_bytes, BackpressureTimeout under the block policy, ServiceError if Redis stays
         unreachable.
         """
+        data = self.encode(traj)
+        entry_id = self.publish_raw(data, origin)
+        log.debug(
+            "stream %s: published request %s weight version %d as %s",
+            self._key,
+            traj.request_id,
+            traj.weight_version,
+            entry_id,
+        )
+        return entry_id
+
+    def encode(self, traj: Trajectory) -> bytes:
+        """The wire bytes of `traj`; CodecError (counted as rejected) if invalid or too large."""
         try:
-            data = encode_trajectory(traj, self.config.max_message_bytes)
+            return encode_trajectory(traj, self.config.max_message_bytes)
         except CodecError as err:
             self._rejected += 1
             log.warning(
@@ -235,26 +278,25 @@ class TrajectoryStream:
                 err,
             )
             raise
-        entry_id = self.publish_raw(data)
-        log.debug(
-            "stream %s: published request %s weight version %d as %s",
-            self._key,
-            traj.request_id,
-            traj.weight_version,
-            entry_id,
-        )
-        return entry_id
 
-    def publish_raw(self, data: bytes) -> str:
-        """Add `data` as an entry's payload unchecked (tests of the dead-letter path); return its id."""
+    def publish_raw(self, data: bytes, origin: Origin | None = None) -> str:
+        """Add `data` as an entry's payload unchecked (encoded by `encode`, or a test's poison);
+        return its id. Retrying the same (data, origin) after a ServiceError is safe: the consumer
+        dedupes by request id and by origin."""
         cfg = self.config
         high_water = cfg.high_water if cfg.backpressure == "block" else 0
+        extra: list[object] = []
+        if origin is not None:
+            producer, pseq = origin
+            _check_name("producer", producer)
+            _check(isinstance(pseq, int) and pseq >= 1, f"pseq must be an int >= 1, got {pseq!r}")
+            extra = [producer, pseq]
         deadline = time.monotonic() + cfg.block_timeout_s
         delay = cfg.block_poll_s
         while True:
             seq, result = self._retry(
                 lambda: self._publish_script(
-                    keys=[self._key, self._seq_key], args=[cfg.maxlen, data, cfg.group, high_water]
+                    keys=[self._key, self._seq_key], args=[cfg.maxlen, data, cfg.group, high_water, *extra]
                 ),
                 "XADD",
             )
@@ -406,21 +448,14 @@ class TrajectoryStream:
         entries-read counter (after XDEL or XGROUP SETID on this stream).
         """
 
-        def read() -> tuple[bytes | None, list[dict]]:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.get(self._delivered_key)
-            pipe.xinfo_groups(self._key)
-            return tuple(pipe.execute())
-
-        try:
-            delivered, groups = self._retry(read, "XINFO GROUPS")
-        except redis.ResponseError:  # no such key: nothing was ever published or grouped
+        found = self._group_info(lambda pipe: pipe.get(self._delivered_key))
+        if found is None:  # no such key: nothing was ever published or grouped
             return 0
-        for group in groups:
-            if _text(group["name"]) == self.config.group:
-                entries_read = group.get("entries-read")
-                return None if entries_read is None else int(delivered or 0) - int(entries_read)
-        return None
+        group, delivered = found
+        if group is None:
+            return None
+        entries_read = group.get("entries-read")
+        return None if entries_read is None else int(delivered or 0) - int(entries_read)
 
     @property
     def name(self) -> str:
@@ -428,16 +463,38 @@ class TrajectoryStream:
         return self.config.stream
 
     def lag(self) -> int | None:
-        """Entries in the stream the group has not read yet: 0 when the stream does not exist,
-        None when Redis cannot tell (after trims or deletions)."""
-        try:
-            groups = self._retry(lambda: self.client.xinfo_groups(self._key), "XINFO GROUPS")
-        except redis.ResponseError:  # no such key: nothing was ever published
+        """Entries in the stream the group has not read yet: 0 when the stream does not exist or
+        the group has been delivered its newest entry, None when Redis cannot tell (after trims
+        or deletions).
+
+        Redis's own `lag` comes from the group's entries-read counter, which an AOF reload can
+        reset (seen with Redis 7.0: entries-read 0, lag = stream length, everything delivered), so
+        a group whose last-delivered id is the stream's newest entry counts as caught up."""
+        found = self._group_info(lambda pipe: pipe.xinfo_stream(self._key))
+        if found is None or found[0] is None:  # no stream, or no group: nothing to read for it
             return 0
-        for group in groups:
-            if _text(group["name"]) == self.config.group:
-                return None if group.get("lag") is None else int(group["lag"])
-        return 0
+        group, info = found
+        newest = info.get("last-entry")
+        if newest is None or _id_key(group["last-delivered-id"]) >= _id_key(newest[0]):
+            return 0
+        return None if group.get("lag") is None else int(group["lag"])
+
+    def _group_info(self, also: Callable[[Any], object]) -> tuple[dict | None, Any] | None:
+        """(this group's XINFO GROUPS entry or None, the reply of `also(pipe)`) read in one
+        transaction; None when the stream does not exist."""
+
+        def read() -> list:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.xinfo_groups(self._key)
+            also(pipe)
+            return pipe.execute()
+
+        try:
+            groups, extra = self._retry(read, "XINFO")
+        except redis.ResponseError:  # no such key
+            return None
+        mine = [g for g in groups if _text(g["name"]) == self.config.group]
+        return (mine[0] if mine else None), extra
 
     def stats(self) -> StreamStats:
         """This instance's counters and the stream-wide drop count (one Redis round trip)."""
@@ -453,12 +510,7 @@ class TrajectoryStream:
     # ---- internals ------------------------------------------------------------------------
 
     def _retry(self, fn: Callable[[], T], what: str) -> T:
-        return with_retries(
-            fn,
-            what=f"{what} on {self._key}",
-            retries=self.config.retries,
-            backoff_s=self.config.retry_backoff_s,
-        )
+        return redis_call(fn, what=f"{what} on {self._key}")
 
     def _ensure_group_once(self) -> None:
         if not self._group_ready:
@@ -495,12 +547,13 @@ class TrajectoryStream:
             if not fields:  # a pending entry whose stream entry was trimmed away
                 trimmed.append(entry_id)
                 continue
+            self._note_origin(entry_id, fields)
             payload = fields.get(b"data")
             if payload is None:
                 self.dead_letter(consumer, entry_id, "entry has no data field", b"")
                 continue
             try:
-                out.append((entry_id, decode_trajectory(payload, self.config.max_message_bytes)))
+                out.append((entry_id, decode_trajectory(payload, self.config.max_message_bytes, self.limits)))
             except CodecError as err:
                 self.dead_letter(consumer, entry_id, str(err), payload)
         if trimmed:
@@ -514,6 +567,19 @@ class TrajectoryStream:
             self.ack(trimmed)
         self._consumed += len(out)
         return out
+
+    def _note_origin(self, entry_id: str, fields: dict) -> None:
+        producer, pseq = fields.get(b"producer"), fields.get(b"pseq")
+        if self.on_origin is None or producer is None or pseq is None:
+            return
+        try:
+            number = int(pseq)
+            name = producer.decode()
+        except (ValueError, UnicodeDecodeError):
+            log.warning("stream %s: entry %s has a malformed origin %r/%r", self._key, entry_id, producer, pseq)
+            return
+        if number >= 1 and len(name) <= 256:
+            self.on_origin(name, number)
 
     def dead_letter(self, consumer: str, entry_id: str, reason: str, payload: bytes = b"") -> None:
         """Copy entry `entry_id` (with `payload`, truncated to the cap) to the dead-letter stream with
@@ -544,6 +610,12 @@ class TrajectoryStream:
             consumer,
             reason,
         )
+
+
+def _id_key(entry_id: bytes | str) -> tuple[int, int]:
+    """A stream entry id "ms-seq" as a comparable pair."""
+    ms, _, seq = _text(entry_id).partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _text(value: bytes | str) -> str:

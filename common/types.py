@@ -34,6 +34,8 @@ from dataclasses import dataclass, fields
 import torch
 
 SCHEMA_VERSION = 2
+MAX_REQUEST_ID_CHARS = 256
+"""Longest request id a trajectory may carry (ids are kept in the learner's dedupe window)."""
 
 # name -> (dtype, rank); the codec and `validate` both read this table.
 TENSOR_FIELDS: dict[str, tuple[torch.dtype, int]] = {
@@ -164,6 +166,8 @@ class Trajectory:
                 continue
             if not isinstance(value, kind) or isinstance(value, bool):
                 raise TrajectoryError(f"{name} must be {kind.__name__}, got {type(value).__name__}")
+        if not self.request_id or len(self.request_id) > MAX_REQUEST_ID_CHARS:
+            raise TrajectoryError(f"request_id must have 1..{MAX_REQUEST_ID_CHARS} characters, got {len(self.request_id)}")
         if self.weight_version < 0:
             raise TrajectoryError(f"weight_version must be >= 0, got {self.weight_version}")
         if self.exit_layer < 1:

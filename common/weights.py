@@ -8,9 +8,18 @@ points at the newest. After a publish a small JSON notice goes out on the pub/su
 `{namespace}:weights:notices`; notices are unauthenticated hints and can be missed (pub/sub is
 fire-and-forget), so actors verify on `fetch` and may also poll `latest_version()`.
 
-Integrity: `fetch` recomputes the sha256; when the store has a secret, each record carries an
-HMAC-SHA256 over the canonical JSON [version, sha256, created_at, learner_id, metadata], and
-`fetch` refuses a record whose signature is missing or wrong. No pickle: safetensors and JSON.
+Trust. The service always runs with a secret (`load_secret`: a file or an environment variable,
+never a pickled argument; `dvi run`/`dvi demo` make one per run when none is given). With it:
+  * each record carries an HMAC-SHA256 over the canonical JSON [namespace, model id, exit layer,
+    version, sha256, created_at, learner_id, metadata], so a record signed in another run
+    (namespace), for another model or exit layer, or under another version number never
+    verifies; `fetch` refuses a record whose signature is missing or wrong;
+  * the `latest` pointer carries its own HMAC (`latest:sig`); `latest_version` ignores a
+    pointer that does not verify, so a forged `latest` = 10**12 wakes no one up;
+  * `block(version)` stores a signed rollback verdict; `blocked_versions` returns the verified
+    ones, so a restarted actor or learner never takes a rolled-back version again.
+`fetch` also refuses non-finite tensors, signed or not, before anyone swaps them in. A store
+without a secret (tests, tools) checks sha256 only. No pickle: safetensors and JSON.
 """
 
 from __future__ import annotations
@@ -19,9 +28,12 @@ import hashlib
 import hmac
 import json
 import logging
+import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import redis
@@ -30,27 +42,31 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from common.redis_util import check_bytes_client, with_retries
+from common.errors import ServiceError
+from common.redis_util import check_bytes_client, redis_call
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# KEYS: latest pointer, versions zset, record hash. ARGV: version, keep, record key prefix, channel,
-# notice, then the record's field/value pairs. Returns {1, "ok"}, {1, "duplicate"} (an identical
-# retry of an applied publish) or {0, latest} (refused: not newer).
+# KEYS: latest pointer, versions zset, record hash, latest signature. ARGV: version, keep, record
+# key prefix, channel, notice, latest signature, then the record's field/value pairs. Returns
+# {1, "ok"}, {1, "duplicate"} (an identical retry of an applied publish) or {0, newest} (refused:
+# not newer than the newest stored record; the pointer itself may be forged, the zset is not
+# read by anyone but this script).
 _PUBLISH_LUA = """
 local version = tonumber(ARGV[1])
-local latest = redis.call('GET', KEYS[1])
-if latest and tonumber(latest) >= version then
+local newest = redis.call('ZREVRANGE', KEYS[2], 0, 0)[1]
+if newest and tonumber(newest) >= version then
   local fields = {}
-  for i = 6, #ARGV, 2 do fields[ARGV[i]] = ARGV[i + 1] end
+  for i = 7, #ARGV, 2 do fields[ARGV[i]] = ARGV[i + 1] end
   local old = redis.call('HMGET', KEYS[3], 'sha256', 'created_at')
   if old[1] == fields['sha256'] and old[2] == fields['created_at'] then return {1, 'duplicate'} end
-  return {0, latest}
+  return {0, newest}
 end
-redis.call('HSET', KEYS[3], unpack(ARGV, 6))
+redis.call('HSET', KEYS[3], unpack(ARGV, 7))
 redis.call('ZADD', KEYS[2], version, ARGV[1])
 redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[4], ARGV[6])
 local keep = tonumber(ARGV[2])
 for _, old in ipairs(redis.call('ZRANGE', KEYS[2], 0, -(keep + 1))) do
   redis.call('DEL', ARGV[3] .. old)
@@ -67,8 +83,72 @@ class WeightIntegrityError(ValueError):
     """A stored weight record whose bytes, hash or signature cannot be trusted; never load it."""
 
 
+class VersionConflictError(ValueError):
+    """`publish` of a version not above the newest stored one; `newest` is that version."""
+
+    def __init__(self, version: int, newest: int) -> None:
+        super().__init__(f"weight version {version} is not newer than the latest published version {newest}")
+        self.version = version
+        self.newest = newest
+
+
 class WeightNotFoundError(LookupError):
     """The requested weight version is not (or no longer) in the store."""
+
+
+SECRET_ENV = "DVI_WEIGHT_SECRET"
+"""Environment variable holding the weight-signing secret itself."""
+SECRET_FILE_ENV = "DVI_WEIGHT_SECRET_FILE"
+"""Environment variable naming a file that holds it (cluster.yaml writes ~/.dvi/weight-secret)."""
+DEFAULT_SECRET_FILE = "~/.dvi/weight-secret"
+"""Where a cluster node keeps the secret when neither variable is set."""
+
+
+def load_secret(path: str | Path | None = None) -> bytes | None:
+    """The weight-signing secret: the file `path` if given, else $DVI_WEIGHT_SECRET, else the
+    file named by $DVI_WEIGHT_SECRET_FILE, else DEFAULT_SECRET_FILE if it exists; None if none.
+
+    ServiceError for a named file that is missing or empty. Surrounding whitespace is stripped.
+    """
+    if path is None and os.environ.get(SECRET_ENV):
+        return os.environ[SECRET_ENV].strip().encode()
+    if path is None:
+        path = os.environ.get(SECRET_FILE_ENV) or None
+    if path is None:
+        default = Path(DEFAULT_SECRET_FILE).expanduser()
+        if not default.is_file():
+            return None
+        path = default
+    file = Path(path).expanduser()
+    try:
+        secret = file.read_bytes().strip()
+    except OSError as err:
+        raise ServiceError(f"cannot read the weight secret file {file}: {err.strerror or err}") from err
+    if not secret:
+        raise ServiceError(f"the weight secret file {file} is empty")
+    return secret
+
+
+def service_store(client: redis.Redis, namespace: str, split, secret_file: str | None, **kwargs) -> "WeightStore":
+    """The weight store of a service process (actor or learner) for drafter `split`: signed with
+    the secret `load_secret(secret_file)` finds; ServiceError naming the fix when there is none."""
+    secret = load_secret(secret_file)
+    if secret is None:
+        raise ServiceError(
+            f"no weight-signing secret: set ${SECRET_ENV} or ${SECRET_FILE_ENV}, or write one to "
+            f"{DEFAULT_SECRET_FILE} on every node (cluster.yaml does)"
+        )
+    return WeightStore(client, namespace, secret, model_id=split.model_id, exit_layer=split.exit_layer, **kwargs)
+
+
+def write_secret_file(path: str | Path) -> Path:
+    """Write a fresh random secret (64 hex characters) to `path`, readable by its owner only."""
+    file = Path(path).expanduser()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_hex(32) + "\n")
+    return file
 
 
 @dataclass(frozen=True)
@@ -90,15 +170,12 @@ class WeightRecord:
     nbytes: int
 
 
-def _signed_message(version: int, sha256: str, created_at: str, learner_id: str, metadata: str) -> bytes:
-    """Canonical bytes the HMAC covers; `created_at` and `metadata` are the exact stored strings."""
-    return json.dumps([version, sha256, created_at, learner_id, metadata], separators=(",", ":")).encode()
-
-
 class WeightStore:
     """Versioned adapter weights under `namespace`; signs and verifies when `secret` is given.
 
     `client` must return bytes (decode_responses=False). `keep` (>= 1) versions are kept.
+    `model_id` and `exit_layer` name the drafter the weights belong to; the signature covers
+    them (and the namespace), so a reader with another identity refuses the record.
     `clock` gives created_at (unix seconds); pass a fixed one for reproducible records.
     """
 
@@ -108,9 +185,9 @@ class WeightStore:
         namespace: str = "dvi",
         secret: bytes | None = None,
         *,
+        model_id: str = "",
+        exit_layer: int = 0,
         keep: int = 3,
-        retries: int = 3,
-        retry_backoff_s: float = 0.1,
         clock: Callable[[], float] = time.time,
     ) -> None:
         check_bytes_client(client, namespace)
@@ -122,10 +199,13 @@ class WeightStore:
         self.namespace = namespace
         self.keep = keep
         self._secret = secret
-        self._retries = retries
-        self._backoff = retry_backoff_s
+        self.model_id = str(model_id)
+        self.exit_layer = int(exit_layer)
         self._clock = clock
         self._latest_key = f"{namespace}:weights:latest"
+        self._latest_sig_key = f"{namespace}:weights:latest:sig"
+        self._blocked_key = f"{namespace}:weights:blocked"
+        self._ignored_latest: bytes | None = None
         self._versions_key = f"{namespace}:weights:versions"
         self._record_prefix = f"{namespace}:weights:v:"
         self.channel = f"{namespace}:weights:notices"
@@ -154,6 +234,9 @@ class WeightStore:
         metadata = dict(metadata or {})
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise ValueError("metadata must map str -> str")
+        bad = _non_finite(tensors)
+        if bad:
+            raise ValueError(f"weight version {version}: non-finite values in {', '.join(bad)}: not published")
         cpu = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
         blob = save_safetensors(cpu)
         sha = hashlib.sha256(blob).hexdigest()
@@ -172,19 +255,19 @@ class WeightStore:
             "metadata": meta_json,
             "signature": signature,
         }
-        args: list[object] = [version, self.keep, self._record_prefix, self.channel, notice]
+        latest_sig = self._sign_parts("latest", version) if self._secret else ""
+        args: list[object] = [version, self.keep, self._record_prefix, self.channel, notice, latest_sig]
         for name in _FIELDS:
             args += [name, record[name]]
         ok, detail = self._retry(
             lambda: self._publish_script(
-                keys=[self._latest_key, self._versions_key, self._record_key(version)], args=args
+                keys=[self._latest_key, self._versions_key, self._record_key(version), self._latest_sig_key],
+                args=args,
             ),
             "publish weights",
         )
         if not int(ok):
-            raise ValueError(
-                f"weight version {version} is not newer than the latest published version {int(detail)}"
-            )
+            raise VersionConflictError(version, int(detail))
         log.info(
             "weights %s: learner %s published version %d (%d bytes, sha256 %s)%s",
             self.namespace,
@@ -206,9 +289,48 @@ class WeightStore:
         )
 
     def latest_version(self) -> int | None:
-        """The newest published version, or None if none was."""
-        value = self._retry(lambda: self.client.get(self._latest_key), "GET latest")
-        return None if value is None else int(value)
+        """The newest published version, or None if none was (or, with a secret, if the pointer's
+        signature does not verify: a forged or corrupted pointer is ignored, logged once)."""
+        value, sig = self._retry(lambda: self.client.mget(self._latest_key, self._latest_sig_key), "GET latest")
+        if value is None:
+            return None
+        try:
+            version = int(value)
+        except ValueError:
+            version = None
+        if version is not None and (
+            self._secret is None
+            or (sig is not None and hmac.compare_digest(self._sign_parts("latest", version), _text(sig)))
+        ):
+            return version
+        if value != self._ignored_latest:
+            self._ignored_latest = value
+            log.error("weights %s: ignoring a `latest` pointer (%r) whose signature does not verify",
+                      self.namespace, value[:32])
+        return None
+
+    def block(self, version: int, actor: str, reason: str) -> None:
+        """Record, signed, that `version` was rolled back: no actor or learner takes it again."""
+        entry = {"actor": actor, "reason": reason[:500], "t": time.time(),
+                 "sig": self._sign_parts("blocked", version) if self._secret else ""}
+        self._retry(lambda: self.client.hset(self._blocked_key, str(version), json.dumps(entry)), "HSET blocked")
+
+    def blocked_versions(self) -> set[int]:
+        """Versions a rollback blocked (with a secret: only verdicts whose signature verifies)."""
+        raw = self._retry(lambda: self.client.hgetall(self._blocked_key), "HGETALL blocked")
+        out: set[int] = set()
+        for key, value in raw.items():
+            try:
+                version, entry = int(key), json.loads(value)
+                sig = entry["sig"]
+            except (ValueError, TypeError, KeyError):
+                log.warning("weights %s: ignoring a malformed blocked-version entry %r", self.namespace, key[:32])
+                continue
+            if self._secret is None or (isinstance(sig, str) and hmac.compare_digest(self._sign_parts("blocked", version), sig)):
+                out.add(version)
+            else:
+                log.warning("weights %s: ignoring an unsigned blocked-version entry %d", self.namespace, version)
+        return out
 
     def versions(self) -> list[int]:
         """Versions still kept, ascending."""
@@ -275,6 +397,9 @@ class WeightStore:
             metadata = json.loads(meta_json)
         except (SafetensorError, ValueError) as err:
             raise WeightIntegrityError(f"weight version {version}: unreadable record: {err}") from err
+        bad = _non_finite(tensors)
+        if bad:
+            raise WeightIntegrityError(f"weight version {version}: non-finite values in {', '.join(bad)}")
         return WeightRecord(
             version=version,
             sha256=sha,
@@ -291,17 +416,21 @@ class WeightStore:
         return WeightSubscriber(self)
 
     def _sign(self, version: int, sha: str, created_at: str, learner_id: str, meta_json: str) -> str:
+        """HMAC of a record; `created_at` and `meta_json` are the exact stored strings."""
+        return self._sign_parts("record", version, sha, created_at, learner_id, meta_json)
+
+    def _sign_parts(self, kind: str, version: int, *parts: str) -> str:
+        """HMAC-SHA256 over canonical JSON [kind, namespace, model id, exit layer, version, *parts]."""
         assert self._secret is not None
-        message = _signed_message(version, sha, created_at, learner_id, meta_json)
+        message = json.dumps([kind, self.namespace, self.model_id, self.exit_layer, version, *parts],
+                             separators=(",", ":")).encode()
         return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
 
     def _record_key(self, version: int) -> str:
         return f"{self._record_prefix}{version}"
 
     def _retry(self, fn: Callable[[], T], what: str) -> T:
-        return with_retries(
-            fn, what=f"{what} ({self.namespace})", retries=self._retries, backoff_s=self._backoff
-        )
+        return redis_call(fn, what=f"{what} ({self.namespace})")
 
 
 class WeightSubscriber:
@@ -314,7 +443,7 @@ class WeightSubscriber:
     def __init__(self, store: WeightStore) -> None:
         self.store = store
         self._pubsub = store.client.pubsub(ignore_subscribe_messages=True)
-        with_retries(lambda: self._pubsub.subscribe(store.channel), what=f"SUBSCRIBE {store.channel}")
+        redis_call(lambda: self._pubsub.subscribe(store.channel), what=f"SUBSCRIBE {store.channel}")
 
     def wait(self, newer_than: int | None, timeout_s: float) -> int | None:
         """The newest version > `newer_than` (None: any), or None if none appears within `timeout_s`."""
@@ -328,7 +457,7 @@ class WeightSubscriber:
         while True:
             remaining = deadline - time.monotonic()
             wait_s = 0.0 if best is not None else max(0.0, remaining)  # once found, only drain
-            message = with_retries(
+            message = redis_call(
                 lambda wait_s=wait_s: self._pubsub.get_message(timeout=wait_s),
                 what=f"pub/sub {self.store.channel}",
             )
@@ -363,6 +492,11 @@ class WeightSubscriber:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names (first three) of floating tensors holding NaN or infinity."""
+    return sorted(n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))[:3]
 
 
 def _text(value: bytes | str) -> str:

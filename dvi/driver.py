@@ -41,6 +41,8 @@ SUMMARY_KEYS = (
     "trajectories_produced",
     "trajectories_consumed",
     "dead_lettered",
+    "trajectories_lost",
+    "accounting_ok",
     "weight_versions_published",
     "versions_seen_per_actor",
     "tau_over_time",
@@ -93,8 +95,10 @@ class RunConfig:
     """Ray cluster to attach to ("auto", "host:port", "ray://..."); None: RAY_ADDRESS or a local Ray."""
     namespace: str | None = None
     """Redis key prefix; None: a fresh `dvi:<run id>`."""
-    secret: bytes | None = None
-    """HMAC secret for weight records (None: sha256 only)."""
+    secret_file: Path | None = None
+    """File holding the HMAC secret weight records are signed with. None: $DVI_WEIGHT_SECRET or
+    $DVI_WEIGHT_SECRET_FILE if set; else on a local Ray a fresh secret in OUT/weight-secret (0600),
+    on an existing cluster each node's ~/.dvi/weight-secret (cluster.yaml writes it)."""
     cpus_per_actor: float | None = None
     """CPU share per actor without GPUs; None: fit N actors + the learner into the cluster's CPUs."""
     seed: int = 0
@@ -208,6 +212,10 @@ class RunState:
     namespace: str = ""
     redis_url: str = ""
     """The resolved Redis URL (may hold a password: show it through `redact`)."""
+    learner_actor: Any = None
+    """The learner's Ray actor handle once created (fault-injection tools kill it)."""
+    pool: Any = None
+    """The `GeneratorPool` once created."""
 
     def add(self, result: dict[str, Any]) -> None:
         self.results.append(result)
@@ -250,6 +258,7 @@ def run_service(
     from common.prompts import load_prompts
 
     prompts = load_prompts(config.workload, config.limit)  # bad workload: fail before starting anything
+    preflight(config)  # bad model, exit layer, secret: fail before Redis and Ray start
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     run_started = time.time()
@@ -273,7 +282,9 @@ def run_service(
         phase("starting Ray (10-30 s)")
         started_ray = init_ray(config.ray_address, log_to_driver=config.log_to_driver)
         try:
-            return _run(config, prompts, out, run_id, namespace, redis_url, state, phase, on_result, run_started)
+            secret_file = resolve_secret_file(config, out, started_ray)
+            return _run(config, prompts, out, run_id, namespace, redis_url, state, phase, on_result, run_started,
+                        secret_file)
         finally:
             if started_ray:
                 import ray
@@ -281,7 +292,43 @@ def run_service(
                 ray.shutdown()
 
 
-def _run(config, prompts, out, run_id, namespace, redis_url, state, phase, on_result, run_started) -> dict[str, Any]:
+def preflight(config: RunConfig) -> None:
+    """Check the static arguments before anything starts (seconds, not the 30 s of a Ray start):
+    the model resolves and its config reads, the exit layer fits it, and a weight secret named by
+    file can be read. ValueError / ServiceError naming the fix."""
+    from transformers import AutoConfig
+
+    from common.errors import ModelLoadError
+    from common.models import resolve_model_path
+    from common.weights import load_secret
+
+    spec = config.model_spec()
+    path = resolve_model_path(spec.model)
+    try:
+        model_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model '{spec.model}': {str(exc).splitlines()[0]}") from None
+    num_layers = getattr(model_config, "num_hidden_layers", None)
+    if num_layers is not None:
+        spec.drafter.validate_for(int(num_layers))
+    if config.secret_file is not None:
+        load_secret(config.secret_file)
+
+
+def resolve_secret_file(config: RunConfig, out: Path, local_ray: bool) -> str | None:
+    """The secret file the actors and the learner read (a path: the secret never travels in
+    pickled arguments). A local run without one gets a fresh secret in OUT/weight-secret."""
+    from common.weights import SECRET_ENV, SECRET_FILE_ENV, write_secret_file
+
+    if config.secret_file is not None:
+        return str(Path(config.secret_file).resolve())
+    if os.environ.get(SECRET_ENV) or os.environ.get(SECRET_FILE_ENV) or not local_ray:
+        return None  # the variables (inherited by a local Ray) or each node's default file
+    return str(write_secret_file(out / "weight-secret").resolve())
+
+
+def _run(config, prompts, out, run_id, namespace, redis_url, state, phase, on_result, run_started,
+         secret_file) -> dict[str, Any]:
     import ray
 
     from actors.service import GeneratorPool, GeneratorSettings, Request, root_cause
@@ -306,11 +353,11 @@ def _run(config, prompts, out, run_id, namespace, redis_url, state, phase, on_re
             )
             learner_actor = create_learner_actor(
                 LearnerSettings(model=spec, redis_url=redis_url, transport=transport, learner=config.learner,
-                                loop=loop, secret=config.secret),
+                                loop=loop, secret_file=secret_file),
             )
         cpus = config.cpus_per_actor or actor_cpus(ray.cluster_resources().get("CPU", 1.0), config.actors, config.learn)
         settings = [
-            GeneratorSettings(model=spec, redis_url=redis_url, transport=transport, secret=config.secret,
+            GeneratorSettings(model=spec, redis_url=redis_url, transport=transport, secret_file=secret_file,
                               actor_id=f"actor-{i}", learn=config.learn, seed=config.seed,
                               ar_fallback=config.ar_fallback, ar_fallback_gamma=max(1, config.decode.gamma),
                               truncate_prompts=config.truncate_prompts)
@@ -319,11 +366,12 @@ def _run(config, prompts, out, run_id, namespace, redis_url, state, phase, on_re
         phase(f"loading {config.model} in {config.actors} generation actor(s) (each loads it and checks the split: "
               "about a minute on 2 CPU cores)")
         pool = GeneratorPool(settings, cpus_per_actor=cpus)
+        state.learner_actor, state.pool = learner_actor, pool
         pool.wait_ready()
         if learner_actor is not None:
             try:
                 # a learner resumed from OUT/learner-checkpoint has seen the ids of earlier runs
-                seen_before = ray.get(learner_actor.status.remote(), timeout=600)["seen"]
+                seen_before = consumed_count(ray.get(learner_actor.status.remote(), timeout=600))
             except ray.exceptions.RayActorError as err:
                 raise ServiceError(f"the learner actor failed to start: {root_cause(err)}") from err
 
@@ -348,6 +396,9 @@ def _run(config, prompts, out, run_id, namespace, redis_url, state, phase, on_re
         serve_seconds = time.time() - state.started
 
         learner_status: dict[str, Any] = {}
+        if config.learn:
+            phase("actors flushing their outboxes")
+            pool.flush_all()
         if learner_actor is not None:
             phase("learner draining the stream")
             learner_status = ray.get(learner_actor.drain.remote(config.drain_timeout_s),
@@ -428,11 +479,39 @@ def _generation_line(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def consumed_count(learner_status: dict[str, Any]) -> int:
+    """Distinct trajectories the learner took in (applied, or refused at intake as too stale);
+    survives restarts (`LearnerService.taken_in`)."""
+    return int(learner_status.get("taken_in", 0))
+
+
+def lost_count(learner_status: dict[str, Any], statuses: dict[str, dict[str, Any]],
+               results: list[dict[str, Any]] = ()) -> int:
+    """Trajectories counted as lost: holes the learner found in producers' numbering, plus each
+    producer's numbers after the last one the learner received (a tail no later entry revealed:
+    an outbox still full at the end, or a killed actor's). A producer's last number comes from
+    its status (live actors) and from the results it returned (killed ones too)."""
+    lost = int(learner_status.get("trajectories_lost", 0))
+    received = learner_status.get("producers", {})
+    last: dict[str, int] = {}
+    for st in statuses.values():
+        if st.get("producer") is not None and st.get("last_pseq") is not None:
+            last[st["producer"]] = max(last.get(st["producer"], 0), int(st["last_pseq"]))
+    for r in results:
+        if r.get("producer") is not None and r.get("pseq") is not None:
+            last[r["producer"]] = max(last.get(r["producer"], 0), int(r["pseq"]))
+    for producer, number in last.items():
+        lost += max(0, number - int(received.get(producer, 0)))
+    return lost
+
+
 def _summary(config, state: RunState, statuses, learner_status, dead, published_log, latest, wall,
              serve_seconds, run_id, namespace, seen_before) -> dict[str, Any]:
     ok = [r for r in state.results if served(r)]
     skipped = state.skipped()
     produced = {r["request_id"] for r in ok if r["published"]}
+    consumed = consumed_count(learner_status) - seen_before if learner_status else 0
+    lost = lost_count(learner_status, statuses, state.results) if learner_status else 0
     counters = learner_status.get("learner", {}) if learner_status else {}
     versions: dict[str, list[int]] = {}
     for actor_id, st in statuses.items():  # what each actor served with, plus what it swapped to
@@ -442,8 +521,11 @@ def _summary(config, state: RunState, statuses, learner_status, dead, published_
     passes = sum(r["verifier_passes"] for r in ok)
     summary: dict[str, Any] = {
         "trajectories_produced": len(produced),
-        "trajectories_consumed": int(learner_status.get("seen", 0)) - seen_before if learner_status else 0,
+        "trajectories_consumed": consumed,
         "dead_lettered": dead,
+        "trajectories_lost": lost,
+        # produced = consumed (applied or too stale) + dead-lettered + counted as lost
+        "accounting_ok": (not config.learn) or len(produced) == consumed + dead + lost,
         "weight_versions_published": len({e["version"] for e in published_log}),
         "versions_seen_per_actor": versions,
         "tau_over_time": state.tau_over_time,
@@ -464,7 +546,8 @@ def _summary(config, state: RunState, statuses, learner_status, dead, published_
         "tau": passes and tokens / passes,
         "tau_by_version": {str(v): round(t, 4) for v, (t, _) in state.tau_by_version().items()},
         "actor_status": {
-            a: {k: st.get(k) for k in ("version", "counters", "refused_versions", "error") if k in st}
+            a: {k: st.get(k) for k in ("version", "counters", "refused_versions", "redis_ok", "outbox", "error")
+                if k in st}
             for a, st in statuses.items()
         },
         "run_id": run_id,
@@ -478,9 +561,7 @@ def _summary(config, state: RunState, statuses, learner_status, dead, published_
 def _config_json(config: RunConfig) -> dict[str, Any]:
     out = {}
     for key, value in asdict(config).items():
-        if key == "secret":
-            value = None if value is None else "***"
-        elif isinstance(value, Path):
+        if isinstance(value, Path):
             value = str(value)
         out[key] = value
     return out

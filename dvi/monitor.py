@@ -216,6 +216,22 @@ class _Sized:
         yield self.build(options.max_width)
 
 
+def _redis_health(snap: dict[str, Any]) -> Text:
+    """Shown after an actor's name, from its last snapshot: nothing while all is well; " redis x2"
+    after outages it rode out; " redis down (5 held)" while its outbox holds trajectories; and
+    " 3 lost" in red when its outbox overflowed."""
+    text = Text()
+    outages = int(_num(snap.get("redis_outages")) or 0)
+    if snap.get("redis_ok") is not None and not _num(snap.get("redis_ok")):
+        text.append(f" redis down ({int(_num(snap.get('outbox')) or 0)} held)", style="bold red")
+    elif outages:
+        text.append(f" redis x{outages}", style="yellow")
+    lost = int(_num(snap.get("trajectories_lost")) or 0)
+    if lost:
+        text.append(f" {lost} lost", style="bold red")
+    return text
+
+
 def _actors(state: TelemetryState, now: float, spark_width: int, compact: bool = False) -> Table | Text:
     if not state.actors:
         return Text(f"actors: none publishing in namespace {state.namespace!r}", style="dim")
@@ -230,7 +246,7 @@ def _actors(state: TelemetryState, now: float, spark_width: int, compact: bool =
         rollbacks = _num(snap.get("rollbacks"))
         by_pos = [_num(v) for v in snap.get("acceptance_by_position") or []]
         cells = {
-            "actor": actor_id,
+            "actor": Text(actor_id).append(_redis_health(snap)),
             "version": _fmt(snap.get("version")),
             "lag": Text(_fmt(snap.get("version_lag")), style="yellow" if lag and lag > 1 else ""),
             "tok/s": _fmt(snap.get("tokens_per_s"), 1),

@@ -12,6 +12,8 @@ from typing import Annotated, Iterator, Optional
 import typer
 
 Model = Annotated[str, typer.Option("--model", help="Alias, local HF directory, or hub id.")]
+Weights = Annotated[str, typer.Option(
+    "--weights", help="A GGUF model's weights in the fast engine: native (its own Q4_1/Q8_0 blocks) or dequantized (fp32).")]
 ExitLayer = Annotated[int, typer.Option("--exit-layer", help="k: the drafter runs decoder layers [0, k).")]
 DraftVocabSize = Annotated[int, typer.Option(
     "--draft-vocab-size", help="Tokens the drafter proposes from (0 = the full vocabulary); learned from traffic.")]

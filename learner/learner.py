@@ -44,6 +44,7 @@ from common.model_split import SplitModel
 from common.types import Trajectory, TrajectoryError
 from learner.checkpoint import CheckpointContents, read_checkpoint, write_checkpoint
 from learner.config import LearnerConfig
+from learner.dedupe import SeenWindow
 from learner.losses import EmaBaseline, combined_loss
 from learner.replay import ReplayBuffer, TrainBatch, collate, importance_weights
 from learner.schedule import batch_weights, schedule_weights
@@ -105,7 +106,9 @@ class Learner:
         self.baseline = EmaBaseline(config.baseline_ema)
         self.replay = ReplayBuffer(config.replay_capacity_tokens)
         self.sampler = torch.Generator().manual_seed(config.seed)
-        self._seen: set[str] = set()
+        # Under "drop" an id older than max_staleness versions is stale anyway; under "importance"
+        # old trajectories stay usable, so their ids are kept longer (learner.dedupe).
+        self._seen = SeenWindow(config.max_staleness if config.staleness_policy == "drop" else max(64, config.max_staleness))
         self._counters = {name: 0 for name in COUNTER_NAMES}
         self.token_counts = torch.zeros(split.vocab_size, dtype=torch.int64)  # traffic tokens, for the draft vocabulary
 
@@ -136,10 +139,9 @@ class Learner:
         added = 0
         cfg = self.config
         for t in trajs:
-            if t.request_id in self._seen:
+            if not self._seen.add(t.request_id, t.weight_version):
                 self._counters["duplicates"] += 1
                 continue
-            self._seen.add(t.request_id)
             if cfg.staleness_policy == "drop" and t.weight_version < self.version - cfg.max_staleness:
                 self._counters["stale_dropped"] += 1
                 continue
@@ -311,9 +313,14 @@ class Learner:
         self.refresh_draft_vocab()
         self.version += 1
         self.split.weight_version = self.version
+        self._seen.prune(self.version)
         if self.config.staleness_policy == "drop":
             self._counters["stale_dropped"] += self.replay.drop_stale(self.version, self.config.max_staleness, "drop")
         return self.version
+
+    def seen_count(self) -> int:
+        """Request ids in the dedupe window (bounded: learner.dedupe.SeenWindow)."""
+        return len(self._seen)
 
     def counters(self) -> dict[str, int]:
         """added, duplicates, stale_dropped, skipped_steps, steps, tokens_seen (scored positions added:
@@ -347,7 +354,7 @@ class Learner:
             "baseline": self.baseline.state_dict(),
             "counters": self.counters(),
             "replay_counters": {k: v for k, v in self.replay.counters().items() if k not in ("size", "num_tokens")},
-            "seen_request_ids": sorted(self._seen),
+            "seen_request_ids": self._seen.state(),
             "optimizer_param_groups": groups,
             "config": _jsonable(asdict(self.config)),
         }
@@ -369,7 +376,7 @@ class Learner:
         self.step = plan["step"]
         self.version = plan["version"]
         self._counters = plan["counters"]
-        self._seen = plan["seen"]
+        self._seen.load(plan["seen"], plan["version"])
         replay = ReplayBuffer(self.config.replay_capacity_tokens)
         for t in ckpt.replay:
             replay.add(t)
@@ -437,8 +444,10 @@ class Learner:
         if not all(isinstance(v, int) and hasattr(self.replay, k) for k, v in replay_counters.items()):
             raise AdapterError(f"checkpoint {where}: bad replay counters")
         seen = meta["seen_request_ids"]
-        if not all(isinstance(s, str) for s in seen):
-            raise AdapterError(f"checkpoint {where}: seen_request_ids must be strings")
+        try:
+            SeenWindow(0).load(seen, 0)
+        except ValueError as exc:
+            raise AdapterError(f"checkpoint {where}: {exc}") from None
         try:
             EmaBaseline().load_state_dict(meta["baseline"])
         except (KeyError, TypeError, ValueError):
@@ -451,7 +460,7 @@ class Learner:
             "optim_state": optim_state,
             "counters": dict(counters),
             "replay_counters": dict(replay_counters),
-            "seen": set(seen),
+            "seen": seen,
             "rng_sampler": rng[_RNG_SAMPLER],
             "rng_torch": rng[_RNG_TORCH],
             "token_counts": counts.clone(),

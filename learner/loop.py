@@ -30,21 +30,37 @@ are added (a restart then starts from scratch, warm-started from the store's lat
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from common.types import Trajectory
+from learner.accounting import ProducerGaps
 from learner.checkpoint import find_checkpoint
 from learner.loop_report import LoopReporting, seen_count
 
 log = logging.getLogger(__name__)
 
 __all__ = ["LearnerLoop", "LearnerLoopConfig", "TrajectorySource", "WeightPublisher", "seen_count", "step_credit"]
+
+
+
+_PUBLISH_ATTEMPTS = 5
+"""Publishes of one version the loop tries while other writers keep getting ahead of it."""
+
+
+def _accounting_path(checkpoint_dir: str) -> Path:
+    """The producers' numbering state (`learner.accounting`), saved beside the checkpoint directory."""
+    directory = Path(checkpoint_dir)
+    return directory.with_name(directory.name + ".accounting.json")
+
 
 Entry = tuple[str, Trajectory]
 """(entry id, trajectory): one delivered message; the id is what `ack` and `dead_letter` take."""
@@ -80,6 +96,8 @@ class WeightPublisher(Protocol):
     def publish(self, tensors: dict, version: int, learner_id: str, metadata: dict[str, str]) -> Any: ...
     def latest_version(self) -> int | None: ...
     def fetch(self, version: int | None = None) -> Any: ...
+    def blocked_versions(self) -> set[int]: ...
+    def versions(self) -> list[int]: ...
 
 
 def _check(condition: bool, message: str) -> None:
@@ -119,6 +137,9 @@ class LearnerLoopConfig:
     """Entries another consumer has left pending this long are taken over."""
     claim_every_s: float = 30.0
     """How often to look for such entries (and once at start)."""
+    max_version_jump: int = 1_000
+    """Refuse to skip ahead of the store by more than this many versions (a runaway version number
+    must not make the learner bump its version a billion times)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.learner_id) and not any(c.isspace() for c in self.learner_id),
@@ -136,6 +157,7 @@ class LearnerLoopConfig:
                f"stop_at_step must be >= 0 or None, got {self.stop_at_step}")
         _check(self.block_ms >= 0, f"block_ms must be >= 0, got {self.block_ms}")
         _check(self.claim_min_idle_ms >= 0, f"claim_min_idle_ms must be >= 0, got {self.claim_min_idle_ms}")
+        _check(self.max_version_jump >= 1, f"max_version_jump must be >= 1, got {self.max_version_jump}")
 
 
 def step_credit(new_requests: int, new_tokens: int, batch_tokens: int, config: LearnerLoopConfig) -> float:
@@ -169,8 +191,11 @@ class LearnerLoop(LoopReporting):
         telemetry: Any = None,
         clock: Callable[[], float] = time.monotonic,
         on_step: Callable[[dict[str, Any]], None] | None = None,
+        accounting: ProducerGaps | None = None,
     ) -> None:
         self.learner = learner
+        self.accounting = accounting if accounting is not None else ProducerGaps()
+        """Holes in the producers' numbering (the stream's `on_origin` feeds it); checkpointed."""
         self.split = learner.split
         self.stream = stream
         self.weights = weights
@@ -212,20 +237,12 @@ class LearnerLoop(LoopReporting):
         found = find_checkpoint(cfg.checkpoint_dir)
         if found is not None:
             self.learner.load_checkpoint(found)
+            self._load_accounting(_accounting_path(cfg.checkpoint_dir))
             resumed = True
             log.info("learner %s: resumed from %s at step %d, version %d",
                      self.consumer, found, self.learner.step, self.learner.version)
         self._align_with_store(resumed)
-        replayed = 0
-        after = "0"
-        while True:  # own entries delivered before a crash and never acked
-            batch = self.stream.pending_own(self.consumer, count=cfg.read_count, after=after)
-            if not batch:
-                break
-            after = batch[-1][0]
-            replayed += len(batch)
-            self.ingest(batch)
-        self.counters["replayed"] += replayed
+        replayed = self._replay_own_pending()  # delivered before a crash and never acked
         claimed = self._claim()
         self.started = True
         info = {"resumed": resumed, "step": self.learner.step, "version": self.learner.version,
@@ -236,25 +253,77 @@ class LearnerLoop(LoopReporting):
         log.info("learner %s started: %s", self.consumer, info)
         return info
 
+    def _replay_own_pending(self) -> int:
+        """Ingest this consumer's delivered-but-unacked entries the loop does not hold (all of them
+        after a crash; after a Redis outage, those whose delivery reply was lost). Returns how many."""
+        replayed, after, mine = 0, "0", set(self._unacked)
+        while True:
+            batch = self.stream.pending_own(self.consumer, count=self.config.read_count, after=after)
+            if not batch:
+                break
+            after = batch[-1][0]
+            batch = [(entry_id, traj) for entry_id, traj in batch if entry_id not in mine]
+            replayed += len(batch)
+            if batch:
+                self.ingest(batch)
+        self.counters["replayed"] += replayed
+        return replayed
+
+    def resync(self) -> int:
+        """After Redis was away: pick up own pending entries the loop lost track of (a read whose
+        reply never came), so none waits for a claim. Applying one twice is refused by the
+        learner's dedupe. Returns how many were re-read."""
+        replayed = self._replay_own_pending()
+        if replayed:
+            log.info("learner %s: re-read %d pending entries after a Redis outage", self.consumer, replayed)
+        return replayed
+
     def _align_with_store(self, resumed: bool) -> None:
-        """Never publish a version the store already has: warm-start or skip ahead of it."""
+        """Never publish a version the store already has, never start from a rolled-back one:
+        warm-start from (or skip ahead of) the store's newest version, or, when that version, or
+        the checkpoint's, was blocked by an actor's rollback, from the newest good one."""
         latest = self.weights.latest_version()
-        if latest is None or latest < self.learner.version:
-            return
-        if not resumed and latest > self.learner.version:
-            record = self.weights.fetch(latest)  # verified; a fresh learner continues from it
-            self.split.load_adapter_state(record.tensors, record.version)
-            log.warning("learner %s: no checkpoint; warm-started from published weight version %d",
-                        self.consumer, latest)
-        elif latest > self.learner.version:
-            log.warning("learner %s: checkpoint version %d is behind the store's %d; skipping ahead",
-                        self.consumer, self.learner.version, latest)
-        self._set_version(latest)
+        blocked = self.weights.blocked_versions()
+        if latest is not None and latest > self.learner.version:
+            _check(latest - self.learner.version <= self.config.max_version_jump,
+                   f"the store's weight version {latest} is more than max_version_jump="
+                   f"{self.config.max_version_jump} ahead of this learner's {self.learner.version}")
+            if not resumed:
+                start_from = self._last_good(blocked)
+                if start_from is not None:
+                    record = self.weights.fetch(start_from)  # verified; a fresh learner continues from it
+                    self.split.load_adapter_state(record.tensors, record.version)
+                    log.warning("learner %s: no checkpoint; warm-started from published weight version %d%s",
+                                self.consumer, start_from, f" (latest {latest} is blocked)" if start_from != latest else "")
+            else:
+                log.warning("learner %s: checkpoint version %d is behind the store's %d; skipping ahead",
+                            self.consumer, self.learner.version, latest)
+            self._set_version(latest)
+        elif resumed and self.learner.version in blocked:
+            good = self._last_good(blocked)
+            if good is not None:  # our own weights were rolled back: continue from the good ones
+                self.split.load_adapter_state(self.weights.fetch(good).tensors, self.learner.version)
+                log.warning("learner %s: checkpoint version %d was rolled back; resuming from version %d's weights",
+                            self.consumer, self.learner.version, good)
+
+    def _last_good(self, blocked: set[int]) -> int | None:
+        """The newest kept version no rollback blocked."""
+        if not blocked:
+            return self.weights.latest_version()
+        good = [v for v in self.weights.versions() if v not in blocked]
+        return max(good) if good else None
 
     def _set_version(self, version: int) -> None:
         # The Learner owns its version; bumping it through its own API keeps its invariants.
         while self.learner.version < version:
             self.learner.publish_version()
+
+    def _load_accounting(self, path: Path) -> None:
+        if path.is_file():
+            try:
+                self.accounting.load(json.loads(path.read_text()))
+            except ValueError as err:  # a corrupt side file: counting restarts, learning does not stop
+                log.error("learner %s: %s unreadable (%s); producer accounting restarts", self.consumer, path, err)
 
     # ---------------------------------------------------------------------------------- loop
 
@@ -328,12 +397,12 @@ class LearnerLoop(LoopReporting):
         before = self.learner.counters()
         try:
             self.learner.add(trajs)
-        except ValueError:  # one record the learner refuses (other exit layer, model): isolate it
+        except Exception:  # noqa: BLE001 - one record the learner cannot take must not stop it: isolate it
             for entry_id, traj in batch:
                 try:
                     self.learner.add([traj])
-                except ValueError as err:
-                    self._refuse(entry_id, traj, str(err))
+                except Exception as err:  # noqa: BLE001 - dead-lettered with its reason, never lost
+                    self._refuse(entry_id, traj, f"{type(err).__name__}: {err}")
         after = self.learner.counters()
         # of the added ones only: duplicates and stale ones pay nothing
         self._credit += step_credit(after["added"] - before["added"], after["tokens_seen"] - before["tokens_seen"],
@@ -391,16 +460,21 @@ class LearnerLoop(LoopReporting):
         self._checkpoint()
         metadata = {"step": str(self.learner.step), "model": str(self.split.model_id),
                     "exit_layer": str(self.split.exit_layer)}
-        try:
-            self.weights.publish(self.split.adapter_state(), version, self.consumer, metadata)
-        except ValueError as err:  # another learner on this namespace is ahead: skip past it
-            self.counters["publish_conflicts"] += 1
-            log.error("learner %s: weight version %d refused by the store (%s)", self.consumer, version, err)
-            latest = self.weights.latest_version() or 0
-            self._set_version(latest + 1)
-            version = self.learner.version
-            self._checkpoint()
-            self.weights.publish(self.split.adapter_state(), version, self.consumer, metadata)
+        for attempt in range(_PUBLISH_ATTEMPTS):
+            try:
+                self.weights.publish(self.split.adapter_state(), version, self.consumer, metadata)
+                break
+            except ValueError as err:  # another writer on this namespace is ahead: skip past it
+                self.counters["publish_conflicts"] += 1
+                log.error("learner %s: weight version %d refused by the store (%s)", self.consumer, version, err)
+                newest = getattr(err, "newest", None)  # the store's newest record (its pointer may be forged)
+                latest = max(newest if newest is not None else 0, self.weights.latest_version() or 0)
+                _check(attempt + 1 < _PUBLISH_ATTEMPTS and latest + 1 - self.learner.version <= self.config.max_version_jump,
+                       f"weight version {version} refused {attempt + 1} times; the store's newest is {latest} "
+                       f"(max_version_jump {self.config.max_version_jump})")
+                self._set_version(latest + 1)
+                version = self.learner.version
+                self._checkpoint()
         self._steps_since_publish = 0
         self._last_publish = self.clock()
         self.counters["published"] += 1
@@ -414,6 +488,13 @@ class LearnerLoop(LoopReporting):
     def _checkpoint(self) -> None:
         """Save the learner (if a directory is set), then ack every entry it now holds."""
         if self.config.checkpoint_dir is not None:
+            # Written (atomically) before the learner's checkpoint, never after: counts ahead of
+            # the checkpoint only see the replayed entries as duplicates; counts behind it would
+            # take every entry acked since for a hole.
+            path = _accounting_path(self.config.checkpoint_dir)
+            staging = path.with_name(path.name + ".tmp")
+            staging.write_text(json.dumps(self.accounting.state()))
+            os.replace(staging, path)
             self.learner.save_checkpoint(self.config.checkpoint_dir)
             self.counters["checkpoints"] += 1
         self._last_checkpoint = self.clock()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from common.types import Trajectory
@@ -160,3 +162,40 @@ def matches_model_distribution(model, prompt: list[int], counts: dict) -> float:
     expected = np.array([float(p1[a] * p2[a][b]) for a, b in cells], dtype=np.float64)
     expected *= observed.sum() / expected.sum()  # chisquare wants equal totals to ~1e-8
     return float(chisquare(observed, expected).pvalue)
+
+
+@functools.cache
+def stories_with_references(exit_layer: int, texts: tuple[str, ...], max_new_tokens: int):
+    """(stories260K split at `exit_layer`, prompt ids, the frozen model's greedy continuations,
+    the untrained adapter state): built once per argument set, for tests that check every answer
+    token for token. Reset the split with `split.load_adapter_state(untrained, 0)` between tests."""
+    from tests.tiny_models import stories_split
+
+    split = stories_split(exit_layer)
+    prompts, references = greedy_references(split, list(texts), max_new_tokens)
+    return split, prompts, references, split.adapter_state()
+
+
+def greedy_references(split, texts: list[str], max_new_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, the frozen model's own greedy continuation) for each text, decoded by Hugging
+    Face `generate`: what a lossless decoder must reproduce token for token."""
+    prompts = [split.tokenizer(text)["input_ids"] for text in texts]
+    references = []
+    for ids in prompts:
+        out = split.model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                                   eos_token_id=split.model.generation_config.eos_token_id, pad_token_id=0)
+        references.append(out[0, len(ids):].tolist())
+    return prompts, references
+
+
+def run_watcher(generator, seconds: float, poll_s: float = 0.5) -> None:
+    """Run `generator.watch` (the actor's weight-watcher loop) on a thread for `seconds`, then stop it."""
+    import threading
+    import time
+
+    stop = threading.Event()
+    watcher = threading.Thread(target=generator.watch, args=(stop, poll_s))
+    watcher.start()
+    time.sleep(seconds)
+    stop.set()
+    watcher.join(timeout=5)

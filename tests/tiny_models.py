@@ -59,3 +59,36 @@ def randomize_adapter(split: SplitModel, seed: int, scale: float = 0.5) -> None:
     g = torch.Generator().manual_seed(seed)
     state = {k: v if k == DRAFT_VOCAB_KEY else torch.randn(v.shape, generator=g) * scale for k, v in split.adapter_state().items()}
     split.load_adapter_state(state, version=split.weight_version + 1)
+
+
+def quantize_native(model, kind: str = "Q4_1") -> dict:
+    """Quantise every decoder-layer projection of `model` whose input size is a multiple of 32 to
+    the GGUF type `kind` (Q4_1 or Q8_0) with gguf's own quantiser, write the dequantised values
+    back into the model (so the HF forward uses the same weights) and return the native matrices
+    by HF module name, as `common.models.load_native_weights` returns them for a GGUF file."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    from common.native_weights import q4_1_matrix, q8_0_matrix
+
+    gguf_type = getattr(GGMLQuantizationType, kind)
+    decode = {"Q4_1": q4_1_matrix, "Q8_0": q8_0_matrix}[kind]
+    native = {}
+    for name, module in model.named_modules():
+        if ".layers." not in name or not isinstance(module, torch.nn.Linear) or module.in_features % 32:
+            continue
+        blocks = quants.quantize(module.weight.detach().numpy().astype(np.float32), gguf_type)
+        with torch.no_grad():
+            module.weight.copy_(torch.from_numpy(quants.dequantize(blocks, gguf_type)))
+        native[name] = decode(blocks, module.out_features, module.in_features)
+    return native
+
+
+def native_tiny_split(seed: int = 0, exit_layer: int = 2, kind: str = "Q4_1", **kwargs) -> SplitModel:
+    """A tiny random Llama (hidden 64: every projection quantisable) quantised in-test to `kind`,
+    split with its native matrices on the fast engine."""
+    kwargs.setdefault("hidden", 64)
+    model = tiny_llama(seed, **kwargs)
+    native = quantize_native(model, kind)
+    drafter = DrafterConfig(exit_layer=exit_layer, lora_rank=4, lora_alpha=8, draft_vocab_size=0)
+    return SplitModel(model, None, drafter, f"tiny-llama-{seed}-{kind}", native=native)

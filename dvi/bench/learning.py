@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 from typing import Sequence, TypeVar
 
-from common.prompts import skipped_summary
+from common.prompts import skipped_summary, spec_bench_task
 
 P = TypeVar("P")
 
@@ -218,3 +218,15 @@ def _finite(value):
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
+
+
+def select_per_task(questions: list, per_category: int | None, limit: int | None) -> list:
+    """The first `per_category` prompts of each Spec-Bench task (all when None), then the first `limit`."""
+    seen: dict[str, int] = {}
+    kept = []
+    for q in questions:
+        task = spec_bench_task(q.category)
+        seen[task] = seen.get(task, 0) + 1
+        if per_category is None or seen[task] <= per_category:
+            kept.append(q)
+    return kept[:limit] if limit is not None else kept

@@ -18,7 +18,11 @@ Fields of a result row (one per method x category, plus category "overall"):
                     computes that figure and the markdown report shows both;
   mean_accepted     tau: new tokens / verifier passes, pooled over the row's prompts (1.0 for
                     AR, None where a method's passes are unknown);
-  identical_to_ar   fraction of the row's prompts whose tokens equal hf_ar's, token for token.
+  identical_to_ar   fraction of the row's prompts whose tokens equal their reference's, token
+                    for token (`identity_references`): our own methods on native-precision weights
+                    against `ar` on the same weights (the lossless guarantee; `ar` itself and
+                    every HF method against hf_ar, which runs the dequantised fp32 weights:
+                    that agreement is reported, not required), llama_cpp_lookup against llama_cpp.
 """
 
 from __future__ import annotations
@@ -36,11 +40,14 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig
+from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig, ModelSpec
 from common.prompts import SkippedRequest, skipped_summary
+from dvi.bench.peers import PEER_METHODS
 
 REFERENCE = "hf_ar"
 BUILTIN_METHODS: tuple[str, ...] = ("hf_ar", "ar", "hf_prompt_lookup", "hf_early_exit", "dvi_context", "dvi")
+"""The default methods; PEER_METHODS (llama.cpp, an optional extra) run when --methods names them."""
+HF_METHODS = frozenset({"hf_ar", "hf_prompt_lookup", "hf_early_exit"})
 CONTEXT_ONLY = "dvi_context"
 """Our decoder drafting from the context only (the exit head off): the bar the learned drafter must clear."""
 OVERALL = "overall"
@@ -110,6 +117,14 @@ class SpeedSettings:
     """Torch dtype of the base model."""
     device: str = "cpu"
     """Torch device, e.g. cpu or cuda:0."""
+    weights: str = ModelSpec.weights
+    """Precision of our own methods' weights for a GGUF model: native (the file's Q4_1/Q8_0
+    blocks) or dequantized (fp32); HF's methods always run the dequantised fp32 model."""
+    held_out: bool = False
+    """Time only the held-out half of the prompts (the half `--learn` never trains on), before
+    --per-category and --limit pick from it."""
+    threads: int | None = None
+    """CPU threads of every method (torch's and llama.cpp's); None = torch's current setting."""
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
@@ -124,9 +139,10 @@ class SpeedSettings:
             raise ValueError(f"--confidence-threshold must be in [0, 1], got {self.confidence_threshold}")
         if self.warmup < 0:
             raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
-        unknown = [m for m in self.methods if m not in BUILTIN_METHODS]
+        unknown = [m for m in self.methods if m not in BUILTIN_METHODS + PEER_METHODS]
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}: choose from {', '.join(BUILTIN_METHODS)}")
+            raise ValueError(f"unknown method(s) {unknown}: choose from {', '.join(BUILTIN_METHODS + PEER_METHODS)}")
+        ModelSpec(model=self.model, dtype=self.dtype, device=self.device, engine=self.engine, weights=self.weights)
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"--methods lists a method twice: {', '.join(self.methods)}")
         if REFERENCE not in self.methods:
@@ -157,7 +173,7 @@ class SpeedSettings:
         for name, directory in self.variants:
             if not _NAME.match(name):
                 raise ValueError(f"variant name {name!r} must start with a letter and hold only letters, digits, _ . -")
-            if name in BUILTIN_METHODS or name in seen:
+            if name in BUILTIN_METHODS + PEER_METHODS or name in seen:
                 raise ValueError(f"variant name {name!r} is already a method")
             if not directory:
                 raise ValueError(f"variant {name!r} needs an adapter directory (NAME=ADAPTER_DIR)")
@@ -310,6 +326,9 @@ def build_methods(split, settings: SpeedSettings, counter: PassCounter, drafters
         "hf_early_exit": lambda: _hf_method(model, device, counter, {**stop, "assistant_early_exit": settings.exit_layer}),
         CONTEXT_ONLY: lambda: decoder_method(split, replace(settings.decode_config(), gamma=0)),
     }
+    threads = settings.threads or torch.get_num_threads()
+    for name in PEER_METHODS:
+        makers[name] = lambda name=name: _peer_method(split, settings, threads, lookup=name.endswith("_lookup"))
     dvi_config = settings.decode_config()
     for name, drafter in drafters.items():
         makers[name] = lambda drafter=drafter: decoder_method(drafter, dvi_config)
@@ -319,6 +338,35 @@ def build_methods(split, settings: SpeedSettings, counter: PassCounter, drafters
     if "hf_early_exit" in settings.all_methods:
         configure_hf_early_exit(model, settings)
     return {name: makers[name]() for name in settings.all_methods}
+
+
+def _peer_method(split, settings: SpeedSettings, threads: int, lookup: bool) -> MethodFn:
+    from common.models import gguf_file
+    from dvi.bench.peers import llama_cpp_method
+
+    path = gguf_file(settings.model)
+    if path is None:
+        raise ValueError(f"methods {', '.join(PEER_METHODS)} run the model's GGUF file; '{settings.model}' has none")
+    return llama_cpp_method(path, threads, settings.max_new_tokens, split.eos_token_ids, lookup=lookup,
+                            context=split.max_positions or 8192)
+
+
+def identity_references(methods: list[str], native: bool) -> dict[str, str]:
+    """The method each method's output is compared with, token for token (`identical_to_ar`).
+
+    Our methods on native weights are compared with `ar` on the same weights when `ar` ran (the
+    losslessness that holds by construction); everything else, `ar` included, with hf_ar (HF
+    generate on the dequantised fp32 model), and llama_cpp_lookup with llama_cpp when it ran."""
+    refs = {}
+    for method in methods:
+        ours = method not in HF_METHODS and method not in PEER_METHODS
+        if ours and native and method != "ar" and "ar" in methods:
+            refs[method] = "ar"
+        elif method == "llama_cpp_lookup" and "llama_cpp" in methods:
+            refs[method] = "llama_cpp"
+        else:
+            refs[method] = REFERENCE
+    return refs
 
 
 @contextmanager
@@ -410,16 +458,19 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def aggregate(records: list[RunRecord], reference: str = REFERENCE) -> list[dict]:
+def aggregate(records: list[RunRecord], reference: str = REFERENCE,
+              identity: dict[str, str] | None = None) -> list[dict]:
     """Rows (dicts with exactly ROW_FIELDS), category "overall" first, then categories in the
     order they first appear; within a category, methods in the order they first appear.
 
-    Ratios are of totals over the row's prompts (see the module docstring). Fields that cannot be
-    computed (no reference runs, unknown verifier passes, zero time) are None.
+    Ratios are of totals over the row's prompts (see the module docstring). `identity` maps a
+    method to the method its tokens are compared with (default: `reference` for all). Fields that
+    cannot be computed (no reference runs, unknown verifier passes, zero time) are None.
     """
     methods = _ordered(r.method for r in records)
     categories = [OVERALL] + _ordered(r.category for r in records)
-    reference_ids = {r.prompt_index: r.token_ids for r in records if r.method == reference}
+    identity = identity or {}
+    tokens_of = {(r.method, r.prompt_index): r.token_ids for r in records}
 
     def select(method: str, category: str) -> list[RunRecord]:
         return [r for r in records if r.method == method and category in (OVERALL, r.category)]
@@ -437,7 +488,8 @@ def aggregate(records: list[RunRecord], reference: str = REFERENCE) -> list[dict
                 continue
             tokens = sum(r.tokens for r in rows)
             passes = [r.verifier_passes for r in rows]
-            known = [r for r in rows if r.prompt_index in reference_ids]
+            against = identity.get(method, reference)
+            known = [r for r in rows if (against, r.prompt_index) in tokens_of]
             tokens_per_s = speed(rows)
             out.append({
                 "method": method,
@@ -449,7 +501,7 @@ def aggregate(records: list[RunRecord], reference: str = REFERENCE) -> list[dict
                 "speedup_vs_hf_ar": _ratio(tokens_per_s, reference_speed),
                 "mean_accepted": tokens / sum(passes) if None not in passes and sum(passes) > 0 else None,
                 "identical_to_ar": (
-                    sum(r.token_ids == reference_ids[r.prompt_index] for r in known) / len(known) if known else None
+                    sum(r.token_ids == tokens_of[(against, r.prompt_index)] for r in known) / len(known) if known else None
                 ),
             })
     return out
@@ -541,7 +593,8 @@ def markdown_report(model: str, machine: dict, settings: dict, table: str) -> st
         "",
         "speedup (totals) = (total tokens / total seconds) / hf_ar's, the `speedup_vs_hf_ar` of speed.json;",
         "speedup (Spec-Bench mean) = mean per-prompt tokens/s / hf_ar's, as Spec-Bench reports it;",
-        "tau = new tokens per verifier pass; identical = fraction of prompts whose output equals hf_ar's.",
+        "tau = new tokens per verifier pass; identical = fraction of prompts whose output equals its reference's",
+        f"({settings.get('identity_references_text', 'hf_ar')}).",
         "",
     ])
 
@@ -577,13 +630,14 @@ def plot_speedups(rows: list[dict], path: Path, title: str) -> None:
 
 def write_reports(
     out_dir: str | Path, model: str, machine: dict, settings: dict, records: list[RunRecord],
+    identity: dict[str, str] | None = None,
     skipped: Sequence[SkippedRequest] = (),
 ) -> tuple[list[dict], str]:
     """Write speed.json, speed.md, speed.png and speed_runs.jsonl (every timed run) under
     out_dir; return (rows, markdown table). `skipped`: prompts that could not be served."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = aggregate(records)
+    rows = aggregate(records, identity=identity)
     table = markdown_table(rows, spec_bench_speedups(records))
     payload = {"model": model, "machine": machine, "settings": settings, **skipped_summary(skipped), "runs": rows}
     (out / "speed.json").write_text(json.dumps(payload, indent=2) + "\n")
@@ -614,7 +668,8 @@ def settings_record(settings: SpeedSettings, prompts_used: int) -> dict:
         "EOS and max_new_tokens stop every method",
         speedup_vs_hf_ar="ratio of totals: (sum tokens / sum seconds) / hf_ar's on the same prompts",
         mean_accepted="sum new tokens / sum verifier passes (HF methods: calls of the last decoder layer)",
-        identical_to_ar="fraction of prompts whose new tokens equal hf_ar's token for token",
+        identical_to_ar="fraction of prompts whose new tokens equal their reference's token for token "
+        "(identity_references)",
         hf_prompt_lookup={"prompt_lookup_num_tokens": PROMPT_LOOKUP_NUM_TOKENS, "max_matching_ngram_size": 2},
     )
     if "hf_early_exit" in settings.methods:

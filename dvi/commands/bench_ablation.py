@@ -61,7 +61,7 @@ def _run(model_id, prompts_path, adapter, out: Path, decode, levers, limit, per_
     from common.speculative import SpeculativeDecoder
     from dvi.bench import ablation as bench
     from dvi.bench import speed
-    from dvi.bench.learning import split_train_eval
+    from dvi.bench.learning import select_per_task, split_train_eval
 
     meta, tensors = read_adapter_dir(adapter)
     drafter = bench.drafter_config_of(meta)
@@ -87,7 +87,7 @@ def _run(model_id, prompts_path, adapter, out: Path, decode, levers, limit, per_
     questions = load_prompts(prompts_path)
     if held_out:
         questions = split_train_eval(questions)[1]
-    questions = _select(questions, per_category, limit)
+    questions = select_per_task(questions, per_category, limit)
     checker = SpeculativeDecoder(base)
     kept, skipped = encode_workload(questions, base.tokenizer, lambda ids: checker.check_request(ids, decode),
                                     max_new_tokens=decode.max_new_tokens, context=base.max_positions)
@@ -122,15 +122,3 @@ def _run(model_id, prompts_path, adapter, out: Path, decode, levers, limit, per_
     bench.write_reports(out, payload, markdown)
     sys.stdout.write(markdown + "\n")
     console.print(f"wrote {out / 'ablation.json'}, ablation.md")
-
-
-def _select(questions: list, per_category: int | None, limit: int | None) -> list:
-    """The first `per_category` prompts of each Spec-Bench task (all when None), then the first `limit`."""
-    seen: dict[str, int] = {}
-    kept = []
-    for q in questions:
-        task = spec_bench_task(q.category)
-        seen[task] = seen.get(task, 0) + 1
-        if per_category is None or seen[task] <= per_category:
-            kept.append(q)
-    return kept[:limit] if limit is not None else kept

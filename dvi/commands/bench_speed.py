@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig
+from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig, ModelSpec
 from common.prompts import spec_bench_task
 from dvi import options
 from dvi.bench.speed import SpeedSettings
@@ -18,7 +19,8 @@ from dvi.progress import progress_bar
 _METHODS_HELP = (
     "Comma-separated built-in methods, in order: hf_ar (HF generate, the reference), ar (our loop, gamma 0), "
     "hf_prompt_lookup, hf_early_exit, dvi_context (our decoder, context drafting only), dvi (the default drafter, "
-    "frozen, or --adapter). Default: all six."
+    "frozen, or --adapter); and the peers llama_cpp, llama_cpp_lookup (pip install -e '.[peers]'). "
+    "Default: the first six."
 )
 
 
@@ -88,6 +90,10 @@ def speed(
     warmup: int = typer.Option(3, "--warmup", help="Prompts run through every method before timing (not recorded)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
     device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda:0."),
+    weights: options.Weights = ModelSpec.weights,
+    held_out: bool = typer.Option(
+        False, "--held-out", help="Time only the held-out half (the prompts `--learn` never trains on), then apply --per-category/--limit."
+    ),
     threads: options.Threads = None,
 ) -> None:
     """Time every method on the same prompts (batch 1, greedy, interleaved) and write a report."""
@@ -121,15 +127,22 @@ def speed(
         warmup=warmup,
         dtype=dtype,
         device=device,
+        weights=weights,
+        held_out=held_out,
+        threads=threads,
     )
-    ModelSpec(model=model, dtype=dtype, device=device, engine=engine)  # validates before the slow load
     if adapter:
         _check_adapter_dir("--adapter", adapter)
     for name, directory in settings.variants:
         _check_adapter_dir(f"--variant {name}", directory)
     if per_category is not None and per_category < 1:
         raise ValueError(f"--per-category must be >= 1, got {per_category}")
-    questions = load_prompts(prompts, limit, per_task=per_category)
+    if held_out:
+        from dvi.bench.learning import select_per_task, split_train_eval
+
+        questions = select_per_task(split_train_eval(load_prompts(prompts))[1], per_category, limit)
+    else:
+        questions = load_prompts(prompts, limit, per_task=per_category)
     with options.torch_threads(threads):
         _run(settings, questions, out)
 
@@ -147,7 +160,8 @@ def _run(settings, questions: list, out: str) -> None:
     from dvi.bench.learning import split_train_eval
 
     drafter = settings.drafter_config()
-    spec = ModelSpec(model=settings.model, dtype=settings.dtype, device=settings.device, drafter=drafter, engine=settings.engine)
+    spec = ModelSpec(model=settings.model, dtype=settings.dtype, device=settings.device, drafter=drafter,
+                     engine=settings.engine, weights=settings.weights)
     split = SplitModel.load(spec)
     learning_prompts, timed = split_train_eval(questions) if settings.learn else ([], questions)
     checker = SpeculativeDecoder(split)
@@ -187,10 +201,17 @@ def _run(settings, questions: list, out: str) -> None:
     record["agreement"] = bench.drafter_agreement(drafters, encoded, records)
     record["agreement_measure"] = ("top-1 agreement of each drafter's exit head with the verifier at every position "
                                    "of the timed prompts plus hf_ar's output, ungated (common/agreement.py)")
+    identity = bench.identity_references(names, split.weights == "native")
+    record.update(
+        weights_used=split.weights,
+        native_kernels={role: dataclasses.asdict(k) for role, k in (split.native_kernels or {}).items()},
+        identity_references=identity,
+        identity_references_text="; ".join(f"{m} vs {r}" for m, r in identity.items() if m != r),
+    )
     if settings.learn:
         record["learning"] = {"prompts": len(learning_ids), "split": "per category: the first half learns, "
                               "the second half is timed", "schedules": learning}
-    _, markdown = bench.write_reports(out, settings.model, machine, record, records, skipped)
+    _, markdown = bench.write_reports(out, settings.model, machine, record, records, identity=identity, skipped=skipped)
     sys.stdout.write(markdown + "\n")
     console.print(f"wrote {Path(out) / 'speed.json'}, speed.md, speed.png, speed_runs.jsonl")
 
@@ -206,7 +227,8 @@ def _drafters(settings, split, learning_ids: list, out: Path, console) -> tuple[
 
     def fresh_drafter() -> SplitModel:
         # another exit head on the same frozen base model: no second copy of its weights
-        return SplitModel(split.model, split.tokenizer, settings.drafter_config(), settings.model, engine=settings.engine)
+        return SplitModel(split.model, split.tokenizer, settings.drafter_config(), settings.model, engine=settings.engine,
+                          native=split.native)
 
     if settings.adapter:
         split.load_adapter(settings.adapter)

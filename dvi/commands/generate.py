@@ -12,11 +12,12 @@ from dvi import options
 from dvi.cli import app
 
 
-def load_split(model: str, exit_layer: int, adapter: str | None, dtype: str = "float32", device: str = "cpu"):
+def load_split(model: str, exit_layer: int, adapter: str | None, dtype: str = "float32", device: str = "cpu",
+               weights: str = ModelSpec.weights):
     """Build the SplitModel for CLI commands (validated configs, optional adapter)."""
     from common.model_split import SplitModel
 
-    spec = ModelSpec(model=model, dtype=dtype, device=device, drafter=DrafterConfig(exit_layer=exit_layer))
+    spec = ModelSpec(model=model, dtype=dtype, device=device, drafter=DrafterConfig(exit_layer=exit_layer), weights=weights)
     split = SplitModel.load(spec)
     if adapter:
         split.load_adapter(adapter)
@@ -46,6 +47,7 @@ class TextStreamer:
 def generate(
     prompt: str = typer.Option(..., "--prompt", help="The user message (the chat template is applied when the model has one)."),
     model: options.Model = DEFAULT_MODEL,
+    weights: options.Weights = ModelSpec.weights,
     exit_layer: options.ExitLayer = DrafterConfig.exit_layer,
     gamma: options.Gamma = DecodeConfig.gamma,
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; > 0 samples losslessly."),
@@ -65,7 +67,7 @@ def generate(
         raise ValueError("prompt is empty")
     config = DecodeConfig(gamma=gamma, temperature=temperature, max_new_tokens=max_new_tokens, lookup_tokens=lookup_tokens,
                           confidence_threshold=confidence_threshold, adaptive_gamma=adaptive_gamma)
-    split = load_split(model, exit_layer, adapter)
+    split = load_split(model, exit_layer, adapter, weights=weights)
     ids = encode_prompt(split.tokenizer, prompt)
     generator = torch.Generator().manual_seed(seed)
     result = SpeculativeDecoder(split).generate(ids, config, generator=generator, on_tokens=TextStreamer(split.tokenizer))

@@ -7,7 +7,6 @@ Spec-Bench dev prompts, with a live table of tau per weight version as the draft
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,14 +22,6 @@ from dvi.driver import RunConfig
 from dvi.cli import app
 
 DEFAULT_WORKLOAD = SPEC_BENCH_DEV
-SECRET_ENV = "DVI_WEIGHT_SECRET"
-
-
-def _secret() -> bytes | None:
-    value = os.environ.get(SECRET_ENV)
-    return value.encode() if value else None
-
-
 def _workload(path: Path) -> Path:
     if not path.is_file():
         raise ValueError(
@@ -85,12 +76,16 @@ def run(
     namespace: Optional[str] = typer.Option(None, "--namespace", help="Redis key prefix (default: a fresh dvi:<run id>)."),
     dtype: str = typer.Option("float32", "--dtype", help="Base weights dtype: float32, float16, bfloat16."),
     seed: int = typer.Option(0, "--seed", help="Base sampling seed."),
+    weight_secret_file: Optional[Path] = typer.Option(
+        None, "--weight-secret-file", help="File holding the weight-signing secret (default: see below)."),
     live: bool = typer.Option(False, "--live/--no-live", help="Show the live table (default: one line per request)."),
     truncate_prompts: options.TruncatePrompts = RunConfig.truncate_prompts,
 ) -> None:
     """Serve WORKLOAD on N Ray actors while the learner improves the drafter; write OUT/summary.json.
 
-    The weight-record HMAC secret is read from $DVI_WEIGHT_SECRET (unset: sha256 only).
+    Weight records are always signed: the secret comes from --weight-secret-file, else
+    $DVI_WEIGHT_SECRET / $DVI_WEIGHT_SECRET_FILE, else (local Ray) a fresh one in OUT/weight-secret,
+    else (a cluster) each node's ~/.dvi/weight-secret.
     """
     config = RunConfig(
         workload=_workload(workload),
@@ -112,7 +107,7 @@ def run(
         redis_url=redis_url,
         ray_address=ray_address,
         namespace=namespace,
-        secret=_secret(),
+        secret_file=weight_secret_file,
         seed=seed,
         truncate_prompts=truncate_prompts,
     )
@@ -151,7 +146,6 @@ def demo(
         learner=_learner_config(2e-3, 2e-3, None, 16),
         limit=limit,
         redis_url=redis_url,
-        secret=_secret(),
         truncate_prompts=truncate_prompts,
     )
     _execute(config, live=live)

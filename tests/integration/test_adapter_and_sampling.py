@@ -1,12 +1,13 @@
 """The adapter changes only the drafter; speculative sampling keeps the model's distribution."""
 
+import pytest
 import torch
 from scipy.stats import chisquare
 
 from common.config import DecodeConfig
 from common.speculative import SpeculativeDecoder
 from tests.helpers import head_only, matches_model_distribution, sample_two_tokens
-from tests.tiny_models import randomize_adapter, tiny_split
+from tests.tiny_models import native_tiny_split, randomize_adapter, tiny_split
 
 
 def test_adapter_changes_drafter_but_never_verifier():
@@ -52,9 +53,16 @@ def test_adapter_state_round_trip_and_shape_check():
     assert other.weight_version == 7
 
 
-def test_speculative_sampling_matches_model_distribution_at_temperature_one():
+@pytest.mark.parametrize("weights", ["fp32", "native"])
+def test_speculative_sampling_matches_model_distribution_at_temperature_one(weights):
+    """Also on native weights (a tiny Llama quantised in-test to Q4_1, the kernels the probe picks
+    here): the HF model carries the dequantised values, so its distribution is the target."""
     vocab = 6
-    split = tiny_split(seed=2, exit_layer=1, vocab=vocab, hidden=16, layers=3)
+    if weights == "native":
+        split = native_tiny_split(seed=2, exit_layer=1, vocab=vocab, hidden=32, layers=3)
+        assert split.weights == "native"
+    else:
+        split = tiny_split(seed=2, exit_layer=1, vocab=vocab, hidden=16, layers=3)
     randomize_adapter(split, 2, scale=1.0)  # q far from p: the rejection path does real work
     split.eos_token_ids = set()  # let every sample run two tokens
     prompt = [3, 1, 4]

@@ -4,6 +4,10 @@ Set DVI_TEST_REDIS_URL to test against another server (a dead URL forces the pri
 
 Every test gets its own random key prefix (`redis_ns`) and its keys are deleted afterwards, so
 tests running at the same time against the shared server never see each other's data.
+
+Service processes always verify weight signatures; the test session signs with
+`TEST_WEIGHT_SECRET`, set in the environment here, before any Ray starts (a local Ray's actors
+inherit it).
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import redis
 from common.redis_util import PrivateRedis, RedisUnreachableError, connect
 
 SHARED_URL = os.environ.get("DVI_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+TEST_WEIGHT_SECRET = b"dvi-test-weight-secret"
+os.environ["DVI_WEIGHT_SECRET"] = TEST_WEIGHT_SECRET.decode()
+os.environ.pop("DVI_WEIGHT_SECRET_FILE", None)
 
 
 @pytest.fixture(scope="session")

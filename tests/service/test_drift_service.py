@@ -9,11 +9,8 @@ Face greedy decoding of the frozen model: the guards change speed, never output.
 
 from __future__ import annotations
 
-import functools
 import io
 import json
-import threading
-import time
 
 import pytest
 import torch
@@ -27,7 +24,7 @@ from common.transport import TrajectoryStream, TransportConfig
 from common.weights import WeightStore
 from dvi.cli import main
 from dvi.monitor import render
-from tests.helpers import head_only
+from tests.helpers import head_only, run_watcher, stories_with_references
 from tests.tiny_models import stories_split
 
 pytestmark = pytest.mark.slow
@@ -40,21 +37,10 @@ OPENINGS = ["Once upon a time", "The little dog", "Tom and Sue", "One day, a bir
 GUARD = DriftGuardConfig(window=64, min_baseline_tokens=64)
 
 
-@functools.cache
-def split_and_references():
-    split = stories_split(EXIT_LAYER)
-    prompts = [split.tokenizer(text)["input_ids"] for text in OPENINGS]
-    references = []
-    for ids in prompts:  # plain greedy decoding of the frozen model, as Hugging Face does it
-        out = split.model.generate(torch.tensor([ids]), max_new_tokens=DECODE.max_new_tokens, do_sample=False,
-                                   eos_token_id=split.model.generation_config.eos_token_id, pad_token_id=0)
-        references.append(out[0, len(ids):].tolist())
-    return split, prompts, references, split.adapter_state()
-
-
 @pytest.fixture
 def stories():
-    split, prompts, references, untrained = split_and_references()
+    split, prompts, references, untrained = stories_with_references(
+        EXIT_LAYER, tuple(OPENINGS), DECODE.max_new_tokens)
     split.load_adapter_state(untrained, 0)  # each test starts from the untrained drafter at version 0
     return split, prompts, references, untrained
 
@@ -113,16 +99,17 @@ def test_bad_version_is_rolled_back_and_the_learner_monitor_and_report_hear_of_i
     assert gen.version == 1 and gen.blocked_versions == [2]
     after = serve(gen, prompts, references, 3, "after")
     assert {r["version"] for r in after} == {1} and gen.sync_weights() == 1
+    # The verdict is stored in Redis: a restarted actor (fresh process, version 0) never takes
+    # version 2, and resumes from the newest good one.
+    split.load_adapter_state(untrained, 0)
+    restarted = Generator(split, GeneratorConfig(actor_id="actor-0", learn=False, drift_guard=GUARD), weights=store)
+    assert restarted.sync_weights() == 1 and restarted.blocked_versions == [2]
+    assert store.blocked_versions() == {2}
     # An idle actor's weight watcher neither takes version 2 again nor spins on it.
     calls = []
     latest_version = store.latest_version
     store.latest_version = lambda: calls.append(1) or latest_version()
-    stop = threading.Event()
-    watcher = threading.Thread(target=gen.watch, args=(stop, 0.5))
-    watcher.start()
-    time.sleep(1.0)
-    stop.set()
-    watcher.join(timeout=5)
+    run_watcher(gen, 1.0)
     del store.latest_version
     assert gen.version == 1 and len(calls) <= 8, len(calls)  # ~2 per poll; a busy loop makes thousands
     status = gen.status()

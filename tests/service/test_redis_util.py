@@ -1,7 +1,9 @@
-"""connect / embedded_redis against real redis-server processes, and the shared retry loop."""
+"""connect / embedded_redis against real redis-server processes, and redis-py's retries across a restart."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -16,7 +18,7 @@ from common.redis_util import (
     embedded_redis,
     free_port,
     redact,
-    with_retries,
+    redis_call,
 )
 
 
@@ -85,26 +87,48 @@ def test_bad_urls_and_redaction() -> None:
     assert redact("redis://host:6379/0") == "redis://host:6379/0"
 
 
-def test_with_retries_is_bounded() -> None:
-    calls: list[int] = []
+def test_redis_call_turns_what_the_client_could_not_retry_into_a_service_error() -> None:
+    def gone() -> None:
+        raise redis.ConnectionError("reset by peer")
 
-    def flaky() -> str:
-        calls.append(1)
-        if len(calls) < 3:
-            raise redis.ConnectionError("reset by peer")
-        return "ok"
-
-    assert with_retries(flaky, what="PING", retries=3, backoff_s=0.0) == "ok" and len(calls) == 3
-    calls.clear()
-    with pytest.raises(ServiceError, match="PING failed after 2 attempts: reset by peer"):
-        with_retries(flaky, what="PING", retries=2, backoff_s=0.0)
-    assert len(calls) == 2
+    with pytest.raises(ServiceError, match="PING failed: Redis unreachable \\(reset by peer\\)"):
+        redis_call(gone, what="PING")
 
     def broken() -> None:
-        calls.append(1)
         raise redis.ResponseError("WRONGTYPE")
 
-    calls.clear()
-    with pytest.raises(redis.ResponseError):  # not a connection problem: no retry
-        with_retries(broken, what="GET", retries=3, backoff_s=0.0)
-    assert len(calls) == 1
+    with pytest.raises(redis.ResponseError):  # not a connection problem: unchanged
+        redis_call(broken, what="GET")
+    assert redis_call(lambda: "ok", what="GET") == "ok"
+
+
+def test_the_client_retries_with_backoff_across_a_restart_and_the_aof_keeps_the_data(tmp_path) -> None:
+    """redis-py's own Retry rides out a kill -9 and restart on the same AOF; no hand-written loop."""
+    server = PrivateRedis(directory=tmp_path).start()
+    try:
+        client = connect(server.url, retries=8, backoff_s=0.05)
+        client.set("k", "v")
+        time.sleep(1.2)  # appendfsync everysec: the write is on disk after a second
+        server.kill()
+        restart = threading.Timer(0.3, server.start)
+        restart.start()
+        started = time.monotonic()
+        assert client.get("k") == b"v"  # refused, backed off, retried until the server was back
+        assert time.monotonic() - started >= 0.25
+        restart.join()
+        server.kill()
+        short = connect(server.url, retries=1, backoff_s=0.01, ping=False)
+        with pytest.raises(ServiceError, match="GET k failed: Redis unreachable"):
+            redis_call(lambda: short.get("k"), what="GET k")
+    finally:
+        server.stop()
+
+
+def test_a_password_file_supplies_the_password_a_url_lacks(password_server, tmp_path, monkeypatch) -> None:
+    secret = tmp_path / "redis-password"
+    secret.write_text("s3cret\n")
+    monkeypatch.setenv("DVI_REDIS_PASSWORD_FILE", str(secret))
+    assert connect(password_server.url).ping()
+    monkeypatch.setenv("DVI_REDIS_PASSWORD_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ServiceError, match="cannot read the Redis password file"):
+        connect(password_server.url)

@@ -43,7 +43,7 @@ def test_publish_fetch_round_trip_is_bit_exact(redis_client, redis_ns) -> None:
     with pytest.raises(WeightNotFoundError, match="no adapter weights published"):
         store.fetch()
     tensors = _adapter(0)
-    tensors["exit.q_proj.lora_A"][0, :3] = torch.tensor([float("nan"), -0.0, float("inf")])
+    tensors["exit.q_proj.lora_A"][0, :3] = torch.tensor([1e-45, -0.0, 3.4e38])  # subnormal, -0, near max
     published = store.publish(tensors, version=1, learner_id="learner-0", metadata={"step": "10"})
     record = store.fetch()
     assert store.latest_version() == 1 and store.versions() == [1]
@@ -191,3 +191,91 @@ def test_malformed_notices_are_ignored(redis_client, redis_ns) -> None:
         redis_client.publish(store.channel, b"not json")
         redis_client.publish(store.channel, json.dumps({"version": "9"}))
         assert subscriber.wait(newer_than=None, timeout_s=0.2) is None
+
+
+# ---- the adversarial suite (issue 14): every forgery refused, nothing spins ------------------
+
+
+def _store(client, ns: str, secret: bytes | None = SECRET, model_id: str = "stories260K", exit_layer: int = 2):
+    return WeightStore(client, ns, secret, model_id=model_id, exit_layer=exit_layer)
+
+
+def test_a_record_verifies_only_in_its_own_run_model_exit_layer_and_version(redis_client, redis_ns) -> None:
+    run_a = _store(redis_client, f"{redis_ns}:a")
+    run_a.publish(_adapter(1), version=1, learner_id="learner-0")
+    record = {k.decode(): v for k, v in redis_client.hgetall(f"{redis_ns}:a:weights:v:1").items()}
+    # cross-run replay: the same bytes and signature copied into another run's namespace
+    redis_client.hset(_record_key(f"{redis_ns}:b", 1), mapping=record)
+    with pytest.raises(WeightIntegrityError, match="signature mismatch"):
+        _store(redis_client, f"{redis_ns}:b").fetch(1)
+    # the same run's record read by a drafter of another model or exit layer
+    for other in (_store(redis_client, f"{redis_ns}:a", model_id="smollm2"), _store(redis_client, f"{redis_ns}:a", exit_layer=3)):
+        with pytest.raises(WeightIntegrityError, match="signature mismatch"):
+            other.fetch(1)
+    # relabelled as a later version (the record's own version field rewritten to match)
+    redis_client.hset(_record_key(f"{redis_ns}:a", 7), mapping={**record, "version": "7"})
+    with pytest.raises(WeightIntegrityError, match="signature mismatch"):
+        run_a.fetch(7)
+    assert run_a.fetch(1).version == 1
+
+
+def test_unsigned_and_non_finite_weights_are_refused_before_anyone_swaps_them(redis_client, redis_ns) -> None:
+    signed = _store(redis_client, redis_ns)
+    unsigned = WeightStore(redis_client, redis_ns, model_id="stories260K", exit_layer=2)
+    unsigned.publish(_adapter(1), version=1, learner_id="evil")
+    with pytest.raises(WeightIntegrityError, match="version 1 is unsigned"):
+        signed.fetch(1)
+    poisoned = _adapter(2)
+    poisoned["exit.q_proj.lora_A"][:] = float("nan")
+    with pytest.raises(ValueError, match="non-finite values in exit.q_proj.lora_A: not published"):
+        signed.publish(poisoned, version=2, learner_id="learner-0")
+    # written around the store (valid sha256 of NaN bytes): refused on fetch, signed or not
+    from safetensors.torch import save
+
+    blob = save(poisoned)
+    redis_client.hset(_record_key(redis_ns, 3), mapping={
+        "tensors": blob, "sha256": hashlib.sha256(blob).hexdigest(), "version": "3", "created_at": "1.0",
+        "learner_id": "evil", "metadata": "{}", "signature": ""})
+    with pytest.raises(WeightIntegrityError, match="non-finite values in exit.q_proj.lora_A"):
+        unsigned.fetch(3)
+
+
+def test_a_forged_latest_pointer_is_ignored_and_does_not_block_publishing(redis_client, redis_ns) -> None:
+    store = _store(redis_client, redis_ns)
+    store.publish(_adapter(1), version=1, learner_id="learner-0")
+    assert store.latest_version() == 1
+    redis_client.set(f"{redis_ns}:weights:latest", 10**12)
+    assert store.latest_version() is None  # its signature does not verify: ignored
+    store.publish(_adapter(2), version=2, learner_id="learner-0")  # judged by the stored records
+    assert store.latest_version() == 2
+    redis_client.set(f"{redis_ns}:weights:latest:sig", "0" * 64)
+    assert store.latest_version() is None
+
+
+def test_blocked_versions_are_stored_signed(redis_client, redis_ns) -> None:
+    store = _store(redis_client, redis_ns)
+    store.block(4, actor="actor-1", reason="acceptance 0.61 -> 0.02")
+    assert store.blocked_versions() == {4}
+    assert _store(redis_client, redis_ns).blocked_versions() == {4}  # another process, same run
+    WeightStore(redis_client, redis_ns).block(5, actor="evil", reason="unsigned")
+    redis_client.hset(f"{redis_ns}:weights:blocked", "6", "not json")
+    assert store.blocked_versions() == {4}  # unsigned and malformed verdicts ignored
+    assert _store(redis_client, f"{redis_ns}:other").blocked_versions() == set()
+
+
+def test_the_secret_comes_from_a_file_or_the_environment_never_from_arguments(tmp_path, monkeypatch) -> None:
+    from common.errors import ServiceError
+    from common.weights import load_secret, write_secret_file
+
+    monkeypatch.delenv("DVI_WEIGHT_SECRET", raising=False)
+    monkeypatch.delenv("DVI_WEIGHT_SECRET_FILE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.dvi/weight-secret
+    assert load_secret() is None
+    path = write_secret_file(tmp_path / "run" / "weight-secret")
+    assert path.stat().st_mode & 0o777 == 0o600 and len(load_secret(path)) == 64
+    monkeypatch.setenv("DVI_WEIGHT_SECRET_FILE", str(path))
+    assert load_secret() == path.read_bytes().strip()
+    monkeypatch.setenv("DVI_WEIGHT_SECRET", "from-env")
+    assert load_secret() == b"from-env"
+    with pytest.raises(ServiceError, match="cannot read the weight secret file"):
+        load_secret(tmp_path / "missing")

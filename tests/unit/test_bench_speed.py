@@ -117,3 +117,37 @@ def test_flag_parsing_and_validation():
         SpeedSettings(prompts="p", methods=("hf_ar", "dvi_context"), lookup_tokens=0)
     settings = SpeedSettings(prompts="p", methods=("hf_ar", "dvi"), variants=(("dvi_kl_only", "x"),))
     assert settings.all_methods == ("hf_ar", "dvi", "dvi_kl_only")
+
+
+def test_identity_references_compare_native_methods_with_our_own_ar():
+    from dvi.bench.speed import identity_references
+
+    methods = ["hf_ar", "ar", "hf_prompt_lookup", "dvi", "dvi_kl-only", "llama_cpp", "llama_cpp_lookup"]
+    native = identity_references(methods, native=True)
+    assert native == {"hf_ar": "hf_ar", "ar": "hf_ar", "hf_prompt_lookup": "hf_ar", "dvi": "ar",
+                      "dvi_kl-only": "ar", "llama_cpp": "hf_ar", "llama_cpp_lookup": "llama_cpp"}
+    assert identity_references(methods, native=False)["dvi"] == "hf_ar"
+    assert identity_references(["hf_ar", "dvi"], native=True)["dvi"] == "hf_ar"  # no ar ran
+
+
+def test_aggregate_compares_each_method_with_its_own_reference():
+    recs = records() + [
+        RunRecord("ar", 0, "q0", "A", (1, 2, 3, 9), 1.5, 4),
+        RunRecord("ar", 1, "q1", "B", (5, 7), 0.5, 2),
+    ]
+    by = {(r["method"], r["category"]): r for r in aggregate(recs, identity={"dvi": "ar"})}
+    assert by["dvi", "overall"]["identical_to_ar"] == 0.5  # q0 differs from ar, q1 equals it
+    assert by["dvi", "B"]["identical_to_ar"] == 1.0
+    assert by["ar", "overall"]["identical_to_ar"] == 0.0  # ar against hf_ar (no entry: the default)
+    assert by["hf_prompt_lookup", "overall"]["identical_to_ar"] == 1.0
+
+
+def test_peer_methods_are_accepted_but_not_default():
+    from dvi.bench.peers import PEER_METHODS
+    from dvi.bench.speed import BUILTIN_METHODS
+
+    assert not set(PEER_METHODS) & set(BUILTIN_METHODS)
+    settings = SpeedSettings(prompts="p.jsonl", methods=("hf_ar", "ar", "llama_cpp", "llama_cpp_lookup"))
+    assert settings.all_methods == ("hf_ar", "ar", "llama_cpp", "llama_cpp_lookup")
+    with pytest.raises(ValueError, match="weights"):
+        SpeedSettings(prompts="p.jsonl", weights="int3")

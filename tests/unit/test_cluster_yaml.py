@@ -48,11 +48,27 @@ def _check_commands(config: dict) -> None:
     gcs_port = int(re.search(r"ray start --head .*?--port=(\d+)", head_cmds).group(1))
     assert gcs_port != REDIS_PORT
     assert f"--address=$RAY_HEAD_IP:{gcs_port}" in worker_cmds
-    assert f"redis-server --daemonize yes --port {REDIS_PORT}" in head_cmds
+    assert f"redis-server ~/.dvi/redis-auth.conf --daemonize yes --port {REDIS_PORT}" in head_cmds
     for cmds in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
         starts = [c for c in cmds if "ray start" in c]
         assert starts and all(f"--metrics-export-port={METRICS_PORT}" in c for c in starts)
-    assert config["file_mounts"] == {"~/dvi": "."}
+        assert all("RAY_AUTH_MODE=token" in c for c in starts)  # Ray token authentication on every node
+    _check_secured(config, head_cmds)
+
+
+SECRETS = ("weight-secret", "redis-password", "ray-auth-token")
+
+
+def _check_secured(config: dict, head_cmds: str) -> None:
+    """Issue 14: Redis needs a password and binds no wildcard, keeps an AOF; the dashboard is
+    localhost-only; the secrets arrive as files, never as arguments."""
+    redis_cmd = next(c for c in config["head_start_ray_commands"] if "redis-server" in c)
+    assert "--protected-mode yes" in redis_cmd and "0.0.0.0" not in redis_cmd
+    assert "--appendonly yes --appendfsync everysec" in redis_cmd
+    assert "requirepass" in " ".join(config["head_setup_commands"])
+    assert "--requirepass" not in redis_cmd  # not on the command line, where `ps` shows it
+    assert "--dashboard-host=127.0.0.1" in head_cmds and "0.0.0.0" not in head_cmds
+    assert config["file_mounts"] == {"~/dvi": ".", **{f"~/.dvi/{s}": f"~/.dvi/{s}" for s in SECRETS}}
     assert any("pip install -e ~/dvi" in c for c in config["setup_commands"])
     assert any("redis-server" in c for c in config["head_setup_commands"])
 

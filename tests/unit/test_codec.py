@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from common.codec import DEFAULT_MAX_MESSAGE_BYTES, CodecError, decode_trajectory, encode_trajectory
+from common.codec import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    CodecError,
+    RecordLimits,
+    decode_trajectory,
+    encode_trajectory,
+)
 from common.types import SCHEMA_VERSION
 from tests.helpers import assert_trajectories_equal, make_trajectory
 
@@ -137,14 +143,20 @@ def _set_tensor(name: str, **fields):
             _mutated(_set_tensor("token", shape=[-3])),
             "tensor token: shape must be a list of non-negative ints",
         ),
-        (_mutated(_set_tensor("token", shape=[10**12, 10**12])), "tensor token: 24 bytes, expected"),
+        (_mutated(_set_tensor("token", shape=[10**12])), "tensor token: dimension over"),
+        # a zero next to a huge dimension has the right byte count (0) and would overflow numpy
+        (_mutated(_set_tensor("verified_topk_ids", shape=[0, 2**62], data=b"")), "tensor verified_topk_ids: dimension over"),
+        (_mutated(_set_tensor("token", shape=[1] * 65)), "tensor token: rank 65, expected 1"),
         (_mutated(_set_tensor("token", data="abc")), "tensor token: data must be bytes"),
         (
             _mutated(_set_tensor("accepted", data=b"\x01\x02\x00")),
             "tensor accepted: bool bytes must be 0 or 1",
         ),
-        # shape [1, 3] with the right byte count passes the codec but not Trajectory.validate
-        (_mutated(_set_tensor("token", shape=[1, 3])), "invalid trajectory: token must be a rank-1"),
+        (_mutated(_set_tensor("token", shape=[1, 3])), "tensor token: rank 2, expected 1"),
+        (
+            _mutated(lambda m: m["scalars"].update(request_id="r" * 7_000_000)),
+            "invalid trajectory: request_id must have 1..256 characters",
+        ),
         (
             _mutated(lambda m: m["scalars"].update(weight_version="3")),
             "invalid trajectory: weight_version must be int",
@@ -162,3 +174,53 @@ def test_each_malformation_has_its_reason(data: bytes, reason: str) -> None:
 def test_non_bytes_payload_is_refused() -> None:
     with pytest.raises(CodecError, match="payload must be bytes, got str"):
         decode_trajectory("not bytes", DEFAULT_MAX_MESSAGE_BYTES)  # type: ignore[arg-type]
+
+
+# make_trajectory's defaults: hidden size 16, exit layer 2, token ids below 100
+LIMITS = RecordLimits(vocab_size=100, hidden_size=16, exit_layer=2)
+
+
+def _limit_reason(traj) -> str:
+    with pytest.raises(CodecError) as info:
+        decode_trajectory(encode_trajectory(traj), limits=LIMITS)
+    return str(info.value)
+
+
+def test_a_record_that_fits_the_model_passes_its_limits() -> None:
+    traj = make_trajectory(n_drafted=5, seed=8)
+    assert_trajectories_equal(decode_trajectory(encode_trajectory(traj), limits=LIMITS), traj)
+
+
+def test_records_are_validated_against_the_model() -> None:
+    traj = make_trajectory(n_drafted=5, seed=9)
+    traj.token[0] = 100  # one past the vocabulary: an IndexError in the learner, before the check
+    assert _limit_reason(traj) == "token holds token ids outside [0, 100)"
+    traj = make_trajectory(n_drafted=5, seed=9)
+    traj.verifier_topk_ids[1, 0] = -1
+    assert _limit_reason(traj) == "verifier_topk_ids holds token ids outside [0, 100)"
+    assert _limit_reason(make_trajectory(n_drafted=5, hidden=8)).startswith("hidden has 8 columns")
+    assert _limit_reason(make_trajectory(n_drafted=5, exit_layer=3)) == "exit_layer 3, this drafter's is 2"
+    traj = make_trajectory(n_drafted=5, seed=9)
+    traj.verifier_topk_logprobs[0, 0] = float("nan")
+    assert _limit_reason(traj).startswith("verifier_topk_logprobs holds values that are not log-probabilities")
+
+
+def test_random_corruption_raises_only_codec_errors() -> None:
+    """Seeded byte flips, truncations and splices of valid records: CodecError or a valid record."""
+    rng = np.random.default_rng(0)
+    good = encode_trajectory(make_trajectory(n_drafted=6, seed=10))
+    for _ in range(400):
+        data = bytearray(good)
+        kind = rng.integers(3)
+        if kind == 0:
+            for pos in rng.integers(len(data), size=rng.integers(1, 8)):
+                data[pos] = int(rng.integers(256))
+        elif kind == 1:
+            data = data[: rng.integers(len(data))]
+        else:
+            cut = rng.integers(len(data))
+            data = data[:cut] + bytes(rng.integers(256, size=rng.integers(1, 64), dtype=np.uint8)) + data[cut:]
+        try:
+            decode_trajectory(bytes(data), limits=LIMITS)
+        except CodecError:
+            pass

@@ -85,3 +85,12 @@ def test_demo_state_renders_its_story():
     assert len(state.actors) == 3 and 100 < len(state.history) <= 500
     text = _text(render(state))
     assert "a0" in text and "rollback" in text
+
+
+def test_an_actor_row_shows_redis_outages_held_and_lost_trajectories():
+    state = _state()
+    first, second = sorted(state.actors)
+    state.actors[first].update(redis_ok=0, outbox=5, redis_outages=1, trajectories_lost=0)
+    state.actors[second].update(redis_ok=1, outbox=0, redis_outages=2, trajectories_lost=3)
+    text = _text(render(state), width=160)
+    assert f"{first} redis down (5 held)" in text and f"{second} redis x2 3 lost" in text

@@ -1,0 +1,73 @@
+"""Lossless on native weights: speculative decoding equals our own AR at the same (GGUF-precision)
+weights, token for token (the sampling-distribution test runs on native weights too, in
+test_adapter_and_sampling.py); the shipped SmolLM2 file maps onto the fast engine exactly."""
+
+import pytest
+import torch
+
+from common.config import DecodeConfig
+from common.packed_linear import NATIVE_KERNELS_ENV, NativeLinear
+from common.speculative import SpeculativeDecoder
+from tests.helpers import head_only
+from tests.tiny_models import native_tiny_split, randomize_adapter
+
+PROMPTS = [[5, 17, 33, 2 + 7, 9, 41], [3, 3, 3, 8, 3, 3, 8], [60, 61, 62, 63, 60, 61], [11]]
+
+
+def native_layers(split) -> int:
+    return sum(isinstance(getattr(layer, role), NativeLinear) for layer in split._fast.layers
+               for role in ("qkv", "o", "gate_up", "down"))
+
+
+@pytest.mark.parametrize("kernels", ["gguf", "int4", "dense", "gguf,dense", "dense,int4"])
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_speculative_equals_autoregressive_on_native_weights(monkeypatch, kernels, kind):
+    """Kernel combinations (one row, block; gguf runs dense where no compiled kernel is here), the
+    exit head drafting (random LoRA, so it is often wrong) and context drafting: greedy output is
+    our AR's at the same native weights."""
+    monkeypatch.setenv(NATIVE_KERNELS_ENV, kernels)
+    split = native_tiny_split(seed=5, exit_layer=2, kind=kind, vocab=96, layers=4)
+    assert split.weights == "native" and split.engine == "fast"
+    assert native_layers(split) == 4 * 4
+    randomize_adapter(split, 5, scale=0.3)
+    split.eos_token_ids = set()
+    decoder = SpeculativeDecoder(split)
+    drafted = 0
+    for prompt in PROMPTS:
+        reference = decoder.generate(prompt, DecodeConfig.autoregressive(40)).token_ids
+        for config in (DecodeConfig(gamma=4, max_new_tokens=40, confidence_threshold=0.0),
+                       head_only(gamma=3, max_new_tokens=40)):
+            result = decoder.generate(prompt, config)
+            assert result.token_ids == reference, (kernels, kind, prompt)
+            drafted += result.verifier_passes < len(result.token_ids)
+    assert drafted  # some blocks committed more than one token
+
+
+def test_native_split_reproduces_the_dequantised_hf_forward():
+    """The HF model holds the dequantised values of the same blocks: the native fast engine's
+    logits agree with its forward to fp32 rounding (the load-time parity check, made explicit)."""
+    split = native_tiny_split(seed=6, exit_layer=2)
+    ok, err = split._parity()
+    assert ok and err < 1e-4
+
+
+@pytest.mark.slow
+def test_smollm2_native_weights_are_the_gguf_blocks_and_speculation_is_lossless(smollm2_split):
+    from common.prompts import encode_prompt, load_prompts
+    from tests.tiny_models import SPEC_BENCH
+
+    split = smollm2_split
+    assert split.weights == "native"
+    stack = split._fast
+    assert set(stack.native_kernels) == {"qkv", "o", "gate_up", "down", "lm_head"}
+    assert isinstance(stack.lm_head, NativeLinear) and stack.lm_head.kind == "Q8_0"
+    for native in split.native.values():
+        assert native.kind in ("Q4_1", "Q8_0")
+    # every native matrix applies exactly the weights transformers dequantised from the same file
+    for name, native in list(split.native.items())[:: 7] + [("lm_head", split.native["lm_head"])]:
+        assert torch.equal(native.dequantize(), split.model.get_submodule(name).weight), name
+    decoder = SpeculativeDecoder(split)
+    for prompt in load_prompts(SPEC_BENCH, limit=40)[5::13]:  # 3 prompts from different categories
+        ids = encode_prompt(split.tokenizer, prompt.text)
+        reference = decoder.generate(ids, DecodeConfig.autoregressive(24)).token_ids
+        assert decoder.generate(ids, DecodeConfig(gamma=4, max_new_tokens=24)).token_ids == reference

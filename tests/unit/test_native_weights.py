@@ -1,0 +1,142 @@
+"""Native GGUF precision: the block decoding is gguf's own, torch's int4 kernel applies exactly
+those weights, and the fast engine picks its kernels per role and row count."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+
+from common import gguf_kernels
+from common.native_weights import AffineInt4, concat_rows, q4_1_matrix, q8_0_matrix
+from common.packed_linear import NATIVE_KERNEL_NAMES, NATIVE_KERNELS_ENV, NativeKernels, NativeLinear, choose_native_kernels, int4_layout
+
+DECODERS = {"Q4_1": q4_1_matrix, "Q8_0": q8_0_matrix}
+
+
+def gguf_blocks(kind: str, rows: int, cols: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(blocks, gguf's dequantisation) of a random [rows, cols] matrix quantised to `kind`."""
+    weight = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32) * 0.05
+    t = getattr(GGMLQuantizationType, kind)
+    blocks = quants.quantize(weight, t)
+    return blocks, quants.dequantize(blocks, t)
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_block_decoding_reproduces_gguf_dequantisation_bit_for_bit(kind):
+    blocks, reference = gguf_blocks(kind, 48, 96)
+    matrix = DECODERS[kind](blocks, 48, 96)
+    assert matrix.shape == (48, 96) and matrix.kind == kind
+    assert len(matrix.parts) == (1 if kind == "Q4_1" else 2)
+    for part in matrix.parts:
+        assert part.q.dtype == torch.uint8 and int(part.q.max()) <= 15
+    assert torch.equal(matrix.dequantize(), torch.from_numpy(reference))
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_int4_kernel_applies_exactly_the_gguf_weights(kind):
+    """Multiplying by the identity reads every weight back out of torch's int4 kernel unchanged:
+    its (q - 8) * scale + zero convention with zero = offset + 8 * scale is exact."""
+    blocks, reference = gguf_blocks(kind, 48, 128, seed=1)
+    matrix = DECODERS[kind](blocks, 48, 128)
+    assert all(int4_layout(p) is not None for p in matrix.parts)
+    linear = NativeLinear(matrix)
+    assert linear.int4_exact
+    assert torch.equal(linear.run(torch.eye(128), "int4").t(), torch.from_numpy(reference))
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+def test_native_matmul_matches_the_dequantised_fp32_matmul(kind, rows):
+    """Both kernels against F.linear on the dequantised weight. Tolerance: 1e-5 relative to the
+    product's scale (sum |x||w| per output): the same weights, fp32 accumulation in another order."""
+    blocks, reference = gguf_blocks(kind, 64, 256, seed=2)
+    weight = torch.from_numpy(reference)
+    bias = torch.randn(64)
+    linear = NativeLinear(DECODERS[kind](blocks, 64, 256), bias)
+    x = torch.randn(rows, 256)
+    expected = torch.nn.functional.linear(x, weight, bias)
+    scale = x.abs() @ weight.abs().t() + bias.abs()
+    assert set(linear.available()) >= {"int4", "dense"}
+    for kernel in linear.available():
+        got = linear.run(x, kernel)
+        assert got.shape == (rows, 64) and got.dtype == torch.float32
+        assert bool(((got - expected).abs() <= 1e-5 * scale).all()), kernel
+
+
+def test_select_keeps_only_the_chosen_layouts_and_routes_by_row_count():
+    blocks, _ = gguf_blocks("Q4_1", 32, 64)
+    linear = NativeLinear(q4_1_matrix(blocks, 32, 64))
+    x1, x3 = torch.randn(1, 64), torch.randn(3, 64)
+    want1, want3 = linear.run(x1, "int4"), linear.run(x3, "dense")
+    linear.select(NativeKernels(one_row="int4", block="dense"))
+    assert torch.equal(linear(x1), want1) and torch.equal(linear(x3), want3)
+    linear.select(NativeKernels("int4", "int4"))
+    assert linear.available() == ["int4"]  # the other layouts are freed once nothing uses them
+
+
+def test_rows_not_a_multiple_of_16_run_dense():
+    blocks, reference = gguf_blocks("Q4_1", 40, 64)
+    linear = NativeLinear(q4_1_matrix(blocks, 40, 64), kernels=NativeKernels("int4", "int4"))
+    assert not linear.int4_exact and linear.kernels == NativeKernels("dense", "dense")
+    x = torch.randn(1, 64)
+    assert torch.allclose(linear(x), x @ torch.from_numpy(reference).t(), atol=1e-5)
+
+
+def test_inexact_zero_point_falls_back_to_dense():
+    """A block whose zero (offset + 8 scale) does not fit fp32 exactly would change the weights in
+    the int4 kernel: such a matrix runs dense only, whatever is asked."""
+    blocks, _ = gguf_blocks("Q4_1", 32, 32)
+    matrix = q4_1_matrix(blocks, 32, 32)
+    part = matrix.parts[0]
+    offset = part.offset.clone()
+    offset[0, 0] = 1.0 + 2.0**-20  # exact in fp32, but offset + 8 * 2^-30 is not
+    scale = part.scale.clone()
+    scale[0, 0] = 2.0**-30
+    odd = AffineInt4((type(part)(part.q, scale, offset),), "Q4_1")
+    linear = NativeLinear(odd, kernels=NativeKernels("int4", "int4"))
+    assert not linear.int4_exact and linear.kernels == NativeKernels("dense", "dense")
+    x = torch.randn(2, 32)
+    assert torch.allclose(linear(x), x @ odd.dequantize().t(), atol=1e-5)
+
+
+def test_concat_rows_stacks_parts():
+    a, _ = gguf_blocks("Q8_0", 8, 64, seed=3)
+    b, _ = gguf_blocks("Q8_0", 4, 64, seed=4)
+    ma, mb = q8_0_matrix(a, 8, 64), q8_0_matrix(b, 4, 64)
+    both = concat_rows([ma, mb])
+    assert both.shape == (12, 64)
+    assert torch.equal(both.dequantize(), torch.cat([ma.dequantize(), mb.dequantize()]))
+    with pytest.raises(ValueError):
+        concat_rows([ma, q4_1_matrix(gguf_blocks("Q4_1", 4, 64)[0], 4, 64)])
+
+
+def test_kernel_choice_is_timed_or_fixed_by_the_environment(monkeypatch):
+    linears = [NativeLinear(q4_1_matrix(gguf_blocks("Q4_1", 64, 64, seed=s)[0], 64, 64)) for s in range(3)]
+    monkeypatch.setenv(NATIVE_KERNELS_ENV, "dense,int4")
+    assert choose_native_kernels(linears) == NativeKernels("dense", "int4")
+    assert all(lin.kernels == NativeKernels("dense", "int4") for lin in linears)
+    monkeypatch.delenv(NATIVE_KERNELS_ENV)
+    fresh = [NativeLinear(q4_1_matrix(gguf_blocks("Q4_1", 64, 64, seed=s)[0], 64, 64)) for s in range(3)]
+    choice = choose_native_kernels(fresh)
+    assert choice.one_row in NATIVE_KERNEL_NAMES and choice.block in NATIVE_KERNEL_NAMES
+    assert all(set(lin.available()) == {choice.one_row, choice.block} for lin in fresh)
+    with pytest.raises(ValueError):
+        NativeKernels("fp16", "int4")
+
+
+@pytest.mark.skipif(not gguf_kernels.available(), reason="no C compiler or no AVX2/FMA here: the engine uses torch's kernels")
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_gguf_block_kernel_matches_gguf_and_is_row_invariant(kind):
+    """The C kernel on the blocks as stored: the dequantised product to 1e-5 of its scale, and each
+    row's result bit for bit the same in a one-row call and inside blocks of 2..20 rows (so a
+    verify block and an AR step agree exactly)."""
+    blocks, reference = gguf_blocks(kind, 80, 192, seed=7)
+    weight = torch.from_numpy(reference)
+    kernel = gguf_kernels.GgufBlocks(DECODERS[kind](blocks, 80, 192))
+    x = torch.randn(20, 192)
+    expected = x @ weight.t()
+    got = kernel(x)
+    assert bool(((got - expected).abs() <= 1e-5 * (x.abs() @ weight.abs().t())).all())
+    for rows in (1, 2, 5, 16, 20):
+        assert torch.equal(kernel(x[:rows]), got[:rows])
+    assert torch.equal(kernel(x[7:8]), got[7:8])
