@@ -165,13 +165,14 @@ def matches_model_distribution(model, prompt: list[int], counts: dict) -> float:
 
 
 @functools.cache
-def stories_with_references(exit_layer: int, texts: tuple[str, ...], max_new_tokens: int):
+def stories_with_references(exit_layer: int, texts: tuple[str, ...], max_new_tokens: int,
+                            exit_init_layer: int | None = None):
     """(stories260K split at `exit_layer`, prompt ids, the frozen model's greedy continuations,
     the untrained adapter state): built once per argument set, for tests that check every answer
     token for token. Reset the split with `split.load_adapter_state(untrained, 0)` between tests."""
     from tests.tiny_models import stories_split
 
-    split = stories_split(exit_layer)
+    split = stories_split(exit_layer, exit_init_layer=exit_init_layer)
     prompts, references = greedy_references(split, list(texts), max_new_tokens)
     return split, prompts, references, split.adapter_state()
 

@@ -43,12 +43,13 @@ def tiny_split(seed: int = 0, exit_layer: int = 2, engine: str = "fast", draft_v
     return SplitModel(model, None, drafter, f"tiny-llama-{seed}", engine=engine)
 
 
-def stories_split(exit_layer: int = 2, engine: str = "fast", draft_vocab_size: int = 0) -> SplitModel:
+def stories_split(exit_layer: int = 2, engine: str = "fast", draft_vocab_size: int = 0,
+                  exit_init_layer: int | None = None) -> SplitModel:
     """The real 5-layer stories260K Llama split at `exit_layer`, its exit head untrained (no warm
-    start is looked up: tests do not depend on the user's cache)."""
+    start is looked up: tests do not depend on the user's cache); `exit_init_layer` as in DrafterConfig."""
     from common.config import ModelSpec
 
-    drafter = DrafterConfig(exit_layer=exit_layer, draft_vocab_size=draft_vocab_size)
+    drafter = DrafterConfig(exit_layer=exit_layer, draft_vocab_size=draft_vocab_size, exit_init_layer=exit_init_layer)
     return SplitModel.load(ModelSpec(model=str(STORIES), drafter=drafter, engine=engine, warm_start=False))
 
 

@@ -30,6 +30,10 @@ from tests.tiny_models import stories_split
 pytestmark = pytest.mark.slow
 
 EXIT_LAYER = 3
+# The untrained exit head copied from the last layer (4) accepts ~0.47 of its drafts on these
+# openings, which makes it the "good" version here; copied from layer k (the default) it accepts
+# ~0.24, too close to a broken version's 0 for a 64-token drift window.
+EXIT_INIT_LAYER = 4
 DECODE = head_only(gamma=4, max_new_tokens=32)  # the exit head drafts every block: its acceptance is what drifts
 OPENINGS = ["Once upon a time", "The little dog", "Tom and Sue", "One day, a bird", "Lily wanted to",
             "There was a big", "The cat was sad because", "In the park"]
@@ -40,7 +44,7 @@ GUARD = DriftGuardConfig(window=64, min_baseline_tokens=64)
 @pytest.fixture
 def stories():
     split, prompts, references, untrained = stories_with_references(
-        EXIT_LAYER, tuple(OPENINGS), DECODE.max_new_tokens)
+        EXIT_LAYER, tuple(OPENINGS), DECODE.max_new_tokens, exit_init_layer=EXIT_INIT_LAYER)
     split.load_adapter_state(untrained, 0)  # each test starts from the untrained drafter at version 0
     return split, prompts, references, untrained
 
@@ -131,7 +135,7 @@ def test_bad_version_is_rolled_back_and_the_learner_monitor_and_report_hear_of_i
     assert state.actors["actor-0"]["rollbacks"] == 1 and state.actors["actor-0"]["blocked_versions"] == [2]
 
     # ... which is how the learner hears of it, in its ordinary poll
-    learner = Learner(stories_split(EXIT_LAYER), LearnerConfig())
+    learner = Learner(stories_split(EXIT_LAYER, exit_init_layer=EXIT_INIT_LAYER), LearnerConfig())
     learner_metrics = MetricsRecorder(backend="memory")
     loop = LearnerLoop(learner, TrajectoryStream(redis_client, transport), store,
                        LearnerLoopConfig(block_ms=0, publish_every_steps=1000, publish_every_s=1e6),
