@@ -61,8 +61,8 @@ def learn_online(
 
     config = LearnerConfig(
         schedule=ScheduleConfig(kind=schedule),
-        head_lr=settings.learn_lr,
-        lora_lr=settings.learn_lr,
+        head_lr=settings.learn_lr or LearnerConfig.head_lr,
+        lora_lr=settings.learn_lr or LearnerConfig.lora_lr,
         batch_tokens=settings.learn_batch_tokens,
         replay_capacity_tokens=max(LearnerConfig.replay_capacity_tokens, settings.learn_batch_tokens),
         staleness_policy="importance",  # in-process, versions move every few steps: keep the whole FIFO

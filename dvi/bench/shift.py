@@ -57,7 +57,7 @@ class ShiftSettings:
     """The drafter's shape (exit layer, draft vocabulary)."""
     learn_updates_per_request: int = SpeedSettings.learn_updates_per_request
     """Optimiser steps per request."""
-    learn_lr: float = SpeedSettings.learn_lr
+    learn_lr: float | None = SpeedSettings.learn_lr
     """AdamW lr of every trainable tensor."""
     learn_batch_tokens: int = SpeedSettings.learn_batch_tokens
     """Scored positions per optimiser step."""

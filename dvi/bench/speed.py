@@ -97,8 +97,8 @@ class SpeedSettings:
     half, next to that drafter frozen (`dvi`) and the context drafting alone (`dvi_context`)."""
     learn_updates_per_request: int = 4
     """Optimiser steps after each learning request."""
-    learn_lr: float = 3e-3
-    """AdamW lr of every LoRA tensor while learning."""
+    learn_lr: float | None = None
+    """AdamW lr of every trainable tensor while learning; None: LearnerConfig's (the service's) rates."""
     learn_batch_tokens: int = 256
     """Scored positions per optimiser step while learning."""
     learn_publish_every: int = 8
@@ -167,7 +167,7 @@ class SpeedSettings:
         for name in ("learn_updates_per_request", "learn_batch_tokens", "learn_publish_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not self.learn_lr > 0:
+        if self.learn_lr is not None and not self.learn_lr > 0:
             raise ValueError(f"--learn-lr must be > 0, got {self.learn_lr}")
         seen = set(self.methods) | {learned_name(kind) for kind in self.learn}
         for name, directory in self.variants:

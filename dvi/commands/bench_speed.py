@@ -79,7 +79,8 @@ def speed(
         "dvi_<schedule> on the second half.",
     ),
     learn_updates_per_request: int = typer.Option(4, "--learn-updates-per-request", help="Optimiser steps after each learning request."),
-    learn_lr: float = typer.Option(3e-3, "--learn-lr", help="AdamW lr of the LoRA tensors while learning."),
+    learn_lr: Optional[float] = typer.Option(
+        SpeedSettings.learn_lr, "--learn-lr", help="AdamW lr of every trainable tensor while learning (default: the service's LearnerConfig rates)."),
     learn_batch_tokens: int = typer.Option(256, "--learn-batch-tokens", help="Scored positions per optimiser step while learning."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Trained adapter directory for the dvi method."),
     variant: Optional[list[str]] = typer.Option(
