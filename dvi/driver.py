@@ -258,9 +258,6 @@ def run_service(
     from common.prompts import load_prompts
 
     prompts = load_prompts(config.workload, config.limit)  # bad workload: fail before starting anything
-    preflight(config)  # bad model, exit layer, secret: fail before Redis and Ray start
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     run_started = time.time()
     run_id = uuid.uuid4().hex[:12]
     namespace = config.namespace or f"dvi:{run_id}"
@@ -272,10 +269,10 @@ def run_service(
         if on_phase is not None:
             on_phase(state)
 
-    phase(f"preparing {config.model} (the first run converts a GGUF model to safetensors once)")
-    from common.models import resolve_model_path
-
-    resolve_model_path(config.model)  # an unknown model fails here, before Redis and Ray start
+    phase(f"checking {config.model} (the first run converts a GGUF model to safetensors once)")
+    preflight(config)  # bad model, exit layer, secret: fail before Redis and Ray start
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
     phase("connecting to Redis")
     with resolve_redis(config.redis_url) as redis_url:
         state.redis_url = redis_url
