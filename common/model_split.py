@@ -246,6 +246,12 @@ class SplitModel:
             split.start_from_warm_start()
         return split
 
+    def sibling(self, drafter_config: DrafterConfig, engine: str | None = None) -> "SplitModel":
+        """Another drafter (`drafter_config`, untrained) on this split's frozen base model and its
+        native weights: no second copy of either. `engine` defaults to the one this split runs."""
+        return SplitModel(self.model, self.tokenizer, drafter_config, self.model_id,
+                          engine=engine or self.engine, native=self.native)
+
     def start_from_warm_start(self) -> Path | None:
         """Load the first warm start (common/warm_start.py) that fits this drafter, at weight
         version 0; returns its directory, or None (logged) when none fits: the head stays untrained."""

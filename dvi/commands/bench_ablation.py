@@ -75,7 +75,7 @@ def _run(model_id, prompts_path, adapter, out: Path, decode, levers, limit, per_
         key = (v.engine, v.trained, v.draft_vocab_size)
         if key not in splits:
             config = dataclasses.replace(drafter, draft_vocab_size=v.draft_vocab_size)
-            s = SplitModel(base.model, base.tokenizer, config, model_id, engine=v.engine)
+            s = base.sibling(config, v.engine)
             if v.trained:
                 state = dict(tensors)
                 if not v.draft_vocab_size:

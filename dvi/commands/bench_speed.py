@@ -227,9 +227,7 @@ def _drafters(settings, split, learning_ids: list, out: Path, console) -> tuple[
     from dvi.bench.online import learn_online
 
     def fresh_drafter() -> SplitModel:
-        # another exit head on the same frozen base model: no second copy of its weights
-        return SplitModel(split.model, split.tokenizer, settings.drafter_config(), settings.model, engine=settings.engine,
-                          native=split.native)
+        return split.sibling(settings.drafter_config(), settings.engine)
 
     if settings.adapter:
         split.load_adapter(settings.adapter)

@@ -148,7 +148,7 @@ def _run(out, model, exit_layer, draft_vocab_size, seeds, max_new_tokens, temper
     if ship:
         shipped = SHIPPED_DIR / warm_start_name(split.fingerprint, split.exit_layer)
         sizes["shipped_bytes_bf16"] = bf16_copy(adapter, shipped)
-        check = SplitModel(split.model, split.tokenizer, drafter, model, engine=split.engine)
+        check = split.sibling(drafter)
         check.load_adapter(shipped)
         print(f"warmstart: shipped a bf16 copy ({sizes['shipped_bytes_bf16']} bytes) in {shipped}")
         sizes["shipped_agreement"] = agreement(check, targets).rate

@@ -87,3 +87,22 @@ def test_hot_swap_and_save_load_carry_the_full_rank_layer(tmp_path, engine):
     lora_only = split_with(engine=engine, full_rank_exit_layer=False)
     with pytest.raises(AdapterError):
         lora_only.load_adapter(tmp_path / "a")
+
+
+def test_a_sibling_drafter_shares_the_frozen_base_and_starts_untrained():
+    from common.config import DrafterConfig
+    from tests.tiny_models import randomize_adapter, tiny_split
+
+    split = tiny_split(seed=0, exit_layer=2)
+    untrained = split.adapter_state()
+    randomize_adapter(split, seed=1)
+    other = split.sibling(DrafterConfig(exit_layer=1, lora_rank=4, lora_alpha=8))
+    assert other.model is split.model and other.native is split.native and other.engine == split.engine
+    assert other.exit_layer == 1 and split.exit_layer == 2
+    same = split.sibling(split.drafter_config).adapter_state()  # untrained, not the randomized copy:
+    copies = [k for k in untrained if ".block." in k]  # the full-rank copy of layer k, as built
+    zeros = [k for k in untrained if "lora_B" in k]  # LoRA B starts at zero (A is drawn at random)
+    assert copies and zeros
+    assert all(torch.equal(same[k], untrained[k]) for k in copies)
+    assert all(not same[k].any() for k in zeros)
+    assert split.sibling(split.drafter_config, "hf").engine == "hf"
