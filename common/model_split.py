@@ -47,6 +47,11 @@ DRAFT_VOCAB_KEY = "dvi.draft_vocab"
 DEFAULT_CACHE_CAPACITY = 1024
 ENGINES = ("fast", "hf")
 _PARITY_ATOL = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}
+_NATIVE_PARITY_SCALE = 1e-3
+"""With native weights the tolerance is at least this share of the largest reference logit: the
+kernels apply the same weight values but sum in their own order (torch's int4 kernel differs from
+the dequantised fp32 forward by about 2e-3 on SmolLM2's logits of magnitude ~20), while an
+unsupported architecture differs by O(1)."""
 
 
 def causal_mask(q_len: int, past_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
@@ -294,7 +299,10 @@ class SplitModel:
             step = self.deep(self.shallow(ids[:, 5:], pos[:, 5:], cache), pos[:, 5:], cache)
             mine = torch.cat([chunk, step], dim=1).float()
         err = float((reference - mine).abs().max()) if torch.isfinite(mine).all() else float("inf")
-        return bool(torch.allclose(reference, mine, atol=_PARITY_ATOL.get(self.dtype, 1e-3), rtol=1e-3)), err
+        atol = _PARITY_ATOL.get(self.dtype, 1e-3)
+        if self._fast is not None and self.native:
+            atol = max(atol, _NATIVE_PARITY_SCALE * float(reference.abs().max()))
+        return bool(torch.allclose(reference, mine, atol=atol, rtol=1e-3)), err
 
     def _check_parity(self) -> None:
         """Refuse architectures whose forward this split does not reproduce (e.g. scaled embeddings)."""
