@@ -6,15 +6,16 @@ can fix (bad flags, unknown models, unreachable services) surface as one line on
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
 
 import click
-import typer
 
 from common.errors import DVIError
 from common.runtime import quiet_libraries
+from dvi.app import app
 
 try:  # recent typer ships its own copy of click, whose usage errors are not click's
     from typer._click.exceptions import ClickException as _VendoredClickException
@@ -22,27 +23,15 @@ except ImportError:  # pragma: no cover - depends on the installed typer
     _VendoredClickException = None
 _CLICK_ERRORS = tuple(e for e in (click.exceptions.ClickException, _VendoredClickException) if e)
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="Draft, Verify, and Improve: lossless self-speculative decoding with an online-trained drafter.",
-)
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print and save tables and plots.")
-app.add_typer(bench_app, name="bench")
+COMMAND_MODULES = ("generate", "bench_speed", "bench_ablation", "bench_shift", "train", "warmstart", "service",
+                   "dashboard", "monitor", "report")
+"""The modules under `dvi/commands/` that register commands on `dvi.app`, in `--help` order. Each is
+imported outright: a command whose module fails to import is an error, never a silent gap in `--help`."""
 
 
 def _register() -> None:
-    # Imported lazily so `dvi --help` stays fast; each module adds its own commands.
-    from dvi.commands import generate  # noqa: F401
-
-    for optional in ("bench_speed", "bench_ablation", "bench_shift", "train", "warmstart", "service", "dashboard",
-                     "monitor", "report"):
-        try:
-            __import__(f"dvi.commands.{optional}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"dvi.commands.{optional}":
-                raise
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"dvi.commands.{name}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +61,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # `python -m dvi.cli` runs this file as __main__; commands register on the importable module.
-    from dvi.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -13,7 +13,7 @@ import typer
 from common.config import DEFAULT_MODEL, DecodeConfig
 from common.prompts import spec_bench_task
 from dvi import options
-from dvi.cli import bench_app
+from dvi.app import bench_app
 from dvi.progress import progress_bar
 
 

@@ -12,7 +12,7 @@ import typer
 from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig
 from dvi import options
 from dvi.bench.shift import ShiftSettings
-from dvi.cli import bench_app
+from dvi.app import bench_app
 from dvi.data import SPEC_BENCH_DEV
 from dvi.progress import progress_bar
 

@@ -13,7 +13,7 @@ from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig, ModelSpec
 from common.prompts import spec_bench_task
 from dvi import options
 from dvi.bench.speed import SpeedSettings
-from dvi.cli import bench_app
+from dvi.app import bench_app
 from dvi.progress import progress_bar
 
 _METHODS_HELP = (

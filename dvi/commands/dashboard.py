@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from dvi.cli import app
+from dvi.app import app
 
 dashboard_app = typer.Typer(no_args_is_help=True, help="Grafana dashboard of the service's Prometheus metrics.")
 app.add_typer(dashboard_app, name="dashboard")

@@ -9,7 +9,7 @@ import typer
 
 from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig, ModelSpec
 from dvi import options
-from dvi.cli import app
+from dvi.app import app
 
 
 def load_split(model: str, exit_layer: int, adapter: str | None, dtype: str = "float32", device: str = "cpu",

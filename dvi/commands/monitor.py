@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from common.redis_util import DEFAULT_REDIS_URL
-from dvi.cli import app
+from dvi.app import app
 
 
 @app.command()

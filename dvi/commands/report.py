@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from dvi.cli import app
+from dvi.app import app
 
 
 @app.command()

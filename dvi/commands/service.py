@@ -19,7 +19,7 @@ from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig
 from dvi import options
 from dvi.data import SPEC_BENCH_DEV
 from dvi.driver import RunConfig
-from dvi.cli import app
+from dvi.app import app
 
 DEFAULT_WORKLOAD = SPEC_BENCH_DEV
 def _workload(path: Path) -> Path:

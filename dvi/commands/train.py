@@ -19,7 +19,7 @@ import typer
 from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig
 from common.prompts import skipped_summary
 from dvi import options
-from dvi.cli import app, bench_app
+from dvi.app import app, bench_app
 from dvi.progress import progress_bar
 from learner.config import SCHEDULE_KINDS, LearnerConfig, ScheduleConfig
 

@@ -23,7 +23,7 @@ import typer
 
 from common.config import DEFAULT_MODEL, DrafterConfig
 from dvi import options
-from dvi.cli import app
+from dvi.app import app
 from learner.config import LearnerConfig
 from learner.warmstart import WarmStartConfig
 
