@@ -61,12 +61,11 @@ import torch
 from common.codec import CodecError
 from common.config import DecodeConfig
 from common.drift import ArFallback, ArFallbackConfig, DriftDecision, DriftGuard, DriftGuardConfig
-from common.errors import AdapterError, ServiceError
+from common.errors import AdapterError, ServiceError, WeightIntegrityError, WeightNotFoundError
 from common.model_split import SplitModel
 from common.prompts import encode_prompt, fit_to_context
 from common.speculative import GenerationResult, SpeculativeDecoder
-from common.transport import TrajectoryStream
-from common.weights import WeightIntegrityError, WeightNotFoundError, WeightStore
+from common.protocols import MetricsSink, TelemetrySink, TrajectorySink, WeightSource
 
 log = logging.getLogger(__name__)
 
@@ -153,13 +152,13 @@ class Generator:
         split: SplitModel,
         config: GeneratorConfig = GeneratorConfig(),
         *,
-        stream: TrajectoryStream | None = None,
-        weights: WeightStore | None = None,
-        metrics: Any = None,
-        telemetry: Any = None,
+        stream: TrajectorySink | None = None,
+        weights: WeightSource | None = None,
+        metrics: MetricsSink | None = None,
+        telemetry: TelemetrySink | None = None,
     ) -> None:
         if config.learn and stream is None:
-            raise ValueError("a generator with learn=True needs a TrajectoryStream")
+            raise ValueError("a generator with learn=True needs a trajectory sink (stream)")
         self.split = split
         self.config = config
         self.stream = stream

@@ -1,10 +1,13 @@
 """In-process transport: a trajectory stream and a weight store that live in one Python process.
 
-The same contracts as the Redis implementations (`common.transport.TrajectoryStream`,
-`common.weights.WeightStore`), minus the network: at-least-once delivery with per-consumer pending
-entries, ack, claim of idle entries and a dead-letter list; weight versions that strictly increase.
+The protocols of `common.protocols` (TrajectorySink and TrajectorySource; WeightPublisher and
+WeightSource), as the Redis implementations (`common.transport.TrajectoryStream`,
+`common.weights.WeightStore`) keep them, minus the network: at-least-once delivery with
+per-consumer pending entries, ack, claim of idle entries and a dead-letter list; the same wire
+codec; weight versions that strictly increase, a publish log and blocked (rolled-back) versions.
 `dvi train-local` runs the service's `learner.loop.LearnerLoop` over these, and tests use them to
-exercise the loop's ack, dedupe, staleness and publish logic without Redis or Ray.
+exercise the loop's and the generator's ack, dedupe, staleness, rollback and publish logic
+without Redis or Ray.
 
 Not thread-safe: one thread drives both ends (that is how train-local uses them). Nothing is
 trimmed: the stream holds what is published until it is acked (`dropped` is always 0).
@@ -19,10 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from common.codec import decode_trajectory, encode_trajectory
+from common.errors import VersionConflictError, WeightNotFoundError
+from common.protocols import Entry, Origin
 from common.transport import StreamStats
 from common.types import Trajectory
-
-Entry = tuple[str, Trajectory]
 
 
 @dataclass
@@ -45,7 +49,15 @@ class MemoryTrajectoryStream:
         self._seq = 0
         self._published = self._consumed = 0
 
-    def publish(self, traj: Trajectory) -> str:
+    def encode(self, traj: Trajectory) -> bytes:
+        """The wire bytes of `traj` (the Redis stream's codec); CodecError if it is invalid."""
+        return encode_trajectory(traj)
+
+    def publish_raw(self, data: bytes, origin: Origin | None = None) -> str:
+        """Decode `data` (CodecError if it is not a valid record) and append it; `origin` is not kept."""
+        return self.publish(decode_trajectory(data))
+
+    def publish(self, traj: Trajectory, origin: Origin | None = None) -> str:
         """Append one trajectory (validated, as the Redis stream does); return its entry id."""
         traj.validate()
         self._seq += 1
@@ -93,6 +105,10 @@ class MemoryTrajectoryStream:
         self._pending.pop(entry_id, None)
         self.dead_letters.append((entry_id, consumer, reason))
 
+    def clear(self) -> None:
+        """Drop every unread entry (pending ones stay until acked, as XTRIM leaves the PEL)."""
+        self._unread.clear()
+
     def lag(self) -> int:
         """Entries not delivered yet."""
         return len(self._unread)
@@ -123,41 +139,77 @@ class MemoryWeightRecord:
     tensors: dict[str, torch.Tensor]
     learner_id: str
     metadata: dict[str, str] = field(default_factory=dict)
+    created_at: float = 0.0
+    """Unix seconds of the publish."""
 
 
 class MemoryWeightStore:
     """Weight versions in memory; versions strictly increase. Keeps the last `keep` records
-    (older versions stay listed in `versions`, their tensors are let go)."""
+    (older versions stay in `publish_log`, their tensors are let go)."""
 
-    def __init__(self, keep: int = 1) -> None:
+    def __init__(self, keep: int = 1, clock: Callable[[], float] = time.time) -> None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.keep = keep
-        self.versions: list[int] = []
+        self.clock = clock
         self._records: deque[MemoryWeightRecord] = deque(maxlen=keep)
+        self._log: list[dict] = []
+        self._blocked: dict[int, dict] = {}
 
     def publish(self, tensors: dict[str, torch.Tensor], version: int, learner_id: str,
                 metadata: dict[str, str] | None = None) -> MemoryWeightRecord:
-        """Store CPU copies of `tensors` as `version`; ValueError unless it exceeds the latest."""
+        """Store CPU copies of `tensors` as `version`; VersionConflictError (a ValueError) unless
+        it exceeds the latest."""
         latest = self.latest_version()
         if latest is not None and version <= latest:
-            raise ValueError(f"weight version {version} is not above the latest, {latest}")
+            raise VersionConflictError(version, latest)
         record = MemoryWeightRecord(version, {k: v.detach().to("cpu").clone() for k, v in tensors.items()},
-                                    learner_id, dict(metadata or {}))
+                                    learner_id, dict(metadata or {}), self.clock())
         self._records.append(record)
-        self.versions.append(version)
+        self._log.append({"version": version, "step": int(record.metadata.get("step", -1)), "t": record.created_at,
+                          "learner_id": learner_id})
         return record
 
     def latest_version(self) -> int | None:
-        return self.versions[-1] if self.versions else None
+        return self._log[-1]["version"] if self._log else None
+
+    def versions(self) -> list[int]:
+        """Versions whose tensors are still kept, ascending."""
+        return [r.version for r in self._records]
+
+    def publish_log(self) -> list[dict]:
+        """One entry per published version, oldest first: {version, step, t, learner_id}."""
+        return [dict(entry) for entry in self._log]
+
+    def block(self, version: int, actor: str, reason: str) -> None:
+        """Record that `version` was rolled back: no one takes it again."""
+        self._blocked[int(version)] = {"actor": actor, "reason": reason[:500], "t": self.clock()}
 
     def blocked_versions(self) -> set[int]:
-        """No actor rolls back in one process: nothing is blocked."""
-        return set()
+        return set(self._blocked)
 
     def fetch(self, version: int | None = None) -> MemoryWeightRecord:
-        """The latest record, or `version` if it is still kept; LookupError otherwise."""
+        """The latest record, or `version` if it is still kept; WeightNotFoundError (a
+        LookupError) otherwise."""
         for record in reversed(self._records):
             if version is None or record.version == version:
                 return record
-        raise LookupError(f"weight version {version} is not kept (latest {self.latest_version()})")
+        raise WeightNotFoundError(f"weight version {version} is not kept (latest {self.latest_version()})")
+
+    def subscribe(self) -> "MemoryWeightNotices":
+        return MemoryWeightNotices(self)
+
+
+class MemoryWeightNotices:
+    """`WeightNotices` over a `MemoryWeightStore`: one thread drives the store, so `wait` answers
+    at once from `latest_version()` (it never sleeps through `timeout_s`)."""
+
+    def __init__(self, store: MemoryWeightStore) -> None:
+        self.store = store
+
+    def wait(self, newer_than: int | None, timeout_s: float) -> int | None:
+        latest = self.store.latest_version()
+        return latest if latest is not None and (newer_than is None or latest > newer_than) else None
+
+    def close(self) -> None:
+        """Nothing to release."""

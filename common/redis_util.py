@@ -308,3 +308,15 @@ def embedded_redis(url: str = DEFAULT_REDIS_URL) -> Iterator[str]:
         return
     with PrivateRedis() as server:
         yield server.url
+
+
+def expire_namespace(client: redis.Redis, namespace: str, seconds: float) -> int:
+    """Give every key under `namespace` a time to live (a finished run must not fill a shared
+    Redis); returns how many keys got one."""
+    pipe = client.pipeline(transaction=False)
+    n = 0
+    for key in client.scan_iter(match=f"{namespace}:*", count=1000):
+        pipe.expire(key, max(1, int(seconds)))
+        n += 1
+    pipe.execute()
+    return n

@@ -411,6 +411,11 @@ class TrajectoryStream:
 
     # ---- inspection -----------------------------------------------------------------------
 
+    def clear(self) -> None:
+        """Drop every entry of the stream (its group, pending list and counters stay): a finished
+        run frees the trajectory payloads once all are applied and acked."""
+        self._retry(lambda: self.client.xtrim(self._key, maxlen=0), "XTRIM")
+
     def length(self) -> int:
         """Entries now in the stream (read or not)."""
         return int(self._retry(lambda: self.client.xlen(self._key), "XLEN"))

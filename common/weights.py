@@ -42,7 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from common.errors import ServiceError
+from common.errors import ServiceError, VersionConflictError, WeightIntegrityError, WeightNotFoundError
 from common.redis_util import check_bytes_client, redis_call
 
 log = logging.getLogger(__name__)
@@ -77,23 +77,6 @@ return {1, 'ok'}
 """
 
 _FIELDS = ("tensors", "sha256", "version", "created_at", "learner_id", "metadata", "signature")
-
-
-class WeightIntegrityError(ValueError):
-    """A stored weight record whose bytes, hash or signature cannot be trusted; never load it."""
-
-
-class VersionConflictError(ValueError):
-    """`publish` of a version not above the newest stored one; `newest` is that version."""
-
-    def __init__(self, version: int, newest: int) -> None:
-        super().__init__(f"weight version {version} is not newer than the latest published version {newest}")
-        self.version = version
-        self.newest = newest
-
-
-class WeightNotFoundError(LookupError):
-    """The requested weight version is not (or no longer) in the store."""
 
 
 SECRET_ENV = "DVI_WEIGHT_SECRET"
@@ -207,6 +190,7 @@ class WeightStore:
         self._blocked_key = f"{namespace}:weights:blocked"
         self._ignored_latest: bytes | None = None
         self._versions_key = f"{namespace}:weights:versions"
+        self._publish_log_key = f"{namespace}:weights:log"
         self._record_prefix = f"{namespace}:weights:v:"
         self.channel = f"{namespace}:weights:notices"
         self._publish_script = client.register_script(_PUBLISH_LUA)
@@ -268,6 +252,10 @@ class WeightStore:
         )
         if not int(ok):
             raise VersionConflictError(version, int(detail))
+        if _text(detail) != "duplicate":
+            entry = {"version": version, "step": int(metadata.get("step", -1)), "t": float(created_at),
+                     "learner_id": learner_id}
+            self._retry(lambda: self.client.rpush(self._publish_log_key, json.dumps(entry)), "RPUSH publish log")
         log.info(
             "weights %s: learner %s published version %d (%d bytes, sha256 %s)%s",
             self.namespace,
@@ -331,6 +319,12 @@ class WeightStore:
             else:
                 log.warning("weights %s: ignoring an unsigned blocked-version entry %d", self.namespace, version)
         return out
+
+    def publish_log(self) -> list[dict]:
+        """One entry per version published here, oldest first: {version, step (the metadata's,
+        -1 when absent), t (unix seconds), learner_id}; pruned versions stay listed."""
+        raw = self._retry(lambda: self.client.lrange(self._publish_log_key, 0, -1), "LRANGE publish log")
+        return [json.loads(entry) for entry in raw]
 
     def versions(self) -> list[int]:
         """Versions still kept, ascending."""

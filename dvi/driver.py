@@ -32,7 +32,7 @@ from typing import Any
 from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig, ModelSpec
 from common.errors import ServiceError
 from common.prompts import SkippedRequest, require_some_served, skipped_summary, warn_skipped
-from common.redis_util import DEFAULT_REDIS_URL, connect, embedded_redis, redact
+from common.redis_util import DEFAULT_REDIS_URL, connect, embedded_redis, expire_namespace, redact
 from learner.config import LearnerConfig
 
 log = logging.getLogger(__name__)
@@ -331,7 +331,7 @@ def _run(config, prompts, out, run_id, namespace, redis_url, state, phase, on_re
     from actors.service import GeneratorPool, GeneratorSettings, Request, root_cause
     from common.transport import TrajectoryStream, TransportConfig
     from common.weights import WeightStore
-    from learner.service import LearnerLoopConfig, LearnerSettings, create_learner_actor, publish_log_key
+    from learner.service import LearnerLoopConfig, LearnerSettings, create_learner_actor
 
     transport = TransportConfig(namespace=namespace)
     spec = config.model_spec()
@@ -406,19 +406,17 @@ def _run(config, prompts, out, run_id, namespace, redis_url, state, phase, on_re
         statuses = pool.status()
         wall = time.time() - run_started
 
-        from common.redis_util import connect as _connect
-
-        client = _connect(redis_url)
+        client = connect(redis_url)
         try:
             stream = TrajectoryStream(client, transport)
             store = WeightStore(client, namespace)
             dead = stream.dead_letter_count()
-            published_log = [json.loads(x) for x in client.lrange(publish_log_key(namespace), 0, -1)]
+            published_log = store.publish_log()
             latest = store.latest_version()
             if config.learn and stream.pending_count() == 0:
                 # every entry is applied and acked: free the trajectory payloads (weights and
                 # telemetry stay for `dvi monitor` / `dvi report` until keep_redis_s)
-                client.xtrim(transport.stream_key, maxlen=0)
+                stream.clear()
             if config.keep_redis_s > 0:
                 expire_namespace(client, namespace, config.keep_redis_s)
         finally:
@@ -438,17 +436,6 @@ def _run(config, prompts, out, run_id, namespace, redis_url, state, phase, on_re
                 ray.get(learner_actor.stop.remote(), timeout=30)
             with contextlib.suppress(Exception):
                 ray.kill(learner_actor, no_restart=True)
-
-
-def expire_namespace(client, namespace: str, seconds: float) -> int:
-    """Give every key under `namespace` a time to live (a finished run must not fill a shared Redis)."""
-    pipe = client.pipeline(transaction=False)
-    n = 0
-    for key in client.scan_iter(match=f"{namespace}:*", count=1000):
-        pipe.expire(key, max(1, int(seconds)))
-        n += 1
-    pipe.execute()
-    return n
 
 
 def _generation_line(result: dict[str, Any]) -> dict[str, Any]:

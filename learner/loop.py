@@ -39,16 +39,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from common.types import Trajectory
+from common.protocols import Entry, MetricsSink, TelemetrySink, TrajectorySource, WeightPublisher
 from learner.accounting import ProducerGaps
 from learner.checkpoint import find_checkpoint
 from learner.loop_report import LoopReporting, seen_count
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LearnerLoop", "LearnerLoopConfig", "TrajectorySource", "WeightPublisher", "seen_count", "step_credit"]
+__all__ = ["LearnerLoop", "LearnerLoopConfig", "seen_count", "step_credit"]
 
 
 
@@ -60,44 +61,6 @@ def _accounting_path(checkpoint_dir: str) -> Path:
     """The producers' numbering state (`learner.accounting`), saved beside the checkpoint directory."""
     directory = Path(checkpoint_dir)
     return directory.with_name(directory.name + ".accounting.json")
-
-
-Entry = tuple[str, Trajectory]
-"""(entry id, trajectory): one delivered message; the id is what `ack` and `dead_letter` take."""
-
-
-class TrajectorySource(Protocol):
-    """Where the loop reads trajectories (Redis: `common.transport.TrajectoryStream`; in one
-    process: `common.memory_transport.MemoryTrajectoryStream`). Delivery is at least once: an
-    entry stays pending for its consumer until acked."""
-
-    name: str
-    """Label of the stream in metrics."""
-
-    def ensure_group(self) -> None: ...
-    def consume(self, consumer: str, count: int, block_ms: int) -> list[Entry]: ...
-    def pending_own(self, consumer: str, count: int, after: str) -> list[Entry]: ...
-    def claim_stale(self, consumer: str, min_idle_ms: int) -> list[Entry]: ...
-    def ack(self, entry_ids: Sequence[str]) -> int: ...
-    def dead_letter(self, consumer: str, entry_id: str, reason: str) -> None: ...
-    def lag(self) -> int | None: ...
-    def length(self) -> int: ...
-    def pending_count(self) -> int: ...
-    def dead_letter_count(self) -> int: ...
-    def dropped_count(self) -> int | None: ...
-    def stats(self) -> Any: ...
-
-
-class WeightPublisher(Protocol):
-    """Where the loop ships weight versions (Redis: `common.weights.WeightStore`; in one process:
-    `common.memory_transport.MemoryWeightStore`). Versions must strictly increase: `publish`
-    raises ValueError for a version not above the latest."""
-
-    def publish(self, tensors: dict, version: int, learner_id: str, metadata: dict[str, str]) -> Any: ...
-    def latest_version(self) -> int | None: ...
-    def fetch(self, version: int | None = None) -> Any: ...
-    def blocked_versions(self) -> set[int]: ...
-    def versions(self) -> list[int]: ...
 
 
 def _check(condition: bool, message: str) -> None:
@@ -187,8 +150,8 @@ class LearnerLoop(LoopReporting):
         weights: WeightPublisher,
         config: LearnerLoopConfig = LearnerLoopConfig(),
         *,
-        metrics: Any = None,
-        telemetry: Any = None,
+        metrics: MetricsSink | None = None,
+        telemetry: TelemetrySink | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_step: Callable[[dict[str, Any]], None] | None = None,
         accounting: ProducerGaps | None = None,

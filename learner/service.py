@@ -2,8 +2,8 @@
 
 The learning logic (ingest, dedupe, staleness, step policy, publish cadence, checkpoint-then-ack)
 lives in `learner/loop.py`, the same code `dvi train-local` runs in one process. This module only
-wires it to Redis (`common.transport.TrajectoryStream`, `common.weights.WeightStore` plus the
-namespace's publish log, which `dvi/driver.py` reads) and makes it a Ray actor.
+wires it to Redis (`common.transport.TrajectoryStream`, `common.weights.WeightStore`, which also
+keeps the namespace's publish log that `dvi/driver.py` reads) and makes it a Ray actor.
 
 `LearnerService` is the Ray actor (`max_restarts`, default 10): it builds the loop and runs it on a
 thread from `__init__`, so a restarted actor resumes by itself. Redis going away is not a failure:
@@ -17,7 +17,6 @@ the thread to finish the stream, publish a last version and checkpoint. It adds 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -25,52 +24,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
 
 from common.config import ModelSpec
 from common.errors import ServiceError
 from common.codec import RecordLimits
 from common.transport import TrajectoryStream, TransportConfig
-from common.weights import WeightStore
 from learner.config import LearnerConfig
 from learner.loop import LearnerLoop, LearnerLoopConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LearnerLoop", "LearnerLoopConfig", "LearnerService", "LearnerSettings", "PublishLoggingStore",
-           "create_learner_actor", "learner_placement", "publish_log_key"]
-
-
-def publish_log_key(namespace: str) -> str:
-    """Redis list of JSON {version, step, t, learner_id}: one per weight version this service published."""
-    return f"{namespace}:weights:log"
-
-
-class PublishLoggingStore:
-    """A `learner.loop.WeightPublisher`: the Redis `WeightStore`, plus one entry per published
-    version on the namespace's publish log (`publish_log_key`)."""
-
-    def __init__(self, store: WeightStore, client: redis.Redis) -> None:
-        self.store = store
-        self.client = client
-
-    def publish(self, tensors: dict, version: int, learner_id: str, metadata: dict[str, str]) -> Any:
-        record = self.store.publish(tensors, version, learner_id, metadata)
-        entry = {"version": version, "step": int(metadata.get("step", -1)), "t": time.time(), "learner_id": learner_id}
-        self.client.rpush(publish_log_key(self.store.namespace), json.dumps(entry))
-        return record
-
-    def latest_version(self) -> int | None:
-        return self.store.latest_version()
-
-    def fetch(self, version: int | None = None) -> Any:
-        return self.store.fetch(version)
-
-    def blocked_versions(self) -> set[int]:
-        return self.store.blocked_versions()
-
-    def versions(self) -> list[int]:
-        return self.store.versions()
+__all__ = ["LearnerLoop", "LearnerLoopConfig", "LearnerService", "LearnerSettings", "create_learner_actor",
+           "learner_placement"]
 
 
 def record_limits(split: Any) -> RecordLimits:
@@ -127,7 +92,7 @@ class LearnerService:
         gaps = ProducerGaps()
         self.loop = LearnerLoop(
             learner, TrajectoryStream(client, settings.transport, limits=record_limits(split), on_origin=gaps.observe),
-            PublishLoggingStore(service_store(client, ns, split, settings.secret_file), client),
+            service_store(client, ns, split, settings.secret_file),
             settings.loop, metrics=metrics, telemetry=telemetry, accounting=gaps,
         )
         self.metrics = metrics

@@ -11,7 +11,6 @@ from learner.config import LearnerConfig, ScheduleConfig
 from learner.learner import Learner
 from learner.local import LocalLoopConfig, train_local
 from learner.loop import LearnerLoop
-from learner.service import PublishLoggingStore, publish_log_key
 from tests.helpers import head_only
 from tests.tiny_models import stories_split
 
@@ -39,7 +38,7 @@ def test_train_local_and_the_service_loop_apply_the_same_update(redis_client, re
     transport = TransportConfig(namespace=redis_ns)
     producer = TrajectoryStream(redis_client, transport)
     store = WeightStore(redis_client, redis_ns)
-    loop = LearnerLoop(service, TrajectoryStream(redis_client, transport), PublishLoggingStore(store, redis_client),
+    loop = LearnerLoop(service, TrajectoryStream(redis_client, transport), store,
                        LOOP.loop_config(service.learner_id))
     loop.start()
     for traj in recorded:  # one request per poll, as train-local feeds them
@@ -55,5 +54,5 @@ def test_train_local_and_the_service_loop_apply_the_same_update(redis_client, re
     published = store.fetch(store.latest_version())  # what actors would hot-swap: the same tensors
     assert published.version == service.version
     assert all(torch.equal(published.tensors[n], b[n]) for n in b)
-    assert redis_client.llen(publish_log_key(redis_ns)) == service.version
+    assert [e["version"] for e in store.publish_log()] == list(range(1, service.version + 1))
     assert producer.pending_count() == 0  # no checkpoint directory: acked on ingest

@@ -169,7 +169,7 @@ def test_the_learner_never_starts_from_a_rolled_back_version(stories, server, tm
     and one whose checkpoint holds a version that was rolled back since resumes from good weights."""
     from learner.config import LearnerConfig
     from learner.learner import Learner
-    from learner.service import LearnerLoop, LearnerLoopConfig, PublishLoggingStore
+    from learner.service import LearnerLoop, LearnerLoopConfig
 
     split, prompts, references, untrained = stories
     client = connect(server.url)
@@ -184,7 +184,7 @@ def test_the_learner_never_starts_from_a_rolled_back_version(stories, server, tm
     def loop(checkpoint_dir=None) -> LearnerLoop:
         learner = Learner(stories_split(EXIT_LAYER), LearnerConfig())  # a learner process of its own
         return LearnerLoop(learner, TrajectoryStream(client, TransportConfig(namespace="run")),
-                           PublishLoggingStore(store, client),
+                           store,
                            LearnerLoopConfig(checkpoint_dir=checkpoint_dir, block_ms=0))
 
     fresh = loop()

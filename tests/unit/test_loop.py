@@ -104,7 +104,7 @@ def test_publish_cadence_and_checkpoint_before_every_publish(tmp_path):
     for i in range(2):  # 2 requests x 3 steps = 6 steps -> versions 1, 2, 3 at steps 2, 4, 6
         stream.publish(traj(i))
         assert loop.poll() == 1
-    assert learner.step == 6 and store.versions == [1, 2, 3]
+    assert learner.step == 6 and [e["version"] for e in store.publish_log()] == [1, 2, 3]
     assert [store.fetch(v).tensors["w"].item() for v in (1, 2, 3)] == [2.0, 4.0, 6.0]
     # every publish: bump the version, checkpoint, and only then hand the weights to the store
     assert learner.log == [("publish_version", 1), ("checkpoint", 2), ("store", 1),
