@@ -24,8 +24,7 @@ import torch
 
 from common.codec import decode_trajectory, encode_trajectory
 from common.errors import VersionConflictError, WeightNotFoundError
-from common.protocols import Entry, Origin
-from common.transport import StreamStats
+from common.protocols import Entry, Origin, StreamStats
 from common.types import Trajectory
 
 

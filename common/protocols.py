@@ -14,6 +14,7 @@ version* is an integer that strictly increases with every publish; an *origin* i
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from common.types import Trajectory
@@ -22,6 +23,24 @@ Entry = tuple[str, Trajectory]
 """(entry id, trajectory): one delivered message; the id is what `ack` and `dead_letter` take."""
 Origin = tuple[str, int]
 """(producer id, producer sequence number >= 1)."""
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    """Counters of one trajectory stream instance, plus the stream-wide drop count."""
+
+    published: int
+    """Entries this instance added."""
+    rejected: int
+    """Trajectories this instance refused at publish (too large or invalid); nothing was sent."""
+    consumed: int
+    """Trajectories this instance returned from consume, claim_stale and pending_own."""
+    dead_lettered: int
+    """Entries this instance moved to the dead-letter stream."""
+    trimmed_pending: int
+    """Delivered-but-unacked entries this instance found trimmed away (drop-oldest only)."""
+    dropped: int | None
+    """Stream-wide entries trimmed before the group read them; None if Redis lost count."""
 
 
 class TrajectorySink(Protocol):
@@ -52,7 +71,7 @@ class TrajectorySource(Protocol):
     def pending_count(self) -> int: ...
     def dead_letter_count(self) -> int: ...
     def dropped_count(self) -> int | None: ...
-    def stats(self) -> Any: ...
+    def stats(self) -> StreamStats: ...
 
 
 class WeightRecordLike(Protocol):

@@ -51,6 +51,7 @@ from common.codec import (
 )
 from common.errors import ServiceError
 from common.redis_util import check_bytes_client, redis_call
+from common.protocols import Origin, StreamStats
 from common.types import Trajectory
 
 log = logging.getLogger(__name__)
@@ -180,24 +181,6 @@ class BackpressureTimeout(ServiceError):
 
 
 @dataclass(frozen=True)
-class StreamStats:
-    """Counters of one TrajectoryStream instance, plus the stream-wide drop count."""
-
-    published: int
-    """Entries this instance added."""
-    rejected: int
-    """Trajectories this instance refused at publish (too large or invalid); nothing was sent."""
-    consumed: int
-    """Trajectories this instance returned from consume, claim_stale and pending_own."""
-    dead_lettered: int
-    """Entries this instance moved to the dead-letter stream."""
-    trimmed_pending: int
-    """Delivered-but-unacked entries this instance found trimmed away (drop-oldest only)."""
-    dropped: int | None
-    """Stream-wide entries trimmed before the group read them; None if Redis lost count."""
-
-
-@dataclass(frozen=True)
 class DeadLetter:
     """One dead-letter entry: the original entry id, why it was refused, and its (capped) payload."""
 
@@ -207,10 +190,6 @@ class DeadLetter:
     payload: bytes
     consumer: str
     timestamp: float
-
-
-Origin = tuple[str, int]
-"""(producer id, that producer's 1-based trajectory number)."""
 
 
 class TrajectoryStream:
