@@ -29,7 +29,7 @@ with the weights it has. Serving never waits on learning, nor on Redis:
 `watch` (run in a thread by the Ray shell) waits on the store's pub/sub notices so an idle
 generator swaps as soon as a version is published, not only at its next request.
 
-Two guards watch the drafter (both pure, in `common.drift`); neither touches the output, which
+Two guards watch the drafter (both pure, in `common.observe.drift`); neither touches the output, which
 the verifier decides token by token, so both are speed decisions:
 
   * `DriftGuard` judges each new weight version once, after `window` drafted tokens. A version
@@ -58,21 +58,19 @@ from typing import Any
 
 import torch
 
-from common.codec import CodecError
-from common.config import DecodeConfig
-from common.drift import ArFallback, ArFallbackConfig, DriftDecision, DriftGuard, DriftGuardConfig
-from common.errors import AdapterError, ServiceError, WeightIntegrityError, WeightNotFoundError
-from common.model_split import SplitModel
-from common.prompts import encode_prompt, fit_to_context
-from common.speculative import GenerationResult, SpeculativeDecoder
-from common.protocols import MetricsSink, TelemetrySink, TrajectorySink, WeightSource
+from common.core.codec import CodecError
+from common.core.config import DecodeConfig
+from common.observe.drift import ArFallback, ArFallbackConfig, DriftDecision, DriftGuard, DriftGuardConfig
+from common.core.errors import AdapterError, ServiceError, WeightIntegrityError, WeightNotFoundError
+from common.model.split import SplitModel
+from common.core.prompts import encode_prompt, fit_to_context
+from common.decoding.speculative import GenerationResult, SpeculativeDecoder
+from common.transport.protocols import MetricsSink, TelemetrySink, TrajectorySink, WeightSource
+from common.core.config import require
 
 log = logging.getLogger(__name__)
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
 
 
 @dataclass(frozen=True)
@@ -110,13 +108,13 @@ class GeneratorConfig:
     """Longest such pause."""
 
     def __post_init__(self) -> None:
-        _check(bool(self.actor_id) and not any(c.isspace() for c in self.actor_id),
+        require(bool(self.actor_id) and not any(c.isspace() for c in self.actor_id),
                f"actor_id must be a non-empty name without spaces, got {self.actor_id!r}")
-        _check(self.metrics_every_s > 0, f"metrics_every_s must be > 0, got {self.metrics_every_s}")
-        _check(self.ar_fallback_gamma >= 1, f"ar_fallback_gamma must be >= 1, got {self.ar_fallback_gamma}")
-        _check(self.outbox_size >= 1, f"outbox_size must be >= 1, got {self.outbox_size}")
-        _check(self.max_version_jump >= 1, f"max_version_jump must be >= 1, got {self.max_version_jump}")
-        _check(0 < self.redis_retry_s <= self.redis_retry_max_s,
+        require(self.metrics_every_s > 0, f"metrics_every_s must be > 0, got {self.metrics_every_s}")
+        require(self.ar_fallback_gamma >= 1, f"ar_fallback_gamma must be >= 1, got {self.ar_fallback_gamma}")
+        require(self.outbox_size >= 1, f"outbox_size must be >= 1, got {self.outbox_size}")
+        require(self.max_version_jump >= 1, f"max_version_jump must be >= 1, got {self.max_version_jump}")
+        require(0 < self.redis_retry_s <= self.redis_retry_max_s,
                f"need 0 < redis_retry_s <= redis_retry_max_s, got {self.redis_retry_s}, {self.redis_retry_max_s}")
 
     @property
@@ -141,9 +139,9 @@ class Generator:
     """Serves requests with one SplitModel; publishes trajectories; hot-swaps weight versions.
 
     stream: where trajectories go (required when config.learn). weights: where versions come
-    from (None: never swap). metrics: a `common.metrics.MetricsRecorder` or None. telemetry: an
+    from (None: never swap). metrics: a `common.observe.metrics.MetricsRecorder` or None. telemetry: an
     object with `publish_actor(actor_id, snapshot)` and `event(kind, **fields)`
-    (common.telemetry.Telemetry) or None.
+    (common.transport.redis.telemetry.Telemetry) or None.
     Thread-safe: `serve`, `sync_weights` and `watch` may run on different threads.
     """
 
@@ -400,7 +398,7 @@ class Generator:
         trajectory was queued for the learner), producer and pseq (that trajectory's number, or
         None), prompt_truncated, finished_by_eos. ValueError for an empty or unfittable prompt.
         """
-        _check(bool(request_id), "request_id must be non-empty")
+        require(bool(request_id), "request_id must be non-empty")
         if not self._redis_paused():
             self.sync_weights()  # between requests only
         ids = self.prompt_ids(prompt, prompt_ids)

@@ -26,10 +26,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.config import DecodeConfig, ModelSpec
-from common.drift import ArFallbackConfig, DriftGuardConfig
-from common.errors import RequestRejected, ServiceError
-from common.transport import TransportConfig
+from actors.generator import GeneratorConfig
+from common.core.config import DecodeConfig, ModelSpec
+from common.core.errors import RequestRejected, ServiceError
+from common.transport.redis.streams import TransportConfig
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +67,8 @@ class GeneratorSettings:
     secret_file: str | None = None
     """File holding the HMAC secret weight records are verified with (the secret never travels in
     pickled arguments); None: $DVI_WEIGHT_SECRET, $DVI_WEIGHT_SECRET_FILE or ~/.dvi/weight-secret."""
-    actor_id: str = "actor-0"
-    """This actor's name."""
-    learn: bool = True
-    """Publish trajectories for the learner."""
-    seed: int = 0
-    """Base sampling seed."""
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    """The generator's identity and behaviour (actor id, learn, seed, guards, truncation)."""
     torch_threads: int = 1
     """Intra-op CPU threads (a fractional-CPU actor must not spawn one thread per core)."""
     watch: bool = True
@@ -81,26 +77,20 @@ class GeneratorSettings:
     """Record catalogue metrics (through Ray's metrics agent inside an actor)."""
     telemetry: bool = True
     """Publish snapshots for `dvi monitor` after each request."""
-    drift_guard: DriftGuardConfig | None = field(default_factory=DriftGuardConfig)
-    """Roll back weight versions whose acceptance drops (GeneratorConfig.drift_guard); None: off."""
-    ar_fallback: bool | None = None
-    """Decode AR while drafting does not pay (GeneratorConfig.ar_fallback); None: on unless `learn`."""
-    ar_fallback_config: ArFallbackConfig | None = None
-    """Fall-back thresholds; None: derived from the drafter's k, L and `ar_fallback_gamma`."""
-    ar_fallback_gamma: int = DecodeConfig.gamma
-    """The draft length requests use (sets the default break-even tau)."""
-    truncate_prompts: bool = False
-    """Cut an over-long prompt to its last tokens (GeneratorConfig.truncate_prompts); False: skip it."""
+
+    @property
+    def actor_id(self) -> str:
+        return self.generator.actor_id
 
 
 class GeneratorService:
     """Ray-side shell of one `Generator`. Methods are what the driver calls remotely."""
 
     def __init__(self, settings: GeneratorSettings) -> None:
-        from actors.generator import Generator, GeneratorConfig
+        from actors.generator import Generator
         from common.runtime import make_observers, start_service_process
-        from common.transport import TrajectoryStream
-        from common.weights import service_store
+        from common.transport.redis.streams import TrajectoryStream
+        from common.transport.redis.weights import service_store
 
         self.settings = settings
         self.started_at = time.time()
@@ -110,12 +100,8 @@ class GeneratorService:
         metrics, telemetry = make_observers(client, ns, settings.metrics, settings.telemetry)
         self.generator = Generator(
             split,
-            GeneratorConfig(actor_id=settings.actor_id, learn=settings.learn, seed=settings.seed,
-                            drift_guard=settings.drift_guard, ar_fallback=settings.ar_fallback,
-                            ar_fallback_config=settings.ar_fallback_config,
-                            ar_fallback_gamma=max(1, settings.ar_fallback_gamma),
-                            truncate_prompts=settings.truncate_prompts),
-            stream=TrajectoryStream(client, settings.transport) if settings.learn else None,
+            settings.generator,
+            stream=TrajectoryStream(client, settings.transport) if settings.generator.learn else None,
             weights=weights,
             metrics=metrics,
             telemetry=telemetry,

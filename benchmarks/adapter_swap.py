@@ -14,8 +14,8 @@ import time
 import torch
 from safetensors.torch import save
 
-from common.config import DrafterConfig, ModelSpec
-from common.model_split import SplitModel
+from common.core.config import DrafterConfig, ModelSpec
+from common.model.split import SplitModel
 
 
 def main() -> None:

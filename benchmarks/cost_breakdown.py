@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from common.config import DEFAULT_MODEL, DrafterConfig, ModelSpec  # noqa: E402
-from common.model_split import SplitModel, crop_cache  # noqa: E402
-from common.packed_linear import cpu_kernels  # noqa: E402
+from common.core.config import DEFAULT_MODEL, DrafterConfig, ModelSpec  # noqa: E402
+from common.model.split import SplitModel, crop_cache  # noqa: E402
+from common.model.engine.packed_linear import cpu_kernels  # noqa: E402
 
 BLOCK_ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 11, 16)
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from common.packed_linear import best_seconds  # noqa: E402
+from common.model.engine.packed_linear import best_seconds  # noqa: E402
 
 
 def main() -> None:

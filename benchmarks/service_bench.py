@@ -38,11 +38,11 @@ sys.path.insert(0, str(ROOT))
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from common.codec import encode_trajectory  # noqa: E402
-from common.config import DecodeConfig, DrafterConfig, ModelSpec  # noqa: E402
-from common.redis_util import connect, embedded_redis  # noqa: E402
-from common.transport import TrajectoryStream, TransportConfig  # noqa: E402
-from common.weights import WeightStore  # noqa: E402
+from common.core.codec import encode_trajectory  # noqa: E402
+from common.core.config import DecodeConfig, DrafterConfig, ModelSpec  # noqa: E402
+from common.transport.redis.client import connect, embedded_redis  # noqa: E402
+from common.transport.redis.streams import TrajectoryStream, TransportConfig  # noqa: E402
+from common.transport.redis.weights import WeightStore  # noqa: E402
 
 STORIES = ROOT / "tests" / "models" / "stories260K"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -53,7 +53,7 @@ SIZES = (("stories260K-sized", 64, 128, 48, 32), ("SmolLM2-135M-sized", 576, 256
 
 def synthetic(request_id: str, hidden: int, context: int, drafted: int, k: int, seed: int):
     """A valid trajectory of the given shape (see tests/helpers.make_trajectory for the structure)."""
-    from common.types import Trajectory
+    from common.core.types import Trajectory
 
     g = torch.Generator().manual_seed(seed)
     position = torch.arange(context - drafted, context, dtype=torch.int64)
@@ -140,17 +140,19 @@ def bench_throughput(redis_url: str, producers: int, total: int) -> list[dict]:
 
 
 def bench_broadcast(redis_url: str, spec: ModelSpec, actors: int, publishes: int, gap_s: float) -> dict:
+    from actors.generator import GeneratorConfig
     from actors.service import GeneratorPool, GeneratorSettings
-    from common.model_split import SplitModel
+    from common.model.split import SplitModel
 
-    from common.weights import write_secret_file
+    from common.transport.redis.weights import write_secret_file
 
     namespace = f"bench:{uuid.uuid4().hex}"
     transport = TransportConfig(namespace=namespace)
     secret_file = write_secret_file(Path(tempfile.mkdtemp(prefix="dvi-bench-")) / "weight-secret")
     pool = GeneratorPool([
-        GeneratorSettings(model=spec, redis_url=redis_url, transport=transport, actor_id=f"actor-{i}",
-                          learn=False, metrics=False, telemetry=False, secret_file=str(secret_file))
+        GeneratorSettings(model=spec, redis_url=redis_url, transport=transport,
+                          generator=GeneratorConfig(actor_id=f"actor-{i}", learn=False), metrics=False, telemetry=False,
+                          secret_file=str(secret_file))
         for i in range(actors)
     ], cpus_per_actor=0.5)
     pool.wait_ready()

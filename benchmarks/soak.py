@@ -46,12 +46,12 @@ if str(REPO) not in sys.path:
 import msgpack  # noqa: E402
 import torch  # noqa: E402
 
-from common.codec import encode_trajectory  # noqa: E402
-from common.config import DecodeConfig  # noqa: E402
-from common.errors import ServiceError  # noqa: E402
-from common.redis_util import PrivateRedis, connect  # noqa: E402
-from common.transport import TrajectoryStream, TransportConfig  # noqa: E402
-from common.weights import WeightStore  # noqa: E402
+from common.core.codec import encode_trajectory  # noqa: E402
+from common.core.config import DecodeConfig  # noqa: E402
+from common.core.errors import ServiceError  # noqa: E402
+from common.transport.redis.client import PrivateRedis, connect  # noqa: E402
+from common.transport.redis.streams import TrajectoryStream, TransportConfig  # noqa: E402
+from common.transport.redis.weights import WeightStore  # noqa: E402
 
 log = logging.getLogger("soak")
 STORIES = REPO / "tests" / "models" / "stories260K"

@@ -7,7 +7,7 @@ generations used), epochs, bt (batch positions), hlr / llr (head / exit-layer lr
 layer the exit layer is copied from), full (1 full rank, 0 LoRA), rank (head LoRA rank; alpha =
 2 * rank), prompt (0 drops the prompt positions' targets). Prints one JSON line per run: the
 untrained and trained held-out agreement (24 held-out Spec-Bench prompts, 64 greedy tokens,
-common/agreement.py; targets cached in $DVI_CACHE/warmstart/heldout24.safetensors). Needs the
+common/decoding/agreement.py; targets cached in $DVI_CACHE/warmstart/heldout24.safetensors). Needs the
 corpus `dvi warmstart` cached for SmolLM2-135M at exit layer 4.
 """
 
@@ -19,12 +19,12 @@ from dataclasses import replace
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.agreement import AgreementTargets, greedy_targets
-from common.codec import decode_trajectory
-from common.config import DrafterConfig, ModelSpec
-from common.model_split import SplitModel
-from common.models import cache_dir
-from common.prompts import encode_prompt, load_prompts
+from common.decoding.agreement import AgreementTargets, greedy_targets
+from common.core.codec import decode_trajectory
+from common.core.config import DrafterConfig, ModelSpec
+from common.model.split import SplitModel
+from common.model.loading import cache_dir
+from common.core.prompts import encode_prompt, load_prompts
 from dvi.bench.learning import split_train_eval
 from dvi.data import SPEC_BENCH_DEV
 from learner.warmstart import WarmStartConfig, train_warm_start

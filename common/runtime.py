@@ -35,11 +35,11 @@ def make_observers(client, namespace: str, metrics: bool, telemetry: bool):
     """(MetricsRecorder or None, Telemetry or None) for a service process; imports only what is on."""
     recorder = sink = None
     if metrics:
-        from common.metrics import MetricsRecorder
+        from common.observe.metrics import MetricsRecorder
 
         recorder = MetricsRecorder()
     if telemetry:
-        from common.telemetry import Telemetry
+        from common.transport.redis.telemetry import Telemetry
 
         sink = Telemetry(client, namespace)
     return recorder, sink
@@ -54,8 +54,8 @@ def start_service_process(model_spec, torch_threads: int, redis_url: str):
 
     import torch
 
-    from common.model_split import SplitModel
-    from common.redis_util import connect
+    from common.model.split import SplitModel
+    from common.transport.redis.client import connect
 
     torch.set_num_threads(max(1, torch_threads))
     quiet_libraries()

@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from common.errors import DVIError
+from common.core.errors import DVIError
 from common.runtime import quiet_libraries
 from dvi.app import app
 

@@ -29,11 +29,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig, ModelSpec
-from common.errors import ServiceError
-from common.prompts import SkippedRequest, require_some_served, skipped_summary, warn_skipped
-from common.redis_util import DEFAULT_REDIS_URL, connect, embedded_redis, expire_namespace, redact
+from common.core.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig, ModelSpec
+from common.core.errors import ServiceError
+from common.core.prompts import SkippedRequest, require_some_served, skipped_summary, warn_skipped
+from common.transport.redis.client import DEFAULT_REDIS_URL, connect, embedded_redis, expire_namespace, redact
 from learner.config import LearnerConfig
+from learner.loop import LearnerLoopConfig
+from common.core.config import require
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +52,6 @@ SUMMARY_KEYS = (
 )
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
 
 
 @dataclass(frozen=True)
@@ -79,11 +78,11 @@ class RunConfig:
     """gamma, temperature, max_new_tokens of every request."""
     learn: bool = True
     """Run the learner and publish trajectories; False serves with fixed weights."""
-    publish_every: int = 4
+    publish_every: int = LearnerLoopConfig.publish_every_steps
     """Learner optimiser steps per weight version."""
-    publish_every_s: float = 30.0
+    publish_every_s: float = LearnerLoopConfig.publish_every_s
     """Also publish after this many seconds with at least one step."""
-    replay_ratio: float = 1.0
+    replay_ratio: float = LearnerLoopConfig.replay_ratio
     """Learner steps per batch of newly added drafted tokens."""
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     """Optimiser, schedule, replay, staleness."""
@@ -110,17 +109,17 @@ class RunConfig:
     keep_redis_s: float = 86_400.0
     """After the run, the namespace's keys (weights, telemetry) expire after this long; 0 keeps them."""
     ar_fallback: bool | None = None
-    """Actors decode AR while drafting does not pay (common.drift.ArFallback); None: on unless `learn`."""
+    """Actors decode AR while drafting does not pay (common.observe.drift.ArFallback); None: on unless `learn`."""
     truncate_prompts: bool = False
     """A prompt too long for the context: keep its last tokens (False: skip it, counted in summary.json)."""
 
     def __post_init__(self) -> None:
-        _check(self.actors >= 1, f"actors must be >= 1, got {self.actors}")
-        _check(self.publish_every >= 1, f"publish-every must be >= 1, got {self.publish_every}")
-        _check(self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}")
-        _check(self.cpus_per_actor is None or self.cpus_per_actor > 0,
+        require(self.actors >= 1, f"actors must be >= 1, got {self.actors}")
+        require(self.publish_every >= 1, f"publish-every must be >= 1, got {self.publish_every}")
+        require(self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}")
+        require(self.cpus_per_actor is None or self.cpus_per_actor > 0,
                f"cpus_per_actor must be > 0, got {self.cpus_per_actor}")
-        _check(self.replay_ratio > 0, f"replay_ratio must be > 0, got {self.replay_ratio}")
+        require(self.replay_ratio > 0, f"replay_ratio must be > 0, got {self.replay_ratio}")
 
     def model_spec(self) -> ModelSpec:
         return ModelSpec(model=self.model, dtype=self.dtype, device=self.device,
@@ -255,7 +254,7 @@ def run_service(
     on_phase: Callable[[RunState], None] | None = None,
 ) -> dict[str, Any]:
     """Run the whole service once (module docstring); return the summary (also in OUT/summary.json)."""
-    from common.prompts import load_prompts
+    from common.core.prompts import load_prompts
 
     prompts = load_prompts(config.workload, config.limit)  # bad workload: fail before starting anything
     run_started = time.time()
@@ -295,9 +294,9 @@ def preflight(config: RunConfig) -> None:
     file can be read. ValueError / ServiceError naming the fix."""
     from transformers import AutoConfig
 
-    from common.errors import ModelLoadError
-    from common.models import resolve_model_path
-    from common.weights import load_secret
+    from common.core.errors import ModelLoadError
+    from common.model.loading import resolve_model_path
+    from common.transport.redis.weights import load_secret
 
     spec = config.model_spec()
     path = resolve_model_path(spec.model)
@@ -315,7 +314,7 @@ def preflight(config: RunConfig) -> None:
 def resolve_secret_file(config: RunConfig, out: Path, local_ray: bool) -> str | None:
     """The secret file the actors and the learner read (a path: the secret never travels in
     pickled arguments). A local run without one gets a fresh secret in OUT/weight-secret."""
-    from common.weights import SECRET_ENV, SECRET_FILE_ENV, write_secret_file
+    from common.transport.redis.weights import SECRET_ENV, SECRET_FILE_ENV, write_secret_file
 
     if config.secret_file is not None:
         return str(Path(config.secret_file).resolve())
@@ -328,9 +327,10 @@ def _run(config, prompts, out, run_id, namespace, redis_url, state, phase, on_re
          secret_file) -> dict[str, Any]:
     import ray
 
+    from actors.generator import GeneratorConfig
     from actors.service import GeneratorPool, GeneratorSettings, Request, root_cause
-    from common.transport import TrajectoryStream, TransportConfig
-    from common.weights import WeightStore
+    from common.transport.redis.streams import TrajectoryStream, TransportConfig
+    from common.transport.redis.weights import WeightStore
     from learner.service import LearnerLoopConfig, LearnerSettings, create_learner_actor
 
     transport = TransportConfig(namespace=namespace)
@@ -355,9 +355,9 @@ def _run(config, prompts, out, run_id, namespace, redis_url, state, phase, on_re
         cpus = config.cpus_per_actor or actor_cpus(ray.cluster_resources().get("CPU", 1.0), config.actors, config.learn)
         settings = [
             GeneratorSettings(model=spec, redis_url=redis_url, transport=transport, secret_file=secret_file,
-                              actor_id=f"actor-{i}", learn=config.learn, seed=config.seed,
-                              ar_fallback=config.ar_fallback, ar_fallback_gamma=max(1, config.decode.gamma),
-                              truncate_prompts=config.truncate_prompts)
+                              generator=GeneratorConfig(actor_id=f"actor-{i}", learn=config.learn, seed=config.seed,
+                                                        ar_fallback=config.ar_fallback, ar_fallback_gamma=max(1, config.decode.gamma),
+                                                        truncate_prompts=config.truncate_prompts))
             for i in range(config.actors)
         ]
         phase(f"loading {config.model} in {config.actors} generation actor(s) (each loads it and checks the split: "

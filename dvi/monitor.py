@@ -1,6 +1,6 @@
 """The terminal view of a running service: `render(TelemetryState)` -> one rich frame.
 
-Pure: it reads only the `TelemetryState` it is given (see common/telemetry.py for the snapshot
+Pure: it reads only the `TelemetryState` it is given (see common/transport/redis/telemetry.py for the snapshot
 keys) and the clock it is passed, so a frame is reproducible from a state. `dvi monitor` reads
 the state from Redis and redraws it; `--once` prints a single frame.
 """
@@ -17,7 +17,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from common.telemetry import HistoryRow, TelemetryState
+from common.transport.redis.telemetry import HistoryRow, TelemetryState
 
 SPARK = "▁▂▃▄▅▆▇█"
 STALE_S = 60.0  # a snapshot older than this is shown dimmed with its age
@@ -321,7 +321,7 @@ def demo_state(seed: int = 0, now: float = 1_760_000_000.0, minutes: float = 30.
     """
     import random
 
-    from common.telemetry import Event
+    from common.transport.redis.telemetry import Event
 
     rng = random.Random(seed)
     t0 = now - minutes * 60

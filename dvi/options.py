@@ -28,6 +28,10 @@ AdaptiveGamma = Annotated[bool, typer.Option(
 TruncatePrompts = Annotated[bool, typer.Option(
     "--truncate-prompts/--skip-long-prompts",
     help="A prompt too long for the context with max-new-tokens: keep its last tokens (default: skip it, with a warning).")]
+PublishEvery = Annotated[int, typer.Option("--publish-every", help="Learner optimiser steps per weight version.")]
+PublishEverySeconds = Annotated[float, typer.Option(
+    "--publish-every-s", help="Also publish after this many seconds with at least one step.")]
+ReplayRatio = Annotated[float, typer.Option("--replay-ratio", help="Learner steps per batch of newly added drafted tokens.")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="Torch CPU threads for the run (default: torch's own).")]
 
 

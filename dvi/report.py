@@ -1,7 +1,7 @@
 """`dvi report RUN_DIR`: plots and a markdown summary of a run's metrics history.
 
 Reads `RUN_DIR/metrics.jsonl` (one object per telemetry history row: `t`, `source` = "learner"
-or "actor:<id>", and the snapshot keys documented in common/telemetry.py), `RUN_DIR/events.jsonl`
+or "actor:<id>", and the snapshot keys documented in common/transport/redis/telemetry.py), `RUN_DIR/events.jsonl`
 and `RUN_DIR/summary.json` when present, and writes `RUN_DIR/report/{tau,acceptance,kl,
 versions,throughput}.png` (those with data) and `RUN_DIR/report/report.md`. Matplotlib is used
 through `Figure` objects only (Agg canvas, no pyplot state), so it runs headless.
@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.telemetry import EVENTS_FILE, METRICS_FILE
+from common.transport.redis.telemetry import EVENTS_FILE, METRICS_FILE
 
 REPORT_DIR = "report"
-_HINT = "record one with `dvi monitor --run-dir RUN_DIR` while the service runs (common.telemetry.RunMetricsWriter)"
+_HINT = "record one with `dvi monitor --run-dir RUN_DIR` while the service runs (common.transport.redis.telemetry.RunMetricsWriter)"
 
 
 @dataclass

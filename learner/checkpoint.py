@@ -30,10 +30,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from common.codec import CodecError, decode_trajectory, encode_trajectory
-from common.errors import AdapterError
-from common.model_split import ADAPTER_META_FILE, with_draft_vocab
-from common.types import Trajectory
+from common.core.codec import CodecError, decode_trajectory, encode_trajectory
+from common.core.errors import AdapterError
+from common.model.split import ADAPTER_META_FILE, with_draft_vocab
+from common.core.types import Trajectory
 
 CHECKPOINT_FORMAT = 1
 ADAPTER_DIR = "adapter"

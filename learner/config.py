@@ -22,14 +22,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Iterable
+from common.core.config import require
 
 SCHEDULE_KINDS = ("kl-rl", "kl-only", "rl-only")
 STALENESS_POLICIES = ("drop", "importance")
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
 
 
 @dataclass(frozen=True)
@@ -52,13 +50,13 @@ class ScheduleConfig:
     """Entropy bonus coefficient in the final mix (the loss subtracts coef * mean entropy)."""
 
     def __post_init__(self) -> None:
-        _check(self.kind in SCHEDULE_KINDS, f"schedule kind must be one of {SCHEDULE_KINDS}, got {self.kind!r}")
-        _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        _check(self.ramp_steps >= 0, f"ramp_steps must be >= 0, got {self.ramp_steps}")
+        require(self.kind in SCHEDULE_KINDS, f"schedule kind must be one of {SCHEDULE_KINDS}, got {self.kind!r}")
+        require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        require(self.ramp_steps >= 0, f"ramp_steps must be >= 0, got {self.ramp_steps}")
         for name in ("lambda_kl", "lambda_ce", "lambda_pg", "entropy_coef"):
             value = getattr(self, name)
-            _check(value >= 0.0, f"{name} must be >= 0, got {value}")
-        _check(
+            require(value >= 0.0, f"{name} must be >= 0, got {value}")
+        require(
             self.kind == "kl-only" or self.lambda_kl + self.lambda_ce + self.lambda_pg > 0.0,
             f"the final mix is all zero (lambda_kl={self.lambda_kl}, lambda_ce={self.lambda_ce}, "
             f"lambda_pg={self.lambda_pg}): nothing would be trained",
@@ -103,22 +101,22 @@ class LearnerConfig:
     """Seed of the learner's replay sampling generator."""
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.schedule, ScheduleConfig), f"schedule must be a ScheduleConfig, got {self.schedule!r}")
+        require(isinstance(self.schedule, ScheduleConfig), f"schedule must be a ScheduleConfig, got {self.schedule!r}")
         for name in ("head_lr", "lora_lr", "kl_temperature", "importance_clip"):
             value = getattr(self, name)
-            _check(value > 0.0, f"{name} must be > 0, got {value}")
+            require(value > 0.0, f"{name} must be > 0, got {value}")
         for name in ("head_weight_decay", "lora_weight_decay", "grad_clip"):
             value = getattr(self, name)
-            _check(value >= 0.0, f"{name} must be >= 0, got {value}")
-        _check(bool(self.head_param_pattern), "head_param_pattern must be a non-empty string")
-        _check(self.batch_tokens >= 1, f"batch_tokens must be >= 1, got {self.batch_tokens}")
-        _check(
+            require(value >= 0.0, f"{name} must be >= 0, got {value}")
+        require(bool(self.head_param_pattern), "head_param_pattern must be a non-empty string")
+        require(self.batch_tokens >= 1, f"batch_tokens must be >= 1, got {self.batch_tokens}")
+        require(
             self.replay_capacity_tokens >= self.batch_tokens,
             f"replay_capacity_tokens ({self.replay_capacity_tokens}) must be >= batch_tokens ({self.batch_tokens})",
         )
-        _check(0.0 <= self.baseline_ema < 1.0, f"baseline_ema must be in [0, 1), got {self.baseline_ema}")
-        _check(self.max_staleness >= 0, f"max_staleness must be >= 0, got {self.max_staleness}")
-        _check(
+        require(0.0 <= self.baseline_ema < 1.0, f"baseline_ema must be in [0, 1), got {self.baseline_ema}")
+        require(self.max_staleness >= 0, f"max_staleness must be >= 0, got {self.max_staleness}")
+        require(
             self.staleness_policy in STALENESS_POLICIES,
             f"staleness_policy must be one of {STALENESS_POLICIES}, got {self.staleness_policy!r}",
         )

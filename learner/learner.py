@@ -38,10 +38,10 @@ from typing import Iterable
 
 import torch
 
-from common.draft_vocab import count_tokens, draft_index, has_mass, restrict_topk, select_draft_vocab
-from common.errors import AdapterError
-from common.model_split import SplitModel
-from common.types import Trajectory, TrajectoryError
+from common.model.draft_vocab import count_tokens, draft_index, has_mass, restrict_topk, select_draft_vocab
+from common.core.errors import AdapterError
+from common.model.split import SplitModel
+from common.core.types import Trajectory, TrajectoryError
 from learner.checkpoint import CheckpointContents, read_checkpoint, write_checkpoint
 from learner.config import LearnerConfig
 from learner.dedupe import SeenWindow

@@ -3,7 +3,7 @@
 Each training request is decoded with the live drafter (recording its trajectory) and published
 to an in-memory stream; `learner.loop.LearnerLoop`, the very loop the learner service runs over
 Redis, ingests it, trains on the step credit it earns and publishes weight versions to an
-in-memory store (`common.memory_transport`). `LocalLoopConfig.loop_config` maps train-local's
+in-memory store (`common.transport.memory`). `LocalLoopConfig.loop_config` maps train-local's
 knobs onto that loop: K steps per request (`steps_per_request`, at most K per request),
 no time-based publish or checkpoint, and a stop at `steps`. In-process the decoder already drafts
 with the live weights, so publishing only advances the version that tags the next trajectories
@@ -14,7 +14,7 @@ Metrics of an evaluation (pooled over its prompts, as `dvi bench speed` pools th
   tau         new tokens / verifier passes (mean accepted length + 1 bonus per pass; 1.0 for AR)
   acceptance  accepted drafted tokens / drafted tokens
   agreement   top-1 agreement of the exit head with the verifier at every position of the held-out
-              prompts followed by the model's greedy continuations, ungated (common/agreement.py)
+              prompts followed by the model's greedy continuations, ungated (common/decoding/agreement.py)
 A point also carries the learner's mean kl / ce / pg since the previous point, the phase of the
 last step, `tokens_seen` (drafted tokens fed to the learner) and `traffic_tokens` (new tokens
 the training requests generated).
@@ -29,10 +29,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from common.config import DecodeConfig
-from common.errors import DVIError
-from common.memory_transport import MemoryTrajectoryStream, MemoryWeightStore
-from common.speculative import GenerationResult, SpeculativeDecoder
+from common.core.config import DecodeConfig
+from common.core.errors import DVIError
+from common.transport.memory import MemoryTrajectoryStream, MemoryWeightStore
+from common.decoding.speculative import GenerationResult, SpeculativeDecoder
 from learner.learner import Learner
 from learner.loop import LearnerLoop, LearnerLoopConfig
 
@@ -50,8 +50,9 @@ class LocalLoopConfig:
     """Stop once the learner has taken this many optimiser steps (counted from step 0, so a resumed learner continues)."""
     updates_per_request: int = 1
     """K: optimiser steps attempted after each training request (fewer while the replay is not ready)."""
-    publish_every: int = 1
-    """N: publish a new weight version every N optimiser steps."""
+    publish_every: int = 8
+    """N: publish a new weight version every N optimiser steps (in one process a version costs a
+    copy of the adapter; `dvi train-local` and `dvi bench` take this default)."""
     eval_every: int | None = 50
     """E: evaluate tau and acceptance every E optimiser steps (and at the start and the last step);
     None = never (the loop only trains, and returns no points)."""
@@ -125,7 +126,7 @@ class HeldOutAgreement:
         self._targets = None
 
     def __call__(self) -> float:
-        from common.agreement import agreement, greedy_continuations, verifier_targets
+        from common.decoding.agreement import agreement, greedy_continuations, verifier_targets
 
         if self._targets is None:
             sequences, _ = greedy_continuations(self.split, self.prompts, self.max_new_tokens)

@@ -2,7 +2,7 @@
 
 `LearnerLoop` is the same code in both places it runs: the service (`learner/service.py` wraps it
 in a Ray actor over a Redis stream and the Redis weight store) and `dvi train-local`
-(`learner/local.py` runs it in one process over `common.memory_transport`). It is typed against
+(`learner/local.py` runs it in one process over `common.transport.memory`). It is typed against
 the small protocols below, so its ack, dedupe, staleness, step and publish logic runs in-process
 with fakes.
 
@@ -41,11 +41,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.types import Trajectory
-from common.protocols import Entry, MetricsSink, TelemetrySink, TrajectorySource, WeightPublisher
+from common.core.types import Trajectory
+from common.transport.protocols import Entry, MetricsSink, TelemetrySink, TrajectorySource, WeightPublisher
 from learner.accounting import ProducerGaps
 from learner.checkpoint import find_checkpoint
 from learner.loop_report import LoopReporting, seen_count
+from common.core.config import require
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,6 @@ def _accounting_path(checkpoint_dir: str) -> Path:
     return directory.with_name(directory.name + ".accounting.json")
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
 
 
 @dataclass(frozen=True)
@@ -105,22 +103,22 @@ class LearnerLoopConfig:
     must not make the learner bump its version a billion times)."""
 
     def __post_init__(self) -> None:
-        _check(bool(self.learner_id) and not any(c.isspace() for c in self.learner_id),
+        require(bool(self.learner_id) and not any(c.isspace() for c in self.learner_id),
                f"learner_id must be a non-empty name without spaces, got {self.learner_id!r}")
         for name in ("publish_every_steps", "checkpoint_every_steps", "max_steps_per_poll", "read_count"):
-            _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("publish_every_s", "checkpoint_every_s", "claim_every_s"):
-            _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+            require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("replay_ratio", "steps_per_request"):
             value = getattr(self, name)
-            _check(value >= 0 and math.isfinite(value), f"{name} must be >= 0 and finite, got {value}")
-        _check(self.replay_ratio + self.steps_per_request > 0,
+            require(value >= 0 and math.isfinite(value), f"{name} must be >= 0 and finite, got {value}")
+        require(self.replay_ratio + self.steps_per_request > 0,
                "replay_ratio and steps_per_request are both 0: the loop would never train")
-        _check(self.stop_at_step is None or self.stop_at_step >= 0,
+        require(self.stop_at_step is None or self.stop_at_step >= 0,
                f"stop_at_step must be >= 0 or None, got {self.stop_at_step}")
-        _check(self.block_ms >= 0, f"block_ms must be >= 0, got {self.block_ms}")
-        _check(self.claim_min_idle_ms >= 0, f"claim_min_idle_ms must be >= 0, got {self.claim_min_idle_ms}")
-        _check(self.max_version_jump >= 1, f"max_version_jump must be >= 1, got {self.max_version_jump}")
+        require(self.block_ms >= 0, f"block_ms must be >= 0, got {self.block_ms}")
+        require(self.claim_min_idle_ms >= 0, f"claim_min_idle_ms must be >= 0, got {self.claim_min_idle_ms}")
+        require(self.max_version_jump >= 1, f"max_version_jump must be >= 1, got {self.max_version_jump}")
 
 
 def step_credit(new_requests: int, new_tokens: int, batch_tokens: int, config: LearnerLoopConfig) -> float:
@@ -138,7 +136,7 @@ class LearnerLoop(LoopReporting):
 
     learner: a `learner.learner.Learner` (its `split` is what gets published). stream, weights:
     a `TrajectorySource` and a `WeightPublisher` of one namespace. metrics: a `MetricsRecorder` or
-    None; telemetry: a `common.telemetry.Telemetry` or None (see `learner.loop_report`).
+    None; telemetry: a `common.transport.redis.telemetry.Telemetry` or None (see `learner.loop_report`).
     on_step(stats): called after every optimiser step the loop takes, once that step's publish (if
     due) is done; an exception it raises ends the current `poll` (train-local stops on it).
     """
@@ -248,7 +246,7 @@ class LearnerLoop(LoopReporting):
         latest = self.weights.latest_version()
         blocked = self.weights.blocked_versions()
         if latest is not None and latest > self.learner.version:
-            _check(latest - self.learner.version <= self.config.max_version_jump,
+            require(latest - self.learner.version <= self.config.max_version_jump,
                    f"the store's weight version {latest} is more than max_version_jump="
                    f"{self.config.max_version_jump} ahead of this learner's {self.learner.version}")
             if not resumed:
@@ -432,7 +430,7 @@ class LearnerLoop(LoopReporting):
                 log.error("learner %s: weight version %d refused by the store (%s)", self.consumer, version, err)
                 newest = getattr(err, "newest", None)  # the store's newest record (its pointer may be forged)
                 latest = max(newest if newest is not None else 0, self.weights.latest_version() or 0)
-                _check(attempt + 1 < _PUBLISH_ATTEMPTS and latest + 1 - self.learner.version <= self.config.max_version_jump,
+                require(attempt + 1 < _PUBLISH_ATTEMPTS and latest + 1 - self.learner.version <= self.config.max_version_jump,
                        f"weight version {version} refused {attempt + 1} times; the store's newest is {latest} "
                        f"(max_version_jump {self.config.max_version_jump})")
                 self._set_version(latest + 1)

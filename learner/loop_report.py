@@ -15,8 +15,8 @@ import time
 from collections import deque
 from typing import Any
 
-from common.drift import kl_slope
-from common.errors import ServiceError
+from common.observe.drift import kl_slope
+from common.core.errors import ServiceError
 
 log = logging.getLogger("learner.loop")
 

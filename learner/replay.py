@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from common.types import Trajectory
+from common.core.types import Trajectory
 
 EvictionPolicy = Callable[[Sequence[Trajectory], int], Sequence[int]]
 """(buffer contents oldest first, capacity in scored positions) -> indices to evict; afterwards

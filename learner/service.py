@@ -2,7 +2,7 @@
 
 The learning logic (ingest, dedupe, staleness, step policy, publish cadence, checkpoint-then-ack)
 lives in `learner/loop.py`, the same code `dvi train-local` runs in one process. This module only
-wires it to Redis (`common.transport.TrajectoryStream`, `common.weights.WeightStore`, which also
+wires it to Redis (`common.transport.redis.streams.TrajectoryStream`, `common.transport.redis.weights.WeightStore`, which also
 keeps the namespace's publish log that `dvi/driver.py` reads) and makes it a Ray actor.
 
 `LearnerService` is the Ray actor (`max_restarts`, default 10): it builds the loop and runs it on a
@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-from common.config import ModelSpec
-from common.errors import ServiceError
-from common.codec import RecordLimits
-from common.transport import TrajectoryStream, TransportConfig
+from common.core.config import ModelSpec
+from common.core.errors import ServiceError
+from common.core.codec import RecordLimits
+from common.transport.redis.streams import TrajectoryStream, TransportConfig
 from learner.config import LearnerConfig
 from learner.loop import LearnerLoop, LearnerLoopConfig
 
@@ -63,7 +63,7 @@ class LearnerSettings:
     """Reading, publishing and checkpointing."""
     secret_file: str | None = None
     """File holding the HMAC secret weight records are signed with (never the secret itself: see
-    common.weights.load_secret); None: $DVI_WEIGHT_SECRET, $DVI_WEIGHT_SECRET_FILE or ~/.dvi/weight-secret."""
+    common.transport.redis.weights.load_secret); None: $DVI_WEIGHT_SECRET, $DVI_WEIGHT_SECRET_FILE or ~/.dvi/weight-secret."""
     redis_backoff_max_s: float = 10.0
     """Longest wait between two tries while Redis is away (doubling from 0.25 s)."""
     torch_threads: int = 1
@@ -79,7 +79,7 @@ class LearnerService:
 
     def __init__(self, settings: LearnerSettings) -> None:
         from common.runtime import make_observers, start_service_process
-        from common.weights import service_store
+        from common.transport.redis.weights import service_store
         from learner.accounting import ProducerGaps
         from learner.learner import Learner
 

@@ -14,12 +14,12 @@ summarisation, conversation; never the Spec-Bench evaluation prompts):
   2. train    the project's own `Learner` with the kl-only schedule over the whole corpus (replay
               large enough to hold all of it), in `chunks` stages: after stage i the drafter has
               seen the first i/chunks of the corpus, and its held-out agreement
-              (common/agreement.py) is measured: the agreement curve against warm-start tokens.
+              (common/decoding/agreement.py) is measured: the agreement curve against warm-start tokens.
 The draft vocabulary is picked from the corpus's token counts, so the warm start also replaces
 the "lowest ids" vocabulary an untrained reduced drafter starts with.
 
 The corpus only depends on the frozen model (never on the drafter), so it is cached on disk as
-msgpack trajectories (common/codec.py) and reused when the same settings ask for it again.
+msgpack trajectories (common/core/codec.py) and reused when the same settings ask for it again.
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from common.agreement import AgreementTargets, agreement
-from common.codec import decode_trajectory, encode_trajectory
-from common.config import DecodeConfig
-from common.model_split import SplitModel
-from common.speculative import SpeculativeDecoder
-from common.types import Trajectory
+from common.decoding.agreement import AgreementTargets, agreement
+from common.core.codec import decode_trajectory, encode_trajectory
+from common.core.config import DecodeConfig
+from common.model.split import SplitModel
+from common.decoding.speculative import SpeculativeDecoder
+from common.core.types import Trajectory
 from learner.config import LearnerConfig, ScheduleConfig
 from learner.learner import Learner
 

@@ -9,8 +9,8 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def smollm2_split():
-    from common.config import DrafterConfig, ModelSpec
-    from common.model_split import SplitModel
+    from common.core.config import DrafterConfig, ModelSpec
+    from common.model.split import SplitModel
     from tests.tiny_models import randomize_adapter
 
     split = SplitModel.load(ModelSpec(model="smollm2-135m-instruct", drafter=DrafterConfig(exit_layer=8)))

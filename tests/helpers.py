@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from common.types import Trajectory
+from common.core.types import Trajectory
 
 
 def make_trajectory(
@@ -125,7 +125,7 @@ def assert_trajectories_equal(a: Trajectory, b: Trajectory) -> None:
 def head_only(**kwargs):
     """A DecodeConfig that drafts with the exit head alone, every block, up to gamma tokens: no
     context drafting, no confidence stop, no adaptive gamma (tests of the exit-head paths)."""
-    from common.config import DecodeConfig
+    from common.core.config import DecodeConfig
 
     return DecodeConfig(**{"lookup_tokens": 0, "confidence_threshold": 0.0, "adaptive_gamma": False, **kwargs})
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from common.config import DrafterConfig
-from common.model_split import SplitModel
+from common.core.config import DrafterConfig
+from common.model.split import SplitModel
 from dvi.data import SPEC_BENCH_DEV
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def stories_split(exit_layer: int = 2, engine: str = "fast", draft_vocab_size: i
                   exit_init_layer: int | None = None) -> SplitModel:
     """The real 5-layer stories260K Llama split at `exit_layer`, its exit head untrained (no warm
     start is looked up: tests do not depend on the user's cache); `exit_init_layer` as in DrafterConfig."""
-    from common.config import ModelSpec
+    from common.core.config import ModelSpec
 
     drafter = DrafterConfig(exit_layer=exit_layer, draft_vocab_size=draft_vocab_size, exit_init_layer=exit_init_layer)
     return SplitModel.load(ModelSpec(model=str(STORIES), drafter=drafter, engine=engine, warm_start=False))
@@ -55,7 +55,7 @@ def stories_split(exit_layer: int = 2, engine: str = "fast", draft_vocab_size: i
 
 def randomize_adapter(split: SplitModel, seed: int, scale: float = 0.5) -> None:
     """Give every LoRA tensor random values (lora_B too, so the drafter really changes)."""
-    from common.model_split import DRAFT_VOCAB_KEY
+    from common.model.split import DRAFT_VOCAB_KEY
 
     g = torch.Generator().manual_seed(seed)
     state = {k: v if k == DRAFT_VOCAB_KEY else torch.randn(v.shape, generator=g) * scale for k, v in split.adapter_state().items()}
@@ -66,11 +66,11 @@ def quantize_native(model, kind: str = "Q4_1") -> dict:
     """Quantise every decoder-layer projection of `model` whose input size is a multiple of 32 to
     the GGUF type `kind` (Q4_1 or Q8_0) with gguf's own quantiser, write the dequantised values
     back into the model (so the HF forward uses the same weights) and return the native matrices
-    by HF module name, as `common.models.load_native_weights` returns them for a GGUF file."""
+    by HF module name, as `common.model.loading.load_native_weights` returns them for a GGUF file."""
     import numpy as np
     from gguf import GGMLQuantizationType, quants
 
-    from common.native_weights import q4_1_matrix, q8_0_matrix
+    from common.model.engine.native_weights import q4_1_matrix, q8_0_matrix
 
     gguf_type = getattr(GGMLQuantizationType, kind)
     decode = {"Q4_1": q4_1_matrix, "Q8_0": q8_0_matrix}[kind]

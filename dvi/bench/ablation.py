@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from common.config import DecodeConfig, DrafterConfig
+from common.core.config import DecodeConfig, DrafterConfig
 
 FULL = "dvi"
 LEVERS: dict[str, str] = {

@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 from typing import Sequence, TypeVar
 
-from common.prompts import skipped_summary, spec_bench_task
+from common.core.prompts import skipped_summary, spec_bench_task
 
 P = TypeVar("P")
 

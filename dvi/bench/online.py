@@ -16,8 +16,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from common.model_split import SplitModel
-from common.speculative import GenerationResult
+from common.model.split import SplitModel
+from common.decoding.speculative import GenerationResult
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig
+from common.core.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig
 from dvi.bench.speed import SpeedSettings
 
 SOURCE, TARGET = "source", "target"

@@ -40,8 +40,9 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig, ModelSpec
-from common.prompts import SkippedRequest, skipped_summary
+from common.core.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig, ModelSpec
+from common.core.prompts import SkippedRequest, skipped_summary
+from learner.local import LocalLoopConfig
 from dvi.bench.peers import PEER_METHODS
 
 REFERENCE = "hf_ar"
@@ -101,7 +102,7 @@ class SpeedSettings:
     """AdamW lr of every trainable tensor while learning; None: LearnerConfig's (the service's) rates."""
     learn_batch_tokens: int = 256
     """Scored positions per optimiser step while learning."""
-    learn_publish_every: int = 8
+    learn_publish_every: int = LocalLoopConfig.publish_every
     """Optimiser steps between weight versions while learning (each may re-pick the draft vocabulary)."""
     adapter: str | None = None
     """Trained drafter adapter directory for `dvi` (None = the drafter `SplitModel` loads by default)."""
@@ -296,7 +297,7 @@ def _hf_method(model, device, counter: PassCounter, kwargs: dict) -> MethodFn:
 
 def decoder_method(split, config: DecodeConfig) -> MethodFn:
     """A method that decodes with our own loop (`SpeculativeDecoder`) on `split`."""
-    from common.speculative import SpeculativeDecoder
+    from common.decoding.speculative import SpeculativeDecoder
 
     decoder = SpeculativeDecoder(split)
 
@@ -341,7 +342,7 @@ def build_methods(split, settings: SpeedSettings, counter: PassCounter, drafters
 
 
 def _peer_method(split, settings: SpeedSettings, threads: int, lookup: bool) -> MethodFn:
-    from common.models import gguf_file
+    from common.model.loading import gguf_file
     from dvi.bench.peers import llama_cpp_method
 
     path = gguf_file(settings.model)
@@ -436,10 +437,10 @@ def run_benchmark(
 
 
 def drafter_agreement(drafters: dict, prompts: list[BenchPrompt], records: list[RunRecord]) -> dict[str, float]:
-    """Held-out top-1 agreement of each drafter's exit head with the verifier (common/agreement.py):
+    """Held-out top-1 agreement of each drafter's exit head with the verifier (common/decoding/agreement.py):
     at every position of each timed prompt followed by the reference's output (the model's own
     greedy continuation), ungated. drafters: method name -> SplitModel on one base model."""
-    from common.agreement import agreement, verifier_targets
+    from common.decoding.agreement import agreement, verifier_targets
 
     if not drafters:
         return {}

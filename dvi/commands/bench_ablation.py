@@ -10,8 +10,8 @@ from typing import Optional
 
 import typer
 
-from common.config import DEFAULT_MODEL, DecodeConfig
-from common.prompts import spec_bench_task
+from common.core.config import DEFAULT_MODEL, DecodeConfig
+from common.core.prompts import spec_bench_task
 from dvi import options
 from dvi.app import bench_app
 from dvi.progress import progress_bar
@@ -55,10 +55,10 @@ def ablation(
 def _run(model_id, prompts_path, adapter, out: Path, decode, levers, limit, per_category, held_out, warmup) -> None:
     from rich.console import Console
 
-    from common.config import ModelSpec
-    from common.model_split import DRAFT_VOCAB_KEY, SplitModel, read_adapter_dir
-    from common.prompts import encode_workload, load_prompts, skipped_summary
-    from common.speculative import SpeculativeDecoder
+    from common.core.config import ModelSpec
+    from common.model.split import DRAFT_VOCAB_KEY, SplitModel, read_adapter_dir
+    from common.core.prompts import encode_workload, load_prompts, skipped_summary
+    from common.decoding.speculative import SpeculativeDecoder
     from dvi.bench import ablation as bench
     from dvi.bench import speed
     from dvi.bench.learning import select_per_task, split_train_eval

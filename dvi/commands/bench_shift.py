@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig
+from common.core.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig
 from dvi import options
 from dvi.bench.shift import ShiftSettings
 from dvi.app import bench_app
@@ -57,8 +57,8 @@ def shift(
 def _task_requests(split, settings: ShiftSettings) -> tuple[list[list[int]], list[list[int]], list]:
     """(source request ids, target request ids, skipped): each task's prompts in file order,
     encoded and checked, cycled to the requested counts."""
-    from common.prompts import encode_workload, load_prompts, spec_bench_task
-    from common.speculative import SpeculativeDecoder
+    from common.core.prompts import encode_workload, load_prompts, spec_bench_task
+    from common.decoding.speculative import SpeculativeDecoder
 
     questions = load_prompts(settings.prompts)
     checker = SpeculativeDecoder(split)
@@ -82,8 +82,8 @@ def _task_requests(split, settings: ShiftSettings) -> tuple[list[list[int]], lis
 def _run(settings: ShiftSettings, out: Path) -> None:
     from rich.console import Console
 
-    from common.config import ModelSpec
-    from common.model_split import SplitModel
+    from common.core.config import ModelSpec
+    from common.model.split import SplitModel
     from dvi.bench.online import learn_online
     from dvi.bench.shift import SOURCE, TARGET, RequestRecord, write_reports
     from dvi.bench.speed import machine_info

@@ -9,8 +9,8 @@ from typing import Optional
 
 import typer
 
-from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig, ModelSpec
-from common.prompts import spec_bench_task
+from common.core.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig, ModelSpec
+from common.core.prompts import spec_bench_task
 from dvi import options
 from dvi.bench.speed import SpeedSettings
 from dvi.app import bench_app
@@ -78,7 +78,7 @@ def speed(
         "(the default one, or --adapter), learns on the first half of every category's prompts and is timed as "
         "dvi_<schedule> on the second half.",
     ),
-    learn_updates_per_request: int = typer.Option(4, "--learn-updates-per-request", help="Optimiser steps after each learning request."),
+    learn_updates_per_request: int = typer.Option(SpeedSettings.learn_updates_per_request, "--learn-updates-per-request", help="Optimiser steps after each learning request."),
     learn_lr: Optional[float] = typer.Option(
         SpeedSettings.learn_lr, "--learn-lr", help="AdamW lr of every trainable tensor while learning (default: the service's LearnerConfig rates)."),
     learn_batch_tokens: int = typer.Option(256, "--learn-batch-tokens", help="Scored positions per optimiser step while learning."),
@@ -98,8 +98,8 @@ def speed(
     threads: options.Threads = None,
 ) -> None:
     """Time every method on the same prompts (batch 1, greedy, interleaved) and write a report."""
-    from common.config import ModelSpec
-    from common.prompts import load_prompts
+    from common.core.config import ModelSpec
+    from common.core.prompts import load_prompts
     from dvi.bench import speed as bench
 
     options.check_threads(threads)
@@ -153,10 +153,10 @@ def _run(settings, questions: list, out: str) -> None:
     and write the reports."""
     from rich.console import Console
 
-    from common.config import ModelSpec
-    from common.model_split import SplitModel
-    from common.prompts import encode_workload
-    from common.speculative import SpeculativeDecoder
+    from common.core.config import ModelSpec
+    from common.model.split import SplitModel
+    from common.core.prompts import encode_workload
+    from common.decoding.speculative import SpeculativeDecoder
     from dvi.bench import speed as bench
     from dvi.bench.learning import split_train_eval
 
@@ -201,7 +201,7 @@ def _run(settings, questions: list, out: str) -> None:
     record = bench.settings_record(settings, len(encoded))
     record["agreement"] = bench.drafter_agreement(drafters, encoded, records)
     record["agreement_measure"] = ("top-1 agreement of each drafter's exit head with the verifier at every position "
-                                   "of the timed prompts plus hf_ar's output, ungated (common/agreement.py)")
+                                   "of the timed prompts plus hf_ar's output, ungated (common/decoding/agreement.py)")
     identity = bench.identity_references(names, split.weights == "native")
     record.update(
         weights_used=split.weights,
@@ -222,7 +222,7 @@ def _drafters(settings, split, learning_ids: list, out: Path, console) -> tuple[
     drafter (or --adapter), frozen; each dvi_<schedule> is another exit head on the same base
     model that starts from that drafter's weights and learns online on `learning_ids`; each
     variant loads its adapter."""
-    from common.model_split import SplitModel
+    from common.model.split import SplitModel
     from dvi.bench import speed as bench
     from dvi.bench.online import learn_online
 

@@ -1,4 +1,4 @@
-"""`dvi dashboard export|push`: the Grafana dashboard generated from common/metrics.py."""
+"""`dvi dashboard export|push`: the Grafana dashboard generated from common/observe/metrics.py."""
 
 from __future__ import annotations
 

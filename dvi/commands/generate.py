@@ -7,7 +7,7 @@ import sys
 import torch
 import typer
 
-from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig, ModelSpec
+from common.core.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig, ModelSpec
 from dvi import options
 from dvi.app import app
 
@@ -15,7 +15,7 @@ from dvi.app import app
 def load_split(model: str, exit_layer: int, adapter: str | None, dtype: str = "float32", device: str = "cpu",
                weights: str = ModelSpec.weights):
     """Build the SplitModel for CLI commands (validated configs, optional adapter)."""
-    from common.model_split import SplitModel
+    from common.model.split import SplitModel
 
     spec = ModelSpec(model=model, dtype=dtype, device=device, drafter=DrafterConfig(exit_layer=exit_layer), weights=weights)
     split = SplitModel.load(spec)
@@ -60,8 +60,8 @@ def generate(
     stats: bool = typer.Option(True, "--stats/--no-stats", help="Print tau and acceptance to stderr at the end."),
 ) -> None:
     """Generate a reply to PROMPT, streaming text; the output is exactly the model's own decoding."""
-    from common.prompts import encode_prompt
-    from common.speculative import SpeculativeDecoder
+    from common.core.prompts import encode_prompt
+    from common.decoding.speculative import SpeculativeDecoder
 
     if not prompt.strip():
         raise ValueError("prompt is empty")

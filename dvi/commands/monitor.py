@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from common.redis_util import DEFAULT_REDIS_URL
+from common.transport.redis.client import DEFAULT_REDIS_URL
 from dvi.app import app
 
 
@@ -26,8 +26,8 @@ def monitor(
     from rich.console import Console
     from rich.live import Live
 
-    from common.errors import ServiceError
-    from common.telemetry import RunMetricsWriter, Telemetry
+    from common.core.errors import ServiceError
+    from common.transport.redis.telemetry import RunMetricsWriter, Telemetry
     from dvi.monitor import demo_state, render
 
     if refresh <= 0:
@@ -40,7 +40,7 @@ def monitor(
     if demo:
         read = demo_state
     else:
-        from common.redis_util import connect
+        from common.transport.redis.client import connect
 
         telemetry = Telemetry(connect(redis_url, retries=2, timeout_s=5.0), namespace=namespace)
 

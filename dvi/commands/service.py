@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import typer
 
-from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig
+from common.core.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig
 
 from dvi import options
 from dvi.data import SPEC_BENCH_DEV
@@ -64,9 +64,9 @@ def run(
     confidence_threshold: options.ConfidenceThreshold = DecodeConfig.confidence_threshold,
     lookup_tokens: options.LookupTokens = DecodeConfig.lookup_tokens,
     adaptive_gamma: options.AdaptiveGamma = DecodeConfig.adaptive_gamma,
-    publish_every: int = typer.Option(4, "--publish-every", help="Learner steps per weight version."),
-    publish_every_s: float = typer.Option(30.0, "--publish-every-s", help="Also publish after this many seconds with a step."),
-    replay_ratio: float = typer.Option(1.0, "--replay-ratio", help="Learner steps per batch of new drafted tokens."),
+    publish_every: options.PublishEvery = RunConfig.publish_every,
+    publish_every_s: options.PublishEverySeconds = RunConfig.publish_every_s,
+    replay_ratio: options.ReplayRatio = RunConfig.replay_ratio,
     head_lr: Optional[float] = typer.Option(None, "--head-lr", help="Learner lr of the LM-head LoRA (default: LearnerConfig)."),
     lora_lr: Optional[float] = typer.Option(None, "--lora-lr", help="Learner lr of the exit-layer LoRA (default: LearnerConfig)."),
     batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="Drafted tokens per learner step."),
@@ -123,7 +123,7 @@ def demo(
     model: options.Model = DEFAULT_MODEL,
     exit_layer: options.ExitLayer = DrafterConfig.exit_layer,
     gamma: options.Gamma = DecodeConfig.gamma,
-    publish_every: int = typer.Option(4, "--publish-every", help="Learner steps per weight version."),
+    publish_every: options.PublishEvery = RunConfig.publish_every,
     redis_url: Optional[str] = typer.Option(None, "--redis-url", envvar="DVI_REDIS_URL", help="Redis (default: the local one, else an embedded server)."),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Directory for generations.jsonl and summary.json."),
     live: bool = typer.Option(True, "--live/--no-live", help="Show the live table."),
@@ -254,7 +254,7 @@ def _fmt(value: Any) -> str:
 def _run_live(config, console) -> dict[str, Any]:
     from rich.live import Live
 
-    from common.errors import ServiceError
+    from common.core.errors import ServiceError
     from dvi.driver import RunState, run_service
 
     holder: dict[str, Any] = {"telemetry": None, "learner": None, "read_at": 0.0}  # learner line, read from telemetry
@@ -265,8 +265,8 @@ def _run_live(config, console) -> dict[str, Any]:
         holder["read_at"] = time.time()
         try:
             if holder["telemetry"] is None:
-                from common.redis_util import connect
-                from common.telemetry import Telemetry
+                from common.transport.redis.client import connect
+                from common.transport.redis.telemetry import Telemetry
 
                 holder["telemetry"] = Telemetry(connect(state.redis_url, retries=1), state.namespace)
             holder["learner"] = holder["telemetry"].read(history=0, events=0).learner or None

@@ -16,11 +16,12 @@ from typing import Optional
 
 import typer
 
-from common.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig
-from common.prompts import skipped_summary
+from common.core.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig
+from common.core.prompts import skipped_summary
 from dvi import options
 from dvi.app import app, bench_app
 from dvi.progress import progress_bar
+from learner.local import LocalLoopConfig
 from learner.config import SCHEDULE_KINDS, LearnerConfig, ScheduleConfig
 
 
@@ -45,7 +46,7 @@ class TrainSettings:
     """Optimiser steps to reach (per schedule in the benchmark)."""
     updates_per_request: int = 4
     """K: optimiser steps after each training request."""
-    publish_every: int = 8
+    publish_every: int = LocalLoopConfig.publish_every
     """Publish a new weight version every N optimiser steps."""
     eval_every: int = 50
     """Evaluate held-out tau and acceptance every E optimiser steps."""
@@ -86,8 +87,6 @@ class TrainSettings:
         )
 
     def loop_config(self):
-        from learner.local import LocalLoopConfig
-
         return LocalLoopConfig(
             steps=self.steps,
             updates_per_request=self.updates_per_request,
@@ -100,7 +99,7 @@ class TrainSettings:
         )
 
     def validate(self) -> "TrainSettings":
-        from common.config import ModelSpec
+        from common.core.config import ModelSpec
 
         ModelSpec(model=self.model, dtype=self.dtype, device=self.device, drafter=DrafterConfig(exit_layer=self.exit_layer))
         self.loop_config()
@@ -109,9 +108,9 @@ class TrainSettings:
 
 
 def _encode_all(split, prompts, settings: "TrainSettings", what: str) -> tuple[list[list[int]], list]:
-    """(token ids of every servable prompt, [SkippedRequest]) — see common.prompts.encode_workload."""
-    from common.prompts import encode_workload
-    from common.speculative import SpeculativeDecoder
+    """(token ids of every servable prompt, [SkippedRequest]) — see common.core.prompts.encode_workload."""
+    from common.core.prompts import encode_workload
+    from common.decoding.speculative import SpeculativeDecoder
 
     decode = DecodeConfig(gamma=0, max_new_tokens=settings.max_new_tokens)
     checker = SpeculativeDecoder(split)
@@ -124,7 +123,7 @@ def _encode_all(split, prompts, settings: "TrainSettings", what: str) -> tuple[l
 
 def load_prompt_halves(prompts: str, eval_prompts: str | None, train_limit: int | None, eval_limit: int | None):
     """(train, eval) Prompt lists: one file is split in halves; two files are each interleaved."""
-    from common.prompts import load_prompts
+    from common.core.prompts import load_prompts
     from dvi.bench.learning import interleave_categories, split_train_eval
 
     for flag, value in (("--train-limit", train_limit), ("--eval-limit", eval_limit)):
@@ -199,7 +198,7 @@ def train_local_command(
 
 
 def _resolve_checkpoint(resume: str) -> Path:
-    from common.errors import AdapterError
+    from common.core.errors import AdapterError
     from learner.checkpoint import META_FILE
 
     path = Path(resume)
@@ -215,8 +214,8 @@ def _train_local(settings: TrainSettings, learner_config, schedule: str, train, 
 
     from rich.console import Console
 
-    from common.config import ModelSpec
-    from common.model_split import SplitModel
+    from common.core.config import ModelSpec
+    from common.model.split import SplitModel
     from dvi.bench.learning import plot_learning, write_json
     from learner.learner import Learner
     from learner.local import train_local
@@ -327,9 +326,9 @@ def _bench_learning(settings: TrainSettings, configs: dict, train, held_out, out
     import torch
     from rich.console import Console
 
-    from common.config import ModelSpec
-    from common.model_split import SplitModel
-    from common.speculative import SpeculativeDecoder
+    from common.core.config import ModelSpec
+    from common.model.split import SplitModel
+    from common.decoding.speculative import SpeculativeDecoder
     from dvi.bench.learning import write_bench_reports
     from learner.learner import Learner
     from learner.local import evaluate, train_local

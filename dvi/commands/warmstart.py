@@ -3,9 +3,9 @@
 
 Writes DIR/adapter (the trained drafter, fp32), DIR/warmstart.json (settings, times, tokens, the
 held-out agreement curve) and DIR/warmstart.png (the curve), and installs the adapter in the
-user's cache (common/warm_start.py), where every later `dvi` command at this model and exit layer
+user's cache (common/model/warm_start.py), where every later `dvi` command at this model and exit layer
 starts from it unless `--adapter` says otherwise (`--no-install` skips that). `--ship` also
-writes a bf16 copy where the package ships it (common/warmstarts/<fingerprint>-k<k>/: the default
+writes a bf16 copy where the package ships it (common/model/warmstarts/<fingerprint>-k<k>/: the default
 model's ships with the project, made by the command in the README).
 """
 
@@ -21,7 +21,7 @@ from typing import Optional
 
 import typer
 
-from common.config import DEFAULT_MODEL, DrafterConfig
+from common.core.config import DEFAULT_MODEL, DrafterConfig
 from dvi import options
 from dvi.app import app
 from learner.config import LearnerConfig
@@ -81,7 +81,7 @@ def warmstart(
     eval_new_tokens: int = typer.Option(64, "--eval-new-tokens", help="Greedy tokens per held-out prompt."),
     corpus: Optional[str] = typer.Option(None, "--corpus", help="Corpus cache directory (default: in the dvi cache)."),
     install: bool = typer.Option(True, "--install/--no-install", help="Make it this model's default drafter."),
-    ship: bool = typer.Option(False, "--ship/--no-ship", help="Also write the bf16 copy this package ships (common/warmstarts/)."),
+    ship: bool = typer.Option(False, "--ship/--no-ship", help="Also write the bf16 copy this package ships (common/model/warmstarts/)."),
     seed: int = typer.Option(0, "--seed"),
     threads: options.Threads = None,
 ) -> None:
@@ -93,12 +93,12 @@ def warmstart(
 
 def _run(out, model, exit_layer, draft_vocab_size, seeds, max_new_tokens, temperature, samples_per_prompt, epochs,
          head_lr, lora_lr, eval_prompts, eval_new_tokens, corpus, install, ship, seed, threads) -> None:
-    from common.agreement import agreement, greedy_targets
-    from common.config import ModelSpec
-    from common.model_split import SplitModel
-    from common.models import cache_dir
-    from common.prompts import encode_prompt, load_prompts
-    from common.warm_start import SHIPPED_DIR, installed_warm_start_dir, warm_start_name
+    from common.decoding.agreement import agreement, greedy_targets
+    from common.core.config import ModelSpec
+    from common.model.split import SplitModel
+    from common.model.loading import cache_dir
+    from common.core.prompts import encode_prompt, load_prompts
+    from common.model.warm_start import SHIPPED_DIR, installed_warm_start_dir, warm_start_name
     from dvi.bench.learning import interleave_categories, split_train_eval
     from dvi.data import SPEC_BENCH_DEV
     from dvi.progress import progress_bar

@@ -4,8 +4,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from common.config import DecodeConfig
-from common.speculative import SpeculativeDecoder
+from common.core.config import DecodeConfig
+from common.decoding.speculative import SpeculativeDecoder
 from tests.helpers import head_only, matches_model_distribution, sample_two_tokens
 from tests.tiny_models import native_tiny_split, randomize_adapter, tiny_split
 
@@ -35,7 +35,7 @@ def test_adapter_changes_drafter_but_never_verifier():
 def test_adapter_state_round_trip_and_shape_check():
     import pytest
 
-    from common.errors import AdapterError
+    from common.core.errors import AdapterError
 
     split = tiny_split(seed=1, exit_layer=2)
     randomize_adapter(split, 11)

@@ -1,4 +1,4 @@
-"""The draft-source choice inside the decoder (common/arbitration.py wired into common/speculative.py):
+"""The draft-source choice inside the decoder (common/core/arbitration.py wired into common/decoding/speculative.py):
 whichever source a block takes, decoding stays lossless, and a block handed to the exit head drafts
 exactly what the exit head alone would have drafted (its first step, run to measure confidence, is
 reused, not repeated)."""
@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import common.speculative as speculative
-from common.arbitration import CONTEXT, HEAD
-from common.config import DecodeConfig
-from common.speculative import SpeculativeDecoder
+import common.decoding.speculative as speculative
+from common.core.arbitration import CONTEXT, HEAD
+from common.core.config import DecodeConfig
+from common.decoding.speculative import SpeculativeDecoder
 from tests.tiny_models import randomize_adapter, stories_split
 
 TEXTS = ("Tom and Sue went to the park. Tom and Sue", "The cat sat. The cat sat on")

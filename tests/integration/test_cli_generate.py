@@ -70,8 +70,8 @@ def test_directory_without_config_is_refused(capsys, tmp_path):
 
 
 def test_corrupt_adapter_is_refused(capsys, tmp_path):
-    from common.config import DrafterConfig, ModelSpec
-    from common.model_split import SplitModel
+    from common.core.config import DrafterConfig, ModelSpec
+    from common.model.split import SplitModel
 
     split = SplitModel.load(ModelSpec(model=str(STORIES), drafter=DrafterConfig(exit_layer=2)))
     split.save_adapter(tmp_path / "adapter")

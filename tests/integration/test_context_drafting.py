@@ -5,8 +5,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from common.config import DecodeConfig
-from common.speculative import SpeculativeDecoder
+from common.core.config import DecodeConfig
+from common.decoding.speculative import SpeculativeDecoder
 from tests.helpers import matches_model_distribution, sample_two_tokens
 from tests.tiny_models import randomize_adapter, stories_split, tiny_split
 
@@ -56,7 +56,7 @@ def test_context_blocks_record_verified_rows_not_drafts():
 
 
 def test_prefill_records_a_sample_of_prompt_positions_with_the_verifiers_targets():
-    from common.speculative import prompt_positions
+    from common.decoding.speculative import prompt_positions
 
     assert prompt_positions(10, 0).tolist() == []
     assert prompt_positions(4, 9).tolist() == [0, 1, 2, 3]

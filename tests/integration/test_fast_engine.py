@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from common.config import DecodeConfig, DrafterConfig
-from common.model_split import SplitModel
-from common.speculative import SpeculativeDecoder
+from common.core.config import DecodeConfig, DrafterConfig
+from common.model.split import SplitModel
+from common.decoding.speculative import SpeculativeDecoder
 from tests.helpers import head_only
 from tests.tiny_models import randomize_adapter, tiny_llama, tiny_split
 
@@ -82,7 +82,7 @@ def test_draft_vocabulary_restricts_every_draft_and_stays_lossless():
 
 
 def test_adapter_round_trip_carries_the_draft_vocabulary(tmp_path):
-    from common.errors import AdapterError
+    from common.core.errors import AdapterError
 
     split = tiny_split(seed=2, exit_layer=2, draft_vocab_size=16)
     split.set_draft_vocab(torch.arange(20, 36))

@@ -8,8 +8,8 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python is the optional [peers
 
 @pytest.mark.slow
 def test_llama_cpp_methods_decode_the_same_prompt_ids_greedily(smollm2_split):
-    from common.models import gguf_file
-    from common.prompts import encode_prompt
+    from common.model.loading import gguf_file
+    from common.core.prompts import encode_prompt
     from dvi.bench.peers import llama_cpp_method
 
     split = smollm2_split
@@ -29,8 +29,8 @@ def test_llama_cpp_methods_decode_the_same_prompt_ids_greedily(smollm2_split):
 def test_llama_cpp_lookup_takes_prompts_longer_than_a_batch(smollm2_split):
     """A prompt over llama.cpp's 512-token batch: prompt lookup keeps every position's logits,
     which llama-cpp-python 0.3.36 only allocates when asked (regression: a numpy broadcast error)."""
-    from common.models import gguf_file
-    from common.prompts import encode_prompt
+    from common.model.loading import gguf_file
+    from common.core.prompts import encode_prompt
     from dvi.bench.peers import llama_cpp_method
 
     split = smollm2_split

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from common.config import DecodeConfig
-from common.model_split import cached_kv, crop_cache
-from common.prompts import load_prompts
-from common.speculative import SpeculativeDecoder
+from common.core.config import DecodeConfig
+from common.model.split import cached_kv, crop_cache
+from common.core.prompts import load_prompts
+from common.decoding.speculative import SpeculativeDecoder
 from tests.helpers import head_only
 from tests.tiny_models import SPEC_BENCH, randomize_adapter, stories_split, tiny_split
 
@@ -72,8 +72,8 @@ def test_stories260k_matches_hf_on_twenty_prompts():
 
 
 def test_eos_stops_like_hf():
-    from common.config import DrafterConfig
-    from common.model_split import SplitModel
+    from common.core.config import DrafterConfig
+    from common.model.split import SplitModel
     from tests.tiny_models import tiny_llama
 
     model = tiny_llama(seed=6)
@@ -136,7 +136,7 @@ def test_crop_cache_keeps_a_prefix(engine):
 
 @pytest.mark.slow
 def test_smollm2_matches_hf_on_spec_bench_prompts(smollm2_split):
-    from common.prompts import encode_prompt
+    from common.core.prompts import encode_prompt
 
     split = smollm2_split
     decoder = SpeculativeDecoder(split)

@@ -5,9 +5,9 @@ test_adapter_and_sampling.py); the shipped SmolLM2 file maps onto the fast engin
 import pytest
 import torch
 
-from common.config import DecodeConfig
-from common.packed_linear import NATIVE_KERNELS_ENV, NativeLinear
-from common.speculative import SpeculativeDecoder
+from common.core.config import DecodeConfig
+from common.model.engine.packed_linear import NATIVE_KERNELS_ENV, NativeLinear
+from common.decoding.speculative import SpeculativeDecoder
 from tests.helpers import head_only
 from tests.tiny_models import native_tiny_split, randomize_adapter
 
@@ -53,7 +53,7 @@ def test_native_split_reproduces_the_dequantised_hf_forward():
 
 @pytest.mark.slow
 def test_smollm2_native_weights_are_the_gguf_blocks_and_speculation_is_lossless(smollm2_split):
-    from common.prompts import encode_prompt, load_prompts
+    from common.core.prompts import encode_prompt, load_prompts
     from tests.tiny_models import SPEC_BENCH
 
     split = smollm2_split
@@ -79,8 +79,8 @@ def test_smollm2_runs_native_whichever_kernel_the_probe_picks(monkeypatch, kerne
     """The load-time parity check accepts every native kernel's summation order on SmolLM2 (the
     probe's choice depends on timing, so a kernel it may pick must never drop the model to the
     dequantised HF layers; torch's int4 kernel once did, 2.3e-3 off against a 1e-3 tolerance)."""
-    from common.config import DrafterConfig, ModelSpec
-    from common.model_split import SplitModel
+    from common.core.config import DrafterConfig, ModelSpec
+    from common.model.split import SplitModel
 
     monkeypatch.setenv(NATIVE_KERNELS_ENV, kernels)
     split = SplitModel.load(ModelSpec(model="smollm2-135m-instruct", drafter=DrafterConfig(exit_layer=4)))

@@ -57,7 +57,7 @@ def test_local_loop_raises_held_out_acceptance_on_stories260k():
 
 
 def learner_decoder(learner):
-    from common.speculative import SpeculativeDecoder
+    from common.decoding.speculative import SpeculativeDecoder
 
     return SpeculativeDecoder(learner.split)
 

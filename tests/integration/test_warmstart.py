@@ -1,5 +1,5 @@
 """Warm start by self-distillation (learner/warmstart.py) on the real stories260K, and the default
-drafter's look-up of a warm start (common/warm_start.py) with its fall-back to the untrained head."""
+drafter's look-up of a warm start (common/model/warm_start.py) with its fall-back to the untrained head."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import logging
 
 import torch
 
-from common.agreement import agreement, greedy_targets
-from common.config import DrafterConfig, ModelSpec
-from common.model_split import SplitModel
-from common.prompts import encode_prompt, load_prompts
-from common.warm_start import installed_warm_start_dir
+from common.decoding.agreement import agreement, greedy_targets
+from common.core.config import DrafterConfig, ModelSpec
+from common.model.split import SplitModel
+from common.core.prompts import encode_prompt, load_prompts
+from common.model.warm_start import installed_warm_start_dir
 from dvi.bench.learning import interleave_categories, split_train_eval
 from dvi.commands.warmstart import SEEDS
 from learner.warmstart import WarmStartConfig, generate_corpus, train_warm_start
@@ -36,7 +36,7 @@ def test_warm_start_improves_held_out_agreement_on_stories260k():
 def test_the_default_drafter_starts_from_an_installed_warm_start_and_falls_back_when_none_fits(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("DVI_CACHE", str(tmp_path))
     spec = ModelSpec(model=str(STORIES), drafter=DrafterConfig(exit_layer=2, draft_vocab_size=0))
-    with caplog.at_level(logging.INFO, logger="common.model_split"):
+    with caplog.at_level(logging.INFO, logger="common.model.split"):
         untrained = SplitModel.load(spec)
     assert "no warm start fits" in caplog.text
     trained = stories_split(exit_layer=2)
@@ -54,6 +54,6 @@ def test_the_default_drafter_starts_from_an_installed_warm_start_and_falls_back_
 
     caplog.clear()
     other = ModelSpec(model=str(STORIES), drafter=DrafterConfig(exit_layer=2, full_rank_exit_layer=False, draft_vocab_size=0))
-    with caplog.at_level(logging.INFO, logger="common.model_split"):
+    with caplog.at_level(logging.INFO, logger="common.model.split"):
         SplitModel.load(other)  # the installed warm start is for a full-rank exit layer: skipped, untrained
     assert "does not fit this drafter" in caplog.text and "no warm start fits" in caplog.text

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from common.redis_util import PrivateRedis, RedisUnreachableError, connect
+from common.transport.redis.client import PrivateRedis, RedisUnreachableError, connect
 
 SHARED_URL = os.environ.get("DVI_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 TEST_WEIGHT_SECRET = b"dvi-test-weight-secret"

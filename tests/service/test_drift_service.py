@@ -17,11 +17,11 @@ import torch
 from rich.console import Console
 
 from actors.generator import Generator, GeneratorConfig
-from common.drift import ArFallbackConfig, DriftGuardConfig
-from common.metrics import MetricsRecorder
-from common.telemetry import RunMetricsWriter, Telemetry
-from common.transport import TrajectoryStream, TransportConfig
-from common.weights import WeightStore
+from common.observe.drift import ArFallbackConfig, DriftGuardConfig
+from common.observe.metrics import MetricsRecorder
+from common.transport.redis.telemetry import RunMetricsWriter, Telemetry
+from common.transport.redis.streams import TrajectoryStream, TransportConfig
+from common.transport.redis.weights import WeightStore
 from dvi.cli import main
 from dvi.monitor import render
 from tests.helpers import head_only, run_watcher, stories_with_references

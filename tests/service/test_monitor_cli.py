@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import time
 
-from common.redis_util import free_port
-from common.telemetry import Telemetry
+from common.transport.redis.client import free_port
+from common.transport.redis.telemetry import Telemetry
 from dvi.cli import main
 
 

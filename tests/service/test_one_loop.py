@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from common.transport import TrajectoryStream, TransportConfig
-from common.weights import WeightStore
+from common.transport.redis.streams import TrajectoryStream, TransportConfig
+from common.transport.redis.weights import WeightStore
 from learner.config import LearnerConfig, ScheduleConfig
 from learner.learner import Learner
 from learner.local import LocalLoopConfig, train_local

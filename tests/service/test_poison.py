@@ -16,9 +16,9 @@ import msgpack
 import pytest
 import torch
 
-from common.codec import encode_trajectory
-from common.transport import TrajectoryStream, TransportConfig
-from common.weights import WeightStore
+from common.core.codec import encode_trajectory
+from common.transport.redis.streams import TrajectoryStream, TransportConfig
+from common.transport.redis.weights import WeightStore
 from learner.accounting import ProducerGaps
 from learner.config import LearnerConfig
 from learner.learner import Learner

@@ -29,10 +29,11 @@ from pathlib import Path
 import pytest
 import ray
 
+from actors.generator import GeneratorConfig
 from actors.service import GeneratorPool, GeneratorSettings, Request
-from common.config import DecodeConfig, DrafterConfig, ModelSpec
-from common.redis_util import free_port
-from common.transport import TransportConfig
+from common.core.config import DecodeConfig, DrafterConfig, ModelSpec
+from common.transport.redis.client import free_port
+from common.transport.redis.streams import TransportConfig
 from dvi.dashboard import build_dashboard, panel_queries
 from learner.config import LearnerConfig
 from learner.service import LearnerLoopConfig, LearnerSettings, create_learner_actor
@@ -154,8 +155,8 @@ def test_every_dashboard_query_returns_data_from_a_live_run(ray_metrics_port, re
                 loop=LearnerLoopConfig(publish_every_steps=2, publish_every_s=3.0, block_ms=200),
             ))
             pool = GeneratorPool([
-                GeneratorSettings(model=SPEC, redis_url=redis_url, transport=transport, actor_id=f"actor-{i}",
-                                  seed=i, ar_fallback_gamma=DECODE.gamma)
+                GeneratorSettings(model=SPEC, redis_url=redis_url, transport=transport,
+                                  generator=GeneratorConfig(actor_id=f"actor-{i}", seed=i, ar_fallback_gamma=DECODE.gamma))
                 for i in range(2)
             ], cpus_per_actor=0.5)
             pool.wait_ready(timeout_s=180)

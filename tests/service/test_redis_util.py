@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from common.errors import ServiceError
-from common.redis_util import (
+from common.core.errors import ServiceError
+from common.transport.redis.client import (
     PrivateRedis,
     RedisAuthError,
     RedisUnreachableError,

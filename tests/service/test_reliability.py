@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from actors.generator import Generator, GeneratorConfig
-from common.metrics import MetricsRecorder
-from common.redis_util import PrivateRedis, connect
-from common.transport import TrajectoryStream, TransportConfig
-from common.weights import WeightStore
+from common.observe.metrics import MetricsRecorder
+from common.transport.redis.client import PrivateRedis, connect
+from common.transport.redis.streams import TrajectoryStream, TransportConfig
+from common.transport.redis.weights import WeightStore
 from tests.helpers import head_only, run_watcher, stories_with_references
 from tests.tiny_models import stories_split
 

@@ -23,13 +23,14 @@ import pytest
 import ray
 import torch
 
+from actors.generator import GeneratorConfig
 from actors.service import GeneratorPool, GeneratorSettings
-from common.config import DrafterConfig, ModelSpec
-from common.model_split import DRAFT_VOCAB_KEY
-from common.redis_util import PrivateRedis, free_port
-from common.speculative import SpeculativeDecoder
-from common.transport import TrajectoryStream, TransportConfig
-from common.weights import WeightStore
+from common.core.config import DrafterConfig, ModelSpec
+from common.model.split import DRAFT_VOCAB_KEY
+from common.transport.redis.client import PrivateRedis, free_port
+from common.decoding.speculative import SpeculativeDecoder
+from common.transport.redis.streams import TrajectoryStream, TransportConfig
+from common.transport.redis.weights import WeightStore
 from dvi.cli import main
 from dvi.driver import SUMMARY_KEYS, RunConfig, run_service
 from learner.config import LearnerConfig
@@ -321,7 +322,7 @@ def learner_service(ray_session, redis_client, redis_url):
     """One restartable learner actor on its own namespace and checkpoint directory."""
     namespace = f"test:{uuid.uuid4().hex}"
     checkpoints = Path(tempfile.mkdtemp(prefix="dvi-learner-"))
-    transport = TransportConfig(namespace=namespace, max_message_bytes=256 * 1024, claim_min_idle_ms=1000)
+    transport = TransportConfig(namespace=namespace, max_message_bytes=256 * 1024)
     loop = LearnerLoopConfig(
         checkpoint_dir=str(checkpoints / "ckpt"), publish_every_steps=2, checkpoint_every_steps=2,
         checkpoint_every_s=0.5, block_ms=100, claim_min_idle_ms=1000,
@@ -401,7 +402,7 @@ def signed_store(client, namespace: str, secret: bytes = TEST_WEIGHT_SECRET) -> 
 def one_actor(ray_session, redis_client, redis_url):
     namespace = f"test:{uuid.uuid4().hex}"
     settings = GeneratorSettings(model=SPEC, redis_url=redis_url, transport=TransportConfig(namespace=namespace),
-                                 actor_id="actor-0", learn=False, metrics=False,
+                                 generator=GeneratorConfig(actor_id="actor-0", learn=False), metrics=False,
                                  watch=False)  # swaps only on sync() / before a request: no race with tampering
     pool = GeneratorPool([settings])
     pool.wait_ready(timeout_s=120)

@@ -8,9 +8,9 @@ import math
 import pytest
 import redis
 
-from common.errors import ServiceError
-from common.redis_util import connect, free_port
-from common.telemetry import RunMetricsWriter, Telemetry, record_run_metrics
+from common.core.errors import ServiceError
+from common.transport.redis.client import connect, free_port
+from common.transport.redis.telemetry import RunMetricsWriter, Telemetry, record_run_metrics
 
 
 def test_publish_read_round_trip(redis_client, redis_ns):

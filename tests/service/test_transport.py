@@ -10,11 +10,11 @@ import msgpack
 import pytest
 import redis
 
-from common.codec import CodecError, encode_trajectory
-from common.errors import ServiceError
-from common.redis_util import connect, free_port
-from common.transport import BackpressureTimeout, TrajectoryStream, TransportConfig
-from common.types import SCHEMA_VERSION, Trajectory
+from common.core.codec import CodecError, encode_trajectory
+from common.core.errors import ServiceError
+from common.transport.redis.client import connect, free_port
+from common.transport.redis.streams import BackpressureTimeout, TrajectoryStream, TransportConfig
+from common.core.types import SCHEMA_VERSION, Trajectory
 from tests.helpers import assert_trajectories_equal, make_trajectory
 
 BASE = make_trajectory(n_drafted=3, hidden=8, k=2, seed=11)

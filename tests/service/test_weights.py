@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from common.weights import WeightIntegrityError, WeightNotFoundError, WeightStore
+from common.transport.redis.weights import WeightIntegrityError, WeightNotFoundError, WeightStore
 
 SECRET = b"test-secret"
 
@@ -264,8 +264,8 @@ def test_blocked_versions_are_stored_signed(redis_client, redis_ns) -> None:
 
 
 def test_the_secret_comes_from_a_file_or_the_environment_never_from_arguments(tmp_path, monkeypatch) -> None:
-    from common.errors import ServiceError
-    from common.weights import load_secret, write_secret_file
+    from common.core.errors import ServiceError
+    from common.transport.redis.weights import load_secret, write_secret_file
 
     monkeypatch.delenv("DVI_WEIGHT_SECRET", raising=False)
     monkeypatch.delenv("DVI_WEIGHT_SECRET_FILE", raising=False)

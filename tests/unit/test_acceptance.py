@@ -3,8 +3,8 @@
 import torch
 from scipy.stats import chisquare
 
-from common.acceptance import greedy_accept, rejection_accept
-from common.sampling import warp
+from common.core.acceptance import greedy_accept, rejection_accept
+from common.core.sampling import warp
 
 
 def _onehot_logits(tokens, vocab=6):

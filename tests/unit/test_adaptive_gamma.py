@@ -2,7 +2,7 @@
 
 import pytest
 
-from common.adaptive_gamma import DraftStats, best_gamma, expected_tokens
+from common.core.adaptive_gamma import DraftStats, best_gamma, expected_tokens
 
 
 def test_expected_tokens_is_the_geometric_sum():

@@ -1,4 +1,4 @@
-"""common/agreement.py: top-1 agreement of the exit head with the verifier, on hand-checkable cases.
+"""common/decoding/agreement.py: top-1 agreement of the exit head with the verifier, on hand-checkable cases.
 
 A 2-layer Llama cut at k = 1 whose exit layer is a copy of layer 1 (the last) with a zero LoRA is
 the verifier itself: drafter logits == verifier logits at every position, so agreement is exactly
@@ -12,9 +12,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from common.agreement import Agreement, agreement, exit_head_agreement, verifier_targets
-from common.config import DrafterConfig
-from common.model_split import SplitModel
+from common.decoding.agreement import Agreement, agreement, exit_head_agreement, verifier_targets
+from common.core.config import DrafterConfig
+from common.model.split import SplitModel
 from tests.tiny_models import tiny_llama
 
 SEQUENCES = [[5, 17, 3, 40, 22, 9, 61, 8], [70, 4, 4, 33, 12]]
@@ -85,7 +85,7 @@ def test_a_head_biased_to_one_token_agrees_only_where_the_verifier_picks_it():
 
 
 def test_greedy_continuations_are_the_models_greedy_output():
-    from common.agreement import greedy_continuations
+    from common.decoding.agreement import greedy_continuations
 
     split = verifier_copy_split()
     sequences, starts = greedy_continuations(split, [[5, 17, 3], [70, 4]], max_new_tokens=6)
@@ -96,7 +96,7 @@ def test_greedy_continuations_are_the_models_greedy_output():
 
 
 def test_lm_head_rows_equals_the_sliced_head_with_its_gradient():
-    from common.model_split import lm_head_rows
+    from common.model.split import lm_head_rows
     from tests.tiny_models import randomize_adapter
 
     split = verifier_copy_split()
@@ -113,7 +113,7 @@ def test_lm_head_rows_equals_the_sliced_head_with_its_gradient():
 
 
 def test_greedy_targets_match_the_verifiers_targets_on_the_generated_positions():
-    from common.agreement import greedy_continuations, greedy_targets
+    from common.decoding.agreement import greedy_continuations, greedy_targets
 
     split = verifier_copy_split()
     randomize_adapter_small(split)

@@ -1,10 +1,10 @@
-"""The draft-source rule (common/arbitration.py), with the arithmetic written out by hand."""
+"""The draft-source rule (common/core/arbitration.py), with the arithmetic written out by hand."""
 
 from __future__ import annotations
 
 import pytest
 
-from common.arbitration import CONTEXT, HEAD, ContextStats, choose_draft_source, context_value, head_value
+from common.core.arbitration import CONTEXT, HEAD, ContextStats, choose_draft_source, context_value, head_value
 
 COST = 0.2  # one draft step = 0.2 verifier passes
 
@@ -64,7 +64,7 @@ def test_context_stats_keep_one_history_per_match_length():
 
 
 def test_the_ablation_switches_arbitration_off_alone():
-    from common.config import DecodeConfig
+    from common.core.config import DecodeConfig
     from dvi.bench.ablation import variants
 
     rows = {v.lever: v for v in variants(DecodeConfig(), 8192)}

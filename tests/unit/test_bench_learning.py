@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from common.prompts import Prompt
+from common.core.prompts import Prompt
 from dvi.bench.learning import (
     interleave_categories,
     markdown_table,

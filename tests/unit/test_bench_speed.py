@@ -2,7 +2,7 @@
 
 import pytest
 
-from common.prompts import spec_bench_task
+from common.core.prompts import spec_bench_task
 
 from dvi.bench.speed import (
     ROW_FIELDS,

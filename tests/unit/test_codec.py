@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from common.codec import (
+from common.core.codec import (
     DEFAULT_MAX_MESSAGE_BYTES,
     CodecError,
     RecordLimits,
     decode_trajectory,
     encode_trajectory,
 )
-from common.types import SCHEMA_VERSION
+from common.core.types import SCHEMA_VERSION
 from tests.helpers import assert_trajectories_equal, make_trajectory
 
 

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from common.context_draft import ContextIndex
+from common.core.context_draft import ContextIndex
 
 
 def brute_force(tokens, max_tokens, max_ngram, min_ngram):

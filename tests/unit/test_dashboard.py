@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from common.errors import ServiceError
-from common.metrics import METRICS, panel_groups, prometheus_name
+from common.core.errors import ServiceError
+from common.observe.metrics import METRICS, panel_groups, prometheus_name
 from dvi.cli import main
 from dvi.dashboard import build_dashboard, panel_queries, push_dashboard
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from common.draft_vocab import (
+from common.model.draft_vocab import (
     checked_draft_vocab, count_tokens, draft_index, has_mass, restrict_topk, select_draft_vocab,
 )
 

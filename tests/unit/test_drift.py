@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.drift import (
+from common.observe.drift import (
     ArFallback,
     ArFallbackConfig,
     DriftDecision,
@@ -13,7 +13,7 @@ from common.drift import (
     break_even_tau,
     kl_slope,
 )
-from common.speculative import GenerationResult
+from common.decoding.speculative import GenerationResult
 
 # ---- break-even ---------------------------------------------------------------------------------
 

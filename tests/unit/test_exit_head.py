@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.config import DrafterConfig
-from common.errors import AdapterError
-from common.model_split import SplitModel
+from common.core.config import DrafterConfig
+from common.core.errors import AdapterError
+from common.model.split import SplitModel
 from tests.tiny_models import randomize_adapter, tiny_llama
 
 
@@ -90,7 +90,7 @@ def test_hot_swap_and_save_load_carry_the_full_rank_layer(tmp_path, engine):
 
 
 def test_a_sibling_drafter_shares_the_frozen_base_and_starts_untrained():
-    from common.config import DrafterConfig
+    from common.core.config import DrafterConfig
     from tests.tiny_models import randomize_adapter, tiny_split
 
     split = tiny_split(seed=0, exit_layer=2)

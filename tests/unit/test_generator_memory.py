@@ -1,5 +1,5 @@
 """`actors.generator.Generator` and `learner.loop.LearnerLoop` over the in-memory transport
-(`common.memory_transport`): publish, hot-swap, rollback and staleness without Redis or Ray.
+(`common.transport.memory`): publish, hot-swap, rollback and staleness without Redis or Ray.
 
 stories260K cut at layer 3, exit layer copied from layer 4 (its untrained head accepts ~0.4 of
 its drafts: the "good" version); a "corrupt" version is noise x 50 (accepts nothing). Every
@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from actors.generator import Generator, GeneratorConfig
-from common.drift import DriftGuardConfig
-from common.memory_transport import MemoryTrajectoryStream, MemoryWeightStore
+from common.observe.drift import DriftGuardConfig
+from common.transport.memory import MemoryTrajectoryStream, MemoryWeightStore
 from learner.config import LearnerConfig
 from learner.learner import Learner
 from learner.loop import LearnerLoop, LearnerLoopConfig

@@ -10,8 +10,8 @@ import peft
 import pytest
 import torch
 
-from common.errors import AdapterError
-from common.model_split import ExitHead, causal_mask
+from common.core.errors import AdapterError
+from common.model.split import ExitHead, causal_mask
 from learner import learner as learner_module
 from learner.config import LearnerConfig, ScheduleConfig
 from learner.learner import Learner
@@ -405,8 +405,8 @@ def test_verified_rows_alone_train_the_drafter_by_kl():
 
 
 def test_reduced_vocabulary_trains_in_draft_space_and_learns_from_traffic(tmp_path):
-    from common.config import DrafterConfig
-    from common.model_split import SplitModel
+    from common.core.config import DrafterConfig
+    from common.model.split import SplitModel
     from tests.tiny_models import tiny_llama
 
     def reduced_split():

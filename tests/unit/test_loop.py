@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from common.memory_transport import MemoryTrajectoryStream, MemoryWeightStore
+from common.transport.memory import MemoryTrajectoryStream, MemoryWeightStore
 from learner.loop import LearnerLoop, LearnerLoopConfig, step_credit
 from tests.helpers import make_trajectory
 

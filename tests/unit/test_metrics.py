@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from common.metrics import (
+from common.observe.metrics import (
     METRICS,
     METRICS_BY_NAME,
     MetricSpec,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from common.telemetry import Event, HistoryRow, TelemetryState
+from common.transport.redis.telemetry import Event, HistoryRow, TelemetryState
 from dvi.monitor import SPARK, demo_state, render, series, sparkline
 
 NOW = 1_760_000_000.0

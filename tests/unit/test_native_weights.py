@@ -6,9 +6,9 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
 
-from common import gguf_kernels
-from common.native_weights import AffineInt4, concat_rows, q4_1_matrix, q8_0_matrix
-from common.packed_linear import NATIVE_KERNEL_NAMES, NATIVE_KERNELS_ENV, NativeKernels, NativeLinear, choose_native_kernels, int4_layout
+from common.model.engine import gguf_kernels
+from common.model.engine.native_weights import AffineInt4, concat_rows, q4_1_matrix, q8_0_matrix
+from common.model.engine.packed_linear import NATIVE_KERNEL_NAMES, NATIVE_KERNELS_ENV, NativeKernels, NativeLinear, choose_native_kernels, int4_layout
 
 DECODERS = {"Q4_1": q4_1_matrix, "Q8_0": q8_0_matrix}
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.kv_cache import StaticKVCache
-from common import packed_linear
-from common.packed_linear import CpuKernels, PackedLinear, cpu_kernels
+from common.model.engine.kv_cache import StaticKVCache
+from common.model.engine import packed_linear
+from common.model.engine.packed_linear import CpuKernels, PackedLinear, cpu_kernels
 
 KERNEL_CHOICES = [CpuKernels("gemv", pad_two_rows=True), CpuKernels("packed", pad_two_rows=False), None]
 

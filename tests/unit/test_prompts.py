@@ -5,8 +5,8 @@ from collections import Counter
 
 import pytest
 
-from common.errors import RequestRejected
-from common.prompts import Prompt, encode_workload, fit_to_context, load_prompts, spec_bench_task
+from common.core.errors import RequestRejected
+from common.core.prompts import Prompt, encode_workload, fit_to_context, load_prompts, spec_bench_task
 from tests.tiny_models import SPEC_BENCH
 
 

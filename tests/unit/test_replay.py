@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from common.types import Trajectory
+from common.core.types import Trajectory
 from learner.losses import kl_distillation
 from learner.replay import (
     ReplayBuffer,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from common.telemetry import RunMetricsWriter
+from common.transport.redis.telemetry import RunMetricsWriter
 from dvi.cli import main
 from dvi.monitor import demo_state
 from dvi.report import build_report, load_run

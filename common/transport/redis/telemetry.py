@@ -41,7 +41,7 @@ The event stream is also a channel: the learner reads actors' `rollback` events 
 `events_after` (see learner/service.py).
 
 Writes are retried on connection errors by the client itself (redis-py's Retry with exponential
-backoff, see `common.redis_util.connect`), then raise ServiceError; a retried XADD can add a
+backoff, see `common.transport.redis.client.connect`), then raise ServiceError; a retried XADD can add a
 history row or an event twice, which the views tolerate. `RunMetricsWriter` appends the history
 to `RUN_DIR/metrics.jsonl` (and events to `RUN_DIR/events.jsonl`) without duplicates, for
 `dvi report`.
@@ -61,7 +61,8 @@ from typing import Any, TypeVar
 
 import redis
 
-from common.redis_util import check_bytes_client, redis_call
+from common.transport.redis.client import check_bytes_client, redis_call
+from common.core.config import require
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -134,9 +135,6 @@ class TelemetryState:
     """Wall time of the read."""
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
 
 
 def _clean_value(key: str, value: Any) -> Any:
@@ -154,11 +152,11 @@ def _clean_value(key: str, value: Any) -> Any:
 
 def clean_snapshot(snapshot: Mapping[str, Any]) -> dict[str, Any]:
     """`snapshot` checked and made JSON-safe: str keys, scalars or lists, non-finite floats -> None."""
-    _check(isinstance(snapshot, Mapping), f"snapshot must be a dict, got {type(snapshot).__name__}")
+    require(isinstance(snapshot, Mapping), f"snapshot must be a dict, got {type(snapshot).__name__}")
     out: dict[str, Any] = {}
     for key, value in snapshot.items():
-        _check(isinstance(key, str) and key != "", f"snapshot keys must be non-empty strings, got {key!r}")
-        _check(key not in RESERVED_KEYS, f"snapshot key {key!r} is reserved (added on read)")
+        require(isinstance(key, str) and key != "", f"snapshot keys must be non-empty strings, got {key!r}")
+        require(key not in RESERVED_KEYS, f"snapshot key {key!r} is reserved (added on read)")
         out[key] = _clean_value(key, value)
     return out
 
@@ -185,7 +183,7 @@ def _dumps(value: Any) -> str:
 class Telemetry:
     """Publish and read the service's telemetry under `namespace` in Redis.
 
-    `client` must return bytes (decode_responses=False), as `common.redis_util.connect` gives.
+    `client` must return bytes (decode_responses=False), as `common.transport.redis.client.connect` gives.
     `history_maxlen` / `events_maxlen` bound the two streams approximately (XADD MAXLEN ~, so up
     to ~100 more entries stay). An actor's latest snapshot expires `actor_ttl_s` after its last
     publish, so a dead actor leaves the view (0 = never expires).
@@ -200,9 +198,9 @@ class Telemetry:
         actor_ttl_s: float = 300.0,
     ) -> None:
         check_bytes_client(client, namespace)
-        _check(history_maxlen >= 1, f"history_maxlen must be >= 1, got {history_maxlen}")
-        _check(events_maxlen >= 1, f"events_maxlen must be >= 1, got {events_maxlen}")
-        _check(actor_ttl_s >= 0, f"actor_ttl_s must be >= 0, got {actor_ttl_s}")
+        require(history_maxlen >= 1, f"history_maxlen must be >= 1, got {history_maxlen}")
+        require(events_maxlen >= 1, f"events_maxlen must be >= 1, got {events_maxlen}")
+        require(actor_ttl_s >= 0, f"actor_ttl_s must be >= 0, got {actor_ttl_s}")
         self.client = client
         self.namespace = namespace
         self.history_maxlen = history_maxlen
@@ -220,7 +218,7 @@ class Telemetry:
 
     def publish_actor(self, actor_id: str, snapshot: Mapping[str, Any], t: float | None = None) -> None:
         """Store `snapshot` as actor `actor_id`'s latest and append it to the history."""
-        _check(
+        require(
             isinstance(actor_id, str) and bool(_ID_RE.match(actor_id)),
             f"actor_id must be letters, digits, '_', '-' or '.', got {actor_id!r}",
         )
@@ -253,7 +251,7 @@ class Telemetry:
 
     def event(self, kind: str, t: float | None = None, **fields: Any) -> str:
         """Append an event of `kind` (see EVENT_KINDS) with JSON `fields`; return its entry id."""
-        _check(isinstance(kind, str) and bool(_KIND_RE.match(kind)), f"event kind must be a lowercase name, got {kind!r}")
+        require(isinstance(kind, str) and bool(_KIND_RE.match(kind)), f"event kind must be a lowercase name, got {kind!r}")
         now = time.time() if t is None else float(t)
         data = _dumps(clean_snapshot(fields))
         entry = self._retry(
@@ -286,7 +284,7 @@ class Telemetry:
         Undecodable entries are skipped with a warning. Actors whose snapshot expired are
         dropped from the actor set. ServiceError if Redis stays unreachable.
         """
-        _check(history >= 0 and events >= 0, f"history and events must be >= 0, got {history}, {events}")
+        require(history >= 0 and events >= 0, f"history and events must be >= 0, got {history}, {events}")
 
         def fetch_ids() -> list[bytes]:
             return sorted(self.client.smembers(self.actors_key))
@@ -342,7 +340,7 @@ class Telemetry:
         itself when there was none). For a reader that must not miss an event, like the learner
         counting rollbacks.
         """
-        _check(count >= 1, f"count must be >= 1, got {count}")
+        require(count >= 1, f"count must be >= 1, got {count}")
         start = "-" if after in ("", "0", "0-0") else f"({after}"
         entries = self._retry(lambda: self.client.xrange(self.events_key, min=start, count=count), "read events")
         out = []

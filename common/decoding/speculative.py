@@ -4,13 +4,13 @@ One block:
   1. the last committed token runs through the shallow layers [0, k) -> h_k;
   2. a draft d_1..d_G is proposed, from one of two sources:
      * the context: when the sequence's last n tokens occurred before, the tokens that followed
-       them (DecodeConfig.lookup_tokens; common/context_draft.py), run through the shallow
+       them (DecodeConfig.lookup_tokens; common/core/context_draft.py), run through the shallow
        layers in one batched pass;
      * the exit head on h_k, one token at a time, each drafted token also running through the
        shallow layers so its h_k is ready for verification; it stops below the confidence
-       threshold, and adaptive gamma caps G at what pays (common/adaptive_gamma.py);
+       threshold, and adaptive gamma caps G at what pays (common/core/adaptive_gamma.py);
      when the context has a match, the source with more expected tokens per unit of cost drafts
-     (common/arbitration.py: the match's length and acceptance history against the exit head's
+     (common/core/arbitration.py: the match's length and acceptance history against the exit head's
      confidence and acceptance history);
   3. the verifier runs only the deep layers [k, L) on the G + 1 states in one pass;
   4. acceptance (greedy prefix match or rejection sampling) commits n_accepted + 1 tokens;
@@ -35,16 +35,16 @@ from typing import Callable
 
 import torch
 
-from common.acceptance import greedy_accept, rejection_accept
-from common.adaptive_gamma import DraftStats
-from common.arbitration import CONTEXT, HEAD, ContextStats, choose_draft_source
-from common.config import DecodeConfig
-from common.context_draft import ContextIndex
-from common.errors import RequestRejected
-from common.model_split import SplitModel, crop_cache
-from common.prompts import fit_to_context
-from common.sampling import sample, warp
-from common.types import Trajectory
+from common.core.acceptance import greedy_accept, rejection_accept
+from common.core.adaptive_gamma import DraftStats
+from common.core.arbitration import CONTEXT, HEAD, ContextStats, choose_draft_source
+from common.core.config import DecodeConfig
+from common.core.context_draft import ContextIndex
+from common.core.errors import RequestRejected
+from common.model.split import SplitModel, crop_cache
+from common.core.prompts import fit_to_context
+from common.core.sampling import sample, warp
+from common.core.types import Trajectory
 
 
 @dataclass
@@ -57,7 +57,7 @@ class GenerationResult:
     block position i, drafted_by_position likewise; lookup_drafted / lookup_accepted: the same for
     tokens drafted from the context (DecodeConfig.lookup_tokens), kept apart so that acceptance
     always measures the learned drafter; head_over_context: blocks the exit head drafted although
-    the context had a match (common/arbitration.py); trajectory: the learner's record when
+    the context had a match (common/core/arbitration.py); trajectory: the learner's record when
     `record_trajectories` was set.
     """
 
@@ -87,7 +87,7 @@ class GenerationResult:
 
 
 class _Recorder:
-    """Collects one request's learning records (struct of arrays, see common.types.Trajectory):
+    """Collects one request's learning records (struct of arrays, see common.core.types.Trajectory):
     a row per exit-head drafted token (accepted run + first rejection), and the verifier's
     distribution at every other committed position it scored."""
 
@@ -183,7 +183,7 @@ class DecodeState:
     n-gram index of `tokens` for context drafting (None when it is off); draft_stats: this
     request's running exit-head acceptance for adaptive gamma (per request, so a seeded request
     decodes the same whatever was served before it); context_stats: its running acceptance of
-    context drafts per match length, for the draft-source choice (common/arbitration.py).
+    context drafts per match length, for the draft-source choice (common/core/arbitration.py).
     """
 
     config: DecodeConfig
@@ -346,7 +346,7 @@ class SpeculativeDecoder:
         return committed
 
     def _draft(self, state: DecodeState, block_states: list[torch.Tensor], room: int):
-        """The block's draft, from the context or the exit head (`common.arbitration`; with
+        """The block's draft, from the context or the exit head (`common.core.arbitration`; with
         `arbitrate` off, any context match wins). Appends the drafted tokens' layer-k states to
         `block_states`. Returns (tokens, q rows (sampling only), log q of each head-drafted token,
         from_context, the context match's n-gram length)."""

@@ -1,9 +1,9 @@
 """Which draft source a block uses: the context or the exit head, by expected tokens per unit of cost.
 
 A block verifies one draft in one verifier pass. Drafted from the **context** (prompt lookup,
-common/context_draft.py), L tokens that followed a suffix n-gram of length n earlier in the
+common/core/context_draft.py), L tokens that followed a suffix n-gram of length n earlier in the
 sequence; drafted by the **exit head**, up to g tokens one step at a time (adaptive gamma caps g,
-common/adaptive_gamma.py). With per-token acceptance a (each token accepted given the ones before
+common/core/adaptive_gamma.py). With per-token acceptance a (each token accepted given the ones before
 it were), a block of d drafted tokens commits E(a, d) = 1 + a + ... + a^d tokens in expectation.
 
   context:  E(a_ctx[n], L) / (1 + c)                 a_ctx[n]: this request's running acceptance of
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common.adaptive_gamma import expected_tokens
+from common.core.adaptive_gamma import expected_tokens
 
 CONTEXT = "context"
 HEAD = "head"

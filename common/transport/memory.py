@@ -1,8 +1,8 @@
 """In-process transport: a trajectory stream and a weight store that live in one Python process.
 
-The protocols of `common.protocols` (TrajectorySink and TrajectorySource; WeightPublisher and
-WeightSource), as the Redis implementations (`common.transport.TrajectoryStream`,
-`common.weights.WeightStore`) keep them, minus the network: at-least-once delivery with
+The protocols of `common.transport.protocols` (TrajectorySink and TrajectorySource; WeightPublisher and
+WeightSource), as the Redis implementations (`common.transport.redis.streams.TrajectoryStream`,
+`common.transport.redis.weights.WeightStore`) keep them, minus the network: at-least-once delivery with
 per-consumer pending entries, ack, claim of idle entries and a dead-letter list; the same wire
 codec; weight versions that strictly increase, a publish log and blocked (rolled-back) versions.
 `dvi train-local` runs the service's `learner.loop.LearnerLoop` over these, and tests use them to
@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.codec import decode_trajectory, encode_trajectory
-from common.errors import VersionConflictError, WeightNotFoundError
-from common.protocols import Entry, Origin, StreamStats
-from common.types import Trajectory
+from common.core.codec import decode_trajectory, encode_trajectory
+from common.core.errors import VersionConflictError, WeightNotFoundError
+from common.transport.protocols import Entry, Origin, StreamStats
+from common.core.types import Trajectory
 
 
 @dataclass

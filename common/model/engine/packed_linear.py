@@ -178,7 +178,7 @@ PROBE_BLOCK_ROWS = 5
 @dataclass(frozen=True)
 class NativeKernels:
     """Which kernel a `NativeLinear` runs for one row (`one_row`) and for 2+ rows (`block`):
-    `gguf` (common/gguf_kernels.py: a C AVX2 kernel on the GGUF blocks as stored), `int4` (torch's
+    `gguf` (common/model/engine/gguf_kernels.py: a C AVX2 kernel on the GGUF blocks as stored), `int4` (torch's
     CPU int4 kernel on the 4-bit parts, fp32 activations, group size 32) or `dense` (a
     `PackedLinear` over the dequantised fp32 matrix). All apply exactly the same weight values;
     they differ only in the summation order of the product."""
@@ -241,7 +241,7 @@ class NativeLinear:
         self.bias = None if bias is None else bias.detach().contiguous()
         self.kind = weight.kind
         self.bytes_per_weight = weight.bytes_per_weight
-        from common import gguf_kernels
+        from common.model.engine import gguf_kernels
 
         layouts = [int4_layout(p) for p in weight.parts] if int4_kernels_available() else [None]
         self._int4 = None if any(layout is None for layout in layouts) else layouts

@@ -1,9 +1,9 @@
 """What actors and the learner need from the outside world, as `typing.Protocol`s.
 
 `actors.generator.Generator` and `learner.loop.LearnerLoop` are typed against these and nothing
-else, so any implementation fits: the Redis one (`common.transport.TrajectoryStream`,
-`common.weights.WeightStore`, `common.telemetry.Telemetry`, `common.metrics.MetricsRecorder`) for
-the service, the in-process one (`common.memory_transport`) for `dvi train-local` and for tests
+else, so any implementation fits: the Redis one (`common.transport.redis.streams.TrajectoryStream`,
+`common.transport.redis.weights.WeightStore`, `common.transport.redis.telemetry.Telemetry`, `common.observe.metrics.MetricsRecorder`) for
+the service, the in-process one (`common.transport.memory`) for `dvi train-local` and for tests
 that check the ack, dedupe, staleness, rollback and publish logic without Redis or Ray.
 
 Vocabulary: an *entry* is one delivered stream message, `(entry id, Trajectory)`; a *weight
@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from common.types import Trajectory
+from common.core.types import Trajectory
 
 Entry = tuple[str, Trajectory]
 """(entry id, trajectory): one delivered message; the id is what `ack` and `dead_letter` take."""
@@ -118,7 +118,7 @@ class WeightSource(Protocol):
 
 
 class MetricsSink(Protocol):
-    """Named gauges, counters and histograms (`common.metrics.METRICS` names them)."""
+    """Named gauges, counters and histograms (`common.observe.metrics.METRICS` names them)."""
 
     def set(self, name: str, value: float, labels: dict[str, object] | None = None) -> None: ...
     def inc(self, name: str, value: float = 1.0, labels: dict[str, object] | None = None) -> None: ...

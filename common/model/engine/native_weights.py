@@ -6,7 +6,7 @@ llama.cpp stores a matrix [N, K] row by row in blocks of 32 consecutive inputs (
   Q8_0  one block = d (fp16), 32 int8:                               w = d * q,      q in -128..127.
 
 `AffineInt4` holds a matrix as a sum of parts, each `scale * q + offset` per group of 32 with
-q in 0..15, which is what torch's CPU int4 kernel computes (common/packed_linear.py). Q4_1 is one
+q in 0..15, which is what torch's CPU int4 kernel computes (common/model/engine/packed_linear.py). Q4_1 is one
 part (scale d, offset m). Q8_0 is two: q + 128 = 16 h + l with h, l in 0..15, so
 w = d q = [(16 d) h - 128 d] + [d l]: part one has scale 16 d and offset -128 d, part two scale d
 and offset 0. Every scale and offset is an fp16 value times a power of two, so all are exact in

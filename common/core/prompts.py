@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import RequestRejected
+from common.core.errors import RequestRejected
 
 log = logging.getLogger(__name__)
 

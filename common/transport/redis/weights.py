@@ -42,8 +42,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from common.errors import ServiceError, VersionConflictError, WeightIntegrityError, WeightNotFoundError
-from common.redis_util import check_bytes_client, redis_call
+from common.core.errors import ServiceError, VersionConflictError, WeightIntegrityError, WeightNotFoundError
+from common.transport.redis.client import check_bytes_client, redis_call
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -29,7 +29,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from common.errors import ServiceError
+from common.core.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def check_bytes_client(client, namespace: str | None = None) -> None:
     when given, `namespace` is a non-empty key prefix without spaces. Every Redis-backed class
     (trajectory stream, weight store, telemetry) checks its arguments through here."""
     if client.connection_pool.connection_kwargs.get("decode_responses", False):
-        raise ValueError("the Redis client must use decode_responses=False (see common.redis_util.connect)")
+        raise ValueError("the Redis client must use decode_responses=False (see common.transport.redis.client.connect)")
     if namespace is not None and (
         not isinstance(namespace, str) or not namespace or any(c.isspace() for c in namespace)
     ):

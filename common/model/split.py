@@ -31,13 +31,13 @@ from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 from transformers import DynamicCache
 
-from common.config import DrafterConfig, ModelSpec
-from common.draft_vocab import checked_draft_vocab, select_draft_vocab
-from common.errors import AdapterError, ModelLoadError
-from common.fast_decoder import FastLayer, FastStack, base_linear, chunk_mask, fast_path_blocker, rms_norm, shared_fast_stack
-from common.kv_cache import StaticKVCache
-from common.models import load_model_and_tokenizer, load_native_weights
-from common.packed_linear import PackedLinear
+from common.core.config import DrafterConfig, ModelSpec
+from common.model.draft_vocab import checked_draft_vocab, select_draft_vocab
+from common.core.errors import AdapterError, ModelLoadError
+from common.model.engine.fast_decoder import FastLayer, FastStack, base_linear, chunk_mask, fast_path_blocker, rms_norm, shared_fast_stack
+from common.model.engine.kv_cache import StaticKVCache
+from common.model.loading import load_model_and_tokenizer, load_native_weights
+from common.model.engine.packed_linear import PackedLinear
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class SplitModel:
     Attributes: model (frozen HF causal LM), tokenizer, drafter_config, exit_layer (k),
     num_layers (L), vocab_size (V), hidden_size (H), weight_version (int, version of the adapter
     now loaded), exit_head (the peft-wrapped ExitHead), eos_token_ids (set[int]), engine ("fast"
-    when the lean forward of common/fast_decoder.py runs inference, "hf" for the HF layers),
+    when the lean forward of common/model/engine/fast_decoder.py runs inference, "hf" for the HF layers),
     draft_vocab_size (V', 0 for the full vocabulary: the configured size, 0 when it is not below V),
     draft_vocab ([V'] int64 ids the drafter proposes from, ascending; all V ids when V' is 0).
 
@@ -258,9 +258,9 @@ class SplitModel:
                           engine=engine or self.engine, native=self.native)
 
     def start_from_warm_start(self) -> Path | None:
-        """Load the first warm start (common/warm_start.py) that fits this drafter, at weight
+        """Load the first warm start (common/model/warm_start.py) that fits this drafter, at weight
         version 0; returns its directory, or None (logged) when none fits: the head stays untrained."""
-        from common.warm_start import warm_start_candidates
+        from common.model.warm_start import warm_start_candidates
 
         for directory in warm_start_candidates(self.fingerprint, self.exit_layer):
             try:

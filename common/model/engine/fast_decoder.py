@@ -3,7 +3,7 @@
 The same math as transformers' Llama layers (RMSNorm, rotary attention with grouped KV heads,
 gated MLP), with what batch-1 decoding on a CPU pays for removed:
   * Q/K/V and gate/up projections fused into one matrix each, every matrix a `PackedLinear`
-    (the fastest layout per batch size; see common/packed_linear.py);
+    (the fastest layout per batch size; see common/model/engine/packed_linear.py);
   * a `StaticKVCache` (no re-concatenation of the cache per token, O(1) crop);
   * rotary cos/sin looked up from a table instead of recomputed per call;
   * no per-call mask building for single-token steps, no HF output dataclasses, no hooks.
@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.kv_cache import StaticKVCache
-from common.native_weights import AffineInt4, concat_rows
-from common.packed_linear import NativeKernels, NativeLinear, PackedLinear, choose_native_kernels
+from common.model.engine.kv_cache import StaticKVCache
+from common.model.engine.native_weights import AffineInt4, concat_rows
+from common.model.engine.packed_linear import NativeKernels, NativeLinear, PackedLinear, choose_native_kernels
 
 FAST_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 """Model types whose decoder layer this module reproduces (checked again numerically at load)."""
@@ -169,7 +169,7 @@ class FastStack:
     `position` positions); logits(x [T, H]) -> [T, V] float32 through the final norm and LM head.
 
     `native`: HF module name (`model.layers.3.mlp.up_proj`, `lm_head`) -> that matrix at the
-    precision the model file ships in (common/native_weights.py); those matrices run as
+    precision the model file ships in (common/model/engine/native_weights.py); those matrices run as
     `NativeLinear`s, whose kernels (torch's int4 kernel or the dense fp32 one) are timed per role
     and per row count here (`native_kernels` records the choice). The model's own (dequantised)
     weights must equal them; the embedding and norms always come from the model.

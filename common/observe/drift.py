@@ -41,11 +41,9 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+from common.core.config import require
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
 
 
 def break_even_tau(
@@ -56,10 +54,10 @@ def break_even_tau(
     `exit_layer` = k, `num_layers` = L, `exit_cost_layers` = e, `verify_cost` = v. Example: k = 8,
     L = 30, gamma = 5, e = 1: 1 + 5·9/30 = 2.5 tokens per verifier pass.
     """
-    _check(1 <= exit_layer < num_layers, f"exit_layer must be in [1, {num_layers - 1}], got {exit_layer}")
-    _check(gamma >= 0, f"gamma must be >= 0, got {gamma}")
-    _check(exit_cost_layers >= 0, f"exit_cost_layers must be >= 0, got {exit_cost_layers}")
-    _check(verify_cost > 0, f"verify_cost must be > 0, got {verify_cost}")
+    require(1 <= exit_layer < num_layers, f"exit_layer must be in [1, {num_layers - 1}], got {exit_layer}")
+    require(gamma >= 0, f"gamma must be >= 0, got {gamma}")
+    require(exit_cost_layers >= 0, f"exit_cost_layers must be >= 0, got {exit_cost_layers}")
+    require(verify_cost > 0, f"verify_cost must be > 0, got {verify_cost}")
     k, L = exit_layer, num_layers
     return (gamma * (k + exit_cost_layers) + k + verify_cost * (L - k)) / L
 
@@ -94,11 +92,11 @@ class DriftGuardConfig:
     service broadcasting every minute for days must not grow without bound. Blocks are kept."""
 
     def __post_init__(self) -> None:
-        _check(0.0 < self.margin < 1.0, f"margin must be in (0, 1), got {self.margin}")
-        _check(self.window >= 1, f"window must be >= 1, got {self.window}")
-        _check(self.min_baseline_tokens >= 1, f"min_baseline_tokens must be >= 1, got {self.min_baseline_tokens}")
-        _check(self.ema_tokens > 0, f"ema_tokens must be > 0, got {self.ema_tokens}")
-        _check(self.max_versions >= 2, f"max_versions must be >= 2, got {self.max_versions}")
+        require(0.0 < self.margin < 1.0, f"margin must be in (0, 1), got {self.margin}")
+        require(self.window >= 1, f"window must be >= 1, got {self.window}")
+        require(self.min_baseline_tokens >= 1, f"min_baseline_tokens must be >= 1, got {self.min_baseline_tokens}")
+        require(self.ema_tokens > 0, f"ema_tokens must be > 0, got {self.ema_tokens}")
+        require(self.max_versions >= 2, f"max_versions must be >= 2, got {self.max_versions}")
 
 
 @dataclass(frozen=True)
@@ -147,8 +145,8 @@ class DriftGuard:
 
     def observe(self, version: int, drafted: int, accepted: int) -> DriftDecision | None:
         """Add one request's (or block's) counts under `version`; a rollback decision or None."""
-        _check(version >= 0, f"version must be >= 0, got {version}")
-        _check(0 <= accepted <= drafted, f"need 0 <= accepted <= drafted, got {accepted}, {drafted}")
+        require(version >= 0, f"version must be >= 0, got {version}")
+        require(0 <= accepted <= drafted, f"need 0 <= accepted <= drafted, got {accepted}, {drafted}")
         first = not self._stats
         if version not in self._stats:
             self._stats[version] = _VersionStats(verdict="good" if first else None)
@@ -235,7 +233,7 @@ def kl_slope(steps: Sequence[float], kl: Sequence[float]) -> float | None:
     > 0: the drafter is drifting away from the verifier over the window. None with fewer than
     two distinct steps. Non-finite points are left out (a skipped step reports NaN).
     """
-    _check(len(steps) == len(kl), f"steps and kl must have the same length, got {len(steps)}, {len(kl)}")
+    require(len(steps) == len(kl), f"steps and kl must have the same length, got {len(steps)}, {len(kl)}")
     points = [(float(x), float(y)) for x, y in zip(steps, kl) if math.isfinite(x) and math.isfinite(y)]
     if len({x for x, _ in points}) < 2:
         return None
@@ -248,7 +246,7 @@ def kl_slope(steps: Sequence[float], kl: Sequence[float]) -> float | None:
 # ---- AR fallback ------------------------------------------------------------------------------
 
 
-class _Result(Protocol):  # the fields of common.speculative.GenerationResult this module reads
+class _Result(Protocol):  # the fields of common.decoding.speculative.GenerationResult this module reads
     token_ids: list[int]
     verifier_passes: int
     drafted: int
@@ -273,11 +271,11 @@ class ArFallbackConfig:
     """Fallback ends when the mean tau of this many latest probes exceeds break-even."""
 
     def __post_init__(self) -> None:
-        _check(self.break_even_tau >= 1.0, f"break_even_tau must be >= 1, got {self.break_even_tau}")
-        _check(self.window >= 1, f"window must be >= 1, got {self.window}")
-        _check(self.probe_every >= 1, f"probe_every must be >= 1, got {self.probe_every}")
-        _check(self.probe_gamma >= 0, f"probe_gamma must be >= 0, got {self.probe_gamma}")
-        _check(self.release_probes >= 1, f"release_probes must be >= 1, got {self.release_probes}")
+        require(self.break_even_tau >= 1.0, f"break_even_tau must be >= 1, got {self.break_even_tau}")
+        require(self.window >= 1, f"window must be >= 1, got {self.window}")
+        require(self.probe_every >= 1, f"probe_every must be >= 1, got {self.probe_every}")
+        require(self.probe_gamma >= 0, f"probe_gamma must be >= 0, got {self.probe_gamma}")
+        require(self.release_probes >= 1, f"release_probes must be >= 1, got {self.release_probes}")
 
     @classmethod
     def for_model(
@@ -322,7 +320,7 @@ class ArFallback:
     """
 
     def __init__(self, config: ArFallbackConfig = ArFallbackConfig(), max_tracked: int = 64) -> None:
-        _check(max_tracked >= 1, f"max_tracked must be >= 1, got {max_tracked}")
+        require(max_tracked >= 1, f"max_tracked must be >= 1, got {max_tracked}")
         self.config = config
         self.max_tracked = max_tracked
         self._alpha = 2.0 / (config.window + 1)

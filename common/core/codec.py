@@ -1,6 +1,6 @@
 """Wire format of a `Trajectory`: one msgpack map per record, strict on the way in.
 
-Layout (schema version `common.types.SCHEMA_VERSION`):
+Layout (schema version `common.core.types.SCHEMA_VERSION`):
 
     {"schema_version": 1,
      "scalars": {"request_id": str, "weight_version": int, ...},     # exactly SCALAR_FIELDS
@@ -29,7 +29,7 @@ import torch
 
 from dataclasses import dataclass
 
-from common.types import SCALAR_FIELDS, SCHEMA_VERSION, TENSOR_FIELDS, Trajectory, TrajectoryError
+from common.core.types import SCALAR_FIELDS, SCHEMA_VERSION, TENSOR_FIELDS, Trajectory, TrajectoryError
 
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 

@@ -161,7 +161,7 @@ def _library() -> ctypes.CDLL | None:
     if compiler is None:
         log.info("no C compiler: the GGUF block kernel is unavailable")
         return None
-    from common.models import cache_dir
+    from common.model.loading import cache_dir
 
     digest = hashlib.sha256((_SOURCE + " ".join(_FLAGS)).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"gguf_blocks_{digest}.so"

@@ -18,7 +18,7 @@ log-probs under its current weights (trap 5 of the reference code).
 
 Besides the drafted tokens (the drafter's actions, with rewards), every verifier pass also
 scores positions no exit-head draft covers: the bonus position of a fully accepted block, every
-position of a block drafted from the context (common/context_draft.py) or decoded without a
+position of a block drafted from the context (common/core/context_draft.py) or decoded without a
 draft. Their verifier distributions are kept too (`verified_*`): distillation targets for the
 KL term that cost nothing extra to collect. `tokens` is the whole sequence, from which the
 learner learns which tokens the traffic uses (the draft vocabulary).

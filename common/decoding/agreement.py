@@ -33,9 +33,9 @@ from typing import Sequence
 
 import torch
 
-from common.config import DecodeConfig
-from common.model_split import SplitModel
-from common.speculative import SpeculativeDecoder
+from common.core.config import DecodeConfig
+from common.model.split import SplitModel
+from common.decoding.speculative import SpeculativeDecoder
 
 
 @dataclass(frozen=True)

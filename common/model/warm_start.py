@@ -3,7 +3,7 @@ exit layer, which the product's default drafter starts from (learner/warmstart.p
 
 Looked up by the base model's fingerprint and the exit layer, first in the user's cache (what
 `dvi warmstart` installs: `<cache>/warmstart/<fingerprint>-k<k>/adapter`), then among the ones
-shipped in this package (`common/warmstarts/<fingerprint>-k<k>/`, bf16 safetensors). A candidate
+shipped in this package (`common/model/warmstarts/<fingerprint>-k<k>/`, bf16 safetensors). A candidate
 that does not fit the drafter (another drafter shape, a corrupt file) is skipped with a log line;
 with none left the drafter starts untrained, also logged.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.models import cache_dir
+from common.model.loading import cache_dir
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "warmstarts"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from common.errors import ModelLoadError
+from common.core.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +72,11 @@ def gguf_file(model_id: str) -> Path | None:
 
 def load_native_weights(model_id: str, config) -> dict:
     """The matrices a GGUF model ships quantised (Q4_1, Q8_0), at that precision, by HF module
-    name (common/native_weights.py); {} for a model that is not loaded from a GGUF file."""
+    name (common/model/engine/native_weights.py); {} for a model that is not loaded from a GGUF file."""
     path = gguf_file(model_id)
     if path is None:
         return {}
-    from common.native_weights import read_native_weights
+    from common.model.engine.native_weights import read_native_weights
 
     return read_native_weights(path, config.num_attention_heads, config.num_key_value_heads)
 

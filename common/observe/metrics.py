@@ -185,7 +185,7 @@ def get_spec(name: str) -> MetricSpec:
     try:
         return METRICS_BY_NAME[name]
     except KeyError:
-        raise ValueError(f"unknown metric {name!r}: not in common.metrics.METRICS") from None
+        raise ValueError(f"unknown metric {name!r}: not in common.observe.metrics.METRICS") from None
 
 
 def panel_groups(metrics: tuple[MetricSpec, ...] = METRICS) -> dict[str, list[MetricSpec]]:

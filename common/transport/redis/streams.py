@@ -28,7 +28,7 @@ A malformed entry (undecodable, oversized, failing `Trajectory.validate`, or, gi
 `RecordLimits`, not fitting the consumer's model) is copied to the dead-letter stream with its
 reason, acked, counted, and skipped; consumption goes on.
 
-Connection errors are retried by the client itself (redis-py's Retry, see common.redis_util);
+Connection errors are retried by the client itself (redis-py's Retry, see common.transport.redis.client);
 what is left after those retries raises ServiceError.
 """
 
@@ -42,17 +42,18 @@ from typing import Any, TypeVar
 
 import redis
 
-from common.codec import (
+from common.core.codec import (
     DEFAULT_MAX_MESSAGE_BYTES,
     CodecError,
     RecordLimits,
     decode_trajectory,
     encode_trajectory,
 )
-from common.errors import ServiceError
-from common.redis_util import check_bytes_client, redis_call
-from common.protocols import Origin, StreamStats
-from common.types import Trajectory
+from common.core.errors import ServiceError
+from common.transport.redis.client import check_bytes_client, redis_call
+from common.transport.protocols import Origin, StreamStats
+from common.core.types import Trajectory
+from common.core.config import require
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -96,13 +97,10 @@ return cur
 """
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
 
 
 def _check_name(field: str, value: str) -> None:
-    _check(
+    require(
         isinstance(value, str) and value != "" and not any(c.isspace() for c in value),
         f"{field} must be a non-empty name without spaces, got {value!r}",
     )
@@ -134,38 +132,29 @@ class TransportConfig:
     """block policy: longest a producer waits before raising BackpressureTimeout."""
     block_poll_s: float = 0.05
     """block policy: first re-check delay; doubles up to 1 s."""
-    block_ms: int = 1_000
-    """Default XREADGROUP block time; 0 returns at once. Keep it below the client's socket timeout."""
-    read_count: int = 32
-    """Default number of entries one consume call returns at most."""
-    claim_min_idle_ms: int = 60_000
-    """Default idle time after which another consumer's pending entry may be claimed."""
 
     def __post_init__(self) -> None:
         for name in ("namespace", "stream", "group", "dead_letter_stream"):
             _check_name(name, getattr(self, name))
-        _check(
+        require(
             self.dead_letter_stream != self.stream,
             f"dead_letter_stream must differ from stream {self.stream!r}",
         )
-        _check(self.maxlen >= 1, f"maxlen must be >= 1, got {self.maxlen}")
-        _check(self.max_message_bytes >= 1, f"max_message_bytes must be >= 1, got {self.max_message_bytes}")
-        _check(
+        require(self.maxlen >= 1, f"maxlen must be >= 1, got {self.maxlen}")
+        require(self.max_message_bytes >= 1, f"max_message_bytes must be >= 1, got {self.max_message_bytes}")
+        require(
             self.dead_letter_maxlen >= 1, f"dead_letter_maxlen must be >= 1, got {self.dead_letter_maxlen}"
         )
-        _check(
+        require(
             self.backpressure in BACKPRESSURE_POLICIES,
             f"backpressure must be one of {BACKPRESSURE_POLICIES}, got {self.backpressure!r}",
         )
-        _check(
+        require(
             1 <= self.high_water <= self.maxlen,
             f"high_water must be in [1, maxlen={self.maxlen}], got {self.high_water}",
         )
-        _check(self.block_timeout_s > 0, f"block_timeout_s must be > 0, got {self.block_timeout_s}")
-        _check(self.block_poll_s > 0, f"block_poll_s must be > 0, got {self.block_poll_s}")
-        _check(self.block_ms >= 0, f"block_ms must be >= 0, got {self.block_ms}")
-        _check(self.read_count >= 1, f"read_count must be >= 1, got {self.read_count}")
-        _check(self.claim_min_idle_ms >= 0, f"claim_min_idle_ms must be >= 0, got {self.claim_min_idle_ms}")
+        require(self.block_timeout_s > 0, f"block_timeout_s must be > 0, got {self.block_timeout_s}")
+        require(self.block_poll_s > 0, f"block_poll_s must be > 0, got {self.block_poll_s}")
 
     @property
     def stream_key(self) -> str:
@@ -268,7 +257,7 @@ class TrajectoryStream:
         if origin is not None:
             producer, pseq = origin
             _check_name("producer", producer)
-            _check(isinstance(pseq, int) and pseq >= 1, f"pseq must be an int >= 1, got {pseq!r}")
+            require(isinstance(pseq, int) and pseq >= 1, f"pseq must be an int >= 1, got {pseq!r}")
             extra = [producer, pseq]
         deadline = time.monotonic() + cfg.block_timeout_s
         delay = cfg.block_poll_s
@@ -312,17 +301,17 @@ class TrajectoryStream:
         self._group_ready = True
 
     def consume(
-        self, consumer: str, count: int | None = None, block_ms: int | None = None
+        self, consumer: str, count: int, block_ms: int = 0
     ) -> list[tuple[str, Trajectory]]:
-        """Read up to `count` new entries for `consumer`, waiting up to `block_ms` (0: no wait).
+        """Read up to `count` new entries for `consumer`, waiting up to `block_ms` (0: no wait;
+        keep it below the client's socket timeout). The consumer's settings (how many, how long)
+        are the learner loop's (`learner.loop.LearnerLoopConfig`), not the stream's.
 
         Returns (entry id, trajectory) in stream order; they stay pending until `ack`. Malformed
         entries are dead-lettered (and acked) instead of returned.
         """
         _check_name("consumer", consumer)
-        count = self.config.read_count if count is None else count
-        block_ms = self.config.block_ms if block_ms is None else block_ms
-        _check(count >= 1 and block_ms >= 0, f"need count >= 1 and block_ms >= 0, got {count}, {block_ms}")
+        require(count >= 1 and block_ms >= 0, f"need count >= 1 and block_ms >= 0, got {count}, {block_ms}")
         entries = self._read_group(consumer, ">", count, block_ms or None)
         seqs = [int(f[b"seq"]) for _, f in entries if f and f.get(b"seq", b"").isdigit()]
         if seqs:
@@ -332,7 +321,7 @@ class TrajectoryStream:
         return self._decode_batch(consumer, entries)
 
     def pending_own(
-        self, consumer: str, count: int | None = None, after: str = "0"
+        self, consumer: str, count: int = 100, after: str = "0"
     ) -> list[tuple[str, Trajectory]]:
         """Re-read `consumer`'s own delivered-but-unacked entries with ids > `after` (crash replay).
 
@@ -340,11 +329,10 @@ class TrajectoryStream:
         get the next ones. Malformed ones are dead-lettered; trimmed ones are acked and counted.
         """
         _check_name("consumer", consumer)
-        count = self.config.read_count if count is None else count
         return self._decode_batch(consumer, self._read_group(consumer, after, count, None))
 
     def claim_stale(
-        self, consumer: str, min_idle_ms: int | None = None, count: int = 100
+        self, consumer: str, min_idle_ms: int, count: int = 100
     ) -> list[tuple[str, Trajectory]]:
         """Take over at most `count` entries idle in any consumer's pending list for >= `min_idle_ms`.
 
@@ -352,8 +340,8 @@ class TrajectoryStream:
         Claimed entries now belong to `consumer` (pending until acked).
         """
         _check_name("consumer", consumer)
-        min_idle = self.config.claim_min_idle_ms if min_idle_ms is None else min_idle_ms
-        _check(count >= 1 and min_idle >= 0, f"need count >= 1 and min_idle_ms >= 0, got {count}, {min_idle}")
+        min_idle = min_idle_ms
+        require(count >= 1 and min_idle >= 0, f"need count >= 1 and min_idle_ms >= 0, got {count}, {min_idle}")
         self._ensure_group_once()
         cursor: bytes | str = "0-0"
         claimed: list[tuple[str, dict | None]] = []

@@ -13,7 +13,8 @@ WEIGHTS = ("native", "dequantized")
 """The precisions `ModelSpec.weights` (and `--weights`) accept."""
 
 
-def _check(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
+    """The one validation helper of every config: ValueError(`message`) unless `condition`."""
     if not condition:
         raise ValueError(message)
 
@@ -49,25 +50,25 @@ class DrafterConfig:
     it trains on."""
 
     def __post_init__(self) -> None:
-        _check(self.exit_layer >= 1, f"exit_layer must be >= 1, got {self.exit_layer}")
-        _check(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
-        _check(self.lora_alpha >= 1, f"lora_alpha must be >= 1, got {self.lora_alpha}")
-        _check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        _check(self.draft_vocab_size >= 0, f"draft_vocab_size must be >= 0, got {self.draft_vocab_size}")
-        _check(
+        require(self.exit_layer >= 1, f"exit_layer must be >= 1, got {self.exit_layer}")
+        require(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
+        require(self.lora_alpha >= 1, f"lora_alpha must be >= 1, got {self.lora_alpha}")
+        require(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        require(self.draft_vocab_size >= 0, f"draft_vocab_size must be >= 0, got {self.draft_vocab_size}")
+        require(
             self.adapt_lm_head or not self.full_rank_exit_layer,
             "a full-rank exit layer needs adapt_lm_head (peft needs at least one LoRA target)",
         )
 
     def validate_for(self, num_layers: int) -> None:
         """Raise ValueError unless this drafter fits a model with `num_layers` decoder layers."""
-        _check(
+        require(
             1 <= self.exit_layer < num_layers,
             f"exit layer {self.exit_layer} is out of range: this model has {num_layers} layers, "
             f"so the exit layer must be in [1, {num_layers - 1}]",
         )
         if self.exit_init_layer is not None:
-            _check(
+            require(
                 0 <= self.exit_init_layer < num_layers,
                 f"exit_init_layer {self.exit_init_layer} is out of range [0, {num_layers - 1}]",
             )
@@ -96,14 +97,14 @@ class DecodeConfig:
     adaptive_gamma: bool = True
     """Draft at most `gamma` tokens, as many as pay off: the count with the most expected tokens per
     unit of cost, from the exit head's running acceptance and the cost of a draft step relative to
-    a verifier pass (common/adaptive_gamma.py)."""
+    a verifier pass (common/core/adaptive_gamma.py)."""
     lookup_tokens: int = 5
-    """Most tokens drafted from the context per block (prompt lookup, common/context_draft.py;
+    """Most tokens drafted from the context per block (prompt lookup, common/core/context_draft.py;
     0 = off). A block whose suffix occurred before drafts its continuation instead of asking the
     exit head."""
     arbitrate: bool = True
     """When the context has a match, choose between its draft and the exit head's by expected
-    tokens per unit of cost (common/arbitration.py); False: any context match wins the block."""
+    tokens per unit of cost (common/core/arbitration.py); False: any context match wins the block."""
     lookup_ngram: int = 3
     """Longest suffix n-gram context drafting matches (shorter ones are tried down to lookup_min_ngram)."""
     lookup_min_ngram: int = 1
@@ -120,22 +121,22 @@ class DecodeConfig:
     only): distillation targets the exit head is never asked about while drafting."""
 
     def __post_init__(self) -> None:
-        _check(self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}")
-        _check(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
-        _check(self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}")
-        _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
-        _check(
+        require(self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}")
+        require(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
+        require(self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}")
+        require(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
+        require(
             0.0 <= self.confidence_threshold <= 1.0,
             f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}",
         )
-        _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        _check(self.lookup_tokens >= 0, f"lookup_tokens must be >= 0, got {self.lookup_tokens}")
-        _check(
+        require(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        require(self.lookup_tokens >= 0, f"lookup_tokens must be >= 0, got {self.lookup_tokens}")
+        require(
             1 <= self.lookup_min_ngram <= self.lookup_ngram,
             f"need 1 <= lookup_min_ngram <= lookup_ngram, got {self.lookup_min_ngram} and {self.lookup_ngram}",
         )
-        _check(self.record_topk >= 0, f"record_topk must be >= 0, got {self.record_topk}")
-        _check(self.record_prompt_positions >= 0, f"record_prompt_positions must be >= 0, got {self.record_prompt_positions}")
+        require(self.record_topk >= 0, f"record_topk must be >= 0, got {self.record_topk}")
+        require(self.record_prompt_positions >= 0, f"record_prompt_positions must be >= 0, got {self.record_prompt_positions}")
 
     @property
     def greedy(self) -> bool:
@@ -161,11 +162,11 @@ class ModelSpec:
     """The drafter's shape."""
     warm_start: bool = True
     """Start the drafter from the warm start made for this model and exit layer (`dvi warmstart`;
-    common/warm_start.py: the user's cache, then the one shipped for the default model) when one
+    common/model/warm_start.py: the user's cache, then the one shipped for the default model) when one
     fits; otherwise, or when False, the exit head starts untrained. An adapter loaded afterwards
     (`--adapter`) replaces it."""
     engine: str = "fast"
-    """Inference forward: "fast" (common/fast_decoder.py: packed weights, static KV cache; used
+    """Inference forward: "fast" (common/model/engine/fast_decoder.py: packed weights, static KV cache; used
     when the model supports it and reproduces the HF forward) or "hf" (the HF decoder layers)."""
     weights: str = "native"
     """Precision of the inference weights of a model shipped quantised (a GGUF alias): "native"
@@ -174,10 +175,10 @@ class ModelSpec:
     `dtype`. A model loaded from safetensors has no native form: both mean its `dtype` weights."""
 
     def __post_init__(self) -> None:
-        _check(bool(self.model.strip()), "model must be a non-empty id or path")
-        _check(
+        require(bool(self.model.strip()), "model must be a non-empty id or path")
+        require(
             self.dtype in ("float32", "float16", "bfloat16"),
             f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}",
         )
-        _check(self.engine in ("fast", "hf"), f"engine must be fast or hf, got {self.engine!r}")
-        _check(self.weights in WEIGHTS, f"weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
+        require(self.engine in ("fast", "hf"), f"engine must be fast or hf, got {self.engine!r}")
+        require(self.weights in WEIGHTS, f"weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
