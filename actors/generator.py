@@ -186,8 +186,8 @@ class Generator:
             "tokens": 0,
             "drafted": 0,
             "accepted": 0,
-            "lookup_drafted": 0,
-            "lookup_accepted": 0,
+            "context_drafted": 0,
+            "context_accepted": 0,
             "verifier_passes": 0,
             "published": 0,
             "publish_failed": 0,
@@ -576,8 +576,8 @@ class Generator:
         c["tokens"] += len(result.token_ids)
         c["drafted"] += result.drafted
         c["accepted"] += result.accepted
-        c["lookup_drafted"] += result.lookup_drafted
-        c["lookup_accepted"] += result.lookup_accepted
+        c["context_drafted"] += result.context_drafted
+        c["context_accepted"] += result.context_accepted
         c["verifier_passes"] += result.verifier_passes
         self._last = result
         tokenizer = self.split.tokenizer
@@ -590,12 +590,12 @@ class Generator:
             "token_ids": list(result.token_ids),
             "prompt_tokens": len(ids),
             "new_tokens": len(result.token_ids),
-            "tau": result.mean_accepted,
+            "tau": result.tau,
             "acceptance": result.acceptance_rate,
             "drafted": result.drafted,
             "accepted": result.accepted,
-            "lookup_drafted": result.lookup_drafted,
-            "lookup_accepted": result.lookup_accepted,
+            "context_drafted": result.context_drafted,
+            "context_accepted": result.context_accepted,
             "verifier_passes": result.verifier_passes,
             "seconds": result.seconds,
             "tokens_per_s": len(result.token_ids) / result.seconds if result.seconds > 0 else 0.0,
@@ -639,7 +639,7 @@ class Generator:
             "requests": c["requests"],
             "tokens": c["tokens"],
             "tokens_per_s": (len(last.token_ids) / last.seconds) if last is not None and last.seconds > 0 else 0.0,
-            "tau": last.mean_accepted if last is not None else 0.0,
+            "tau": last.tau if last is not None else 0.0,
             "acceptance": last.acceptance_rate if last is not None else 0.0,
             "acceptance_by_position": _by_position(last),
             "gamma": self._last_gamma,
@@ -681,10 +681,10 @@ class Generator:
         m.inc("dvi_actor_tokens_generated", len(result.token_ids), actor)
         m.set("dvi_actor_gamma", self._last_gamma, actor)
         m.set("dvi_actor_ar_fallback", 1.0 if self.ar_active else 0.0, actor)
-        m.set("dvi_actor_tau", result.mean_accepted, av)
+        m.set("dvi_actor_tau", result.tau, av)
         m.set("dvi_actor_acceptance_rate", result.acceptance_rate, av)
-        lookups = result.lookup_drafted
-        m.set("dvi_actor_context_acceptance_rate", result.lookup_accepted / lookups if lookups else 0.0, actor)
+        lookups = result.context_drafted
+        m.set("dvi_actor_context_acceptance_rate", result.context_accepted / lookups if lookups else 0.0, actor)
         self._recorded_versions.add(result.weight_version)
         accepted = result.accepted_by_position
         for pos, drafted in enumerate(result.drafted_by_position):
@@ -732,7 +732,7 @@ class Generator:
         if m is None:
             return
         actor = {"actor": self.config.actor_id}
-        m.set("dvi_actor_adapter_version", self.version, actor)
+        m.set("dvi_actor_weight_version", self.version, actor)
         if self.latest_known is not None:
             m.set("dvi_actor_version_lag", max(0, self.latest_known - self.version), actor)
         keep = (self.version, self._previous_version)

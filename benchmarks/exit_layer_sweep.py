@@ -32,7 +32,7 @@ def layer_row(layer: int, report: dict, schedule: str) -> dict:
         "exit_layer": layer,
         "learning_drafted": drafted,
         "learning_acceptance": accepted / drafted if drafted else None,
-        "tau": learned["mean_accepted"],
+        "tau": learned.get("tau", learned.get("mean_accepted")),  # mean_accepted: reports before the rename
         "tokens_per_s": learned["tokens_per_s"],
         "speedup_vs_hf_ar": learned["speedup_vs_hf_ar"],
         "untrained_speedup_vs_hf_ar": untrained["speedup_vs_hf_ar"],

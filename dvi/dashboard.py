@@ -27,7 +27,7 @@ DASHBOARD_UID = "dvi-service"
 DASHBOARD_TITLE = "DVI service: drafter acceptance and learner drift"
 
 # Dashboard template variables: (name, metric whose label values populate it).
-_VARIABLE_SOURCES = {"actor": "dvi_actor_adapter_version", "version": "dvi_actor_acceptance_rate"}
+_VARIABLE_SOURCES = {"actor": "dvi_actor_weight_version", "version": "dvi_actor_acceptance_rate"}
 
 # Overview row: (metric, title, aggregation over the metric's series). "increase" sums the
 # counter's increase over the dashboard's time range.

@@ -127,7 +127,7 @@ def head_only(**kwargs):
     context drafting, no confidence stop, no adaptive gamma (tests of the exit-head paths)."""
     from common.core.config import DecodeConfig
 
-    return DecodeConfig(**{"lookup_tokens": 0, "confidence_threshold": 0.0, "adaptive_gamma": False, **kwargs})
+    return DecodeConfig(**{"context_tokens": 0, "confidence_threshold": 0.0, "adaptive_gamma": False, **kwargs})
 
 
 def sample_two_tokens(decoder, prompt: list[int], config, trials: int, seed: int = 0):

@@ -1,11 +1,8 @@
 """Deciding which drafted tokens the verifier accepts (pure functions, no model).
 
-Vocabulary (as in vLLM's rejection sampler and Leviathan et al. 2023, "Fast Inference from
-Transformers via Speculative Decoding"):
-  accepted  drafted tokens the verifier keeps, a prefix of the draft;
-  recovered the token sampled from the residual max(0, p - q) at the first rejection;
-  bonus     the verifier's own next token when every drafted token was accepted.
-Each block commits `n_accepted + 1` tokens: the accepted prefix plus one recovered or bonus token.
+Words (accepted, recovered, bonus) as common/core/vocabulary.py defines them, which follows
+vLLM's rejection sampler and Leviathan et al. 2023 ("Fast Inference from Transformers via
+Speculative Decoding"). Each block commits `n_accepted + 1` tokens: the accepted prefix plus one recovered or bonus token.
 Greedy acceptance reproduces greedy decoding token for token; rejection sampling reproduces the
 target distribution p exactly, whatever the proposal q.
 """

@@ -27,9 +27,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from common.core.adaptive_gamma import expected_tokens
+from common.core.vocabulary import CONTEXT_DRAFT, EXIT_HEAD_DRAFT
 
-CONTEXT = "context"
-HEAD = "head"
+CONTEXT = CONTEXT_DRAFT
+HEAD = EXIT_HEAD_DRAFT
 
 
 def context_value(tokens: int, acceptance: float, draft_cost: float) -> float:

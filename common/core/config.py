@@ -83,7 +83,7 @@ class DecodeConfig:
     """How one request is decoded."""
 
     gamma: int = 5
-    """Most tokens the exit head drafts per block; 0 (with lookup_tokens 0) is plain autoregressive
+    """Most tokens the exit head drafts per block; 0 (with context_tokens 0) is plain autoregressive
     decoding through the same loop. 5 keeps a block at <= 6 rows, which a CPU verifies for about
     the price of one (benchmarks/cost_breakdown.py)."""
     temperature: float = 0.0
@@ -98,16 +98,16 @@ class DecodeConfig:
     """Draft at most `gamma` tokens, as many as pay off: the count with the most expected tokens per
     unit of cost, from the exit head's running acceptance and the cost of a draft step relative to
     a verifier pass (common/core/adaptive_gamma.py)."""
-    lookup_tokens: int = 5
+    context_tokens: int = 5
     """Most tokens drafted from the context per block (prompt lookup, common/core/context_draft.py;
     0 = off). A block whose suffix occurred before drafts its continuation instead of asking the
     exit head."""
     arbitrate: bool = True
     """When the context has a match, choose between its draft and the exit head's by expected
     tokens per unit of cost (common/core/arbitration.py); False: any context match wins the block."""
-    lookup_ngram: int = 3
-    """Longest suffix n-gram context drafting matches (shorter ones are tried down to lookup_min_ngram)."""
-    lookup_min_ngram: int = 1
+    context_ngram: int = 3
+    """Longest suffix n-gram context drafting matches (shorter ones are tried down to context_min_ngram)."""
+    context_min_ngram: int = 1
     """Shortest suffix n-gram context drafting accepts as a match."""
     max_new_tokens: int = 128
     """Upper bound on generated tokens (EOS stops earlier)."""
@@ -130,10 +130,10 @@ class DecodeConfig:
             f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}",
         )
         require(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        require(self.lookup_tokens >= 0, f"lookup_tokens must be >= 0, got {self.lookup_tokens}")
+        require(self.context_tokens >= 0, f"context_tokens must be >= 0, got {self.context_tokens}")
         require(
-            1 <= self.lookup_min_ngram <= self.lookup_ngram,
-            f"need 1 <= lookup_min_ngram <= lookup_ngram, got {self.lookup_min_ngram} and {self.lookup_ngram}",
+            1 <= self.context_min_ngram <= self.context_ngram,
+            f"need 1 <= context_min_ngram <= context_ngram, got {self.context_min_ngram} and {self.context_ngram}",
         )
         require(self.record_topk >= 0, f"record_topk must be >= 0, got {self.record_topk}")
         require(self.record_prompt_positions >= 0, f"record_prompt_positions must be >= 0, got {self.record_prompt_positions}")
@@ -145,7 +145,7 @@ class DecodeConfig:
     @classmethod
     def autoregressive(cls, max_new_tokens: int = 128, **kwargs) -> "DecodeConfig":
         """Plain autoregressive decoding through the same loop: no draft of any kind."""
-        return cls(gamma=0, lookup_tokens=0, max_new_tokens=max_new_tokens, **kwargs)
+        return cls(gamma=0, context_tokens=0, max_new_tokens=max_new_tokens, **kwargs)
 
 
 @dataclass(frozen=True)

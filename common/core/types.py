@@ -1,13 +1,7 @@
 """The trajectory record: what one request's speculative decoding teaches the learner.
 
-Vocabulary (used everywhere in this project):
-  drafter   layers [0, k) + the trainable exit head; its distribution is q.
-  verifier  the whole frozen model; its distribution is p.
-  accepted  a drafted token the verifier agreed with (reward r = 1).
-  rejected  the first drafted token of a block the verifier disagreed with (r = 0). Drafted tokens
-            after it in the same block carry no signal and are never recorded.
-  bonus     the verifier's own token committed after the accepted prefix of a block.
-  weight version  the monotonically increasing version of the drafter adapter that drafted.
+Words (drafter, verifier, accepted, rejected, bonus, weight version) as common/core/vocabulary.py
+defines them.
 
 One `Trajectory` holds all recorded drafted tokens of one request as a struct of arrays. The exit
 head is an attention layer over layer-k states, so a drafted token's distribution depends on the

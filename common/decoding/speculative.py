@@ -4,7 +4,7 @@ One block:
   1. the last committed token runs through the shallow layers [0, k) -> h_k;
   2. a draft d_1..d_G is proposed, from one of two sources:
      * the context: when the sequence's last n tokens occurred before, the tokens that followed
-       them (DecodeConfig.lookup_tokens; common/core/context_draft.py), run through the shallow
+       them (DecodeConfig.context_tokens; common/core/context_draft.py), run through the shallow
        layers in one batched pass;
      * the exit head on h_k, one token at a time, each drafted token also running through the
        shallow layers so its h_k is ready for verification; it stops below the confidence
@@ -54,8 +54,8 @@ class GenerationResult:
     prompt_ids / token_ids: prompt and new tokens (new tokens stop after EOS or max_new_tokens);
     verifier_passes: deep passes run (one per block); drafted / accepted: tokens the exit head
     drafted / the verifier accepted of them; accepted_by_position[i]: exit-head drafts accepted at
-    block position i, drafted_by_position likewise; lookup_drafted / lookup_accepted: the same for
-    tokens drafted from the context (DecodeConfig.lookup_tokens), kept apart so that acceptance
+    block position i, drafted_by_position likewise; context_drafted / context_accepted: the same for
+    tokens drafted from the context (DecodeConfig.context_tokens), kept apart so that acceptance
     always measures the learned drafter; head_over_context: blocks the exit head drafted although
     the context had a match (common/core/arbitration.py); trajectory: the learner's record when
     `record_trajectories` was set.
@@ -68,8 +68,8 @@ class GenerationResult:
     accepted: int = 0
     drafted_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
-    lookup_drafted: int = 0
-    lookup_accepted: int = 0
+    context_drafted: int = 0
+    context_accepted: int = 0
     head_over_context: int = 0
     finished_by_eos: bool = False
     seconds: float = 0.0
@@ -77,9 +77,14 @@ class GenerationResult:
     trajectory: Trajectory | None = None
 
     @property
-    def mean_accepted(self) -> float:
-        """tau: tokens committed per verifier pass (1.0 for autoregressive decoding)."""
+    def tau(self) -> float:
+        """Tokens committed per verifier pass (1.0 for autoregressive decoding)."""
         return len(self.token_ids) / self.verifier_passes if self.verifier_passes else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Deprecated name of `tau`, kept for one release."""
+        return self.tau
 
     @property
     def acceptance_rate(self) -> float:
@@ -275,7 +280,7 @@ class SpeculativeDecoder:
             request_id=request_id or uuid.uuid4().hex,
             recorder=_Recorder(config.record_topk) if config.record_trajectories else None,
             started=time.perf_counter(),
-            context=ContextIndex(prompt_ids, config.lookup_ngram, config.lookup_min_ngram) if config.lookup_tokens else None,
+            context=ContextIndex(prompt_ids, config.context_ngram, config.context_min_ngram) if config.context_tokens else None,
         )
         if len(prompt_ids) > 1:
             ids = torch.tensor([prompt_ids[:-1]], device=split.device)
@@ -314,8 +319,8 @@ class SpeculativeDecoder:
 
         result.verifier_passes += 1
         if from_context:
-            result.lookup_drafted += g
-            result.lookup_accepted += n_accepted
+            result.context_drafted += g
+            result.context_accepted += n_accepted
             state.context_stats.observe_block(ngram, g, n_accepted)
         else:
             result.drafted += g
@@ -351,7 +356,7 @@ class SpeculativeDecoder:
         `block_states`. Returns (tokens, q rows (sampling only), log q of each head-drafted token,
         from_context, the context match's n-gram length)."""
         split, config = self.split, state.config
-        context, ngram = state.context.propose(min(config.lookup_tokens, room)) if state.context is not None else ([], 0)
+        context, ngram = state.context.propose(min(config.context_tokens, room)) if state.context is not None else ([], 0)
         first_logits, use_head = None, not context
         if context and config.arbitrate and config.gamma > 0:
             first_logits, use_head = self._arbitrate(state, block_states, len(context), ngram, room)

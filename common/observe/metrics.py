@@ -2,10 +2,8 @@
 
 `METRICS` is the single source of truth: the generation actors and the learner record only names
 listed here, the Grafana dashboard (`dvi/dashboard.py`) is generated from it, and the terminal
-view reads `MetricsRecorder.snapshot()`. Vocabulary follows the paper (Draft, Verify, and
-Improve): the *drafter* (first k layers + LoRA exit head) proposes `gamma` tokens, the *verifier*
-(the whole frozen model) accepts a prefix of them; *tau* is the mean number of tokens accepted
-per verifier pass; the *weight version* is the sequence number of a LoRA broadcast.
+view reads `MetricsRecorder.snapshot()`. Words (drafter, verifier, tau, weight version, ...) as
+common/core/vocabulary.py defines them.
 
 Names as Prometheus sees them
 -----------------------------
@@ -35,7 +33,7 @@ the series would otherwise be one value overwritten by whichever actor reported 
 Lifetimes differ by backend. Through Ray, a gauge series vanishes from the scrape about 20-25 s
 after its last `set()` (measured with Ray 2.60: the node agent keeps a gauge for two export
 intervals after the worker stops reporting it), so a process must re-report gauges that change
-rarely (adapter version, gamma, fallback flag): call `republish()` from its reporting loop.
+rarely (weight version, gamma, fallback flag): call `republish()` from its reporting loop.
 Superseded series (a tau under an old weight version) then age out by themselves once
 `forget()` drops them from the recorder. Through `prometheus_client` a series stays until
 `forget()` removes it. Ray rebuilds histograms from bucket counts, so `_sum` (and a mean derived
@@ -143,9 +141,9 @@ METRICS: tuple[MetricSpec, ...] = (
     _g("dvi_actor_acceptance_rate", "Fraction of the exit head's drafted tokens the verifier accepted under this weight version.", _AV, PANEL_ACCEPTANCE, "percentunit"),
     _g("dvi_actor_context_acceptance_rate", "Fraction of context-drafted tokens (prompt lookup) the verifier accepted in the latest request.", _A, PANEL_ACCEPTANCE, "percentunit"),
     _g("dvi_actor_acceptance_rate_by_position", "Acceptance rate of the draft token at 0-based position `position`, given the earlier ones were accepted.", ("actor", "position"), PANEL_ACCEPTANCE, "percentunit"),
-    _g("dvi_actor_adapter_version", "Weight version of the LoRA adapter the actor's drafter is using.", _A, PANEL_ADAPTER, "none"),
-    _g("dvi_actor_version_lag", "Learner's published weight version minus the actor's adapter version.", _A, PANEL_ADAPTER, "none"),
-    _c("dvi_actor_rollbacks", "Times the actor swapped back to an earlier adapter version.", _A, PANEL_ADAPTER),
+    _g("dvi_actor_weight_version", "Weight version of the LoRA adapter the actor's drafter is using.", _A, PANEL_ADAPTER, "none"),
+    _g("dvi_actor_version_lag", "Learner's published weight version minus the actor's.", _A, PANEL_ADAPTER, "none"),
+    _c("dvi_actor_rollbacks", "Times the actor swapped back to an earlier weight version.", _A, PANEL_ADAPTER),
     _g("dvi_actor_redis_up", "1 while the actor's last Redis command succeeded, 0 while Redis is unreachable (the actor serves on).", _A, PANEL_STREAM, "none"),
     _g("dvi_actor_outbox", "Trajectories held in the actor's local outbox, not yet taken by Redis.", _A, PANEL_STREAM, "short"),
     _c("dvi_actor_trajectories_lost", "Trajectories the actor dropped because its outbox was full while Redis was away.", _A, PANEL_STREAM),

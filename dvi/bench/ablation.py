@@ -52,7 +52,7 @@ def variants(decode: DecodeConfig, draft_vocab_size: int, levers: tuple[str, ...
         "engine": replace(full, engine="hf"),
         "learning": replace(full, trained=False),
         "draft_vocab": replace(full, draft_vocab_size=0),
-        "context": replace(full, decode=replace(decode, lookup_tokens=0)),
+        "context": replace(full, decode=replace(decode, context_tokens=0)),
         "exit_head": replace(full, decode=replace(decode, gamma=0)),
         "confidence": replace(full, decode=replace(decode, confidence_threshold=0.0)),
         "adaptive_gamma": replace(full, decode=replace(decode, adaptive_gamma=False)),
@@ -82,7 +82,7 @@ def markdown_table(rows: list[dict], full: str = FULL) -> str:
         off = LEVERS.get(lever, "nothing (every lever on)" if method == full else "reference" if method == "hf_ar" else "all drafting")
         relative = row["tokens_per_s"] / base if base and row["tokens_per_s"] else None
         cells = [method, off, _fmt(row["tokens_per_s"], 1), _fmt(row["speedup_vs_hf_ar"]), _fmt(relative),
-                 _fmt(row["mean_accepted"]), _fmt(row["identical_to_ar"])]
+                 _fmt(row["tau"]), _fmt(row["identical_to_ar"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

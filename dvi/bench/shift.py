@@ -114,8 +114,8 @@ class RequestRecord:
     passes: int
     drafted: int
     accepted: int
-    lookup_drafted: int
-    lookup_accepted: int
+    context_drafted: int
+    context_accepted: int
     version: int
 
 

@@ -16,8 +16,9 @@ Fields of a result row (one per method x category, plus category "overall"):
   speedup_vs_hf_ar  tokens_per_s / hf_ar's tokens_per_s on the same prompts (ratio of totals).
                     Spec-Bench divides mean per-prompt speeds instead; `spec_bench_speedups`
                     computes that figure and the markdown report shows both;
-  mean_accepted     tau: new tokens / verifier passes, pooled over the row's prompts (1.0 for
-                    AR, None where a method's passes are unknown);
+  tau               new tokens / verifier passes, pooled over the row's prompts (1.0 for AR,
+                    None where a method's passes are unknown); also written as `mean_accepted`,
+                    its old name, for one release;
   identical_to_ar   fraction of the row's prompts whose tokens equal their reference's, token
                     for token (`identity_references`): our own methods on native-precision weights
                     against `ar` on the same weights (the lossless guarantee; `ar` itself and
@@ -55,8 +56,10 @@ OVERALL = "overall"
 PROMPT_LOOKUP_NUM_TOKENS = 10
 ROW_FIELDS = (
     "method", "category", "prompts", "tokens", "seconds",
-    "tokens_per_s", "speedup_vs_hf_ar", "mean_accepted", "identical_to_ar",
+    "tokens_per_s", "speedup_vs_hf_ar", "tau", "identical_to_ar",
 )
+RENAMED_ROW_FIELDS = {"mean_accepted": "tau"}
+"""Old row field -> its new name; rows carry both for one release (readers take either)."""
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 
 MethodFn = Callable[[list[int]], "tuple[list[int], int | None]"]
@@ -83,9 +86,9 @@ class SpeedSettings:
     """Most tokens drafted per block by `dvi` and by `hf_early_exit`."""
     confidence_threshold: float = DecodeConfig.confidence_threshold
     """Drafting stops when the drafter's top-1 probability falls below this (dvi and hf_early_exit)."""
-    lookup_tokens: int = DecodeConfig.lookup_tokens
+    context_tokens: int = DecodeConfig.context_tokens
     """Most tokens a dvi block drafts from the context (0 = the exit head only)."""
-    lookup_min_ngram: int = DecodeConfig.lookup_min_ngram
+    context_min_ngram: int = DecodeConfig.context_min_ngram
     """Shortest suffix n-gram a context draft matches."""
     draft_vocab_size: int = DrafterConfig.draft_vocab_size
     """The dvi drafter's vocabulary (0 = full); learned from the training half when `learn` is set."""
@@ -134,8 +137,8 @@ class SpeedSettings:
             raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.exit_layer < 1:
             raise ValueError(f"--exit-layer must be >= 1, got {self.exit_layer}")
-        if self.gamma < 0 or (self.gamma == 0 and self.lookup_tokens == 0):
-            raise ValueError(f"--gamma must be >= 1 (gamma 0 without --lookup-tokens is the `ar` method), got {self.gamma}")
+        if self.gamma < 0 or (self.gamma == 0 and self.context_tokens == 0):
+            raise ValueError(f"--gamma must be >= 1 (gamma 0 without --context-tokens is the `ar` method), got {self.gamma}")
         if not 0.0 <= self.confidence_threshold <= 1.0:
             raise ValueError(f"--confidence-threshold must be in [0, 1], got {self.confidence_threshold}")
         if self.warmup < 0:
@@ -150,9 +153,9 @@ class SpeedSettings:
             raise ValueError(f"--methods must include {REFERENCE}, the reference every speedup is measured against")
         if self.adapter is not None and "dvi" not in self.methods:
             raise ValueError("--adapter is the drafter of the `dvi` method, which --methods leaves out")
-        if CONTEXT_ONLY in self.methods and self.lookup_tokens == 0:
-            raise ValueError(f"{CONTEXT_ONLY} drafts from the context only: it needs --lookup-tokens >= 1")
-        DecodeConfig(gamma=self.gamma, lookup_tokens=self.lookup_tokens, lookup_min_ngram=self.lookup_min_ngram,
+        if CONTEXT_ONLY in self.methods and self.context_tokens == 0:
+            raise ValueError(f"{CONTEXT_ONLY} drafts from the context only: it needs --context-tokens >= 1")
+        DecodeConfig(gamma=self.gamma, context_tokens=self.context_tokens, context_min_ngram=self.context_min_ngram,
                      confidence_threshold=self.confidence_threshold)  # the same checks, one place
         if self.draft_vocab_size < 0:
             raise ValueError(f"--draft-vocab-size must be >= 0, got {self.draft_vocab_size}")
@@ -189,7 +192,7 @@ class SpeedSettings:
         """How every dvi method decodes (`dvi_context`: the same with gamma 0)."""
         return DecodeConfig(
             gamma=self.gamma, max_new_tokens=self.max_new_tokens, confidence_threshold=self.confidence_threshold,
-            lookup_tokens=self.lookup_tokens, lookup_min_ngram=self.lookup_min_ngram,
+            context_tokens=self.context_tokens, context_min_ngram=self.context_min_ngram,
         )
 
     def drafter_config(self) -> DrafterConfig:
@@ -500,7 +503,7 @@ def aggregate(records: list[RunRecord], reference: str = REFERENCE,
                 "seconds": sum(r.seconds for r in rows),
                 "tokens_per_s": tokens_per_s,
                 "speedup_vs_hf_ar": _ratio(tokens_per_s, reference_speed),
-                "mean_accepted": tokens / sum(passes) if None not in passes and sum(passes) > 0 else None,
+                "tau": tokens / sum(passes) if None not in passes and sum(passes) > 0 else None,
                 "identical_to_ar": (
                     sum(r.token_ids == tokens_of[(against, r.prompt_index)] for r in known) / len(known) if known else None
                 ),
@@ -573,7 +576,7 @@ def markdown_table(rows: list[dict], spec_bench: dict[tuple[str, str], float | N
         cells = [
             row["method"], row["category"], str(row["prompts"]), str(row["tokens"]), _fmt(row["seconds"]),
             _fmt(row["tokens_per_s"], 1), _fmt(row["speedup_vs_hf_ar"]),
-            _fmt(spec_bench.get((row["method"], row["category"]))), _fmt(row["mean_accepted"]),
+            _fmt(spec_bench.get((row["method"], row["category"]))), _fmt(row["tau"]),
             _fmt(row["identical_to_ar"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -640,7 +643,8 @@ def write_reports(
     out.mkdir(parents=True, exist_ok=True)
     rows = aggregate(records, identity=identity)
     table = markdown_table(rows, spec_bench_speedups(records))
-    payload = {"model": model, "machine": machine, "settings": settings, **skipped_summary(skipped), "runs": rows}
+    runs = [{**row, **{old: row[new] for old, new in RENAMED_ROW_FIELDS.items()}} for row in rows]
+    payload = {"model": model, "machine": machine, "settings": settings, **skipped_summary(skipped), "runs": runs}
     (out / "speed.json").write_text(json.dumps(payload, indent=2) + "\n")
     (out / "speed.md").write_text(markdown_report(model, machine, settings, table))
     with (out / "speed_runs.jsonl").open("w") as fh:
@@ -668,7 +672,8 @@ def settings_record(settings: SpeedSettings, prompts_used: int) -> dict:
         timing="time.perf_counter around the generate call only; torch.inference_mode; "
         "EOS and max_new_tokens stop every method",
         speedup_vs_hf_ar="ratio of totals: (sum tokens / sum seconds) / hf_ar's on the same prompts",
-        mean_accepted="sum new tokens / sum verifier passes (HF methods: calls of the last decoder layer)",
+        tau="sum new tokens / sum verifier passes (HF methods: calls of the last decoder layer); "
+        "rows also carry it as mean_accepted, its old name, for one release",
         identical_to_ar="fraction of prompts whose new tokens equal their reference's token for token "
         "(identity_references)",
         hf_prompt_lookup={"prompt_lookup_num_tokens": PROMPT_LOOKUP_NUM_TOKENS, "max_matching_ngram_size": 2},

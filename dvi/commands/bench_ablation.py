@@ -31,8 +31,8 @@ def ablation(
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Most new tokens per prompt."),
     gamma: options.Gamma = DecodeConfig.gamma,
     confidence_threshold: options.ConfidenceThreshold = DecodeConfig.confidence_threshold,
-    lookup_tokens: options.LookupTokens = DecodeConfig.lookup_tokens,
-    lookup_min_ngram: options.LookupMinNgram = DecodeConfig.lookup_min_ngram,
+    context_tokens: options.ContextTokens = DecodeConfig.context_tokens,
+    context_min_ngram: options.ContextMinNgram = DecodeConfig.context_min_ngram,
     adaptive_gamma: options.AdaptiveGamma = DecodeConfig.adaptive_gamma,
     levers: Optional[str] = typer.Option(None, "--levers", help="Comma-separated levers to switch off (default: all)."),
     warmup: int = typer.Option(2, "--warmup", help="Prompts run through every variant before timing."),
@@ -43,7 +43,7 @@ def ablation(
     from dvi.commands.bench_speed import parse_names
 
     decode = DecodeConfig(gamma=gamma, max_new_tokens=max_new_tokens, confidence_threshold=confidence_threshold,
-                          lookup_tokens=lookup_tokens, lookup_min_ngram=lookup_min_ngram, adaptive_gamma=adaptive_gamma)
+                          context_tokens=context_tokens, context_min_ngram=context_min_ngram, adaptive_gamma=adaptive_gamma)
     chosen = parse_names("--levers", levers) or tuple(bench.LEVERS)
     options.check_threads(threads)
     if not Path(adapter).is_dir():

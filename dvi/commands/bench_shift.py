@@ -31,7 +31,7 @@ def shift(
     max_new_tokens: int = typer.Option(ShiftSettings.decode.max_new_tokens, "--max-new-tokens", help="Most new tokens per request."),
     exit_layer: options.ExitLayer = DrafterConfig.exit_layer,
     gamma: options.Gamma = DecodeConfig.gamma,
-    lookup_tokens: options.LookupTokens = DecodeConfig.lookup_tokens,
+    context_tokens: options.ContextTokens = DecodeConfig.context_tokens,
     draft_vocab_size: options.DraftVocabSize = DrafterConfig.draft_vocab_size,
     learn_batch_tokens: int = typer.Option(ShiftSettings.learn_batch_tokens, "--learn-batch-tokens", help="Scored positions per optimiser step."),
     learn_updates_per_request: int = typer.Option(ShiftSettings.learn_updates_per_request, "--learn-updates-per-request", help="Optimiser steps per request."),
@@ -46,7 +46,7 @@ def shift(
     settings = ShiftSettings(
         prompts=prompts, source=source, target=target, from_requests=from_requests, to_requests=to_requests,
         model=model, adapter=adapter, schedule=schedule,
-        decode=replace(ShiftSettings.decode, max_new_tokens=max_new_tokens, gamma=gamma, lookup_tokens=lookup_tokens),
+        decode=replace(ShiftSettings.decode, max_new_tokens=max_new_tokens, gamma=gamma, context_tokens=context_tokens),
         drafter=DrafterConfig(exit_layer=exit_layer, draft_vocab_size=draft_vocab_size),
         learn_batch_tokens=learn_batch_tokens, learn_updates_per_request=learn_updates_per_request, window=window,
     )
@@ -103,9 +103,9 @@ def _run(settings: ShiftSettings, out: Path) -> None:
         def on_request(result) -> None:
             phase = SOURCE if len(records) < len(source_ids) else TARGET
             records.append(RequestRecord(phase, len(result.token_ids), result.verifier_passes, result.drafted,
-                                         result.accepted, result.lookup_drafted, result.lookup_accepted,
+                                         result.accepted, result.context_drafted, result.context_accepted,
                                          result.weight_version))
-            progress.update(task, advance=1, now=f"{phase} tau {result.mean_accepted:.2f}")
+            progress.update(task, advance=1, now=f"{phase} tau {result.tau:.2f}")
 
         summary = learn_online(split, settings.schedule, source_ids + target_ids, settings,
                                seed=settings.seed, on_request=on_request)

@@ -68,8 +68,8 @@ def speed(
     exit_layer: options.ExitLayer = DrafterConfig.exit_layer,
     gamma: options.Gamma = DecodeConfig.gamma,
     confidence_threshold: options.ConfidenceThreshold = DecodeConfig.confidence_threshold,
-    lookup_tokens: options.LookupTokens = DecodeConfig.lookup_tokens,
-    lookup_min_ngram: options.LookupMinNgram = DecodeConfig.lookup_min_ngram,
+    context_tokens: options.ContextTokens = DecodeConfig.context_tokens,
+    context_min_ngram: options.ContextMinNgram = DecodeConfig.context_min_ngram,
     draft_vocab_size: options.DraftVocabSize = DrafterConfig.draft_vocab_size,
     engine: str = typer.Option("fast", "--engine", help="Forward of our own methods: fast (packed weights, static cache) or hf."),
     learn: Optional[str] = typer.Option(
@@ -113,8 +113,8 @@ def speed(
         exit_layer=exit_layer,
         gamma=gamma,
         confidence_threshold=confidence_threshold,
-        lookup_tokens=lookup_tokens,
-        lookup_min_ngram=lookup_min_ngram,
+        context_tokens=context_tokens,
+        context_min_ngram=context_min_ngram,
         draft_vocab_size=draft_vocab_size,
         engine=engine,
         learn=parse_names("--learn", learn) or (),
@@ -241,7 +241,7 @@ def _drafters(settings, split, learning_ids: list, out: Path, console) -> tuple[
             task = progress.add_task(f"learn {kind}", total=len(learning_ids), now="")
 
             def on_request(result, task=task, progress=progress) -> None:
-                progress.update(task, advance=1, now=f"tau {result.mean_accepted:.2f}")
+                progress.update(task, advance=1, now=f"tau {result.tau:.2f}")
 
             summary = learn_online(learner_split, kind, learning_ids, settings, on_request=on_request)
         learner_split.save_adapter(out / "adapters" / kind)

@@ -52,7 +52,7 @@ def generate(
     gamma: options.Gamma = DecodeConfig.gamma,
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; > 0 samples losslessly."),
     max_new_tokens: int = typer.Option(DecodeConfig.max_new_tokens, "--max-new-tokens"),
-    lookup_tokens: options.LookupTokens = DecodeConfig.lookup_tokens,
+    context_tokens: options.ContextTokens = DecodeConfig.context_tokens,
     confidence_threshold: options.ConfidenceThreshold = DecodeConfig.confidence_threshold,
     adaptive_gamma: options.AdaptiveGamma = DecodeConfig.adaptive_gamma,
     adapter: str = typer.Option(None, "--adapter", help="A trained drafter adapter directory."),
@@ -65,7 +65,7 @@ def generate(
 
     if not prompt.strip():
         raise ValueError("prompt is empty")
-    config = DecodeConfig(gamma=gamma, temperature=temperature, max_new_tokens=max_new_tokens, lookup_tokens=lookup_tokens,
+    config = DecodeConfig(gamma=gamma, temperature=temperature, max_new_tokens=max_new_tokens, context_tokens=context_tokens,
                           confidence_threshold=confidence_threshold, adaptive_gamma=adaptive_gamma)
     split = load_split(model, exit_layer, adapter, weights=weights)
     ids = encode_prompt(split.tokenizer, prompt)
@@ -76,8 +76,8 @@ def generate(
     if stats:
         print(
             f"[{len(result.token_ids)} tokens in {result.seconds:.2f}s, "
-            f"{len(result.token_ids) / max(result.seconds, 1e-9):.1f} tok/s, tau {result.mean_accepted:.2f}, "
+            f"{len(result.token_ids) / max(result.seconds, 1e-9):.1f} tok/s, tau {result.tau:.2f}, "
             f"exit-head acceptance {result.acceptance_rate:.2f} ({result.drafted} drafted), "
-            f"context drafts {result.lookup_accepted}/{result.lookup_drafted} accepted, adapter v{result.weight_version}]",
+            f"context drafts {result.context_accepted}/{result.context_drafted} accepted, adapter v{result.weight_version}]",
             file=sys.stderr,
         )

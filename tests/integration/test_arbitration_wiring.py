@@ -36,9 +36,9 @@ def test_head_chosen_over_the_context_drafts_as_the_head_alone(monkeypatch, temp
 
     monkeypatch.setattr(speculative, "choose_draft_source", always_head)
     for text in TEXTS:
-        chosen = decode(split, text, DecodeConfig(lookup_tokens=5, **base), seed=7)
-        alone = decode(split, text, DecodeConfig(lookup_tokens=0, **base), seed=7)
-        assert chosen.head_over_context > 0 and chosen.lookup_drafted == 0
+        chosen = decode(split, text, DecodeConfig(context_tokens=5, **base), seed=7)
+        alone = decode(split, text, DecodeConfig(context_tokens=0, **base), seed=7)
+        assert chosen.head_over_context > 0 and chosen.context_drafted == 0
         assert chosen.token_ids == alone.token_ids
         assert (chosen.drafted, chosen.accepted, chosen.verifier_passes) == (alone.drafted, alone.accepted, alone.verifier_passes)
     assert None in asked and any(isinstance(c, float) for c in asked)
@@ -47,15 +47,15 @@ def test_head_chosen_over_the_context_drafts_as_the_head_alone(monkeypatch, temp
 def test_arbitration_on_or_off_stays_lossless_and_reproducible(monkeypatch):
     split = stories_split(exit_layer=2)
     randomize_adapter(split, 3, scale=0.2)
-    greedy = DecodeConfig(gamma=3, lookup_tokens=5, max_new_tokens=40)
+    greedy = DecodeConfig(gamma=3, context_tokens=5, max_new_tokens=40)
     for text in TEXTS:
         reference = decode(split, text, DecodeConfig.autoregressive(40)).token_ids
         for arbitrate in (True, False):
             assert decode(split, text, DecodeConfig(**{**greedy.__dict__, "arbitrate": arbitrate})).token_ids == reference
-        sampled = DecodeConfig(gamma=3, lookup_tokens=5, max_new_tokens=40, temperature=0.8)
+        sampled = DecodeConfig(gamma=3, context_tokens=5, max_new_tokens=40, temperature=0.8)
         assert decode(split, text, sampled, seed=3).token_ids == decode(split, text, sampled, seed=3).token_ids
     monkeypatch.setattr(speculative, "choose_draft_source", lambda *args: CONTEXT)
     for text in TEXTS:  # the context always chosen: the rule before arbitration, token for token
         on = decode(split, text, greedy)
         off = decode(split, text, DecodeConfig(**{**greedy.__dict__, "arbitrate": False}))
-        assert (on.token_ids, on.lookup_drafted, on.drafted) == (off.token_ids, off.lookup_drafted, off.drafted)
+        assert (on.token_ids, on.context_drafted, on.drafted) == (off.token_ids, off.context_drafted, off.drafted)

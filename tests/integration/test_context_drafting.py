@@ -24,11 +24,11 @@ def test_stories260k_with_context_drafting_matches_hf(gamma):
     lookups = 0
     for text in ("Once upon a time", "Tom and Sue went to the park. Tom and Sue", "The cat sat. The cat"):
         ids = split.tokenizer(text)["input_ids"]
-        config = DecodeConfig(gamma=gamma, lookup_tokens=6, max_new_tokens=60)
+        config = DecodeConfig(gamma=gamma, context_tokens=6, max_new_tokens=60)
         result = decoder.generate(ids, config)
         assert result.token_ids == hf_greedy(split.model, ids, 60), text
-        lookups += result.lookup_drafted
-        assert result.lookup_accepted <= result.lookup_drafted
+        lookups += result.context_drafted
+        assert result.context_accepted <= result.context_drafted
     assert lookups > 0
 
 
@@ -37,10 +37,10 @@ def test_context_blocks_record_verified_rows_not_drafts():
     randomize_adapter(split, 5, scale=0.3)
     prompt = [4, 8, 15, 16, 4, 8, 15]
     result = SpeculativeDecoder(split).generate(
-        prompt, DecodeConfig(gamma=3, lookup_tokens=4, max_new_tokens=30, record_trajectories=True, record_topk=5)
+        prompt, DecodeConfig(gamma=3, context_tokens=4, max_new_tokens=30, record_trajectories=True, record_topk=5)
     )
     traj = result.trajectory.validate()
-    assert result.lookup_drafted > 0
+    assert result.context_drafted > 0
     assert traj.num_drafted == min(result.drafted, traj.num_drafted) and traj.num_verified > 0
     sequence = prompt + result.token_ids
     assert traj.tokens.tolist() == sequence and traj.prompt_length == len(prompt)
@@ -82,7 +82,7 @@ def test_sampling_with_context_drafts_keeps_the_model_distribution():
     split = tiny_split(seed=2, exit_layer=1, vocab=5, hidden=16, layers=3)
     split.eos_token_ids = set()
     prompt = [1, 2, 1]  # the suffix (1,) occurred before: every first block drafts [2, 1] from the context
-    config = DecodeConfig(gamma=0, lookup_tokens=2, temperature=1.0, max_new_tokens=2)
+    config = DecodeConfig(gamma=0, context_tokens=2, temperature=1.0, max_new_tokens=2)
     counts, results = sample_two_tokens(SpeculativeDecoder(split), prompt, config, trials=3000)
-    assert sum(r.lookup_drafted for r in results) >= 3000  # the context path really ran
+    assert sum(r.context_drafted for r in results) >= 3000  # the context path really ran
     assert matches_model_distribution(split.model, prompt, counts) > 1e-3

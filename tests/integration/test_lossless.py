@@ -44,7 +44,7 @@ def test_gamma_zero_is_plain_autoregressive():
     split = tiny_split(seed=4, exit_layer=2)
     result = SpeculativeDecoder(split).generate([5, 9, 13], DecodeConfig.autoregressive(30))
     assert result.verifier_passes == len(result.token_ids) == 30
-    assert result.drafted == 0 and result.mean_accepted == 1.0
+    assert result.drafted == 0 and result.tau == 1.0
     assert result.token_ids == hf_greedy(split.model, [5, 9, 13], 30)
 
 

@@ -124,7 +124,7 @@ def test_bad_version_is_rolled_back_and_the_learner_monitor_and_report_hear_of_i
     assert metric(metrics, "dvi_actor_rollbacks", actor="actor-0") == 1.0
     assert metric(metrics, "dvi_drift_rollbacks", version=2) == 1.0
     assert metric(metrics, "dvi_drift_acceptance_ema", actor="actor-0", version=1) > 0.3
-    assert metric(metrics, "dvi_actor_adapter_version", actor="actor-0") == 1.0
+    assert metric(metrics, "dvi_actor_weight_version", actor="actor-0") == 1.0
 
     # The rollback is an event in Redis ...
     state = telemetry.read()

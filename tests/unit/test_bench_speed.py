@@ -42,13 +42,13 @@ def test_aggregate_rows_by_hand():
     assert ref["seconds"] == pytest.approx(2.5)
     assert ref["tokens_per_s"] == pytest.approx(2.4)
     assert ref["speedup_vs_hf_ar"] == pytest.approx(1.0)
-    assert ref["mean_accepted"] == pytest.approx(1.0)
+    assert ref["tau"] == pytest.approx(1.0)
     assert ref["identical_to_ar"] == 1.0
 
     dvi = by["dvi", "overall"]  # 6 / 1.5 = 4.0 tok/s; 4.0 / 2.4 = 1.667; 6 tokens / 3 passes = 2.0
     assert dvi["tokens_per_s"] == pytest.approx(4.0)
     assert dvi["speedup_vs_hf_ar"] == pytest.approx(4.0 / 2.4)
-    assert dvi["mean_accepted"] == pytest.approx(2.0)
+    assert dvi["tau"] == pytest.approx(2.0)
     assert dvi["identical_to_ar"] == 0.5  # q0 equal, q1 not
 
     # per task, against hf_ar on the same task: A 4/1 vs 4/2 -> 2.0; B 2/0.5 vs 2/0.5 -> 1.0
@@ -56,12 +56,12 @@ def test_aggregate_rows_by_hand():
     assert by["dvi", "A"]["identical_to_ar"] == 1.0
     assert by["dvi", "B"]["speedup_vs_hf_ar"] == pytest.approx(1.0)
     assert by["dvi", "B"]["identical_to_ar"] == 0.0
-    assert by["dvi", "B"]["mean_accepted"] == pytest.approx(2.0)  # 2 tokens / 1 pass
+    assert by["dvi", "B"]["tau"] == pytest.approx(2.0)  # 2 tokens / 1 pass
 
     pld = by["hf_prompt_lookup", "overall"]  # 6 / 4.5 = 1.333 tok/s; / 2.4 = 0.5556
     assert pld["speedup_vs_hf_ar"] == pytest.approx((6 / 4.5) / 2.4)
-    assert pld["mean_accepted"] is None  # one prompt's passes unknown
-    assert by["hf_prompt_lookup", "A"]["mean_accepted"] == pytest.approx(1.0)
+    assert pld["tau"] is None  # one prompt's passes unknown
+    assert by["hf_prompt_lookup", "A"]["tau"] == pytest.approx(1.0)
 
 
 def test_spec_bench_speedup_is_ratio_of_mean_per_prompt_speeds():
@@ -107,14 +107,14 @@ def test_flag_parsing_and_validation():
     with pytest.raises(ValueError, match="already a method"):
         SpeedSettings(prompts="p", variants=(("dvi", "x"),))
     with pytest.raises(ValueError, match="gamma"):
-        SpeedSettings(prompts="p", gamma=0, lookup_tokens=0)  # no drafting at all: that is `ar`
-    assert SpeedSettings(prompts="p", gamma=0, lookup_tokens=4).decode_config().lookup_tokens == 4  # context only
+        SpeedSettings(prompts="p", gamma=0, context_tokens=0)  # no drafting at all: that is `ar`
+    assert SpeedSettings(prompts="p", gamma=0, context_tokens=4).decode_config().context_tokens == 4  # context only
     with pytest.raises(ValueError, match="unknown schedule"):
         SpeedSettings(prompts="p", learn=("kl-only", "sgd"))
     learned = SpeedSettings(prompts="p", methods=("hf_ar", "dvi"), learn=("kl-only", "kl-rl"))
     assert learned.all_methods == ("hf_ar", "dvi", "dvi_kl-only", "dvi_kl-rl")  # dvi: the default drafter, frozen
     with pytest.raises(ValueError, match="dvi_context drafts from the context only"):
-        SpeedSettings(prompts="p", methods=("hf_ar", "dvi_context"), lookup_tokens=0)
+        SpeedSettings(prompts="p", methods=("hf_ar", "dvi_context"), context_tokens=0)
     settings = SpeedSettings(prompts="p", methods=("hf_ar", "dvi"), variants=(("dvi_kl_only", "x"),))
     assert settings.all_methods == ("hf_ar", "dvi", "dvi_kl_only")
 
