@@ -279,8 +279,8 @@ def run_service(
         started_ray = init_ray(config.ray_address, log_to_driver=config.log_to_driver)
         try:
             secret_file = resolve_secret_file(config, out, started_ray)
-            return _run(config, prompts, out, run_id, namespace, redis_url, state, phase, on_result, run_started,
-                        secret_file)
+            return _Run(config, prompts, out, run_id, namespace, redis_url, state, phase, on_result, run_started,
+                        secret_file).execute()
         finally:
             if started_ray:
                 import ray
@@ -323,119 +323,169 @@ def resolve_secret_file(config: RunConfig, out: Path, local_ray: bool) -> str | 
     return str(write_secret_file(out / "weight-secret").resolve())
 
 
-def _run(config, prompts, out, run_id, namespace, redis_url, state, phase, on_result, run_started,
-         secret_file) -> dict[str, Any]:
-    import ray
+@dataclass
+class _Run:
+    """One run of the service once Redis and Ray are up: its fixed inputs and the actors it starts.
+    `execute` runs the phases in order and always shuts the actors down."""
 
-    from actors.generator import GeneratorConfig
-    from actors.service import GeneratorPool, GeneratorSettings, Request, root_cause
-    from common.transport.redis.streams import TrajectoryStream, TransportConfig
-    from common.transport.redis.weights import WeightStore
-    from learner.service import LearnerLoopConfig, LearnerSettings, create_learner_actor
+    config: RunConfig
+    prompts: list
+    out: Path
+    run_id: str
+    namespace: str
+    redis_url: str
+    state: RunState
+    phase: Callable[[str], None]
+    on_result: Callable[[RunState, dict[str, Any]], None] | None
+    run_started: float
+    secret_file: str | None
+    learner_actor: Any = None
+    pool: Any = None
 
-    transport = TransportConfig(namespace=namespace)
-    spec = config.model_spec()
-    learner_actor = None
-    pool = None
-    seen_before = 0
-    try:
-        if config.learn:
-            phase("starting the learner")
-            loop = LearnerLoopConfig(
-                learner_id="learner-0",
-                checkpoint_dir=str((out / "learner-checkpoint").resolve()),
-                publish_every_steps=config.publish_every,
-                publish_every_s=config.publish_every_s,
-                replay_ratio=config.replay_ratio,
-            )
-            learner_actor = create_learner_actor(
-                LearnerSettings(model=spec, redis_url=redis_url, transport=transport, learner=config.learner,
-                                loop=loop, secret_file=secret_file),
-            )
+    @property
+    def transport(self):
+        from common.transport.redis.streams import TransportConfig
+
+        return TransportConfig(namespace=self.namespace)
+
+    def execute(self) -> dict[str, Any]:
+        try:
+            self.start_learner()
+            seen_before = self.start_generators()
+            serve_seconds = self.serve()
+            learner_status, statuses = self.finish()
+            dead, published_log, latest = self.close_redis()
+            summary = _summary(self.config, self.state, statuses, learner_status, dead, published_log, latest,
+                               time.time() - self.run_started, serve_seconds, self.run_id, self.namespace,
+                               seen_before)
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            self.phase("done")
+            require_some_served(len(self.state.results) - summary["skipped_requests"], self.state.skipped())
+            return summary
+        finally:
+            self.shutdown()
+
+    def start_learner(self) -> None:
+        """The learner actor (learning runs only), resuming from OUT/learner-checkpoint if there is one."""
+        from learner.service import LearnerLoopConfig, LearnerSettings, create_learner_actor
+
+        config = self.config
+        if not config.learn:
+            return
+        self.phase("starting the learner")
+        loop = LearnerLoopConfig(
+            learner_id="learner-0", checkpoint_dir=str((self.out / "learner-checkpoint").resolve()),
+            publish_every_steps=config.publish_every, publish_every_s=config.publish_every_s,
+            replay_ratio=config.replay_ratio,
+        )
+        self.learner_actor = create_learner_actor(LearnerSettings(
+            model=config.model_spec(), redis_url=self.redis_url, transport=self.transport, learner=config.learner,
+            loop=loop, secret_file=self.secret_file))
+        self.state.learner_actor = self.learner_actor
+
+    def start_generators(self) -> int:
+        """Start the generation actors and wait until all are ready; return how many request ids
+        the learner had seen before this run (a resumed learner has seen earlier runs')."""
+        import ray
+
+        from actors.generator import GeneratorConfig
+        from actors.service import GeneratorPool, GeneratorSettings, root_cause
+
+        config = self.config
         cpus = config.cpus_per_actor or actor_cpus(ray.cluster_resources().get("CPU", 1.0), config.actors, config.learn)
         settings = [
-            GeneratorSettings(model=spec, redis_url=redis_url, transport=transport, secret_file=secret_file,
+            GeneratorSettings(model=config.model_spec(), redis_url=self.redis_url, transport=self.transport,
+                              secret_file=self.secret_file,
                               generator=GeneratorConfig(actor_id=f"actor-{i}", learn=config.learn, seed=config.seed,
-                                                        ar_fallback=config.ar_fallback, ar_fallback_gamma=max(1, config.decode.gamma),
+                                                        ar_fallback=config.ar_fallback,
+                                                        ar_fallback_gamma=max(1, config.decode.gamma),
                                                         truncate_prompts=config.truncate_prompts))
             for i in range(config.actors)
         ]
-        phase(f"loading {config.model} in {config.actors} generation actor(s) (each loads it and checks the split: "
-              "about a minute on 2 CPU cores)")
-        pool = GeneratorPool(settings, cpus_per_actor=cpus)
-        state.learner_actor, state.pool = learner_actor, pool
-        pool.wait_ready()
-        if learner_actor is not None:
-            try:
-                # a learner resumed from OUT/learner-checkpoint has seen the ids of earlier runs
-                seen_before = consumed_count(ray.get(learner_actor.status.remote(), timeout=600))
-            except ray.exceptions.RayActorError as err:
-                raise ServiceError(f"the learner actor failed to start: {root_cause(err)}") from err
+        self.phase(f"loading {config.model} in {config.actors} generation actor(s) (each loads it and checks the "
+                   "split: about a minute on 2 CPU cores)")
+        self.pool = GeneratorPool(settings, cpus_per_actor=cpus)
+        self.state.pool = self.pool
+        self.pool.wait_ready()
+        if self.learner_actor is None:
+            return 0
+        try:
+            return consumed_count(ray.get(self.learner_actor.status.remote(), timeout=600))
+        except ray.exceptions.RayActorError as err:
+            raise ServiceError(f"the learner actor failed to start: {root_cause(err)}") from err
 
-        requests = [
-            Request(request_id=f"{run_id}-{i:05d}", prompt=p.text,
-                    meta={"question_id": p.question_id, "category": p.category})
-            for i, p in enumerate(prompts)
-        ]
-        generations = (out / "generations.jsonl").open("w", encoding="utf-8")
-        state.started = time.time()
-        phase("serving")
+    def serve(self) -> float:
+        """Serve every prompt, writing OUT/generations.jsonl as results arrive; return the seconds."""
+        from actors.service import Request
 
-        def record(result: dict[str, Any]) -> None:
-            state.add(result)
-            generations.write(json.dumps(_generation_line(result)) + "\n")
-            generations.flush()
-            if on_result is not None:
-                on_result(state, result)
+        requests = [Request(request_id=f"{self.run_id}-{i:05d}", prompt=p.text,
+                            meta={"question_id": p.question_id, "category": p.category})
+                    for i, p in enumerate(self.prompts)]
+        state = self.state
+        with (self.out / "generations.jsonl").open("w", encoding="utf-8") as generations:
+            state.started = time.time()
+            self.phase("serving")
 
-        with generations:
-            pool.map(requests, config.decode, on_result=record)
-        serve_seconds = time.time() - state.started
+            def record(result: dict[str, Any]) -> None:
+                state.add(result)
+                generations.write(json.dumps(_generation_line(result)) + "\n")
+                generations.flush()
+                if self.on_result is not None:
+                    self.on_result(state, result)
+
+            self.pool.map(requests, self.config.decode, on_result=record)
+        return time.time() - state.started
+
+    def finish(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Flush the actors' outboxes, let the learner drain the stream, sync every actor to the
+        final weights; return (the learner's status, the actors' statuses)."""
+        import ray
 
         learner_status: dict[str, Any] = {}
-        if config.learn:
-            phase("actors flushing their outboxes")
-            pool.flush_all()
-        if learner_actor is not None:
-            phase("learner draining the stream")
-            learner_status = ray.get(learner_actor.drain.remote(config.drain_timeout_s),
-                                     timeout=config.drain_timeout_s + 60)
-        phase("syncing actors to the final weights")
+        if self.config.learn:
+            self.phase("actors flushing their outboxes")
+            self.pool.flush_all()
+        if self.learner_actor is not None:
+            self.phase("learner draining the stream")
+            timeout = self.config.drain_timeout_s
+            learner_status = ray.get(self.learner_actor.drain.remote(timeout), timeout=timeout + 60)
+        self.phase("syncing actors to the final weights")
         with contextlib.suppress(ray.exceptions.RayError):
-            pool.sync_all()
-        statuses = pool.status()
-        wall = time.time() - run_started
+            self.pool.sync_all()
+        return learner_status, self.pool.status()
 
-        client = connect(redis_url)
+    def close_redis(self) -> tuple[int, list[dict], int | None]:
+        """Read the run's dead letters, publish log and latest version; free the applied
+        trajectories; let the namespace expire. Returns (dead letters, publish log, latest)."""
+        from common.transport.redis.streams import TrajectoryStream
+        from common.transport.redis.weights import WeightStore
+
+        client = connect(self.redis_url)
         try:
-            stream = TrajectoryStream(client, transport)
-            store = WeightStore(client, namespace)
-            dead = stream.dead_letter_count()
-            published_log = store.publish_log()
-            latest = store.latest_version()
-            if config.learn and stream.pending_count() == 0:
+            stream = TrajectoryStream(client, self.transport)
+            store = WeightStore(client, self.namespace)
+            dead, published_log, latest = stream.dead_letter_count(), store.publish_log(), store.latest_version()
+            if self.config.learn and stream.pending_count() == 0:
                 # every entry is applied and acked: free the trajectory payloads (weights and
                 # telemetry stay for `dvi monitor` / `dvi report` until keep_redis_s)
                 stream.clear()
-            if config.keep_redis_s > 0:
-                expire_namespace(client, namespace, config.keep_redis_s)
+            if self.config.keep_redis_s > 0:
+                expire_namespace(client, self.namespace, self.config.keep_redis_s)
         finally:
             client.close()
-        summary = _summary(config, state, statuses, learner_status, dead, published_log, latest, wall,
-                           serve_seconds, run_id, namespace, seen_before)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        phase("done")
-        require_some_served(len(state.results) - summary["skipped_requests"], state.skipped())
-        return summary
-    finally:
-        if pool is not None:
+        return dead, published_log, latest
+
+    def shutdown(self) -> None:
+        import ray
+
+        if self.pool is not None:
             with contextlib.suppress(Exception):
-                pool.shutdown()
-        if learner_actor is not None:
+                self.pool.shutdown()
+        if self.learner_actor is not None:
             with contextlib.suppress(Exception):
-                ray.get(learner_actor.stop.remote(), timeout=30)
+                ray.get(self.learner_actor.stop.remote(), timeout=30)
             with contextlib.suppress(Exception):
-                ray.kill(learner_actor, no_restart=True)
+                ray.kill(self.learner_actor, no_restart=True)
 
 
 def _generation_line(result: dict[str, Any]) -> dict[str, Any]:

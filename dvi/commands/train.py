@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import shlex
 import sys
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -145,6 +146,36 @@ def _command_line() -> str:
     return "dvi " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
 
 
+# ------------------------------------------------------------------ options both commands share
+EvalEvery = Annotated[int, typer.Option("--eval-every", help="Evaluate held-out tau and acceptance every E optimiser steps.")]
+EvalLimit = Annotated[Optional[int], typer.Option("--eval-limit", help="Held-out prompts evaluated (a fixed, category-interleaved subset).")]
+TrainLimit = Annotated[Optional[int], typer.Option("--train-limit", help="Use only the first N training prompts (category-interleaved).")]
+TrainGammaOpt = Annotated[Optional[int], typer.Option(
+    "--train-gamma", help="Most tokens drafted per block on training requests (default: --gamma). 1 records the same "
+    "committed-context positions at a fraction of the drafting cost while acceptance is low.")]
+GammaOpt = Annotated[int, typer.Option("--gamma", help="Most tokens drafted per block (evaluation, and training unless --train-gamma).")]
+MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", help="Most new tokens per request, training and evaluation.")]
+UpdatesPerRequest = Annotated[int, typer.Option("--updates-per-request", help="K: optimiser steps after each training request.")]
+PublishEvery = Annotated[int, typer.Option("--publish-every", help="Publish a new weight version every N optimiser steps.")]
+HeadLr = Annotated[float, typer.Option("--head-lr", help="AdamW lr of the LM-head LoRA.")]
+LoraLr = Annotated[float, typer.Option("--lora-lr", help="AdamW lr of the exit layer.")]
+BatchTokens = Annotated[int, typer.Option("--batch-tokens", help="Drafted tokens per optimiser step.")]
+WarmupSteps = Annotated[int, typer.Option("--warmup-steps", help="kl-rl: KL-only steps before the ramp.")]
+RampSteps = Annotated[int, typer.Option("--ramp-steps", help="kl-rl: steps of the linear ramp to the RL mix.")]
+StalenessPolicy = Annotated[str, typer.Option("--staleness-policy", help="drop or importance (keep old trajectories).")]
+MaxStaleness = Annotated[int, typer.Option("--max-staleness", help="Versions a trajectory may lag before it is stale.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of replay sampling and of sampled decoding.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16 base weights (the exit head trains in float32 logits).")]
+Device = Annotated[str, typer.Option("--device", help="Torch device, e.g. cpu or cuda:0.")]
+
+
+def settings_from(options_given: dict) -> TrainSettings:
+    """The validated `TrainSettings` of a command's options (its `locals()`): every field the
+    command has an option for, the dataclass defaults for the rest."""
+    names = {f.name for f in dataclasses.fields(TrainSettings)}
+    return TrainSettings(**{k: v for k, v in options_given.items() if k in names}).validate()
+
+
 # --------------------------------------------------------------------------- dvi train-local
 @app.command("train-local")
 def train_local_command(
@@ -157,39 +188,31 @@ def train_local_command(
     ),
     model: options.Model = DEFAULT_MODEL,
     schedule: str = typer.Option("kl-rl", "--schedule", help="kl-rl, kl-only or rl-only."),
-    eval_every: int = typer.Option(50, "--eval-every", help="Evaluate tau/acceptance every E optimiser steps."),
-    eval_limit: Optional[int] = typer.Option(16, "--eval-limit", help="Held-out prompts evaluated (a fixed, category-interleaved subset)."),
-    train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Use only the first N training prompts (category-interleaved)."),
+    eval_every: EvalEvery = TrainSettings.eval_every,
+    eval_limit: EvalLimit = 16,
+    train_limit: TrainLimit = None,
     exit_layer: options.ExitLayer = DrafterConfig.exit_layer,
-    gamma: int = typer.Option(4, "--gamma", help="Most tokens drafted per block (evaluation, and training unless --train-gamma)."),
-    train_gamma: Optional[int] = typer.Option(
-        None, "--train-gamma", help="Most tokens drafted per block on training requests (default: --gamma). 1 records the same "
-        "committed-context positions at a fraction of the drafting cost while acceptance is low."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Most new tokens per request, training and evaluation."),
+    gamma: GammaOpt = TrainSettings.gamma,
+    train_gamma: TrainGammaOpt = TrainSettings.train_gamma,
+    max_new_tokens: MaxNewTokens = TrainSettings.max_new_tokens,
     truncate_prompts: options.TruncatePrompts = TrainSettings.truncate_prompts,
-    updates_per_request: int = typer.Option(TrainSettings.updates_per_request, "--updates-per-request", help="K: optimiser steps after each training request."),
-    publish_every: int = typer.Option(TrainSettings.publish_every, "--publish-every", help="Publish a new weight version every N steps."),
-    head_lr: float = typer.Option(TrainSettings.head_lr, "--head-lr", help="AdamW lr of the LM-head LoRA."),
-    lora_lr: float = typer.Option(TrainSettings.lora_lr, "--lora-lr", help="AdamW lr of the exit-layer LoRA."),
-    batch_tokens: int = typer.Option(LearnerConfig.batch_tokens, "--batch-tokens", help="Drafted tokens per optimiser step."),
-    warmup_steps: int = typer.Option(ScheduleConfig.warmup_steps, "--warmup-steps", help="kl-rl: KL-only steps before the ramp."),
-    ramp_steps: int = typer.Option(ScheduleConfig.ramp_steps, "--ramp-steps", help="kl-rl: steps of the linear ramp to the RL mix."),
-    staleness_policy: str = typer.Option(TrainSettings.staleness_policy, "--staleness-policy", help="drop or importance (keep old trajectories)."),
-    max_staleness: int = typer.Option(LearnerConfig.max_staleness, "--max-staleness", help="Versions a trajectory may lag before it is stale."),
-    seed: int = typer.Option(0, "--seed", help="Seed of replay sampling and of sampled decoding."),
+    updates_per_request: UpdatesPerRequest = TrainSettings.updates_per_request,
+    publish_every: PublishEvery = TrainSettings.publish_every,
+    head_lr: HeadLr = TrainSettings.head_lr,
+    lora_lr: LoraLr = TrainSettings.lora_lr,
+    batch_tokens: BatchTokens = TrainSettings.batch_tokens,
+    warmup_steps: WarmupSteps = TrainSettings.warmup_steps,
+    ramp_steps: RampSteps = TrainSettings.ramp_steps,
+    staleness_policy: StalenessPolicy = TrainSettings.staleness_policy,
+    max_staleness: MaxStaleness = TrainSettings.max_staleness,
+    seed: Seed = TrainSettings.seed,
     resume: Optional[str] = typer.Option(None, "--resume", help="A checkpoint directory (or a run directory holding checkpoint/) to continue from."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16 base weights (the exit head trains in float32 logits)."),
-    device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda:0."),
+    dtype: Dtype = TrainSettings.dtype,
+    device: Device = TrainSettings.device,
     threads: options.Threads = None,
 ) -> None:
     """Train the drafter in this process on its own traffic; evaluate held-out tau as it learns."""
-    settings = TrainSettings(
-        model=model, exit_layer=exit_layer, gamma=gamma, train_gamma=train_gamma, max_new_tokens=max_new_tokens, truncate_prompts=truncate_prompts, steps=steps,
-        updates_per_request=updates_per_request, publish_every=publish_every, eval_every=eval_every,
-        head_lr=head_lr, lora_lr=lora_lr, batch_tokens=batch_tokens, warmup_steps=warmup_steps,
-        ramp_steps=ramp_steps, staleness_policy=staleness_policy, max_staleness=max_staleness, seed=seed,
-        dtype=dtype, device=device,
-    ).validate()
+    settings = settings_from(locals())
     learner_config = settings.learner_config(schedule)
     train, held_out = load_prompt_halves(prompts, eval_prompts, train_limit, eval_limit)
     checkpoint = _resolve_checkpoint(resume) if resume else None
@@ -283,39 +306,33 @@ def learning_command(
     ),
     schedules: str = typer.Option("kl-rl,kl-only", "--schedules", help="Comma-separated schedules to compare."),
     model: options.Model = DEFAULT_MODEL,
-    eval_every: int = typer.Option(50, "--eval-every", help="Evaluate every E optimiser steps."),
-    eval_limit: Optional[int] = typer.Option(16, "--eval-limit", help="Held-out prompts evaluated (category-interleaved)."),
-    train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Use only the first N training prompts."),
+    eval_every: EvalEvery = TrainSettings.eval_every,
+    eval_limit: EvalLimit = 16,
+    train_limit: TrainLimit = None,
     exit_layer: options.ExitLayer = DrafterConfig.exit_layer,
-    gamma: int = typer.Option(4, "--gamma", help="Most tokens drafted per block (evaluation, and training unless --train-gamma)."),
-    train_gamma: Optional[int] = typer.Option(None, "--train-gamma", help="Most tokens drafted per block on training requests (default: --gamma)."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Most new tokens per request."),
+    gamma: GammaOpt = TrainSettings.gamma,
+    train_gamma: TrainGammaOpt = TrainSettings.train_gamma,
+    max_new_tokens: MaxNewTokens = TrainSettings.max_new_tokens,
     truncate_prompts: options.TruncatePrompts = TrainSettings.truncate_prompts,
-    updates_per_request: int = typer.Option(TrainSettings.updates_per_request, "--updates-per-request", help="K: optimiser steps after each training request."),
-    publish_every: int = typer.Option(TrainSettings.publish_every, "--publish-every", help="Publish a new weight version every N steps."),
-    head_lr: float = typer.Option(TrainSettings.head_lr, "--head-lr", help="AdamW lr of the LM-head LoRA."),
-    lora_lr: float = typer.Option(TrainSettings.lora_lr, "--lora-lr", help="AdamW lr of the exit-layer LoRA."),
-    batch_tokens: int = typer.Option(LearnerConfig.batch_tokens, "--batch-tokens", help="Drafted tokens per optimiser step."),
-    warmup_steps: int = typer.Option(ScheduleConfig.warmup_steps, "--warmup-steps", help="kl-rl: KL-only steps."),
-    ramp_steps: int = typer.Option(ScheduleConfig.ramp_steps, "--ramp-steps", help="kl-rl: ramp steps."),
-    staleness_policy: str = typer.Option(TrainSettings.staleness_policy, "--staleness-policy", help="drop or importance."),
-    max_staleness: int = typer.Option(LearnerConfig.max_staleness, "--max-staleness", help="Versions a trajectory may lag."),
-    seed: int = typer.Option(0, "--seed", help="Seed of replay sampling."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
-    device: str = typer.Option("cpu", "--device", help="Torch device."),
+    updates_per_request: UpdatesPerRequest = TrainSettings.updates_per_request,
+    publish_every: PublishEvery = TrainSettings.publish_every,
+    head_lr: HeadLr = TrainSettings.head_lr,
+    lora_lr: LoraLr = TrainSettings.lora_lr,
+    batch_tokens: BatchTokens = TrainSettings.batch_tokens,
+    warmup_steps: WarmupSteps = TrainSettings.warmup_steps,
+    ramp_steps: RampSteps = TrainSettings.ramp_steps,
+    staleness_policy: StalenessPolicy = TrainSettings.staleness_policy,
+    max_staleness: MaxStaleness = TrainSettings.max_staleness,
+    seed: Seed = TrainSettings.seed,
+    dtype: Dtype = TrainSettings.dtype,
+    device: Device = TrainSettings.device,
     threads: options.Threads = None,
 ) -> None:
     """Train each schedule from the same untrained drafter and compare held-out tau as it learns."""
     names = [s.strip() for s in schedules.split(",")]
     if not names or "" in names or len(set(names)) != len(names):
         raise ValueError(f"--schedules must be distinct comma-separated names, got {schedules!r}")
-    settings = TrainSettings(
-        model=model, exit_layer=exit_layer, gamma=gamma, train_gamma=train_gamma, max_new_tokens=max_new_tokens, truncate_prompts=truncate_prompts, steps=steps,
-        updates_per_request=updates_per_request, publish_every=publish_every, eval_every=eval_every,
-        head_lr=head_lr, lora_lr=lora_lr, batch_tokens=batch_tokens, warmup_steps=warmup_steps,
-        ramp_steps=ramp_steps, staleness_policy=staleness_policy, max_staleness=max_staleness, seed=seed,
-        dtype=dtype, device=device,
-    ).validate()
+    settings = settings_from(locals())
     configs = {name: settings.learner_config(name) for name in names}
     train, held_out = load_prompt_halves(prompts, None, train_limit, eval_limit)
     with options.torch_threads(threads):

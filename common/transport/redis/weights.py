@@ -153,6 +153,13 @@ class WeightRecord:
     nbytes: int
 
 
+def _record(version: int, sha: str, created_at: str, learner_id: str, metadata: dict, signature: str,
+            tensors: dict[str, torch.Tensor], blob: bytes) -> "WeightRecord":
+    """The `WeightRecord` of one stored version (`blob`: its safetensors bytes; "" signature: unsigned)."""
+    return WeightRecord(version=version, sha256=sha, created_at=float(created_at), learner_id=learner_id,
+                        metadata=metadata, signature=signature or None, tensors=tensors, nbytes=len(blob))
+
+
 class WeightStore:
     """Versioned adapter weights under `namespace`; signs and verifies when `secret` is given.
 
@@ -265,16 +272,7 @@ class WeightStore:
             sha[:12],
             " [duplicate replay]" if _text(detail) == "duplicate" else "",
         )
-        return WeightRecord(
-            version=version,
-            sha256=sha,
-            created_at=float(created_at),
-            learner_id=learner_id,
-            metadata=metadata,
-            signature=signature or None,
-            tensors=cpu,
-            nbytes=len(blob),
-        )
+        return _record(version, sha, created_at, learner_id, metadata, signature, cpu, blob)
 
     def latest_version(self) -> int | None:
         """The newest published version, or None if none was (or, with a secret, if the pointer's
@@ -394,16 +392,7 @@ class WeightStore:
         bad = _non_finite(tensors)
         if bad:
             raise WeightIntegrityError(f"weight version {version}: non-finite values in {', '.join(bad)}")
-        return WeightRecord(
-            version=version,
-            sha256=sha,
-            created_at=float(created_at),
-            learner_id=learner_id,
-            metadata=metadata,
-            signature=signature or None,
-            tensors=tensors,
-            nbytes=len(blob),
-        )
+        return _record(version, sha, created_at, learner_id, metadata, signature, tensors, blob)
 
     def subscribe(self) -> WeightSubscriber:
         """A subscriber to this store's publish notices (subscribed from this call on)."""
