@@ -265,82 +265,7 @@ class GeneratorPool:
         `max_attempts` times (its actor died each time) or fails otherwise yields
         {"request_id", "error", "meta"}; so does every request left when no actor can serve any more.
         """
-        import ray
-
-        queue = list(requests)[::-1]  # pop() from the end = take the next in order
-        attempts: dict[str, int] = {}
-        in_flight: dict[Any, tuple[str, Request]] = {}
-        pings: dict[Any, str] = {}
-        recovering: dict[str, tuple[float, float]] = {}  # actor -> (since, next ping), monotonic
-        idle: list[str] = list(self.actors)
-        results: list[dict[str, Any]] = []
-
-        def finish(result: dict[str, Any], req: Request) -> None:
-            results.append({**result, "meta": req.meta})
-            if on_result is not None:
-                on_result(results[-1])
-
-        def dispatch() -> None:
-            while queue and idle:
-                actor_id, req = idle.pop(0), queue.pop()
-                attempts[req.request_id] = attempts.get(req.request_id, 0) + 1
-                ref = self.actors[actor_id].serve.remote(req.request_id, req.prompt, req.prompt_ids, decode)
-                in_flight[ref] = (actor_id, req)
-
-        dispatch()
-        while in_flight or (queue and (pings or recovering)):
-            now = time.monotonic()
-            for actor_id, (since, due) in list(recovering.items()):
-                if now - since > recover_timeout_s:
-                    log.error("actor %s did not come back within %g s; serving without it", actor_id, recover_timeout_s)
-                    del recovering[actor_id]
-                elif due <= now:
-                    pings[self.actors[actor_id].ping.remote()] = actor_id
-                    recovering[actor_id] = (since, float("inf"))
-            waiting = list(in_flight) + list(pings)
-            if not waiting:
-                time.sleep(0.2)
-                continue
-            done, _ = ray.wait(waiting, num_returns=1, timeout=0.5)
-            if not done:
-                continue
-            ref = done[0]
-            if ref in pings:
-                actor_id = pings.pop(ref)
-                try:
-                    ray.get(ref)
-                except ray.exceptions.RayActorError:  # still restarting: ask again in a second
-                    recovering[actor_id] = (recovering[actor_id][0], time.monotonic() + 1.0)
-                    continue
-                log.info("actor %s is back after %.1f s", actor_id, time.monotonic() - recovering.pop(actor_id)[0])
-                idle.append(actor_id)
-                dispatch()
-                continue
-            actor_id, req = in_flight.pop(ref)
-            try:
-                result = ray.get(ref)
-            except ray.exceptions.RayActorError as err:  # died mid-request: Ray restarts it
-                if attempts[req.request_id] < max_attempts:
-                    log.warning("actor %s died serving %s; retrying elsewhere: %s", actor_id, req.request_id, err)
-                    queue.append(req)
-                else:
-                    finish({"request_id": req.request_id, "actor": actor_id, "error": str(err)}, req)
-                recovering[actor_id] = (time.monotonic(), time.monotonic())
-                dispatch()
-                continue
-            except ray.exceptions.RayTaskError as err:  # the request itself failed (bad prompt)
-                cause = err.cause if getattr(err, "cause", None) is not None else err
-                if isinstance(cause, RequestRejected):  # cannot be served as given: skipped, not failed
-                    result = {"request_id": req.request_id, "actor": actor_id, "skipped": str(cause)}
-                else:
-                    log.warning("request %s failed on actor %s: %s", req.request_id, actor_id, cause)
-                    result = {"request_id": req.request_id, "actor": actor_id, "error": f"{type(cause).__name__}: {cause}"}
-            finish(result, req)
-            idle.append(actor_id)
-            dispatch()
-        for req in reversed(queue):  # no actor left to serve them
-            finish({"request_id": req.request_id, "actor": None, "error": "no generation actor available"}, req)
-        return results
+        return _Dispatch(self.actors, list(requests), decode, on_result, max_attempts, recover_timeout_s).run()
 
     def shutdown(self) -> None:
         """Stop watchers and kill the actors (no restart)."""
@@ -352,3 +277,106 @@ class GeneratorPool:
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 pass
             ray.kill(actor, no_restart=True)
+
+
+class _Dispatch:
+    """One `GeneratorPool.map`: a queue of requests, idle actors pulling from it, actors that died
+    being pinged until they answer again (see `map` for the contract)."""
+
+    def __init__(self, actors: dict[str, Any], requests: list[Request], decode: DecodeConfig,
+                 on_result: Callable[[dict[str, Any]], None] | None, max_attempts: int, recover_timeout_s: float):
+        self.actors, self.decode, self.on_result = actors, decode, on_result
+        self.max_attempts, self.recover_timeout_s = max_attempts, recover_timeout_s
+        self.queue = requests[::-1]  # pop() from the end = take the next in order
+        self.attempts: dict[str, int] = {}
+        self.in_flight: dict[Any, tuple[str, Request]] = {}
+        self.pings: dict[Any, str] = {}
+        self.recovering: dict[str, tuple[float, float]] = {}  # actor -> (since, next ping), monotonic
+        self.idle: list[str] = list(actors)
+        self.results: list[dict[str, Any]] = []
+
+    def run(self) -> list[dict[str, Any]]:
+        import ray
+
+        self.dispatch()
+        while self.in_flight or (self.queue and (self.pings or self.recovering)):
+            self.ping_recovering()
+            waiting = list(self.in_flight) + list(self.pings)
+            if not waiting:
+                time.sleep(0.2)
+                continue
+            done, _ = ray.wait(waiting, num_returns=1, timeout=0.5)
+            if done and done[0] in self.pings:
+                self.on_ping(done[0])
+            elif done:
+                self.on_answer(done[0])
+        for req in reversed(self.queue):  # no actor left to serve them
+            self.finish({"request_id": req.request_id, "actor": None, "error": "no generation actor available"}, req)
+        return self.results
+
+    def finish(self, result: dict[str, Any], req: Request) -> None:
+        self.results.append({**result, "meta": req.meta})
+        if self.on_result is not None:
+            self.on_result(self.results[-1])
+
+    def dispatch(self) -> None:
+        while self.queue and self.idle:
+            actor_id, req = self.idle.pop(0), self.queue.pop()
+            self.attempts[req.request_id] = self.attempts.get(req.request_id, 0) + 1
+            ref = self.actors[actor_id].serve.remote(req.request_id, req.prompt, req.prompt_ids, self.decode)
+            self.in_flight[ref] = (actor_id, req)
+
+    def ping_recovering(self) -> None:
+        """Ping each recovering actor when due; give up on one silent past `recover_timeout_s`."""
+        now = time.monotonic()
+        for actor_id, (since, due) in list(self.recovering.items()):
+            if now - since > self.recover_timeout_s:
+                log.error("actor %s did not come back within %g s; serving without it", actor_id, self.recover_timeout_s)
+                del self.recovering[actor_id]
+            elif due <= now:
+                self.pings[self.actors[actor_id].ping.remote()] = actor_id
+                self.recovering[actor_id] = (since, float("inf"))
+
+    def on_ping(self, ref: Any) -> None:
+        import ray
+
+        actor_id = self.pings.pop(ref)
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayActorError:  # still restarting: ask again in a second
+            self.recovering[actor_id] = (self.recovering[actor_id][0], time.monotonic() + 1.0)
+            return
+        log.info("actor %s is back after %.1f s", actor_id, time.monotonic() - self.recovering.pop(actor_id)[0])
+        self.idle.append(actor_id)
+        self.dispatch()
+
+    def on_answer(self, ref: Any) -> None:
+        import ray
+
+        actor_id, req = self.in_flight.pop(ref)
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayActorError as err:  # died mid-request: Ray restarts it
+            if self.attempts[req.request_id] < self.max_attempts:
+                log.warning("actor %s died serving %s; retrying elsewhere: %s", actor_id, req.request_id, err)
+                self.queue.append(req)
+            else:
+                self.finish({"request_id": req.request_id, "actor": actor_id, "error": str(err)}, req)
+            self.recovering[actor_id] = (time.monotonic(), time.monotonic())
+            self.dispatch()
+            return
+        except ray.exceptions.RayTaskError as err:  # the request itself failed (bad prompt)
+            result = _failed_request(err, req, actor_id)
+        self.finish(result, req)
+        self.idle.append(actor_id)
+        self.dispatch()
+
+
+def _failed_request(err: Exception, req: Request, actor_id: str) -> dict[str, Any]:
+    """The result of a request whose task raised: skipped when it cannot be served as given
+    (RequestRejected), else an error naming the cause."""
+    cause = err.cause if getattr(err, "cause", None) is not None else err
+    if isinstance(cause, RequestRejected):  # cannot be served as given: skipped, not failed
+        return {"request_id": req.request_id, "actor": actor_id, "skipped": str(cause)}
+    log.warning("request %s failed on actor %s: %s", req.request_id, actor_id, cause)
+    return {"request_id": req.request_id, "actor": actor_id, "error": f"{type(cause).__name__}: {cause}"}

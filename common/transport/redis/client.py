@@ -106,14 +106,7 @@ def connect(
     if retries < 0:
         raise ValueError(f"retries must be >= 0, got {retries}")
     shown = redact(url)
-    extra: dict[str, str] = {}
-    password_file = os.environ.get(PASSWORD_FILE_ENV)
-    if password_file and urlsplit(url).password is None:
-        try:
-            extra["password"] = Path(password_file).expanduser().read_text().strip()
-        except OSError as err:
-            raise ServiceError(f"cannot read the Redis password file ${PASSWORD_FILE_ENV}={password_file}: "
-                               f"{err.strerror or err}") from err
+    extra = _password_from_file(url)
     try:
         client = redis.Redis.from_url(
             url,
@@ -128,11 +121,28 @@ def connect(
         raise ServiceError(
             f"bad Redis URL {shown}: {err} (expected redis://[:password@]host:port/db)"
         ) from err
-    if not ping:
-        return client
+    if ping:
+        _ping(client, url)
+    return client
+
+
+def _password_from_file(url: str) -> dict[str, str]:
+    """{"password": ...} from the file $DVI_REDIS_PASSWORD_FILE names, when set and `url` has none."""
+    password_file = os.environ.get(PASSWORD_FILE_ENV)
+    if not password_file or urlsplit(url).password is not None:
+        return {}
+    try:
+        return {"password": Path(password_file).expanduser().read_text().strip()}
+    except OSError as err:
+        raise ServiceError(f"cannot read the Redis password file ${PASSWORD_FILE_ENV}={password_file}: "
+                           f"{err.strerror or err}") from err
+
+
+def _ping(client: redis.Redis, url: str) -> None:
+    """PING through `client`; on failure close it and raise the ServiceError that names the fix."""
+    shown = redact(url)
     try:
         client.ping()
-        return client
     except redis.AuthenticationError as err:
         client.close()
         raise _auth_error(url, err) from err

@@ -153,6 +153,24 @@ class WeightRecord:
     nbytes: int
 
 
+def _checked_publish_args(tensors: dict, version: int, learner_id: str, metadata: dict | None) -> dict[str, str]:
+    """ValueError unless `publish`'s arguments are well formed and the tensors finite; returns a
+    copy of `metadata` ({} for None)."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ValueError(f"version must be an int >= 0, got {version!r}")
+    if not isinstance(learner_id, str) or not learner_id:
+        raise ValueError(f"learner_id must be a non-empty str, got {learner_id!r}")
+    if not tensors or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
+        raise ValueError("tensors must be a non-empty dict of str -> torch.Tensor")
+    metadata = dict(metadata or {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError("metadata must map str -> str")
+    bad = _non_finite(tensors)
+    if bad:
+        raise ValueError(f"weight version {version}: non-finite values in {', '.join(bad)}: not published")
+    return metadata
+
+
 def _record(version: int, sha: str, created_at: str, learner_id: str, metadata: dict, signature: str,
             tensors: dict[str, torch.Tensor], blob: bytes) -> "WeightRecord":
     """The `WeightRecord` of one stored version (`blob`: its safetensors bytes; "" signature: unsigned)."""
@@ -214,20 +232,7 @@ class WeightStore:
         Atomic: the record, the version list, the latest pointer, pruning to `keep` versions and
         the notice happen in one script. Safe to retry: an identical replay is accepted once.
         """
-        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-            raise ValueError(f"version must be an int >= 0, got {version!r}")
-        if not isinstance(learner_id, str) or not learner_id:
-            raise ValueError(f"learner_id must be a non-empty str, got {learner_id!r}")
-        if not tensors or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
-        ):
-            raise ValueError("tensors must be a non-empty dict of str -> torch.Tensor")
-        metadata = dict(metadata or {})
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-            raise ValueError("metadata must map str -> str")
-        bad = _non_finite(tensors)
-        if bad:
-            raise ValueError(f"weight version {version}: non-finite values in {', '.join(bad)}: not published")
+        metadata = _checked_publish_args(tensors, version, learner_id, metadata)
         cpu = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
         blob = save_safetensors(cpu)
         sha = hashlib.sha256(blob).hexdigest()
