@@ -122,6 +122,14 @@ class GeneratorConfig:
         return (not self.learn) if self.ar_fallback is None else self.ar_fallback
 
 
+COUNTER_NAMES = (
+    "requests", "tokens", "drafted", "accepted", "context_drafted", "context_accepted", "verifier_passes",
+    "published", "publish_failed", "publish_skipped_empty", "swaps", "weights_refused", "prompts_truncated",
+    "rollbacks", "ar_fallbacks", "ar_releases", "trajectories_produced", "trajectories_lost", "redis_outages",
+)
+"""What `Generator.counters` counts (all start at 0; `status()` reports them)."""
+
+
 @dataclass(frozen=True)
 class SwapEvent:
     """One hot swap: the version loaded, when the learner published it, when it was live here."""
@@ -181,25 +189,7 @@ class Generator:
         self._previous_version: int | None = None
         self.swaps: deque[SwapEvent] = deque(maxlen=1024)
         self.latest_known: int | None = None
-        self.counters: dict[str, int] = {
-            "requests": 0,
-            "tokens": 0,
-            "drafted": 0,
-            "accepted": 0,
-            "context_drafted": 0,
-            "context_accepted": 0,
-            "verifier_passes": 0,
-            "published": 0,
-            "publish_failed": 0,
-            "publish_skipped_empty": 0,
-            "swaps": 0,
-            "weights_refused": 0,
-            "prompts_truncated": 0,
-            "rollbacks": 0,
-            "ar_fallbacks": 0,
-            "ar_releases": 0,
-        }
-        self.counters.update(trajectories_produced=0, trajectories_lost=0, redis_outages=0)
+        self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
         # (pseq, request id, wire bytes) not yet taken by Redis; one producer id per process life
         self.producer_id = f"{config.actor_id}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
         self._pseq = 0
