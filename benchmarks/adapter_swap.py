@@ -23,7 +23,7 @@ def main() -> None:
     base = SplitModel.load(ModelSpec(warm_start=False))
     for full, rank in ((True, 16), (False, 16), (True, 8), (True, 32), (True, 64)):
         config = DrafterConfig(full_rank_exit_layer=full, lora_rank=rank, lora_alpha=2 * rank)
-        split = SplitModel(base.model, base.tokenizer, config, "smollm2-135m-instruct")
+        split = base.sibling(config)
         state = split.adapter_state()
         h = torch.randn(1, 1, split.hidden_size)
         times = []
