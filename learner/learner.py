@@ -168,13 +168,29 @@ class Learner:
         if not self.ready():
             return None
         started = time.perf_counter()
-        cfg, split = self.config, self.split
-        batch = collate(self.replay.sample(cfg.batch_tokens, self.sampler)).to(split.device)
-        weights = schedule_weights(self.step, cfg.schedule)
+        cfg = self.config
+        batch = collate(self.replay.sample(cfg.batch_tokens, self.sampler)).to(self.split.device)
         drafted = batch.reward.numel() > 0  # a batch of verified rows only has no reward
         reward_mean = float(batch.reward.mean()) if drafted else 0.0
         baseline = self.baseline.current(reward_mean)
+        loss, stats, weights = self._loss(batch, baseline)
+        grad_norm, skipped = self._apply(loss)
+        if not skipped and drafted:
+            self.baseline.update(reward_mean)
+        losses = {name: float(stats[name]) for name in ("loss", "kl", "ce", "pg", "entropy", "top1_agreement")}
+        return {
+            "step": float(self.step), "version": float(self.version), "phase": weights.phase,
+            "lambda_kl": float(weights.lambda_kl), "lambda_ce": float(weights.lambda_ce),
+            "lambda_pg": float(weights.lambda_pg), **losses, "reward_mean": reward_mean,
+            "baseline": float(baseline), "grad_norm": grad_norm, "tokens": float(batch.num_tokens),
+            "step_seconds": time.perf_counter() - started, "skipped": 1.0 if skipped else 0.0,
+        }
 
+    def _loss(self, batch: TrainBatch, baseline: float):
+        """(loss, its stats, the loss weights used) of one batch, with gradients zeroed first and
+        the exit head in train mode only while the graph is built."""
+        cfg, split = self.config, self.split
+        weights = schedule_weights(self.step, cfg.schedule)
         self.optimizer.zero_grad(set_to_none=True)
         split.exit_head.train()  # LoRA dropout, if configured, is on while training only
         try:
@@ -184,24 +200,23 @@ class Learner:
             drafted_rows = int(ids.valid.sum())
             weights = batch_weights(weights, drafted_rows, drafted_rows + int(keep.sum()))
             loss, stats = combined_loss(
-                logits,
-                token=ids.token,
-                target_token=ids.target,
-                reward=batch.reward,
-                verifier_topk_ids=ids.topk_ids,
-                verifier_topk_logprobs=ids.topk_logprobs,
-                weights=weights,
-                baseline=baseline,
-                kl_temperature=cfg.kl_temperature,
-                importance_weight=self._pg_weights(batch, logits, ids.token),
-                valid=ids.valid,
+                logits, token=ids.token, target_token=ids.target, reward=batch.reward,
+                verifier_topk_ids=ids.topk_ids, verifier_topk_logprobs=ids.topk_logprobs, weights=weights,
+                baseline=baseline, kl_temperature=cfg.kl_temperature,
+                importance_weight=self._pg_weights(batch, logits, ids.token), valid=ids.valid,
                 extra_kl=(verified_logits[keep], ids.extra_ids[keep], ids.extra_logprobs[keep]),
             )
-            finite = bool(torch.isfinite(loss))
-            if finite:
+            if torch.isfinite(loss):
                 loss.backward()
         finally:
             split.exit_head.eval()
+        return loss, stats, weights
+
+    def _apply(self, loss: torch.Tensor) -> tuple[float, bool]:
+        """Clip and take the optimiser step unless the loss or the gradient norm is not finite
+        (then nothing changes and the schedule step does not advance); returns (grad norm, skipped)."""
+        cfg = self.config
+        finite = bool(torch.isfinite(loss))
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = float("nan")
         if finite:
@@ -214,34 +229,13 @@ class Learner:
             self._counters["skipped_steps"] += 1
             log.warning("%s: skipped a non-finite update at step %d (loss %s, grad norm %s)",
                         self.learner_id, self.step, float(loss.detach()), grad_norm)
-        else:
-            self.optimizer.step()
-            split.adapter_changed()  # the fast engine's merged copy of the exit head is stale now
-            self.optimizer.zero_grad(set_to_none=True)
-            if drafted:
-                self.baseline.update(reward_mean)
-            self.step += 1
-            self._counters["steps"] = self.step
-        return {
-            "step": float(self.step),
-            "version": float(self.version),
-            "phase": weights.phase,
-            "lambda_kl": float(weights.lambda_kl),
-            "lambda_ce": float(weights.lambda_ce),
-            "lambda_pg": float(weights.lambda_pg),
-            "loss": float(stats["loss"]),
-            "kl": float(stats["kl"]),
-            "ce": float(stats["ce"]),
-            "pg": float(stats["pg"]),
-            "entropy": float(stats["entropy"]),
-            "top1_agreement": float(stats["top1_agreement"]),
-            "reward_mean": reward_mean,
-            "baseline": float(baseline),
-            "grad_norm": grad_norm,
-            "tokens": float(batch.num_tokens),
-            "step_seconds": time.perf_counter() - started,
-            "skipped": 1.0 if skipped else 0.0,
-        }
+            return grad_norm, True
+        self.optimizer.step()
+        self.split.adapter_changed()  # the fast engine's merged copy of the exit head is stale now
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self._counters["steps"] = self.step
+        return grad_norm, False
 
     def _drafter_logits(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """q's logits over the draft vocabulary, float32: ([N, V'] at the drafted tokens,
@@ -388,7 +382,27 @@ class Learner:
         self.token_counts = plan["token_counts"]
 
     def _validate(self, ckpt: CheckpointContents) -> dict:
-        """Check every part of `ckpt` against this learner without changing anything; the load plan."""
+        """Check every part of `ckpt` against this learner without changing anything; the load plan.
+        AdapterError naming the checkpoint and the part that does not fit."""
+        meta = ckpt.meta
+        self._validate_adapter(ckpt)
+        optim_state = self._validated_optim_state(ckpt)
+        rng, counts = self._validated_rng_and_counts(ckpt)
+        self._validate_state(ckpt)
+        return {
+            "version": meta["version"],
+            "step": meta["step"],
+            "optim_state": optim_state,
+            "counters": dict(meta["counters"]),
+            "replay_counters": dict(meta["replay_counters"]),
+            "seen": meta["seen_request_ids"],
+            "rng_sampler": rng[_RNG_SAMPLER],
+            "rng_torch": rng[_RNG_TORCH],
+            "token_counts": counts.clone(),
+        }
+
+    def _validate_adapter(self, ckpt: CheckpointContents) -> None:
+        """The checkpoint is this drafter's: model, exit layer, adapter tensor names, shapes, finite."""
         meta, where = ckpt.meta, ckpt.directory
         self.split.check_adapter_meta(ckpt.adapter_meta, f"checkpoint {where}")
         if meta.get("model_fingerprint") != self.split.fingerprint or meta.get("exit_layer") != self.split.exit_layer:
@@ -405,6 +419,9 @@ class Learner:
             if value.shape != current[name].shape or not torch.isfinite(value).all():
                 raise AdapterError(f"checkpoint {where}: adapter tensor {name} has the wrong shape or non-finite values")
 
+    def _validated_optim_state(self, ckpt: CheckpointContents) -> dict[int, dict[str, torch.Tensor]]:
+        """AdamW state per parameter index, every moment of a known parameter with its shape."""
+        where = ckpt.directory
         index_of = {self._name_of[id(p)]: i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
         optim_state: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in ckpt.tensors.items():
@@ -421,8 +438,11 @@ class Learner:
         for index, moments in optim_state.items():
             if not {"step", "exp_avg", "exp_avg_sq"} <= set(moments):
                 raise AdapterError(f"checkpoint {where}: incomplete optimiser state (parameter #{index})")
+        return optim_state
 
-        rng = {}
+    def _validated_rng_and_counts(self, ckpt: CheckpointContents) -> tuple[dict, torch.Tensor]:
+        """The two RNG states (each loadable) and the [V] non-negative int64 token counts."""
+        where, rng = ckpt.directory, {}
         for key in (_RNG_SAMPLER, _RNG_TORCH):
             value = ckpt.tensors.get(key)
             try:
@@ -430,22 +450,24 @@ class Learner:
             except (TypeError, RuntimeError, ValueError):
                 raise AdapterError(f"checkpoint {where}: RNG state {key} is missing or corrupt") from None
             rng[key] = value
-
         counts = ckpt.tensors.get(_TOKEN_COUNTS, torch.zeros(self.split.vocab_size, dtype=torch.int64))
         if counts.dtype != torch.int64 or tuple(counts.shape) != (self.split.vocab_size,) or bool((counts < 0).any()):
             raise AdapterError(f"checkpoint {where}: token counts must be [{self.split.vocab_size}] non-negative int64")
+        return rng, counts
+
+    def _validate_state(self, ckpt: CheckpointContents) -> None:
+        """Replay trajectories of this drafter; counters, seen ids, baseline, step and version well formed."""
+        meta, where = ckpt.meta, ckpt.directory
         for t in ckpt.replay:
             if t.exit_layer != self.split.exit_layer or (t.num_context and t.hidden.shape[1] != self.split.hidden_size):
                 raise AdapterError(f"checkpoint {where}: replay trajectory {t.request_id!r} is for another exit layer or model")
         counters = meta["counters"]
         if set(counters) != set(COUNTER_NAMES) or not all(isinstance(v, int) for v in counters.values()):
             raise AdapterError(f"checkpoint {where}: counters must be {COUNTER_NAMES}")
-        replay_counters = meta["replay_counters"]
-        if not all(isinstance(v, int) and hasattr(self.replay, k) for k, v in replay_counters.items()):
+        if not all(isinstance(v, int) and hasattr(self.replay, k) for k, v in meta["replay_counters"].items()):
             raise AdapterError(f"checkpoint {where}: bad replay counters")
-        seen = meta["seen_request_ids"]
         try:
-            SeenWindow(0).load(seen, 0)
+            SeenWindow(0).load(meta["seen_request_ids"], 0)
         except ValueError as exc:
             raise AdapterError(f"checkpoint {where}: {exc}") from None
         try:
@@ -454,17 +476,6 @@ class Learner:
             raise AdapterError(f"checkpoint {where}: bad baseline state {meta['baseline']!r}") from None
         if meta["step"] < 0 or meta["version"] < 0:
             raise AdapterError(f"checkpoint {where}: step and version must be >= 0")
-        return {
-            "version": meta["version"],
-            "step": meta["step"],
-            "optim_state": optim_state,
-            "counters": dict(counters),
-            "replay_counters": dict(replay_counters),
-            "seen": seen,
-            "rng_sampler": rng[_RNG_SAMPLER],
-            "rng_torch": rng[_RNG_TORCH],
-            "token_counts": counts.clone(),
-        }
 
 
 def _jsonable(value):
