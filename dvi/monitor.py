@@ -319,86 +319,103 @@ def demo_state(seed: int = 0, now: float = 1_760_000_000.0, minutes: float = 30.
     The drafter improves from tau ~1.6 to ~3 over weight versions 1..12; version 9 is a bad
     update that actor a1 rolls back; a2 starts in AR fallback and is released by a probe.
     """
-    import random
-
-    from common.transport.redis.telemetry import Event
-
-    rng = random.Random(seed)
-    t0 = now - minutes * 60
-    history: list[HistoryRow] = []
-    events: list[Event] = []
-    seq = 0
-
-    def entry_id(t: float) -> str:
-        nonlocal seq
-        seq += 1
-        return f"{int(t * 1000)}-{seq}"
-
-    def quality(version: int) -> float:  # acceptance of the drafter at this version
-        return 0.35 + 0.42 * (1 - math.exp(-version / 4)) - (0.25 if version == 9 else 0.0)
-
-    def add_event(t: float, kind: str, **fields: Any) -> None:
-        events.append(Event(entry_id(t), kind, t, fields))
-
-    learner: dict[str, Any] = {}
-    actor_snaps: dict[str, dict[str, Any]] = {}
-    state: dict[str, dict[str, Any]] = {f"a{i}": {"version": 0, "requests": 0, "tokens": 0, "rollbacks": 0, "ar": i == 2} for i in range(actors)}
-    step, version, t = 0, 0, t0
+    run = _DemoRun(seed, actors)
+    t = now - minutes * 60
     if actors > 2:
-        add_event(t0 + 15, "ar_fallback", actor="a2", tau_ema=1.41, break_even=2.5)
+        run.add_event(t + 15, "ar_fallback", actor="a2", tau_ema=1.41, break_even=2.5)
     while t < now:
-        t += rng.uniform(10.0, 14.0)
-        step += 8
-        if step % 80 == 0:
-            version += 1
-            add_event(t, "weights_published", version=version, step=step)
-        kl = 1.4 * math.exp(-step / 500) + 0.08 + rng.gauss(0, 0.01)
-        learner = {
-            "step": step, "phase": "kl" if step < 600 else "mixed", "kl": kl, "ce": 2.2 * kl + 0.9,
-            "pg": -0.02 * (step >= 600), "entropy": 1.1 + kl / 3, "grad_norm": 0.4 + rng.random() * 0.3,
-            "version": version, "stream_length": rng.randint(4, 40), "pending": rng.randint(0, 8),
-            "dead_lettered": 1 if step > 1000 else 0, "dropped": 0, "stale_dropped": step // 400,
-            "trajectories_per_s": 3.0 + rng.random(),
-        }
-        history.append(HistoryRow(entry_id(t), t, "learner", dict(learner)))
-        if step == 1000:
-            add_event(t, "dead_letter", entry="1759998791000-0", reason="trajectory fails validation: hidden rows")
-        for actor_id, st in state.items():
-            if rng.random() < 0.3:
-                continue
-            t_a = t + rng.uniform(0, 1.0)
-            if st["version"] < version and version - st["version"] >= 1 and rng.random() < 0.7:
-                if not (version == 9 and st["rollbacks"]):
-                    st["version"] = version
-            acc = min(0.95, max(0.05, quality(st["version"]) + rng.gauss(0, 0.03)))
-            st["on_9"] = st.get("on_9", 0) + (st["version"] == 9)
-            if st["on_9"] == 3 and not st["rollbacks"]:  # its DriftGuard judges v9 after a few requests
-                add_event(t_a, "rollback", actor=actor_id, bad_version=9, good_version=8, before=quality(8), after=acc)
-                st["version"], st["rollbacks"] = 8, 1
-            if st["ar"] and st["version"] >= 3:
-                st["ar"] = False
-                add_event(t_a, "ar_release", actor=actor_id, tau_probe=1 + 5 * acc, break_even=2.5)
-            gamma = 0 if st["ar"] else 5
-            tau = 1 + sum(acc ** (i + 1) for i in range(gamma))
-            st["requests"] += 1
-            st["tokens"] += 128
-            snap = {
-                "tokens_per_s": (22.0 if gamma == 0 else 22.0 * tau / 2.5) + rng.gauss(0, 1),
-                "tau": tau, "acceptance": acc if gamma else 0.0,
-                "acceptance_by_position": [min(1.0, acc * (1.05 - 0.04 * i)) for i in range(5)] if gamma else [],
-                "gamma": gamma, "version": st["version"], "version_lag": version - st["version"],
-                "requests": st["requests"], "tokens": st["tokens"], "ar_fallback": int(st["ar"]),
-                "rollbacks": st["rollbacks"],
-            }
-            actor_snaps[actor_id] = {**snap, "t": t_a}
-            history.append(HistoryRow(entry_id(t_a), t_a, f"actor:{actor_id}", snap))
-    history.sort(key=lambda r: r.t)
-    events.sort(key=lambda e: e.t)
+        t += run.rng.uniform(10.0, 14.0)
+        run.learner_tick(t)
+        for actor_id in run.state:
+            run.actor_tick(actor_id, t)
+    run.history.sort(key=lambda r: r.t)
+    run.events.sort(key=lambda e: e.t)
     return TelemetryState(
-        actors=dict(sorted(actor_snaps.items())),
-        learner={**learner, "t": history[-1].t if history else now},
-        events=events,
-        history=history[-500:],
+        actors=dict(sorted(run.actor_snaps.items())),
+        learner={**run.learner, "t": run.history[-1].t if run.history else now},
+        events=run.events,
+        history=run.history[-500:],
         namespace="demo",
         read_at=now,
     )
+
+
+class _DemoRun:
+    """The state `demo_state` advances: one learner tick every 10-14 s, then each actor's request."""
+
+    def __init__(self, seed: int, actors: int) -> None:
+        import random
+
+        self.rng = random.Random(seed)
+        self.history: list[HistoryRow] = []
+        self.events: list = []
+        self.seq = 0
+        self.learner: dict[str, Any] = {}
+        self.actor_snaps: dict[str, dict[str, Any]] = {}
+        self.state: dict[str, dict[str, Any]] = {
+            f"a{i}": {"version": 0, "requests": 0, "tokens": 0, "rollbacks": 0, "ar": i == 2} for i in range(actors)}
+        self.step = self.version = 0
+
+    def entry_id(self, t: float) -> str:
+        self.seq += 1
+        return f"{int(t * 1000)}-{self.seq}"
+
+    @staticmethod
+    def quality(version: int) -> float:
+        """Acceptance of the drafter at this version (version 9 is the bad update)."""
+        return 0.35 + 0.42 * (1 - math.exp(-version / 4)) - (0.25 if version == 9 else 0.0)
+
+    def add_event(self, t: float, kind: str, **fields: Any) -> None:
+        from common.transport.redis.telemetry import Event
+
+        self.events.append(Event(self.entry_id(t), kind, t, fields))
+
+    def learner_tick(self, t: float) -> None:
+        rng = self.rng
+        self.step += 8
+        step = self.step
+        if step % 80 == 0:
+            self.version += 1
+            self.add_event(t, "weights_published", version=self.version, step=step)
+        kl = 1.4 * math.exp(-step / 500) + 0.08 + rng.gauss(0, 0.01)
+        self.learner = {
+            "step": step, "phase": "kl" if step < 600 else "mixed", "kl": kl, "ce": 2.2 * kl + 0.9,
+            "pg": -0.02 * (step >= 600), "entropy": 1.1 + kl / 3, "grad_norm": 0.4 + rng.random() * 0.3,
+            "version": self.version, "stream_length": rng.randint(4, 40), "pending": rng.randint(0, 8),
+            "dead_lettered": 1 if step > 1000 else 0, "dropped": 0, "stale_dropped": step // 400,
+            "trajectories_per_s": 3.0 + rng.random(),
+        }
+        self.history.append(HistoryRow(self.entry_id(t), t, "learner", dict(self.learner)))
+        if step == 1000:
+            self.add_event(t, "dead_letter", entry="1759998791000-0", reason="trajectory fails validation: hidden rows")
+
+    def actor_tick(self, actor_id: str, t: float) -> None:
+        rng, st, version = self.rng, self.state[actor_id], self.version
+        if rng.random() < 0.3:
+            return
+        t_a = t + rng.uniform(0, 1.0)
+        if st["version"] < version and version - st["version"] >= 1 and rng.random() < 0.7:
+            if not (version == 9 and st["rollbacks"]):
+                st["version"] = version
+        acc = min(0.95, max(0.05, self.quality(st["version"]) + rng.gauss(0, 0.03)))
+        st["on_9"] = st.get("on_9", 0) + (st["version"] == 9)
+        if st["on_9"] == 3 and not st["rollbacks"]:  # its DriftGuard judges v9 after a few requests
+            self.add_event(t_a, "rollback", actor=actor_id, bad_version=9, good_version=8, before=self.quality(8), after=acc)
+            st["version"], st["rollbacks"] = 8, 1
+        if st["ar"] and st["version"] >= 3:
+            st["ar"] = False
+            self.add_event(t_a, "ar_release", actor=actor_id, tau_probe=1 + 5 * acc, break_even=2.5)
+        gamma = 0 if st["ar"] else 5
+        tau = 1 + sum(acc ** (i + 1) for i in range(gamma))
+        st["requests"] += 1
+        st["tokens"] += 128
+        snap = {
+            "tokens_per_s": (22.0 if gamma == 0 else 22.0 * tau / 2.5) + rng.gauss(0, 1),
+            "tau": tau, "acceptance": acc if gamma else 0.0,
+            "acceptance_by_position": [min(1.0, acc * (1.05 - 0.04 * i)) for i in range(5)] if gamma else [],
+            "gamma": gamma, "version": st["version"], "version_lag": version - st["version"],
+            "requests": st["requests"], "tokens": st["tokens"], "ar_fallback": int(st["ar"]),
+            "rollbacks": st["rollbacks"],
+        }
+        self.actor_snaps[actor_id] = {**snap, "t": t_a}
+        self.history.append(HistoryRow(self.entry_id(t_a), t_a, f"actor:{actor_id}", snap))

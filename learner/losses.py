@@ -294,6 +294,24 @@ class EmaBaseline:
 
 
 # ----------------------------------------------------------------------------- the mix
+def _kl_term(drafter_logits, verifier_topk_ids, verifier_topk_logprobs, kl_temperature: float,
+             kl_w: torch.Tensor | None, extra_kl) -> tuple[torch.Tensor, dict[str, float]]:
+    """The KL distillation term over the drafted rows (weighted by `kl_w`, None: all 1) and the
+    `extra_kl` rows (weight 1 each), as `combined_loss` documents."""
+    if extra_kl is None or not extra_kl[0].shape[0]:
+        return kl_distillation(drafter_logits, verifier_topk_ids, verifier_topk_logprobs, kl_temperature, kl_w)
+    extra_logits, extra_ids, extra_logprobs = extra_kl
+    n = drafter_logits.shape[0]
+    ones = torch.ones(extra_logits.shape[0], device=drafter_logits.device)
+    return kl_distillation(
+        torch.cat([drafter_logits, extra_logits]),
+        torch.cat([verifier_topk_ids, extra_ids]),
+        torch.cat([verifier_topk_logprobs, extra_logprobs]),
+        kl_temperature,
+        torch.cat([kl_w if kl_w is not None else torch.ones(n, device=ones.device), ones]),
+    )
+
+
 def combined_loss(
     drafter_logits: torch.Tensor,  # [N, V] float, with grad
     *,
@@ -331,18 +349,7 @@ def combined_loss(
     else:
         r_used, kl_w = r, None
 
-    if extra_kl is not None and extra_kl[0].shape[0]:
-        extra_logits, extra_ids, extra_logprobs = extra_kl
-        ones = torch.ones(extra_logits.shape[0], device=drafter_logits.device)
-        kl, kl_stats = kl_distillation(
-            torch.cat([drafter_logits, extra_logits]),
-            torch.cat([verifier_topk_ids, extra_ids]),
-            torch.cat([verifier_topk_logprobs, extra_logprobs]),
-            kl_temperature,
-            torch.cat([kl_w if kl_w is not None else torch.ones(n, device=ones.device), ones]),
-        )
-    else:
-        kl, kl_stats = kl_distillation(drafter_logits, verifier_topk_ids, verifier_topk_logprobs, kl_temperature, kl_w)
+    kl, kl_stats = _kl_term(drafter_logits, verifier_topk_ids, verifier_topk_logprobs, kl_temperature, kl_w, extra_kl)
     ce, ce_stats = reward_masked_ce(drafter_logits, target_token, r_used)
     pg, pg_stats = policy_gradient(drafter_logits, token, r, baseline, importance_weight, valid)
     ent, ent_stats = entropy_bonus(drafter_logits, valid)
