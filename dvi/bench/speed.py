@@ -60,6 +60,11 @@ ROW_FIELDS = (
 )
 RENAMED_ROW_FIELDS = {"mean_accepted": "tau"}
 """Old row field -> its new name; rows carry both for one release (readers take either)."""
+
+
+def with_renamed_fields(rows: list[dict]) -> list[dict]:
+    """`rows` as written to JSON: each also under its old field names (`RENAMED_ROW_FIELDS`)."""
+    return [{**row, **{old: row[new] for old, new in RENAMED_ROW_FIELDS.items() if new in row}} for row in rows]
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 
 MethodFn = Callable[[list[int]], "tuple[list[int], int | None]"]
@@ -643,8 +648,8 @@ def write_reports(
     out.mkdir(parents=True, exist_ok=True)
     rows = aggregate(records, identity=identity)
     table = markdown_table(rows, spec_bench_speedups(records))
-    runs = [{**row, **{old: row[new] for old, new in RENAMED_ROW_FIELDS.items()}} for row in rows]
-    payload = {"model": model, "machine": machine, "settings": settings, **skipped_summary(skipped), "runs": runs}
+    payload = {"model": model, "machine": machine, "settings": settings, **skipped_summary(skipped),
+               "runs": with_renamed_fields(rows)}
     (out / "speed.json").write_text(json.dumps(payload, indent=2) + "\n")
     (out / "speed.md").write_text(markdown_report(model, machine, settings, table))
     with (out / "speed_runs.jsonl").open("w") as fh:

@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from common.core.config import DEFAULT_MODEL, DecodeConfig
-from common.core.prompts import spec_bench_task
+from common.core.prompts import skipped_summary, spec_bench_task
 from dvi import options
 from dvi.app import bench_app
 from dvi.progress import progress_bar
@@ -56,55 +56,28 @@ def _run(model_id, prompts_path, adapter, out: Path, decode, levers, limit, per_
     from rich.console import Console
 
     from common.core.config import ModelSpec
-    from common.model.split import DRAFT_VOCAB_KEY, SplitModel, read_adapter_dir
-    from common.core.prompts import encode_workload, load_prompts, skipped_summary
-    from common.decoding.speculative import SpeculativeDecoder
+    from common.model.split import SplitModel, read_adapter_dir
     from dvi.bench import ablation as bench
     from dvi.bench import speed
-    from dvi.bench.learning import select_per_task, split_train_eval
 
     meta, tensors = read_adapter_dir(adapter)
     drafter = bench.drafter_config_of(meta)
-    variants = bench.variants(decode, drafter.draft_vocab_size, levers)
     base = SplitModel.load(ModelSpec(model=model_id, drafter=drafter))
     base.check_adapter_meta(meta, adapter)
-
-    splits: dict[tuple, SplitModel] = {}
-
-    def split_for(v: bench.Variant) -> SplitModel:
-        key = (v.engine, v.trained, v.draft_vocab_size)
-        if key not in splits:
-            config = dataclasses.replace(drafter, draft_vocab_size=v.draft_vocab_size)
-            s = base.sibling(config, v.engine)
-            if v.trained:
-                state = dict(tensors)
-                if not v.draft_vocab_size:
-                    state.pop(DRAFT_VOCAB_KEY, None)  # the same LoRA, every row of the LM head
-                s.load_adapter_state(state, int(meta.get("weight_version", 0)))
-            splits[key] = s
-        return splits[key]
-
-    questions = load_prompts(prompts_path)
-    if held_out:
-        questions = split_train_eval(questions)[1]
-    questions = select_per_task(questions, per_category, limit)
-    checker = SpeculativeDecoder(base)
-    kept, skipped = encode_workload(questions, base.tokenizer, lambda ids: checker.check_request(ids, decode),
-                                    max_new_tokens=decode.max_new_tokens, context=base.max_positions)
-    encoded = [speed.BenchPrompt(i, q.question_id, spec_bench_task(q.category), tuple(ids))
-               for i, (q, ids) in enumerate(kept)]
+    split_for = _variant_splits(base, drafter, meta, tensors)
+    encoded, skipped = _encoded_prompts(base, prompts_path, decode, held_out, per_category, limit)
     settings = speed.SpeedSettings(prompts=prompts_path, model=model_id, max_new_tokens=decode.max_new_tokens,
                                    exit_layer=drafter.exit_layer, methods=("hf_ar", "ar"))
     console = Console(stderr=True)
     with speed.PassCounter(base.layers[-1]) as counter, speed.quiet_hf_nested_generate():
         table = speed.build_methods(base, settings, counter, {})
-        for v in variants:
+        for v in bench.variants(decode, drafter.draft_vocab_size, levers):
             table[v.name] = speed.decoder_method(split_for(v), v.decode)
-        names = list(table)
         with progress_bar(console) as progress:
-            task = progress.add_task("ablation", total=(min(warmup, len(encoded)) + len(encoded)) * len(names), now="")
+            warm = min(warmup, len(encoded))
+            task = progress.add_task("ablation", total=(warm + len(encoded)) * len(table), now="")
             records = speed.run_benchmark(
-                table, encoded, min(warmup, len(encoded)), base.device,
+                table, encoded, warm, base.device,
                 lambda phase, prompt, method: progress.update(task, advance=1, now=f"{phase} {prompt.index + 1} {method}"),
             )
     rows = speed.aggregate(records)
@@ -117,8 +90,48 @@ def _run(model_id, prompts_path, adapter, out: Path, decode, levers, limit, per_
                      "levers": {lever: bench.LEVERS[lever] for lever in levers},
                      "command": "dvi " + " ".join(shlex.quote(a) for a in sys.argv[1:])},
         **skipped_summary(skipped),
-        "runs": rows,
+        "runs": speed.with_renamed_fields(rows),
     }
     bench.write_reports(out, payload, markdown)
     sys.stdout.write(markdown + "\n")
     console.print(f"wrote {out / 'ablation.json'}, ablation.md")
+
+
+def _variant_splits(base, drafter, meta: dict, tensors: dict):
+    """split_for(variant): the drafter a variant decodes with, built once per (engine, trained,
+    draft vocabulary) on `base`'s frozen model; trained ones carry the adapter's tensors."""
+    from common.model.split import DRAFT_VOCAB_KEY
+
+    splits: dict[tuple, object] = {}
+
+    def split_for(v):
+        key = (v.engine, v.trained, v.draft_vocab_size)
+        if key not in splits:
+            s = base.sibling(dataclasses.replace(drafter, draft_vocab_size=v.draft_vocab_size), v.engine)
+            if v.trained:
+                state = dict(tensors)
+                if not v.draft_vocab_size:
+                    state.pop(DRAFT_VOCAB_KEY, None)  # the same LoRA, every row of the LM head
+                s.load_adapter_state(state, int(meta.get("weight_version", 0)))
+            splits[key] = s
+        return splits[key]
+
+    return split_for
+
+
+def _encoded_prompts(base, prompts_path, decode, held_out: bool, per_category, limit):
+    """(the timed prompts as `BenchPrompt`s, the skipped requests) of the workload."""
+    from common.core.prompts import encode_workload, load_prompts
+    from common.decoding.speculative import SpeculativeDecoder
+    from dvi.bench import speed
+    from dvi.bench.learning import select_per_task, split_train_eval
+
+    questions = load_prompts(prompts_path)
+    if held_out:
+        questions = split_train_eval(questions)[1]
+    questions = select_per_task(questions, per_category, limit)
+    checker = SpeculativeDecoder(base)
+    kept, skipped = encode_workload(questions, base.tokenizer, lambda ids: checker.check_request(ids, decode),
+                                    max_new_tokens=decode.max_new_tokens, context=base.max_positions)
+    return [speed.BenchPrompt(i, q.question_id, spec_bench_task(q.category), tuple(ids))
+            for i, (q, ids) in enumerate(kept)], skipped
