@@ -198,7 +198,7 @@ def test_every_dashboard_query_returns_data_from_a_live_run(ray_metrics_port, re
             assert not empty, f"{len(empty)} of {len(queries)} dashboard queries returned no series: {empty}"
 
             # the dashboard's template variables list both actors
-            actors = http_json(f"{url}/api/v1/label/actor/values", {"match[]": "ray_dvi_actor_adapter_version"})
+            actors = http_json(f"{url}/api/v1/label/actor/values", {"match[]": "ray_dvi_actor_weight_version"})
             versions = http_json(f"{url}/api/v1/label/version/values", {"match[]": "ray_dvi_actor_acceptance_rate"})
             assert set(actors["data"]) >= {"actor-0", "actor-1"} and versions["data"], (actors, versions)
             assert len(served) >= 4 and not any("error" in r for r in served)
