@@ -87,28 +87,15 @@ def run(
     $DVI_WEIGHT_SECRET / $DVI_WEIGHT_SECRET_FILE, else (local Ray) a fresh one in OUT/weight-secret,
     else (a cluster) each node's ~/.dvi/weight-secret.
     """
+    decode = DecodeConfig(gamma=gamma, temperature=temperature, max_new_tokens=max_new_tokens,
+                          confidence_threshold=confidence_threshold, context_tokens=context_tokens,
+                          adaptive_gamma=adaptive_gamma)
     config = RunConfig(
-        workload=_workload(workload),
-        out=out,
-        actors=actors,
-        model=model,
-        exit_layer=exit_layer,
-        draft_vocab_size=draft_vocab_size,
-        dtype=dtype,
-        decode=DecodeConfig(gamma=gamma, temperature=temperature, max_new_tokens=max_new_tokens,
-                            confidence_threshold=confidence_threshold, context_tokens=context_tokens,
-                            adaptive_gamma=adaptive_gamma),
-        learn=learn,
-        publish_every=publish_every,
-        publish_every_s=publish_every_s,
-        replay_ratio=replay_ratio,
-        learner=_learner_config(head_lr, lora_lr, batch_tokens, max_staleness),
-        limit=limit,
-        redis_url=redis_url,
-        ray_address=ray_address,
-        namespace=namespace,
-        secret_file=weight_secret_file,
-        seed=seed,
+        workload=_workload(workload), out=out, actors=actors, model=model, exit_layer=exit_layer,
+        draft_vocab_size=draft_vocab_size, dtype=dtype, decode=decode, learn=learn, publish_every=publish_every,
+        publish_every_s=publish_every_s, replay_ratio=replay_ratio,
+        learner=_learner_config(head_lr, lora_lr, batch_tokens, max_staleness), limit=limit, redis_url=redis_url,
+        ray_address=ray_address, namespace=namespace, secret_file=weight_secret_file, seed=seed,
         truncate_prompts=truncate_prompts,
     )
     _execute(config, live=live)

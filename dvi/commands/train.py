@@ -232,9 +232,26 @@ def _resolve_checkpoint(resume: str) -> Path:
     raise AdapterError(f"--resume: no learner checkpoint in {resume}")
 
 
-def _train_local(settings: TrainSettings, learner_config, schedule: str, train, held_out, checkpoint: Path | None, out: Path) -> None:
+def _resume(learner, checkpoint: Path | None) -> tuple[list[dict], int]:
+    """Load `checkpoint` into `learner` (AdapterError before anything is written) and return the
+    learning curve recorded beside it up to the learner's step, with its traffic tokens so far;
+    ([], 0) without a checkpoint or a readable curve."""
     import json
 
+    if checkpoint is None:
+        return [], 0
+    learner.load_checkpoint(checkpoint)
+    history = checkpoint.parent / "learning.json"
+    if not history.is_file():
+        return [], 0
+    try:
+        points = [p for p in json.loads(history.read_text()).get("points", []) if p["step"] <= learner.step]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return [], 0
+    return points, int(points[-1]["traffic_tokens"]) if points else 0
+
+
+def _train_local(settings: TrainSettings, learner_config, schedule: str, train, held_out, checkpoint: Path | None, out: Path) -> None:
     from rich.console import Console
 
     from common.core.config import ModelSpec
@@ -249,18 +266,7 @@ def _train_local(settings: TrainSettings, learner_config, schedule: str, train, 
     train_ids, train_skipped = _encode_all(split, train, settings, "training prompts")
     eval_ids, eval_skipped = _encode_all(split, held_out, settings, "held-out prompts")
     learner = Learner(split, learner_config)
-    points: list[dict] = []
-    traffic = 0
-    if checkpoint is not None:
-        learner.load_checkpoint(checkpoint)  # AdapterError before anything is written
-        history = checkpoint.parent / "learning.json"
-        if history.is_file():
-            try:
-                points = [p for p in json.loads(history.read_text()).get("points", []) if p["step"] <= learner.step]
-            except (ValueError, KeyError, TypeError, AttributeError):
-                points = []
-            traffic = int(points[-1]["traffic_tokens"]) if points else 0
-
+    points, traffic = _resume(learner, checkpoint)
     console = Console(stderr=True)
     settings_record = {**asdict(settings), "schedule": schedule, "train_prompts": len(train_ids),
                        "eval_prompts": len(eval_ids), "learner": asdict(learner_config), "command": _command_line()}
