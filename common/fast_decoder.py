@@ -17,8 +17,9 @@ Shapes: T rows (positions) of one sequence; H hidden size; activations are [T, H
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -201,6 +202,23 @@ class FastStack:
         """Bytes of weight matrices one forward of `rows` rows streams (every layer and the LM
         head, in the layouts their kernels read; norms and the embedding row are negligible)."""
         return sum(layer.weight_bytes(rows) for layer in self.layers) + self.lm_head.bytes_read(rows)
+
+    @contextlib.contextmanager
+    def fp32_activations(self) -> Iterator[None]:
+        """Within: native matrices that run `q8` (8-bit activations) run `gguf` instead, the same
+        blocks against fp32 activations. For the load-time parity check, which checks that this
+        engine reproduces the architecture: the q8 kernel's activation rounding is a property of
+        the kernel (bounded per matrix, common/gguf_kernels.py GgufBlocks.q8), not of the model."""
+        natives = [lin for layer in self.layers for lin in (getattr(layer, r) for r in NATIVE_ROLES)
+                   if isinstance(lin, NativeLinear)] + ([self.lm_head] if isinstance(self.lm_head, NativeLinear) else [])
+        saved = [lin.kernels for lin in natives]
+        try:
+            for lin in natives:
+                lin.kernels = NativeKernels(*("gguf" if k == "q8" else k for k in (lin.kernels.one_row, lin.kernels.block)))
+            yield
+        finally:
+            for lin, kernels in zip(natives, saved):
+                lin.kernels = kernels
 
     def new_cache(self, num_layers: int, capacity: int) -> StaticKVCache:
         return StaticKVCache(num_layers, self.kv_heads, self.head_dim, capacity, self.dtype, self.device)
