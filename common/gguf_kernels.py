@@ -43,6 +43,7 @@ _SOURCE = r"""
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 
 #define MAXT 16
 
@@ -355,6 +356,91 @@ void q4_1_q8_mm(const float *x, int T, int K, const uint8_t *qs, const uint16_t 
 void q8_0_q8_mm(const float *x, int T, int K, const int8_t *qs, const uint16_t *d, int N, float *y, int threads) {
     q8_mm(x, T, K, (const uint8_t *)qs, d, NULL, N, y, threads, 0);
 }
+
+/* ---- causal attention, one (head, row) at a time: a row's result depends only on its position ---- */
+/* exp(x) for x <= 0 (scores minus their max): 2^n * (1 + r + r^2 P(r)), r = x - n ln 2 (Cephes'
+   expf polynomial, ~1 ulp); 0 below -87 (and for -inf). */
+static inline __m256 exp_nonpositive(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.0f);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+/* The 8 horizontal sums of a[0..7], as one vector. */
+static inline __m256 hsum8x8(const __m256 *a) {
+    __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
+}
+
+static inline __m256 dot_row(const float *q, const float *k, int hd) {
+    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(k));
+    for (int d = 8; d < hd; d += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), acc);
+    return acc;
+}
+
+/* out[hd] = softmax(scale * q . k_j, j < n) @ v: keys/values rows j at k + j * hd. `s` holds
+   n rounded up to 8 floats. Every step's order depends on n and hd only. */
+static void attend_row(const float *q, const float *k, const float *v, int n, int hd, float scale,
+                       float *s, float *out) {
+    const int n8 = (n + 7) & ~7;
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 a[8];
+        for (int u = 0; u < 8; u++) a[u] = dot_row(q, k + (size_t)(j + u) * hd, hd);
+        _mm256_storeu_ps(s + j, _mm256_mul_ps(hsum8x8(a), _mm256_set1_ps(scale)));
+    }
+    for (; j < n; j++) s[j] = hsum(dot_row(q, k + (size_t)j * hd, hd)) * scale;
+    for (; j < n8; j++) s[j] = -INFINITY;
+    float mx = -INFINITY;
+    for (j = 0; j < n; j++) mx = s[j] > mx ? s[j] : mx;
+    __m256 total = _mm256_setzero_ps();
+    for (j = 0; j < n8; j += 8) {
+        __m256 p = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(mx)));
+        _mm256_storeu_ps(s + j, p);
+        total = _mm256_add_ps(total, p);
+    }
+    __m256 acc[32];
+    for (int d = 0; d < hd / 8; d++) acc[d] = _mm256_setzero_ps();
+    for (j = 0; j < n; j++) {
+        const __m256 p = _mm256_set1_ps(s[j]);
+        const float *vr = v + (size_t)j * hd;
+        for (int d = 0; d < hd / 8; d++) acc[d] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * d), acc[d]);
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / hsum(total));
+    for (int d = 0; d < hd / 8; d++) _mm256_storeu_ps(out + 8 * d, _mm256_mul_ps(acc[d], inv));
+}
+
+/* q [H, T, hd] contiguous (rows at positions past .. past + T - 1); k, v: KVH heads of past + T
+   rows of hd floats each (row stride hd, head stride `head_stride`); out [T, H * hd]. Row t
+   attends to positions 0 .. past + t; query head h reads kv head h / (H / KVH). hd % 8 == 0,
+   hd <= 256. Each (head, row) is computed by one thread. */
+void causal_attention(const float *q, int H, int T, int hd, const float *k, const float *v, int KVH,
+                      long head_stride, int past, float scale, float *out, int threads) {
+    const int group = H / KVH, n8 = (past + T + 7) & ~7;
+    float *scratch = (float *)malloc(sizeof(float) * (size_t)H * T * n8);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int ht = 0; ht < H * T; ht++) {
+        const int h = ht / T, t = ht % T, kv = h / group;
+        attend_row(q + (size_t)ht * hd, k + (size_t)kv * head_stride, v + (size_t)kv * head_stride,
+                   past + t + 1, hd, scale, scratch + (size_t)ht * n8, out + (size_t)t * H * hd + (size_t)h * hd);
+    }
+    free(scratch);
+}
 """
 
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
@@ -414,6 +500,8 @@ def _library() -> ctypes.CDLL | None:
     lib.q4_1_mm.argtypes = lib.q4_1_q8_mm.argtypes = [p, i, i, p, p, p, i, p, i]
     lib.q8_0_mm.argtypes = lib.q8_0_q8_mm.argtypes = [p, i, i, p, p, i, p, i]
     lib.q4_1_mm.restype = lib.q8_0_mm.restype = lib.q4_1_q8_mm.restype = lib.q8_0_q8_mm.restype = None
+    lib.causal_attention.argtypes = [p, i, i, i, p, p, i, ctypes.c_long, i, ctypes.c_float, p, i]
+    lib.causal_attention.restype = None
     return lib
 
 
@@ -519,3 +607,31 @@ class GgufBlocks:
             fn(x.data_ptr(), rows, self.in_features, self.qs.data_ptr(), self.d.data_ptr(),
                self.out_features, y.data_ptr(), threads)
         return y
+
+
+def attention_runs(q: torch.Tensor, keys: torch.Tensor) -> bool:
+    """True when `causal_attention` takes these tensors: the kernel is compiled here, fp32 on CPU,
+    head_dim a multiple of 8 up to 256, key/value rows contiguous (the KV cache's layout)."""
+    hd = q.shape[-1]
+    return (available() and q.dtype == keys.dtype == torch.float32 and q.device.type == "cpu"
+            and hd % 8 == 0 and hd <= 256 and keys.stride(2) == 1 and keys.stride(1) == hd)
+
+
+def causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal softmax attention of the last T cached positions, bitwise independent of T.
+
+    q [H, T, hd] fp32: queries of the rows at positions past .. past + T - 1, where past =
+    keys.shape[1] - T; keys, values [KVH, past + T, hd] fp32 (H a multiple of KVH: grouped
+    heads), rows contiguous with the same strides (`attention_runs`). Returns [T, H * hd] fp32
+    (heads side by side, the o projection's input). Row t attends to positions 0 .. past + t.
+    Each (head, row) is computed by one thread, in an order fixed by its position alone, so a
+    verify block's row equals the one-row step at that position bit for bit, at any thread count
+    (torch's SDPA sums a block's rows in another order than a single row's)."""
+    heads, rows, hd = q.shape
+    assert keys.shape == values.shape and keys.stride() == values.stride() and heads % keys.shape[0] == 0
+    q = q.contiguous()
+    out = torch.empty(rows, heads * hd)
+    _library().causal_attention(q.data_ptr(), heads, rows, hd, keys.data_ptr(), values.data_ptr(), keys.shape[0],
+                                keys.stride(0), keys.shape[1] - rows, float(scale), out.data_ptr(),
+                                torch.get_num_threads())
+    return out

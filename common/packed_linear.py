@@ -252,6 +252,7 @@ class NativeLinear:
         layouts = [int4_layout(p) for p in weight.parts] if int4_kernels_available() else [None]
         self._int4 = None if any(layout is None for layout in layouts) else layouts
         self._blocks = gguf_kernels.blocks_or_none(weight)
+        self._block_kernels = ("q8", "gguf")
         self._dense = PackedLinear(weight.dequantize(), bias)
         self.kernels = NativeKernels(*[self.best_available()] * 2)  # every layout held until `select`
         if kernels is not None:
@@ -263,8 +264,9 @@ class NativeLinear:
 
     def available(self) -> list[str]:
         """The kernels this matrix can run here, in NATIVE_KERNEL_NAMES order."""
-        held = {"q8": self._blocks, "gguf": self._blocks, "int4": self._int4, "dense": self._dense}
-        return [k for k in NATIVE_KERNEL_NAMES if held[k] is not None]
+        held = {"int4": self._int4, "dense": self._dense}
+        held.update({k: self._blocks for k in self._block_kernels})  # q8 and gguf share the blocks
+        return [k for k in NATIVE_KERNEL_NAMES if held.get(k) is not None]
 
     def best_available(self) -> str:
         return self.available()[0]
@@ -275,7 +277,8 @@ class NativeLinear:
         can = self.available()
         kernels = NativeKernels(*(k if k in can else "dense" for k in (kernels.one_row, kernels.block)))
         used = {kernels.one_row, kernels.block}
-        if not used & {"gguf", "q8"}:
+        self._block_kernels = tuple(k for k in ("q8", "gguf") if k in used)
+        if not self._block_kernels:
             self._blocks = None
         if "int4" not in used:
             self._int4 = None
