@@ -493,8 +493,11 @@ def _library() -> ctypes.CDLL | None:
         target = _build(compiler, [*_FLAGS, *_DOT_FLAGS[dot]], cache_dir() / "kernels")
         if target is not None:
             break
-    if target is None:
-        return None
+    return None if target is None else _load(target)
+
+
+def _load(target: Path) -> ctypes.CDLL:
+    """The compiled library at `target` with its functions' argument types declared."""
     lib = ctypes.CDLL(str(target))
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.q4_1_mm.argtypes = lib.q4_1_q8_mm.argtypes = [p, i, i, p, p, p, i, p, i]

@@ -189,3 +189,26 @@ def test_probe_keeps_one_row_invariant_kernel_for_both_row_counts(monkeypatch):
     monkeypatch.setenv(NATIVE_KERNELS_ENV, "q8,dense")
     fresh = [NativeLinear(q4_1_matrix(gguf_blocks("Q4_1", 64, 64, seed=s)[0], 64, 64)) for s in range(3)]
     assert choose_native_kernels(fresh) == NativeKernels("q8", "dense")
+
+
+@pytest.mark.skipif(not gguf_kernels.available(), reason="no C compiler or no AVX2/FMA here: the engine uses torch's kernels")
+def test_q8_kernel_gives_the_same_bits_with_every_dot_product_instruction_set(tmp_path):
+    """The AVX2 (maddubs) and AVX-VNNI builds compute the same exact integer sums as this CPU's
+    build: with an even number of blocks per row their results are bitwise the same (odd counts
+    add the last block in another place on AVX-512). Each build that runs on this CPU is checked."""
+    import shutil
+
+    flags = gguf_kernels._cpu_flags()
+    runs_here = {"avx2": True, "avxvnni": "avx_vnni" in flags, "avx512vnni": gguf_kernels.dot_instructions() == "avx512vnni"}
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    x = torch.randn(7, 256)
+    for kind in ("Q4_1", "Q8_0"):
+        blocks, _ = gguf_blocks(kind, 48, 256, seed=9)
+        kernel = gguf_kernels.GgufBlocks(DECODERS[kind](blocks, 48, 256))
+        expected = kernel.q8(x)
+        for dot, runs in runs_here.items():
+            target = gguf_kernels._build(compiler, [*gguf_kernels._FLAGS, *gguf_kernels._DOT_FLAGS[dot]], tmp_path)
+            if not runs or target is None:  # this CPU cannot run it, or this compiler lacks the flag
+                continue
+            kernel._lib = gguf_kernels._load(target)
+            assert torch.equal(kernel.q8(x), expected), (kind, dot)
