@@ -289,20 +289,35 @@ class SplitModel:
 
     def _parity(self) -> tuple[bool, float]:
         """(allclose, largest |logit| difference) between the model's own forward and this split's
-        pieces, over a 5-token chunk then one single-token step (the two batch shapes decoding runs)."""
+        pieces, over a 5-token chunk then one single-token step (the two batch shapes decoding runs).
+        Native matrices on the `q8` kernel are checked on the same blocks with fp32 activations
+        (`FastStack.fp32_activations`): this checks the architecture; the 8-bit activations'
+        own difference (O(1) logits on SmolLM2, as llama.cpp's) is logged, and bounded per matrix."""
         ids = torch.arange(3, 3 + 6, device=self.device)[None] % self.vocab_size
         with torch.no_grad():
             reference = self.model(input_ids=ids).logits.float()
-            cache = self.new_cache(capacity=16)
-            pos = torch.arange(ids.shape[1], device=self.device)[None]
-            chunk = self.deep(self.shallow(ids[:, :5], pos[:, :5], cache), pos[:, :5], cache)
-            step = self.deep(self.shallow(ids[:, 5:], pos[:, 5:], cache), pos[:, 5:], cache)
-            mine = torch.cat([chunk, step], dim=1).float()
+            if self._fast is not None and self.native:
+                with self._fast.fp32_activations():
+                    mine = self._parity_logits(ids)
+                q8 = (self._parity_logits(ids) - mine).abs().max()
+                if float(q8) > 0:
+                    log.info("'%s': 8-bit activations (q8 kernel) move the parity logits by %.3g (max |logit| %.3g)",
+                             self.model_id, float(q8), float(reference.abs().max()))
+            else:
+                mine = self._parity_logits(ids)
         err = float((reference - mine).abs().max()) if torch.isfinite(mine).all() else float("inf")
         atol = _PARITY_ATOL.get(self.dtype, 1e-3)
         if self._fast is not None and self.native:
             atol = max(atol, _NATIVE_PARITY_SCALE * float(reference.abs().max()))
         return bool(torch.allclose(reference, mine, atol=atol, rtol=1e-3)), err
+
+    def _parity_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits [1, T, V] fp32 of ids [1, T] through shallow + deep: T - 1 rows, then one."""
+        cache = self.new_cache(capacity=16)
+        pos = torch.arange(ids.shape[1], device=self.device)[None]
+        chunk = self.deep(self.shallow(ids[:, :-1], pos[:, :-1], cache), pos[:, :-1], cache)
+        step = self.deep(self.shallow(ids[:, -1:], pos[:, -1:], cache), pos[:, -1:], cache)
+        return torch.cat([chunk, step], dim=1).float()
 
     def _check_parity(self) -> None:
         """Refuse architectures whose forward this split does not reproduce (e.g. scaled embeddings)."""

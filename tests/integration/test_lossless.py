@@ -136,12 +136,17 @@ def test_crop_cache_keeps_a_prefix(engine):
 
 @pytest.mark.slow
 def test_smollm2_matches_hf_on_spec_bench_prompts(smollm2_split):
+    """Speculative decoding on the native weights with fp32 activations equals HF greedy on the
+    dequantised model. The q8 kernel (8-bit activations, what the probe picks where it runs) is a
+    different function of the same weights, as llama.cpp's is: it is checked against our own AR
+    on it (test_native_engine.py), not against HF."""
     from common.core.prompts import encode_prompt
 
     split = smollm2_split
     decoder = SpeculativeDecoder(split)
-    for prompt in load_prompts(SPEC_BENCH, limit=40)[::13]:  # 4 prompts from different categories
-        ids = encode_prompt(split.tokenizer, prompt.text)
-        reference = hf_greedy(split.model, ids, 24)
-        result = decoder.generate(ids, DecodeConfig(gamma=4, max_new_tokens=24))
-        assert result.token_ids == reference, prompt.question_id
+    with split._fast.fp32_activations():
+        for prompt in load_prompts(SPEC_BENCH, limit=40)[::13]:  # 4 prompts from different categories
+            ids = encode_prompt(split.tokenizer, prompt.text)
+            reference = hf_greedy(split.model, ids, 24)
+            result = decoder.generate(ids, DecodeConfig(gamma=4, max_new_tokens=24))
+            assert result.token_ids == reference, prompt.question_id

@@ -19,7 +19,7 @@ def native_layers(split) -> int:
                for role in ("qkv", "o", "gate_up", "down"))
 
 
-@pytest.mark.parametrize("kernels", ["gguf", "int4", "dense", "gguf,dense", "dense,int4"])
+@pytest.mark.parametrize("kernels", ["q8", "gguf", "int4", "dense", "gguf,dense", "dense,int4"])
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 def test_speculative_equals_autoregressive_on_native_weights(monkeypatch, kernels, kind):
     """Kernel combinations (one row, block; gguf runs dense where no compiled kernel is here), the
@@ -74,7 +74,7 @@ def test_smollm2_native_weights_are_the_gguf_blocks_and_speculation_is_lossless(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kernels", ["int4", "gguf", "dense"])
+@pytest.mark.parametrize("kernels", ["q8", "int4", "gguf", "dense"])
 def test_smollm2_runs_native_whichever_kernel_the_probe_picks(monkeypatch, kernels):
     """The load-time parity check accepts every native kernel's summation order on SmolLM2 (the
     probe's choice depends on timing, so a kernel it may pick must never drop the model to the

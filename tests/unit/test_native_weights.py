@@ -8,7 +8,8 @@ from gguf import GGMLQuantizationType, quants
 
 from common.model.engine import gguf_kernels
 from common.model.engine.native_weights import AffineInt4, concat_rows, q4_1_matrix, q8_0_matrix
-from common.model.engine.packed_linear import NATIVE_KERNEL_NAMES, NATIVE_KERNELS_ENV, NativeKernels, NativeLinear, choose_native_kernels, int4_layout
+from common.model.engine.packed_linear import (NATIVE_KERNEL_NAMES, NATIVE_KERNELS_ENV, ROW_INVARIANT_KERNELS, NativeKernels, NativeLinear,
+                                  choose_native_kernels, int4_layout)
 
 DECODERS = {"Q4_1": q4_1_matrix, "Q8_0": q8_0_matrix}
 
@@ -57,10 +58,11 @@ def test_native_matmul_matches_the_dequantised_fp32_matmul(kind, rows):
     expected = torch.nn.functional.linear(x, weight, bias)
     scale = x.abs() @ weight.abs().t() + bias.abs()
     assert set(linear.available()) >= {"int4", "dense"}
-    for kernel in linear.available():
+    for kernel in linear.available():  # q8 rounds the activations: its own bound is tested below
         got = linear.run(x, kernel)
         assert got.shape == (rows, 64) and got.dtype == torch.float32
-        assert bool(((got - expected).abs() <= 1e-5 * scale).all()), kernel
+        if kernel != "q8":
+            assert bool(((got - expected).abs() <= 1e-5 * scale).all()), kernel
 
 
 def test_select_keeps_only_the_chosen_layouts_and_routes_by_row_count():
@@ -140,3 +142,73 @@ def test_gguf_block_kernel_matches_gguf_and_is_row_invariant(kind):
     for rows in (1, 2, 5, 16, 20):
         assert torch.equal(kernel(x[:rows]), got[:rows])
     assert torch.equal(kernel(x[7:8]), got[7:8])
+
+
+@pytest.mark.skipif(not gguf_kernels.available(), reason="no C compiler or no AVX2/FMA here: the engine uses torch's kernels")
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("cols", [192, 160])  # an even and an odd number of 32-blocks per row
+def test_q8_kernel_is_within_its_bound_and_bitwise_row_and_thread_invariant(kind, cols):
+    """8-bit activations: against the dequantised product within the stated bound (each x off by at
+    most half its block's step d = max|x| / 127, times |W|: the weights are exact and the integer
+    sums too, the fp32 rounding adds 1e-5 of |x| @ |W|), against a torch emulation of the same
+    rounding to fp32 summation-order error, and each row bit for bit the same in one-row calls,
+    in blocks of 2..20 rows (8-row chunks) and at 1 or 2 threads."""
+    blocks, reference = gguf_blocks(kind, 80, cols, seed=8)
+    weight = torch.from_numpy(reference)
+    kernel = gguf_kernels.GgufBlocks(DECODERS[kind](blocks, 80, cols))
+    x = torch.randn(20, cols) * torch.linspace(0.1, 10, cols)  # blocks of different ranges
+    x[3, 5] = 300.0  # an outlier coarsens its own block only
+    got = kernel.q8(x)
+    step = x.abs().reshape(20, -1, 32).amax(-1, keepdim=True) / 127
+    bound = (step / 2).expand(-1, -1, 32).reshape(20, cols) @ weight.abs().t() + 1e-5 * (x.abs() @ weight.abs().t())
+    assert bool(((got - x @ weight.t()).abs() <= bound).all())
+    emulated = (torch.round(x.reshape(20, -1, 32) / step) * step).reshape(20, cols) @ weight.t()
+    assert bool(((got - emulated).abs() <= 1e-5 * (x.abs() @ weight.abs().t()) + 1e-6).all())
+    for rows in (1, 2, 5, 8, 9, 16, 20):
+        assert torch.equal(kernel.q8(x[:rows]), got[:rows])
+    for row in (0, 3, 13):
+        assert torch.equal(kernel.q8(x[row:row + 1]), got[row:row + 1])
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert torch.equal(kernel.q8(x), got)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not gguf_kernels.available(), reason="no C compiler or no AVX2/FMA here: the engine uses torch's kernels")
+def test_probe_keeps_one_row_invariant_kernel_for_both_row_counts(monkeypatch):
+    """Where the GGUF kernels run, the timed choice is one row-invariant kernel for one row and for
+    blocks (so a verify block reproduces the AR step bit for bit); the environment still overrides."""
+    monkeypatch.delenv(NATIVE_KERNELS_ENV, raising=False)
+    linears = [NativeLinear(q4_1_matrix(gguf_blocks("Q4_1", 64, 64, seed=s)[0], 64, 64)) for s in range(3)]
+    assert "q8" in linears[0].available()
+    choice = choose_native_kernels(linears)
+    assert choice.one_row == choice.block and choice.one_row in ROW_INVARIANT_KERNELS
+    monkeypatch.setenv(NATIVE_KERNELS_ENV, "q8,dense")
+    fresh = [NativeLinear(q4_1_matrix(gguf_blocks("Q4_1", 64, 64, seed=s)[0], 64, 64)) for s in range(3)]
+    assert choose_native_kernels(fresh) == NativeKernels("q8", "dense")
+
+
+@pytest.mark.skipif(not gguf_kernels.available(), reason="no C compiler or no AVX2/FMA here: the engine uses torch's kernels")
+def test_q8_kernel_gives_the_same_bits_with_every_dot_product_instruction_set(tmp_path):
+    """The AVX2 (maddubs) and AVX-VNNI builds compute the same exact integer sums as this CPU's
+    build: with an even number of blocks per row their results are bitwise the same (odd counts
+    add the last block in another place on AVX-512). Each build that runs on this CPU is checked."""
+    import shutil
+
+    flags = gguf_kernels._cpu_flags()
+    runs_here = {"avx2": True, "avxvnni": "avx_vnni" in flags, "avx512vnni": gguf_kernels.dot_instructions() == "avx512vnni"}
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    x = torch.randn(7, 256)
+    for kind in ("Q4_1", "Q8_0"):
+        blocks, _ = gguf_blocks(kind, 48, 256, seed=9)
+        kernel = gguf_kernels.GgufBlocks(DECODERS[kind](blocks, 48, 256))
+        expected = kernel.q8(x)
+        for dot, runs in runs_here.items():
+            target = gguf_kernels._build(compiler, [*gguf_kernels._FLAGS, *gguf_kernels._DOT_FLAGS[dot]], tmp_path)
+            if not runs or target is None:  # this CPU cannot run it, or this compiler lacks the flag
+                continue
+            kernel._lib = gguf_kernels._load(target)
+            assert torch.equal(kernel.q8(x), expected), (kind, dot)

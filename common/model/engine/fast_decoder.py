@@ -17,13 +17,15 @@ Shapes: T rows (positions) of one sequence; H hidden size; activations are [T, H
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.model.engine import gguf_kernels
 from common.model.engine.kv_cache import StaticKVCache
 from common.model.engine.native_weights import AffineInt4, concat_rows
 from common.model.engine.packed_linear import NativeKernels, NativeLinear, PackedLinear, choose_native_kernels
@@ -151,14 +153,29 @@ class FastLayer:
         q = _rotate(q.view(rows, self.q_heads, self.head_dim).transpose(0, 1), cos, sin)  # [heads, T, hd]
         k = _rotate(k.view(rows, self.kv_heads, self.head_dim).transpose(0, 1), cos, sin)
         keys, values = cache.append(slot, k, v.view(rows, self.kv_heads, self.head_dim).transpose(0, 1))
-        causal = mask is None and rows > 1  # a prefill: nothing cached before these rows
-        attn = F.scaled_dot_product_attention(
-            q[None], keys[None], values[None], attn_mask=mask, is_causal=causal, scale=self.scale,
-            enable_gqa=self.q_heads != self.kv_heads,
-        )[0]
-        x = x + self.o(attn.transpose(0, 1).reshape(rows, self.q_heads * self.head_dim))
+        x = x + self.o(self._attention(q, keys, values, mask))
         gate, up = self.gate_up(rms_norm(x, *self.norm2)).split(self.intermediate, dim=-1)
         return x + self.down(self.act(gate) * up)
+
+
+    def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                   mask: torch.Tensor | None) -> torch.Tensor:
+        """q [heads, T, hd], keys/values [kv_heads, past + T, hd] -> [T, heads * hd].
+
+        One-row steps and verify blocks (rows after cached ones) run `gguf_kernels.causal_attention`
+        where it runs: each row is computed alone, so a verify block's rows equal the one-row
+        steps bit for bit (torch's SDPA sums a block's rows in another order, and the q8 kernel's
+        8-bit rounding turns such last-bit differences into visible ones). A prefill (no cached
+        rows: the same call in every decoding method) and other devices/dtypes use SDPA."""
+        rows = q.shape[1]
+        prefill = mask is None and rows > 1  # nothing cached before these rows
+        if not prefill and gguf_kernels.attention_runs(q, keys):
+            return gguf_kernels.causal_attention(q, keys, values, self.scale)
+        attn = F.scaled_dot_product_attention(
+            q[None], keys[None], values[None], attn_mask=mask, is_causal=prefill, scale=self.scale,
+            enable_gqa=self.q_heads != self.kv_heads,
+        )[0]
+        return attn.transpose(0, 1).reshape(rows, self.q_heads * self.head_dim)
 
 
 class FastStack:
@@ -201,6 +218,23 @@ class FastStack:
         """Bytes of weight matrices one forward of `rows` rows streams (every layer and the LM
         head, in the layouts their kernels read; norms and the embedding row are negligible)."""
         return sum(layer.weight_bytes(rows) for layer in self.layers) + self.lm_head.bytes_read(rows)
+
+    @contextlib.contextmanager
+    def fp32_activations(self) -> Iterator[None]:
+        """Within: native matrices that run `q8` (8-bit activations) run `gguf` instead, the same
+        blocks against fp32 activations. For the load-time parity check, which checks that this
+        engine reproduces the architecture: the q8 kernel's activation rounding is a property of
+        the kernel (bounded per matrix, common/model/engine/gguf_kernels.py GgufBlocks.q8), not of the model."""
+        natives = [lin for layer in self.layers for lin in (getattr(layer, r) for r in NATIVE_ROLES)
+                   if isinstance(lin, NativeLinear)] + ([self.lm_head] if isinstance(self.lm_head, NativeLinear) else [])
+        saved = [lin.kernels for lin in natives]
+        try:
+            for lin in natives:
+                lin.kernels = NativeKernels(*("gguf" if k == "q8" else k for k in (lin.kernels.one_row, lin.kernels.block)))
+            yield
+        finally:
+            for lin, kernels in zip(natives, saved):
+                lin.kernels = kernels
 
     def new_cache(self, num_layers: int, capacity: int) -> StaticKVCache:
         return StaticKVCache(num_layers, self.kv_heads, self.head_dim, capacity, self.dtype, self.device)

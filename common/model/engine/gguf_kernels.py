@@ -43,6 +43,7 @@ _SOURCE = r"""
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 
 #define MAXT 16
 
@@ -139,17 +140,341 @@ void q8_0_mm(const float *x, int T, int K, const int8_t *qs, const uint16_t *d, 
         store_rows(T, N, n, acc, zeros, y);
     }
 }
+
+/* ---- integer path: activations quantised per row to Q8 blocks, int8 x int4/int8 dot products ---- */
+#if defined(DVI_AVX512VNNI)
+#define DOT_U8S8(u, s) _mm256_dpbusd_epi32(_mm256_setzero_si256(), (u), (s))
+#elif defined(DVI_AVXVNNI)
+#define DOT_U8S8(u, s) _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), (u), (s))
+#else
+/* u8 x s8 pairs summed to int16 (no saturation: |u| <= 128, |s| <= 127), then pairs to int32 */
+#define DOT_U8S8(u, s) _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1))
+#endif
+#define Q8_ROWS 8
+
+/* Each 32-value block of each row: d = max|x| / 127, q = round(x * 127 / max|x|) in [-127, 127]
+   (the scale from an exact division, the rounding to nearest even of the vector unit; d is
+   stored 8 times, dxe [T, G, 8], to be loaded as a vector), and sx = d * sum(q), the block sum
+   of the quantised x (Q4_1's offset term; llama.cpp's Q8_1 `s`). The offset term must see the
+   same quantised x as the nibble term: Q4_1's d * q and m cancel to w = d * q + m, and only
+   then is the error bounded by |w| (with the exact sum of x it is bounded by |d * q|, which is
+   up to ~2x |w| and was 5x the error on SmolLM2's q_proj). Rows are independent. */
+static void quantize_rows(const float *x, int T, int K, int8_t *xq, float *dxe, float *sx) {
+    const int G = K / 32;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int r = 0; r < T * G; r++) {
+        const float *p = x + (size_t)r * 32;
+        __m256 v0 = _mm256_loadu_ps(p), v1 = _mm256_loadu_ps(p + 8);
+        __m256 v2 = _mm256_loadu_ps(p + 16), v3 = _mm256_loadu_ps(p + 24);
+        __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                  _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float amax = _mm_cvtss_f32(m4);
+        _mm256_storeu_ps(dxe + (size_t)r * 8, _mm256_set1_ps(amax / 127.0f));  /* d, 8 copies */
+        const __m256 id = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, id)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, id));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, id)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, id));
+        __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(xq + (size_t)r * 32), packed);
+        /* the sum of the quantised values (exact: integers below 2^24), times d */
+        __m256i qsum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        sx[r] = hsum(_mm256_cvtepi32_ps(qsum)) * (amax / 127.0f);
+    }
+}
+
+/* sum over blocks g of m[g] * s[g]: fp32, 8 blocks per step in a fixed order (Q4_1's offset term). */
+static inline float offset_dot(const uint16_t *m, const float *s, int G) {
+    __m256 a = _mm256_setzero_ps();
+    int g = 0;
+    for (; g + 8 <= G; g += 8)
+        a = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + g))), _mm256_loadu_ps(s + g), a);
+    float r = hsum(a);
+    for (; g < G; g++)
+        r += _cvtsh_ss(m[g]) * s[g];
+    return r;
+}
+
+/* The column kernels below compute, for rows t < T (T <= Q8_ROWS, a compile-time constant where
+   inlined), y[t, n] = hsum(acc_even + acc_odd) (+ offset_dot for Q4_1), where acc_even/odd
+   accumulate (in block order) (int sum_j q_w q_x) * dx[t, g] * dw[g] over the even/odd blocks.
+   The same instructions run for a row whatever T is, so a row's result does not depend on T. */
+#if defined(DVI_AVX512VNNI)
+/* Two blocks per 512-bit register: lanes 0-7 the even block, 8-15 the odd one. */
+static inline __m512 pair_scale(const uint16_t *d, int g) {
+    __m256 lo = _mm256_set1_ps(_cvtsh_ss(d[g])), hi = _mm256_set1_ps(_cvtsh_ss(d[g + 1]));
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
+}
+
+static inline __m256 fold(__m512 acc) {
+    return _mm256_add_ps(_mm512_castps512_ps256(acc), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
+}
+
+#define PAIR_ROW_STEP(T, g, w, neg, dw)                                                           \
+    for (int t = 0; t < (T); t++) {                                                               \
+        __m512i xv = _mm512_loadu_si512((const void *)(xq + (size_t)t * K + 32 * (g)));           \
+        if (neg) xv = _mm512_mask_sub_epi8(xv, negmask, _mm512_setzero_si512(), xv);              \
+        __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), (w), xv);                         \
+        __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_loadu_ps(dxe + ((size_t)t * G + (g)) * 8)); \
+        acc[t] = _mm512_fmadd_ps(v, (dw), acc[t]);                                                \
+    }
+#define TAIL_ROW_STEP(T, g, w, neg, dw)                                                           \
+    for (int t = 0; t < (T); t++) {                                                               \
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)t * K + 32 * (g)));        \
+        if (neg) xv = _mm256_sign_epi8(xv, wsigned);                                              \
+        __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), (w), xv);                         \
+        __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_loadu_ps(dxe + ((size_t)t * G + (g)) * 8)); \
+        tail[t] = _mm256_fmadd_ps(v, (dw), tail[t]);                                              \
+    }
+
+static inline __attribute__((always_inline)) void q8_col(
+        const int T, const int is_q4, int K, int N, int n, const uint8_t *qs, const uint16_t *d,
+        const uint16_t *m, const int8_t *xq, const float *dxe, const float *sx, float *y) {
+    const int G = K / 32;
+    __m512 acc[Q8_ROWS];
+    __m256 tail[Q8_ROWS];
+    for (int t = 0; t < T; t++) { acc[t] = _mm512_setzero_ps(); tail[t] = _mm256_setzero_ps(); }
+    const uint16_t *dn = d + (size_t)n * G;
+    const __m512i nib = _mm512_set1_epi8(0x0F);
+    int g = 0;
+    for (; g + 1 < G; g += 2) {
+        __m512 dw = pair_scale(dn, g);
+        __m512i w;
+        __mmask64 negmask = 0;
+        if (is_q4) {
+            __m256i b = _mm256_loadu_si256((const __m256i *)(qs + ((size_t)n * G + g) * 16));
+            __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1);
+            w = _mm512_and_si512(_mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0)), nib);
+        } else {
+            __m512i ws = _mm512_loadu_si512((const void *)(qs + ((size_t)n * K + 32 * g)));
+            negmask = _mm512_movepi8_mask(ws);
+            w = _mm512_abs_epi8(ws);
+        }
+        PAIR_ROW_STEP(T, g, w, !is_q4, dw)
+    }
+    if (g < G) {  /* an odd block count: the last block joins the even blocks */
+        __m256 dw = _mm256_set1_ps(_cvtsh_ss(dn[g]));
+        __m256i w, wsigned = _mm256_setzero_si256();
+        if (is_q4) {
+            __m128i b = _mm_loadu_si128((const __m128i *)(qs + ((size_t)n * G + g) * 16));
+            w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F));
+        } else {
+            wsigned = _mm256_loadu_si256((const __m256i *)(qs + ((size_t)n * K + 32 * g)));
+            w = _mm256_sign_epi8(wsigned, wsigned);
+        }
+        TAIL_ROW_STEP(T, g, w, !is_q4, dw)
+    }
+    for (int t = 0; t < T; t++) {
+        __m256 lo = _mm256_add_ps(_mm512_castps512_ps256(acc[t]), tail[t]);
+        __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[t]), 1));
+        float r = hsum(_mm256_add_ps(lo, hi));
+        y[(size_t)t * N + n] = is_q4 ? r + offset_dot(m + (size_t)n * G, sx + (size_t)t * G, G) : r;
+    }
+}
+#else
+#define BLOCK_ROW_STEP(T, g, w, neg, dw, accs)                                                    \
+    for (int t = 0; t < (T); t++) {                                                               \
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)t * K + 32 * (g)));        \
+        if (neg) xv = _mm256_sign_epi8(xv, wsigned);                                              \
+        __m256i s = DOT_U8S8((w), xv);                                                            \
+        __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_loadu_ps(dxe + ((size_t)t * G + (g)) * 8)); \
+        accs[t] = _mm256_fmadd_ps(v, (dw), accs[t]);                                              \
+    }
+
+/* Block g's weights as u8 (Q4_1 nibbles; |w| for Q8_0, whose signs go into wsigned), scale in dw. */
+#define LOAD_BLOCK(g)                                                                             \
+    __m256 dw = _mm256_set1_ps(_cvtsh_ss(dn[g]));                                                 \
+    __m256i w, wsigned = _mm256_setzero_si256();                                                  \
+    if (is_q4) {                                                                                  \
+        __m128i b = _mm_loadu_si128((const __m128i *)(qs + ((size_t)n * G + (g)) * 16));          \
+        w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F)); \
+    } else {                                                                                      \
+        wsigned = _mm256_loadu_si256((const __m256i *)(qs + ((size_t)n * K + 32 * (g))));         \
+        w = _mm256_sign_epi8(wsigned, wsigned);                                                   \
+    }
+
+static inline __attribute__((always_inline)) void q8_col(
+        const int T, const int is_q4, int K, int N, int n, const uint8_t *qs, const uint16_t *d,
+        const uint16_t *m, const int8_t *xq, const float *dxe, const float *sx, float *y) {
+    const int G = K / 32;
+    __m256 acc0[Q8_ROWS], acc1[Q8_ROWS];
+    for (int t = 0; t < T; t++) acc0[t] = acc1[t] = _mm256_setzero_ps();
+    const uint16_t *dn = d + (size_t)n * G;
+    for (int g = 0; g < G; g++) {
+        LOAD_BLOCK(g)
+        if (g & 1) { BLOCK_ROW_STEP(T, g, w, !is_q4, dw, acc1) }
+        else { BLOCK_ROW_STEP(T, g, w, !is_q4, dw, acc0) }
+    }
+    for (int t = 0; t < T; t++) {
+        float r = hsum(_mm256_add_ps(acc0[t], acc1[t]));
+        y[(size_t)t * N + n] = is_q4 ? r + offset_dot(m + (size_t)n * G, sx + (size_t)t * G, G) : r;
+    }
+}
+#endif
+
+#define DISPATCH_ROWS(rows, CALL)                                                                 \
+    switch (rows) {                                                                               \
+    case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; case 4: CALL(4); break; \
+    case 5: CALL(5); break; case 6: CALL(6); break; case 7: CALL(7); break; default: CALL(8); break; \
+    }
+
+static void q8_mm(const float *x, int T, int K, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
+                  int N, float *y, int threads, const int is_q4) {
+    const int G = K / 32;
+    int8_t *xq = (int8_t *)malloc((size_t)T * K + 64);
+    float *dxe = (float *)malloc(sizeof(float) * T * G * 8 + 64), *sx = (float *)malloc(sizeof(float) * T * G);
+    quantize_rows(x, T, K, xq, dxe, sx);
+    for (int t0 = 0; t0 < T; t0 += Q8_ROWS) {
+        const int rows = T - t0 < Q8_ROWS ? T - t0 : Q8_ROWS;
+        const int8_t *cq = xq + (size_t)t0 * K;
+        const float *cd = dxe + (size_t)t0 * G * 8, *cs = sx + (size_t)t0 * G;
+        float *cy = y + (size_t)t0 * N;
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int n = 0; n < N; n++) {
+            if (is_q4) {
+#define Q4_CALL(R) q8_col(R, 1, K, N, n, qs, d, m, cq, cd, cs, cy)
+                DISPATCH_ROWS(rows, Q4_CALL)
+            } else {
+#define Q8_CALL(R) q8_col(R, 0, K, N, n, qs, d, m, cq, cd, cs, cy)
+                DISPATCH_ROWS(rows, Q8_CALL)
+            }
+        }
+    }
+    free(xq); free(dxe); free(sx);
+}
+
+/* x [T, K] fp32 -> y [T, N], x quantised per row to Q8 blocks; weights as in q4_1_mm. Every
+   y[t, n] is computed by one thread, the same way whatever T and the thread count. */
+void q4_1_q8_mm(const float *x, int T, int K, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
+                int N, float *y, int threads) {
+    q8_mm(x, T, K, qs, d, m, N, y, threads, 1);
+}
+
+/* The same for Q8_0 weights (as in q8_0_mm). */
+void q8_0_q8_mm(const float *x, int T, int K, const int8_t *qs, const uint16_t *d, int N, float *y, int threads) {
+    q8_mm(x, T, K, (const uint8_t *)qs, d, NULL, N, y, threads, 0);
+}
+
+/* ---- causal attention, one (head, row) at a time: a row's result depends only on its position ---- */
+/* exp(x) for x <= 0 (scores minus their max): 2^n * (1 + r + r^2 P(r)), r = x - n ln 2 (Cephes'
+   expf polynomial, ~1 ulp); 0 below -87 (and for -inf). */
+static inline __m256 exp_nonpositive(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.0f);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+/* The 8 horizontal sums of a[0..7], as one vector. */
+static inline __m256 hsum8x8(const __m256 *a) {
+    __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
+}
+
+static inline __m256 dot_row(const float *q, const float *k, int hd) {
+    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(k));
+    for (int d = 8; d < hd; d += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), acc);
+    return acc;
+}
+
+/* out[hd] = softmax(scale * q . k_j, j < n) @ v: keys/values rows j at k + j * hd. `s` holds
+   n rounded up to 8 floats. Every step's order depends on n and hd only. */
+static void attend_row(const float *q, const float *k, const float *v, int n, int hd, float scale,
+                       float *s, float *out) {
+    const int n8 = (n + 7) & ~7;
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 a[8];
+        for (int u = 0; u < 8; u++) a[u] = dot_row(q, k + (size_t)(j + u) * hd, hd);
+        _mm256_storeu_ps(s + j, _mm256_mul_ps(hsum8x8(a), _mm256_set1_ps(scale)));
+    }
+    for (; j < n; j++) s[j] = hsum(dot_row(q, k + (size_t)j * hd, hd)) * scale;
+    for (; j < n8; j++) s[j] = -INFINITY;
+    float mx = -INFINITY;
+    for (j = 0; j < n; j++) mx = s[j] > mx ? s[j] : mx;
+    __m256 total = _mm256_setzero_ps();
+    for (j = 0; j < n8; j += 8) {
+        __m256 p = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(mx)));
+        _mm256_storeu_ps(s + j, p);
+        total = _mm256_add_ps(total, p);
+    }
+    __m256 acc[32];
+    for (int d = 0; d < hd / 8; d++) acc[d] = _mm256_setzero_ps();
+    for (j = 0; j < n; j++) {
+        const __m256 p = _mm256_set1_ps(s[j]);
+        const float *vr = v + (size_t)j * hd;
+        for (int d = 0; d < hd / 8; d++) acc[d] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * d), acc[d]);
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / hsum(total));
+    for (int d = 0; d < hd / 8; d++) _mm256_storeu_ps(out + 8 * d, _mm256_mul_ps(acc[d], inv));
+}
+
+/* q [H, T, hd] contiguous (rows at positions past .. past + T - 1); k, v: KVH heads of past + T
+   rows of hd floats each (row stride hd, head stride `head_stride`); out [T, H * hd]. Row t
+   attends to positions 0 .. past + t; query head h reads kv head h / (H / KVH). hd % 8 == 0,
+   hd <= 256. Each (head, row) is computed by one thread. */
+void causal_attention(const float *q, int H, int T, int hd, const float *k, const float *v, int KVH,
+                      long head_stride, int past, float scale, float *out, int threads) {
+    const int group = H / KVH, n8 = (past + T + 7) & ~7;
+    float *scratch = (float *)malloc(sizeof(float) * (size_t)H * T * n8);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int ht = 0; ht < H * T; ht++) {
+        const int h = ht / T, t = ht % T, kv = h / group;
+        attend_row(q + (size_t)ht * hd, k + (size_t)kv * head_stride, v + (size_t)kv * head_stride,
+                   past + t + 1, hd, scale, scratch + (size_t)ht * n8, out + (size_t)t * H * hd + (size_t)h * hd);
+    }
+    free(scratch);
+}
 """
 
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+"""-ffp-contract=off: the compiler may not fuse a C `a * b + c` into an FMA in one row-count
+specialisation and not in another (that would make a row's result depend on its block)."""
+_DOT_FLAGS = {
+    "avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-DDVI_AVX512VNNI"],
+    "avxvnni": ["-mavxvnni", "-DDVI_AVXVNNI"],
+    "avx2": [],
+}
+"""The int8 dot-product instructions of the q8 path, by CPU: `vpdpbusd` (AVX512-VNNI on 256-bit
+registers, or AVX-VNNI) or AVX2's `maddubs` + `madd`. All three give the same exact integer sums,
+so the q8 path's results do not depend on which one this CPU runs."""
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
 
 
 def _cpu_has_avx2_fma() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return False
-    return all(f" {flag}" in flags for flag in ("avx2", "fma", "f16c"))
+    return {"avx2", "fma", "f16c"} <= _cpu_flags()
+
+
+def dot_instructions() -> str:
+    """`avx512vnni`, `avxvnni` or `avx2`: the int8 dot product the q8 path compiles for here."""
+    flags = _cpu_flags()
+    if {"avx512_vnni", "avx512vl", "avx512bw"} <= flags:
+        return "avx512vnni"
+    return "avxvnni" if "avx_vnni" in flags else "avx2"
 
 
 @functools.cache
@@ -163,24 +488,42 @@ def _library() -> ctypes.CDLL | None:
         return None
     from common.model.loading import cache_dir
 
-    digest = hashlib.sha256((_SOURCE + " ".join(_FLAGS)).encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"gguf_blocks_{digest}.so"
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            src, out = Path(tmp) / "gguf_blocks.c", Path(tmp) / "gguf_blocks.so"
-            src.write_text(_SOURCE)
-            done = subprocess.run([compiler, *_FLAGS, str(src), "-o", str(out)], capture_output=True, text=True)
-            if done.returncode != 0:
-                log.warning("building the GGUF block kernel failed: %s", done.stderr.strip()[-500:])
-                return None
-            out.replace(target)  # atomic: a concurrent build never leaves half a library
+    target = None
+    for dot in dict.fromkeys([dot_instructions(), "avx2"]):  # an old compiler may lack the VNNI flags
+        target = _build(compiler, [*_FLAGS, *_DOT_FLAGS[dot]], cache_dir() / "kernels")
+        if target is not None:
+            break
+    return None if target is None else _load(target)
+
+
+def _load(target: Path) -> ctypes.CDLL:
+    """The compiled library at `target` with its functions' argument types declared."""
     lib = ctypes.CDLL(str(target))
     p, i = ctypes.c_void_p, ctypes.c_int
-    lib.q4_1_mm.argtypes = [p, i, i, p, p, p, i, p, i]
-    lib.q8_0_mm.argtypes = [p, i, i, p, p, i, p, i]
-    lib.q4_1_mm.restype = lib.q8_0_mm.restype = None
+    lib.q4_1_mm.argtypes = lib.q4_1_q8_mm.argtypes = [p, i, i, p, p, p, i, p, i]
+    lib.q8_0_mm.argtypes = lib.q8_0_q8_mm.argtypes = [p, i, i, p, p, i, p, i]
+    lib.q4_1_mm.restype = lib.q8_0_mm.restype = lib.q4_1_q8_mm.restype = lib.q8_0_q8_mm.restype = None
+    lib.causal_attention.argtypes = [p, i, i, i, p, p, i, ctypes.c_long, i, ctypes.c_float, p, i]
+    lib.causal_attention.restype = None
     return lib
+
+
+def _build(compiler: str, flags: list[str], folder: Path) -> Path | None:
+    """The kernel library compiled with `flags` into `folder` (reused when already there), or None."""
+    digest = hashlib.sha256((_SOURCE + " ".join(flags)).encode()).hexdigest()[:16]
+    target = folder / f"gguf_blocks_{digest}.so"
+    if target.is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        src, out = Path(tmp) / "gguf_blocks.c", Path(tmp) / "gguf_blocks.so"
+        src.write_text(_SOURCE)
+        done = subprocess.run([compiler, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
+        if done.returncode != 0:
+            log.warning("building the GGUF block kernel (%s) failed: %s", " ".join(flags), done.stderr.strip()[-500:])
+            return None
+        out.replace(target)  # atomic: a concurrent build never leaves half a library
+    return target
 
 
 def available() -> bool:
@@ -238,16 +581,60 @@ class GgufBlocks:
         return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m) if t is not None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, K] fp32 -> x @ W^T [T, N] fp32, fp32 activations (the `gguf` kernel)."""
+        return self._run(x, integer=False)
+
+    def q8(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, K] fp32 -> [T, N] fp32 with x quantised per row to Q8 blocks (the `q8` kernel).
+
+        Each 32-value block of a row becomes int8 q (|q| <= 127) times d = max|x| / 127; the
+        weights stay exact, the block dot products are exact integers, and the per-block results
+        are summed in fp32 in a fixed order. Error: |y - x @ W^T| <= sum over the row's blocks of
+        (d / 2) * sum |W| of the block (rounding each x by at most half a step). Every row's result
+        is bitwise the same whatever T and the thread count."""
+        return self._run(x, integer=True)
+
+    def _run(self, x: torch.Tensor, integer: bool) -> torch.Tensor:
         x = x.contiguous()
         rows = x.shape[0]
         if rows > MAX_ROWS:
-            return torch.cat([self(x[i:i + MAX_ROWS]) for i in range(0, rows, MAX_ROWS)])
+            return torch.cat([self._run(x[i:i + MAX_ROWS], integer) for i in range(0, rows, MAX_ROWS)])
         y = torch.empty(rows, self.out_features)
         threads = torch.get_num_threads()
         if self.kind == "Q4_1":
-            self._lib.q4_1_mm(x.data_ptr(), rows, self.in_features, self.qs.data_ptr(), self.d.data_ptr(),
-                              self.m.data_ptr(), self.out_features, y.data_ptr(), threads)
+            fn = self._lib.q4_1_q8_mm if integer else self._lib.q4_1_mm
+            fn(x.data_ptr(), rows, self.in_features, self.qs.data_ptr(), self.d.data_ptr(),
+               self.m.data_ptr(), self.out_features, y.data_ptr(), threads)
         else:
-            self._lib.q8_0_mm(x.data_ptr(), rows, self.in_features, self.qs.data_ptr(), self.d.data_ptr(),
-                              self.out_features, y.data_ptr(), threads)
+            fn = self._lib.q8_0_q8_mm if integer else self._lib.q8_0_mm
+            fn(x.data_ptr(), rows, self.in_features, self.qs.data_ptr(), self.d.data_ptr(),
+               self.out_features, y.data_ptr(), threads)
         return y
+
+
+def attention_runs(q: torch.Tensor, keys: torch.Tensor) -> bool:
+    """True when `causal_attention` takes these tensors: the kernel is compiled here, fp32 on CPU,
+    head_dim a multiple of 8 up to 256, key/value rows contiguous (the KV cache's layout)."""
+    hd = q.shape[-1]
+    return (available() and q.dtype == keys.dtype == torch.float32 and q.device.type == "cpu"
+            and hd % 8 == 0 and hd <= 256 and keys.stride(2) == 1 and keys.stride(1) == hd)
+
+
+def causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal softmax attention of the last T cached positions, bitwise independent of T.
+
+    q [H, T, hd] fp32: queries of the rows at positions past .. past + T - 1, where past =
+    keys.shape[1] - T; keys, values [KVH, past + T, hd] fp32 (H a multiple of KVH: grouped
+    heads), rows contiguous with the same strides (`attention_runs`). Returns [T, H * hd] fp32
+    (heads side by side, the o projection's input). Row t attends to positions 0 .. past + t.
+    Each (head, row) is computed by one thread, in an order fixed by its position alone, so a
+    verify block's row equals the one-row step at that position bit for bit, at any thread count
+    (torch's SDPA sums a block's rows in another order than a single row's)."""
+    heads, rows, hd = q.shape
+    assert keys.shape == values.shape and keys.stride() == values.stride() and heads % keys.shape[0] == 0
+    q = q.contiguous()
+    out = torch.empty(rows, heads * hd)
+    _library().causal_attention(q.data_ptr(), heads, rows, hd, keys.data_ptr(), values.data_ptr(), keys.shape[0],
+                                keys.stride(0), keys.shape[1] - rows, float(scale), out.data_ptr(),
+                                torch.get_num_threads())
+    return out

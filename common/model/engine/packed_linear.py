@@ -168,9 +168,13 @@ class PackedLinear:
 # --------------------------------------------------------------------------- native 4-bit weights
 INT4_GROUP = 32
 NATIVE_KERNELS_ENV = "DVI_NATIVE_KERNELS"
-"""Fix the kernels of native (GGUF-precision) matrices instead of timing them: `gguf`, `int4` or
-`dense` for both row counts, or `ONE_ROW,BLOCK` (e.g. `gguf,dense`)."""
-NATIVE_KERNEL_NAMES = ("gguf", "int4", "dense")
+"""Fix the kernels of native (GGUF-precision) matrices instead of timing them: `q8`, `gguf`, `int4`
+or `dense` for both row counts, or `ONE_ROW,BLOCK` (e.g. `gguf,dense`)."""
+NATIVE_KERNEL_NAMES = ("q8", "gguf", "int4", "dense")
+ROW_INVARIANT_KERNELS = ("q8", "gguf")
+"""Kernels whose result for a row is bitwise the same whatever the number of rows in the call
+(common/model/engine/gguf_kernels.py): with one of them for both row counts a verify block reproduces the
+one-row AR step exactly."""
 PROBE_BLOCK_ROWS = 5
 """The block size the native-kernel probe times: a typical verification block (gamma 4-5 + 1)."""
 
@@ -178,10 +182,12 @@ PROBE_BLOCK_ROWS = 5
 @dataclass(frozen=True)
 class NativeKernels:
     """Which kernel a `NativeLinear` runs for one row (`one_row`) and for 2+ rows (`block`):
-    `gguf` (common/model/engine/gguf_kernels.py: a C AVX2 kernel on the GGUF blocks as stored), `int4` (torch's
-    CPU int4 kernel on the 4-bit parts, fp32 activations, group size 32) or `dense` (a
-    `PackedLinear` over the dequantised fp32 matrix). All apply exactly the same weight values;
-    they differ only in the summation order of the product."""
+    `q8` (common/model/engine/gguf_kernels.py: the GGUF blocks as stored against activations quantised per row
+    to 8-bit blocks, integer dot products), `gguf` (the same blocks against fp32 activations),
+    `int4` (torch's CPU int4 kernel on the 4-bit parts, fp32 activations, group size 32) or
+    `dense` (a `PackedLinear` over the dequantised fp32 matrix). All apply exactly the same weight
+    values; the fp32 ones differ only in the summation order of the product, `q8` also rounds each
+    activation to 8 bits of its block's range (GgufBlocks.q8 states the bound)."""
 
     one_row: str = "int4"
     block: str = "int4"
@@ -246,6 +252,7 @@ class NativeLinear:
         layouts = [int4_layout(p) for p in weight.parts] if int4_kernels_available() else [None]
         self._int4 = None if any(layout is None for layout in layouts) else layouts
         self._blocks = gguf_kernels.blocks_or_none(weight)
+        self._block_kernels = ("q8", "gguf")
         self._dense = PackedLinear(weight.dequantize(), bias)
         self.kernels = NativeKernels(*[self.best_available()] * 2)  # every layout held until `select`
         if kernels is not None:
@@ -257,8 +264,9 @@ class NativeLinear:
 
     def available(self) -> list[str]:
         """The kernels this matrix can run here, in NATIVE_KERNEL_NAMES order."""
-        held = {"gguf": self._blocks, "int4": self._int4, "dense": self._dense}
-        return [k for k in NATIVE_KERNEL_NAMES if held[k] is not None]
+        held = {"int4": self._int4, "dense": self._dense}
+        held.update({k: self._blocks for k in self._block_kernels})  # q8 and gguf share the blocks
+        return [k for k in NATIVE_KERNEL_NAMES if held.get(k) is not None]
 
     def best_available(self) -> str:
         return self.available()[0]
@@ -269,7 +277,8 @@ class NativeLinear:
         can = self.available()
         kernels = NativeKernels(*(k if k in can else "dense" for k in (kernels.one_row, kernels.block)))
         used = {kernels.one_row, kernels.block}
-        if "gguf" not in used:
+        self._block_kernels = tuple(k for k in ("q8", "gguf") if k in used)
+        if not self._block_kernels:
             self._blocks = None
         if "int4" not in used:
             self._int4 = None
@@ -282,15 +291,15 @@ class NativeLinear:
         kernel = self.kernels.one_row if rows == 1 else self.kernels.block
         if kernel == "dense":
             return self._dense.bytes_read(rows)
-        if kernel == "gguf":
+        if kernel in ("gguf", "q8"):
             return self._blocks.bytes_read()
         return sum(p.numel() * p.element_size() + sz.numel() * sz.element_size() for p, sz in self._int4)
 
     def run(self, x: torch.Tensor, kernel: str) -> torch.Tensor:
         if kernel == "dense":
             return self._dense(x)
-        if kernel == "gguf":
-            y = self._blocks(x)
+        if kernel in ("gguf", "q8"):
+            y = self._blocks.q8(x) if kernel == "q8" else self._blocks(x)
             return y if self.bias is None else y + self.bias
         y = None
         for packed, scales_and_zeros in self._int4:
@@ -302,39 +311,50 @@ class NativeLinear:
         return self.run(x, self.kernels.one_row if x.shape[0] == 1 else self.kernels.block)
 
 
+def _time_kernels(linears: list[NativeLinear], rows: int, kernels: list[str], repeats: int,
+                  skip_above: dict[str, float] | None = None) -> dict[str, float]:
+    """Seconds of one pass over `linears` on `rows` random rows, per kernel. A kernel 50% over the
+    best so far is timed once only; one whose `skip_above` time (its one-row time) already exceeds
+    the best is not timed (a block never costs less than one row)."""
+    x = torch.randn(rows, linears[0].in_features)
+    seconds: dict[str, float] = {}
+    for kernel in kernels:
+        run = lambda kernel=kernel: [lin.run(x, kernel) for lin in linears]  # noqa: E731
+        best = min(seconds.values(), default=float("inf"))
+        if skip_above is not None and skip_above.get(kernel, 0.0) > best:
+            continue
+        run()  # warm: oneDNN builds its kernel on the first call per shape
+        seconds[kernel] = best_seconds(run, 1)
+        if seconds[kernel] < 1.5 * best:
+            seconds[kernel] = min(seconds[kernel], best_seconds(run, repeats))
+    first = linears[0]
+    log.info("native %s [%d x %d] x %d matrices, %d row(s): %s", first.kind, first.out_features,
+             first.in_features, len(linears), rows, ", ".join(f"{k} {1e3 * s:.2f} ms" for k, s in seconds.items()))
+    return seconds
+
+
 def choose_native_kernels(linears: list[NativeLinear], repeats: int = 2) -> NativeKernels:
-    """Time every kernel the matrices can run over all of `linears` (one role across all layers,
-    so the weights stream from memory as in decoding) at one row and at a block of
-    `PROBE_BLOCK_ROWS` rows, keep the fastest per row count, and `select` it on each. The
-    `DVI_NATIVE_KERNELS` setting, when present, is taken instead of timing. A kernel that is
-    clearly slower (50% over the best so far in one run, or a one-row time above the best block
-    time) is not timed again."""
+    """Pick the kernels of one role (the same matrix across all layers, so the weights stream
+    from memory as in decoding), `select` them on each linear and return them.
+
+    `DVI_NATIVE_KERNELS`, when set, is taken as it is. Otherwise, where a row-invariant kernel
+    (`ROW_INVARIANT_KERNELS`) runs every matrix, the one with the least time for one row plus a
+    block of `PROBE_BLOCK_ROWS` rows runs both row counts: a verify block then reproduces the AR
+    step bit for bit. Elsewhere each row count gets its fastest kernel by timing."""
     forced = NativeKernels.from_env()
     candidates = [k for k in NATIVE_KERNEL_NAMES if all(k in lin.available() for lin in linears)]
+    invariant = [k for k in candidates if k in ROW_INVARIANT_KERNELS]
     if forced is not None or candidates == ["dense"]:
         choice = forced or NativeKernels("dense", "dense")
+    elif invariant:
+        one_row = _time_kernels(linears, 1, invariant, repeats)
+        block = _time_kernels(linears, PROBE_BLOCK_ROWS, invariant, repeats)
+        best = min(block, key=lambda k: one_row[k] + block[k])
+        choice = NativeKernels(best, best)
     else:
-        chosen, one_row = [], {}
-        for rows in (1, PROBE_BLOCK_ROWS):
-            x = torch.randn(rows, linears[0].in_features)
-            seconds: dict[str, float] = {}
-            for kernel in candidates:
-                run = lambda kernel=kernel: [lin.run(x, kernel) for lin in linears]  # noqa: E731
-                best = min(seconds.values(), default=float("inf"))
-                if rows > 1 and one_row[kernel] > best:  # a block never costs less than one row
-                    continue
-                run()  # warm: oneDNN builds its kernel on the first call per shape
-                seconds[kernel] = best_seconds(run, 1)
-                if seconds[kernel] < 1.5 * best:
-                    seconds[kernel] = min(seconds[kernel], best_seconds(run, repeats))
-            if rows == 1:
-                one_row = seconds
-            chosen.append(min(seconds, key=seconds.get))
-            first = linears[0]
-            log.info("native %s [%d x %d] x %d matrices, %d row(s): %s", first.kind, first.out_features,
-                     first.in_features, len(linears), rows,
-                     ", ".join(f"{k} {1e3 * s:.2f} ms" for k, s in seconds.items()))
-        choice = NativeKernels(*chosen)
+        one_row = _time_kernels(linears, 1, candidates, repeats)
+        block = _time_kernels(linears, PROBE_BLOCK_ROWS, candidates, repeats, skip_above=one_row)
+        choice = NativeKernels(min(one_row, key=one_row.get), min(block, key=block.get))
     for lin in linears:
         lin.select(choice)
     return choice
