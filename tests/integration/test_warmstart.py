@@ -57,3 +57,29 @@ def test_the_default_drafter_starts_from_an_installed_warm_start_and_falls_back_
     with caplog.at_level(logging.INFO, logger="common.model_split"):
         SplitModel.load(other)  # the installed warm start is for a full-rank exit layer: skipped, untrained
     assert "does not fit this drafter" in caplog.text and "no warm start fits" in caplog.text
+
+
+def test_the_corpus_cache_regenerates_only_prompts_it_has_not_seen(tmp_path, monkeypatch):
+    import learner.warmstart as warmstart
+
+    calls = []
+
+    class Counting(warmstart.SpeculativeDecoder):
+        def generate(self, prompt, *args, **kwargs):
+            calls.append(list(prompt))
+            return super().generate(prompt, *args, **kwargs)
+
+    monkeypatch.setattr(warmstart, "SpeculativeDecoder", Counting)
+    split = stories_split(exit_layer=2)
+    a, b, c = [encode_prompt(split.tokenizer, p.text) for p in load_prompts(SEEDS)[:3]]
+    greedy = WarmStartConfig(max_new_tokens=6)
+    first, _ = generate_corpus(split, [a, b], greedy, tmp_path)
+    assert calls == [a, b]
+    again, seconds = generate_corpus(split, [c, a, b], greedy, tmp_path)  # a grown, reordered seed file
+    assert calls == [a, b, c] and seconds > 0
+    assert [t.tokens.tolist() for t in again[1:]] == [t.tokens.tolist() for t in first]
+    sampled = WarmStartConfig(max_new_tokens=6, temperature=1.0, samples_per_prompt=2)
+    generate_corpus(split, [a], sampled, tmp_path)  # other settings: new keys beside the greedy ones
+    assert len(calls) == 5 and len(list(tmp_path.glob("*.msgpack"))) == 5
+    generate_corpus(split, [a, b, c], greedy, tmp_path)
+    assert len(calls) == 5
