@@ -65,6 +65,9 @@ class WarmStartConfig:
     """Verifier log-probs kept per position (the KL's targets)."""
     epochs: float = 3.0
     """Passes over the corpus, in scored positions: steps = epochs * corpus positions / batch_tokens."""
+    lr_schedule: str = "constant"
+    """The learning rate over the run: "constant" (the learner's rates) or "cosine" (decayed from
+    them to 0 at the last step)."""
     chunks: int = 6
     """Stages of the agreement curve: stage i trains on the first i/chunks of the corpus."""
     seed: int = 0
@@ -85,6 +88,8 @@ class WarmStartConfig:
             raise ValueError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
         if not self.epochs > 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.chunks < 1:
             raise ValueError(f"chunks must be >= 1, got {self.chunks}")
 
@@ -224,21 +229,29 @@ def train_warm_start(
 
     point()
     bounds = [round(len(corpus) * (i + 1) / config.chunks) for i in range(config.chunks)]
-    for end in bounds:
+    stages = [(a, b) for a, b in zip([0] + bounds[:-1], bounds) if b > a]
+    plan = [max(1, math.ceil(config.epochs * sum(t.num_scored for t in corpus[a:b]) / cfg.batch_tokens)) for a, b in stages]
+    schedule = _lr_schedule(learner.optimizer, config.lr_schedule, sum(plan))
+    for (_, end), steps in zip(stages, plan):
         part = list(corpus[seen:end])
-        if not part:
-            continue
         learner.add(part)
         learner.refresh_draft_vocab()
-        added = sum(t.num_scored for t in part)
-        seen, positions = end, positions + added
+        seen, positions = end, positions + sum(t.num_scored for t in part)
         tokens += sum(len(t.committed_tokens) for t in part)
-        for _ in range(max(1, math.ceil(config.epochs * added / cfg.batch_tokens))):
-            stats = learner.train_step()
-            if stats is None:
+        for _ in range(steps):
+            if learner.train_step() is None:
                 break
+            schedule.step()
         point()
     return learner, points
+
+
+def _lr_schedule(optimizer: torch.optim.Optimizer, kind: str, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning rate over the warm start's steps: "constant" (the learner's rates throughout)
+    or "cosine" (from the learner's rates down to 0 at the last step)."""
+    if kind == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
 
 
 def warm_start_record(config: WarmStartConfig, points: Sequence[CurvePoint], **extra) -> dict:

@@ -4,6 +4,7 @@ drafter's look-up of a warm start (common/warm_start.py) with its fall-back to t
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 
@@ -83,3 +84,18 @@ def test_the_corpus_cache_regenerates_only_prompts_it_has_not_seen(tmp_path, mon
     assert len(calls) == 5 and len(list(tmp_path.glob("*.msgpack"))) == 5
     generate_corpus(split, [a, b, c], greedy, tmp_path)
     assert len(calls) == 5
+
+
+def test_a_cosine_schedule_decays_the_warm_starts_rates_to_zero_and_a_constant_one_keeps_them():
+    split = stories_split(exit_layer=2)
+    seeds = interleave_categories(load_prompts(SEEDS))[:4]
+    corpus, _ = generate_corpus(split, [encode_prompt(split.tokenizer, p.text) for p in seeds], WarmStartConfig(max_new_tokens=8))
+    rates = {}
+    for kind in ("constant", "cosine"):
+        config = WarmStartConfig(max_new_tokens=8, epochs=2, chunks=2, lr_schedule=kind)
+        config = replace(config, learner=replace(config.learner, batch_tokens=16))  # every planned step is taken
+        learner, points = train_warm_start(split.sibling(split.drafter_config), corpus, [], config)
+        assert points[-1].steps == sum(max(1, -(-2 * sum(t.num_scored for t in corpus[a:b]) // 16)) for a, b in ((0, 2), (2, 4)))
+        rates[kind] = [(g["lr"], g["initial_lr"]) for g in learner.optimizer.param_groups]
+    assert all(lr == initial > 0 for lr, initial in rates["constant"])
+    assert all(abs(lr) < 1e-12 < initial for lr, initial in rates["cosine"])
