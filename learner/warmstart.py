@@ -19,7 +19,8 @@ The draft vocabulary is picked from the corpus's token counts, so the warm start
 the "lowest ids" vocabulary an untrained reduced drafter starts with.
 
 The corpus only depends on the frozen model (never on the drafter), so it is cached on disk as
-msgpack trajectories (common/codec.py) and reused when the same settings ask for it again.
+msgpack trajectories (common/codec.py), one file per generation keyed by a hash of its settings,
+prompt and sample index (`corpus_key`): a seed file that grows regenerates only its new prompts.
 """
 
 from __future__ import annotations
@@ -65,9 +66,10 @@ class WarmStartConfig:
     """Verifier log-probs kept per position (the KL's targets)."""
     epochs: float = 3.0
     """Passes over the corpus, in scored positions: steps = epochs * corpus positions / batch_tokens."""
-    lr_schedule: str = "constant"
+    lr_schedule: str = "cosine"
     """The learning rate over the run: "constant" (the learner's rates) or "cosine" (decayed from
-    them to 0 at the last step)."""
+    them to 0 at the last step). Cosine measured 18.6% held-out agreement against 16.9% for
+    constant on SmolLM2 (the first 80 seed generations, 3 epochs; 19.8% at 6 epochs)."""
     chunks: int = 6
     """Stages of the agreement curve: stage i trains on the first i/chunks of the corpus."""
     seed: int = 0
