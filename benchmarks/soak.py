@@ -47,7 +47,6 @@ import msgpack  # noqa: E402
 import torch  # noqa: E402
 
 from common.core.codec import encode_trajectory  # noqa: E402
-from common.core.config import DecodeConfig  # noqa: E402
 from common.core.errors import ServiceError  # noqa: E402
 from common.transport.redis.client import PrivateRedis, connect  # noqa: E402
 from common.transport.redis.streams import TrajectoryStream, TransportConfig  # noqa: E402

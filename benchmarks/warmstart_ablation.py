@@ -3,12 +3,12 @@
     python benchmarks/warmstart_ablation.py RUN [RUN ...]
 
 Each RUN is comma-separated key=value changes to the baseline (or "default"): n (corpus
-generations used), epochs, bt (batch positions), hlr / llr (head / exit-layer lr), init (the
-layer the exit layer is copied from), full (1 full rank, 0 LoRA), rank (head LoRA rank; alpha =
-2 * rank), prompt (0 drops the prompt positions' targets). Prints one JSON line per run: the
+generations used), temp (the corpus's decoding temperature, default 0), epochs, bt (batch
+positions), hlr / llr (head / exit-layer lr), init (the layer the exit layer is copied from),
+full (1 full rank, 0 LoRA), rank (head LoRA rank; alpha = 2 * rank), prompt (0 drops the prompt positions' targets). Prints one JSON line per run: the
 untrained and trained held-out agreement (24 held-out Spec-Bench prompts, 64 greedy tokens,
 common/decoding/agreement.py; targets cached in $DVI_CACHE/warmstart/heldout24.safetensors). Needs the
-corpus `dvi warmstart` cached for SmolLM2-135M at exit layer 4.
+corpus `dvi warmstart` cached for SmolLM2-135M at exit layer 4 (generates what is missing).
 """
 
 import json
@@ -20,14 +20,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.decoding.agreement import AgreementTargets, greedy_targets
-from common.core.codec import decode_trajectory
 from common.core.config import DrafterConfig, ModelSpec
 from common.model.split import SplitModel
 from common.model.loading import cache_dir
 from common.core.prompts import encode_prompt, load_prompts
-from dvi.bench.learning import split_train_eval
+from dvi.bench.learning import interleave_categories, split_train_eval
+from dvi.commands.warmstart import SEEDS
 from dvi.data import SPEC_BENCH_DEV
-from learner.warmstart import WarmStartConfig, train_warm_start
+from learner.warmstart import WarmStartConfig, generate_corpus, train_warm_start
 
 
 def held_out(split: SplitModel, path) -> list[AgreementTargets]:
@@ -48,16 +48,25 @@ def without_prompt(t):
                    verified_topk_logprobs=t.verified_topk_logprobs[keep])
 
 
+def seed_corpus(base: SplitModel, root, temperature: float, n: int) -> list:
+    """The first n generations of the command's corpus at this temperature, in its order, from its
+    cache (generating what is missing)."""
+    seeds = interleave_categories(load_prompts(SEEDS))[:n]
+    corpus, _ = generate_corpus(base, [encode_prompt(base.tokenizer, p.text) for p in seeds],
+                                WarmStartConfig(temperature=temperature),
+                                root / f"{base.fingerprint}-k{base.exit_layer}" / "corpus")
+    return corpus
+
+
 def main(runs: list[str]) -> None:
     torch.set_num_threads(1)
     base = SplitModel.load(ModelSpec(warm_start=False))
     root = cache_dir() / "warmstart"
     targets = held_out(base, root / "heldout24.safetensors")
-    corpus_dir = root / f"{base.fingerprint}-k{base.exit_layer}" / "corpus"
-    corpus = [decode_trajectory(p.read_bytes(), 1 << 28) for p in sorted(corpus_dir.glob("*.msgpack"))]
     for run in runs:
         kv = dict(x.split("=") for x in run.split(",")) if run != "default" else {}
-        part = corpus[: int(kv.pop("n", len(corpus)))]
+        n = int(kv.pop("n", 1_000_000))
+        part = seed_corpus(base, root, float(kv.pop("temp", 0)), n)
         if kv.pop("prompt", "1") == "0":
             part = [without_prompt(t) for t in part]
         rank = int(kv.pop("rank", 16))

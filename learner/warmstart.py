@@ -19,11 +19,13 @@ The draft vocabulary is picked from the corpus's token counts, so the warm start
 the "lowest ids" vocabulary an untrained reduced drafter starts with.
 
 The corpus only depends on the frozen model (never on the drafter), so it is cached on disk as
-msgpack trajectories (common/core/codec.py) and reused when the same settings ask for it again.
+msgpack trajectories (common/core/codec.py), one file per generation keyed by a hash of its settings,
+prompt and sample index (`corpus_key`): a seed file that grows regenerates only its new prompts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -64,6 +66,10 @@ class WarmStartConfig:
     """Verifier log-probs kept per position (the KL's targets)."""
     epochs: float = 3.0
     """Passes over the corpus, in scored positions: steps = epochs * corpus positions / batch_tokens."""
+    lr_schedule: str = "cosine"
+    """The learning rate over the run: "constant" (the learner's rates) or "cosine" (decayed from
+    them to 0 at the last step). Cosine measured 18.6% held-out agreement against 16.9% for
+    constant on SmolLM2 (the first 80 seed generations, 3 epochs; 19.8% at 6 epochs)."""
     chunks: int = 6
     """Stages of the agreement curve: stage i trains on the first i/chunks of the corpus."""
     seed: int = 0
@@ -84,6 +90,8 @@ class WarmStartConfig:
             raise ValueError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
         if not self.epochs > 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.chunks < 1:
             raise ValueError(f"chunks must be >= 1, got {self.chunks}")
 
@@ -96,13 +104,47 @@ class WarmStartConfig:
             record_topk=self.record_topk, record_prompt_positions=1_000_000,
         )
 
-    def corpus_settings(self, split: SplitModel, num_prompts: int) -> dict:
-        """What the cached corpus depends on (a cache whose settings differ is regenerated)."""
-        return {
-            "model_fingerprint": split.fingerprint, "exit_layer": split.exit_layer, "prompts": num_prompts,
-            "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
-            "samples_per_prompt": self.samples_per_prompt, "record_topk": self.record_topk, "seed": self.seed,
-        }
+    def corpus_settings(self) -> dict:
+        """What one cached generation depends on besides the model, its prompt and its sample index."""
+        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
+                "record_topk": self.record_topk, "seed": self.seed}
+
+
+def corpus_key(settings: dict, prompt: Sequence[int], sample: int) -> str:
+    """The cache key of one generation: a hash of the settings, the prompt's token ids and the
+    sample index, so a seed file that grows (or is reordered) regenerates only its new prompts,
+    and corpora of other settings (a temperature, more samples) share the cache."""
+    blob = json.dumps({"settings": settings, "prompt": [int(i) for i in prompt], "sample": int(sample)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+class _CorpusCache:
+    """A directory of generations (`<key>.msgpack`) for one model and exit layer, with their
+    generation seconds in corpus.json; emptied when the model or exit layer differs."""
+
+    def __init__(self, directory: str | Path, split: SplitModel) -> None:
+        self.root = Path(directory)
+        self.root.mkdir(parents=True, exist_ok=True)
+        owner = {"model_fingerprint": split.fingerprint, "exit_layer": split.exit_layer, "layout": "per-prompt-key"}
+        meta_path = self.root / CORPUS_SETTINGS
+        self.meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        if self.meta.get("owner") != owner or not isinstance(self.meta.get("seconds"), dict):
+            for old in self.root.glob("*.msgpack"):
+                old.unlink()
+            self.meta = {"owner": owner, "seconds": {}}
+            meta_path.write_text(json.dumps(self.meta))
+
+    def get(self, key: str) -> Trajectory | None:
+        path = self.root / f"{key}.msgpack"
+        return decode_trajectory(path.read_bytes(), _MAX_RECORD_BYTES) if path.is_file() else None
+
+    def put(self, key: str, trajectory: Trajectory, seconds: float) -> None:
+        (self.root / f"{key}.msgpack").write_bytes(encode_trajectory(trajectory, _MAX_RECORD_BYTES))
+        self.meta["seconds"][key] = seconds
+        (self.root / CORPUS_SETTINGS).write_text(json.dumps(self.meta))
+
+    def seconds(self, key: str) -> float:
+        return float(self.meta["seconds"].get(key, 0.0))
 
 
 def generate_corpus(
@@ -112,46 +154,33 @@ def generate_corpus(
     directory: str | Path | None = None,
     on_request: Callable[[int, int], None] | None = None,
 ) -> tuple[list[Trajectory], float]:
-    """The corpus (one Trajectory per seed prompt and sample, in order) and the seconds spent making
-    the part of it not found in `directory`'s cache. `on_request(done, total)` after each one."""
-    settings = config.corpus_settings(split, len(prompts))
-    cache = Path(directory) if directory is not None else None
-    if cache is not None:
-        cache.mkdir(parents=True, exist_ok=True)
-        meta_path = cache / CORPUS_SETTINGS
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        if meta.get("settings") != settings:
-            for old in cache.glob("*.msgpack"):
-                old.unlink()
-            meta = {"settings": settings, "seconds": 0.0}
-            meta_path.write_text(json.dumps(meta))
+    """The corpus (one Trajectory per seed prompt and sample, in order) and the seconds its
+    generations took (cached ones: as recorded when they were made). Each generation is cached
+    in `directory` under `corpus_key` and, at temperature > 0, seeded by it, so it is the same
+    whichever other prompts the seed file holds. `on_request(done, total)` after each one."""
+    settings = config.corpus_settings()
+    cache = _CorpusCache(directory, split) if directory is not None else None
     decoder = SpeculativeDecoder(split)
     total = len(prompts) * config.samples_per_prompt
     corpus: list[Trajectory] = []
     spent = 0.0
     for index in range(total):
-        path = cache / f"{index:05d}.msgpack" if cache is not None else None
-        if path is not None and path.is_file():
-            corpus.append(decode_trajectory(path.read_bytes(), _MAX_RECORD_BYTES))
+        prompt, sample = prompts[index // config.samples_per_prompt], index % config.samples_per_prompt
+        key = corpus_key(settings, prompt, sample)
+        trajectory = cache.get(key) if cache is not None else None
+        if trajectory is not None:
+            spent += cache.seconds(key)
         else:
             started = time.perf_counter()
-            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
-            result = decoder.generate(
-                list(prompts[index // config.samples_per_prompt]), config.decode,
-                generator=generator, request_id=f"warmstart-{index}",
-            )
-            spent += time.perf_counter() - started
-            corpus.append(result.trajectory)
-            if path is not None:
-                path.write_bytes(encode_trajectory(result.trajectory, _MAX_RECORD_BYTES))
-                meta = json.loads((cache / CORPUS_SETTINGS).read_text())
-                meta["seconds"] = float(meta.get("seconds", 0.0)) + spent
-                (cache / CORPUS_SETTINGS).write_text(json.dumps(meta))
-                spent = 0.0
+            generator = torch.Generator().manual_seed(int(key[:15], 16))
+            trajectory = decoder.generate(list(prompt), config.decode, generator=generator, request_id=f"warmstart-{key}").trajectory
+            seconds = time.perf_counter() - started
+            spent += seconds
+            if cache is not None:
+                cache.put(key, trajectory, seconds)
+        corpus.append(trajectory)
         if on_request is not None:
             on_request(index + 1, total)
-    if cache is not None:
-        spent = float(json.loads((cache / CORPUS_SETTINGS).read_text()).get("seconds", 0.0))
     return corpus, spent
 
 
@@ -202,21 +231,29 @@ def train_warm_start(
 
     point()
     bounds = [round(len(corpus) * (i + 1) / config.chunks) for i in range(config.chunks)]
-    for end in bounds:
+    stages = [(a, b) for a, b in zip([0] + bounds[:-1], bounds) if b > a]
+    plan = [max(1, math.ceil(config.epochs * sum(t.num_scored for t in corpus[a:b]) / cfg.batch_tokens)) for a, b in stages]
+    schedule = _lr_schedule(learner.optimizer, config.lr_schedule, sum(plan))
+    for (_, end), steps in zip(stages, plan):
         part = list(corpus[seen:end])
-        if not part:
-            continue
         learner.add(part)
         learner.refresh_draft_vocab()
-        added = sum(t.num_scored for t in part)
-        seen, positions = end, positions + added
+        seen, positions = end, positions + sum(t.num_scored for t in part)
         tokens += sum(len(t.committed_tokens) for t in part)
-        for _ in range(max(1, math.ceil(config.epochs * added / cfg.batch_tokens))):
-            stats = learner.train_step()
-            if stats is None:
+        for _ in range(steps):
+            if learner.train_step() is None:
                 break
+            schedule.step()
         point()
     return learner, points
+
+
+def _lr_schedule(optimizer: torch.optim.Optimizer, kind: str, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning rate over the warm start's steps: "constant" (the learner's rates throughout)
+    or "cosine" (from the learner's rates down to 0 at the last step)."""
+    if kind == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
 
 
 def warm_start_record(config: WarmStartConfig, points: Sequence[CurvePoint], **extra) -> dict:

@@ -611,19 +611,27 @@ def lora_merged_weight(module: nn.Module) -> torch.Tensor:
 
 def lm_head_rows(head: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """x [N, H] through the output rows `rows` [V'] of a (possibly peft LoRA-wrapped) linear head:
-    [N, V'], equal to head(x)[:, rows] with the same gradient, at about V'/V of the cost (the LoRA
-    delta is peft's own `get_delta_weight`). A head with LoRA dropout runs in full, then is sliced."""
-    if isinstance(head, peft.tuners.lora.LoraLayer):
-        if any(not isinstance(d, nn.Identity) for d in head.lora_dropout.values()):
-            return head(x)[:, rows]
-        base = head.get_base_layer()
-        weight = base.weight[rows]
-        for name in head.active_adapters:
-            if name in head.lora_A:
-                weight = weight + head.get_delta_weight(name)[rows]
-    else:
-        base, weight = head, head.weight[rows]
-    return nn.functional.linear(x, weight, None if base.bias is None else base.bias[rows])
+    [N, V'], equal to head(x)[:, rows] with the same gradient, at about V'/V of the base's cost.
+    A vanilla LoRA adapter adds peft's own low-rank path, lora_B(lora_A(x)) * scaling, sliced (as
+    peft's forward computes it, never the [V, H] delta: that, and its gradient, cost more than the
+    sliced head); a LoRA variant (DoRA, ...) adds its `get_delta_weight` rows. A head with LoRA
+    dropout runs in full, then is sliced."""
+    if not isinstance(head, peft.tuners.lora.LoraLayer):
+        return nn.functional.linear(x, head.weight[rows], None if head.bias is None else head.bias[rows])
+    if any(not isinstance(d, nn.Identity) for d in head.lora_dropout.values()):
+        return head(x)[:, rows]
+    base = head.get_base_layer()
+    active = [name for name in head.active_adapters if name in head.lora_A]
+    weight = base.weight[rows]
+    for name in active:
+        if name in head.lora_variant:
+            weight = weight + head.get_delta_weight(name)[rows]
+    out = nn.functional.linear(x, weight, None if base.bias is None else base.bias[rows])
+    for name in active:
+        if name not in head.lora_variant:
+            a = head.lora_A[name](x.to(head.lora_A[name].weight.dtype))
+            out = out + (head.lora_B[name](a)[:, rows] * head.scaling[name]).to(out.dtype)
+    return out
 
 
 def with_draft_vocab(tensors: dict[str, torch.Tensor], meta: dict, source: str) -> dict[str, torch.Tensor]:

@@ -98,7 +98,6 @@ def speed(
     threads: options.Threads = None,
 ) -> None:
     """Time every method on the same prompts (batch 1, greedy, interleaved) and write a report."""
-    from common.core.config import ModelSpec
     from common.core.prompts import load_prompts
     from dvi.bench import speed as bench
 

@@ -75,6 +75,7 @@ def warmstart(
     temperature: float = typer.Option(0.0, "--temperature", help="Corpus decoding temperature (0 = greedy)."),
     samples_per_prompt: int = typer.Option(1, "--samples-per-prompt", help="Generations per seed prompt."),
     epochs: float = typer.Option(WarmStartConfig.epochs, "--epochs", help="Passes over the corpus."),
+    lr_schedule: str = typer.Option(WarmStartConfig.lr_schedule, "--lr-schedule", help="constant, or cosine (decayed to 0)."),
     head_lr: float = typer.Option(LearnerConfig.head_lr, "--head-lr", help="AdamW lr of the LM-head LoRA."),
     lora_lr: float = typer.Option(LearnerConfig.lora_lr, "--lora-lr", help="AdamW lr of the exit layer."),
     eval_prompts: int = typer.Option(24, "--eval-prompts", help="Held-out Spec-Bench prompts the curve is measured on."),
@@ -92,7 +93,7 @@ def warmstart(
 
 
 def _run(out, model, exit_layer, draft_vocab_size, seeds, max_new_tokens, temperature, samples_per_prompt, epochs,
-         head_lr, lora_lr, eval_prompts, eval_new_tokens, corpus, install, ship, seed, threads) -> None:
+         lr_schedule, head_lr, lora_lr, eval_prompts, eval_new_tokens, corpus, install, ship, seed, threads) -> None:
     from common.decoding.agreement import agreement, greedy_targets
     from common.core.config import ModelSpec
     from common.model.split import SplitModel
@@ -107,7 +108,7 @@ def _run(out, model, exit_layer, draft_vocab_size, seeds, max_new_tokens, temper
     started = time.perf_counter()
     config = WarmStartConfig(
         max_new_tokens=max_new_tokens, temperature=temperature, samples_per_prompt=samples_per_prompt,
-        epochs=epochs, seed=seed,
+        epochs=epochs, lr_schedule=lr_schedule, seed=seed,
     )
     config = replace(config, learner=replace(config.learner, head_lr=head_lr, lora_lr=lora_lr))
     drafter = DrafterConfig(exit_layer=exit_layer, draft_vocab_size=draft_vocab_size)

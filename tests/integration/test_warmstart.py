@@ -4,6 +4,7 @@ drafter's look-up of a warm start (common/model/warm_start.py) with its fall-bac
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 
@@ -57,3 +58,44 @@ def test_the_default_drafter_starts_from_an_installed_warm_start_and_falls_back_
     with caplog.at_level(logging.INFO, logger="common.model.split"):
         SplitModel.load(other)  # the installed warm start is for a full-rank exit layer: skipped, untrained
     assert "does not fit this drafter" in caplog.text and "no warm start fits" in caplog.text
+
+
+def test_the_corpus_cache_regenerates_only_prompts_it_has_not_seen(tmp_path, monkeypatch):
+    import learner.warmstart as warmstart
+
+    calls = []
+
+    class Counting(warmstart.SpeculativeDecoder):
+        def generate(self, prompt, *args, **kwargs):
+            calls.append(list(prompt))
+            return super().generate(prompt, *args, **kwargs)
+
+    monkeypatch.setattr(warmstart, "SpeculativeDecoder", Counting)
+    split = stories_split(exit_layer=2)
+    a, b, c = [encode_prompt(split.tokenizer, p.text) for p in load_prompts(SEEDS)[:3]]
+    greedy = WarmStartConfig(max_new_tokens=6)
+    first, _ = generate_corpus(split, [a, b], greedy, tmp_path)
+    assert calls == [a, b]
+    again, seconds = generate_corpus(split, [c, a, b], greedy, tmp_path)  # a grown, reordered seed file
+    assert calls == [a, b, c] and seconds > 0
+    assert [t.tokens.tolist() for t in again[1:]] == [t.tokens.tolist() for t in first]
+    sampled = WarmStartConfig(max_new_tokens=6, temperature=1.0, samples_per_prompt=2)
+    generate_corpus(split, [a], sampled, tmp_path)  # other settings: new keys beside the greedy ones
+    assert len(calls) == 5 and len(list(tmp_path.glob("*.msgpack"))) == 5
+    generate_corpus(split, [a, b, c], greedy, tmp_path)
+    assert len(calls) == 5
+
+
+def test_a_cosine_schedule_decays_the_warm_starts_rates_to_zero_and_a_constant_one_keeps_them():
+    split = stories_split(exit_layer=2)
+    seeds = interleave_categories(load_prompts(SEEDS))[:4]
+    corpus, _ = generate_corpus(split, [encode_prompt(split.tokenizer, p.text) for p in seeds], WarmStartConfig(max_new_tokens=8))
+    rates = {}
+    for kind in ("constant", "cosine"):
+        config = WarmStartConfig(max_new_tokens=8, epochs=2, chunks=2, lr_schedule=kind)
+        config = replace(config, learner=replace(config.learner, batch_tokens=16))  # every planned step is taken
+        learner, points = train_warm_start(split.sibling(split.drafter_config), corpus, [], config)
+        assert points[-1].steps == sum(max(1, -(-2 * sum(t.num_scored for t in corpus[a:b]) // 16)) for a, b in ((0, 2), (2, 4)))
+        rates[kind] = [(g["lr"], g["initial_lr"]) for g in learner.optimizer.param_groups]
+    assert all(lr == initial > 0 for lr, initial in rates["constant"])
+    assert all(abs(lr) < 1e-12 < initial for lr, initial in rates["cosine"])

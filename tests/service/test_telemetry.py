@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-import redis
 
 from common.core.errors import ServiceError
 from common.transport.redis.client import connect, free_port

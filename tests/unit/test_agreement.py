@@ -107,9 +107,9 @@ def test_lm_head_rows_equals_the_sliced_head_with_its_gradient():
     full = head(x)[:, rows]
     part = lm_head_rows(head, x, rows)
     assert torch.allclose(full, part, atol=1e-5)
-    (g_full,) = torch.autograd.grad(full.sum(), [head.lora_B["default"].weight])
-    (g_part,) = torch.autograd.grad(part.sum(), [head.lora_B["default"].weight])
-    assert torch.allclose(g_full, g_part, atol=1e-5) and g_part.abs().sum() > 0
+    params = [head.lora_A["default"].weight, head.lora_B["default"].weight]
+    for g_full, g_part in zip(torch.autograd.grad(full.sum(), params), torch.autograd.grad(part.sum(), params)):
+        assert torch.allclose(g_full, g_part, atol=1e-5) and g_part.abs().sum() > 0
 
 
 def test_greedy_targets_match_the_verifiers_targets_on_the_generated_positions():
