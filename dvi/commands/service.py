@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -46,6 +47,22 @@ def _learner_config(head_lr: float | None, lora_lr: float | None, batch_tokens: 
     if max_staleness is not None:
         changes["max_staleness"] = max_staleness
     return replace(LearnerConfig(), **changes)
+
+
+@dataclass(frozen=True)
+class DemoLearning:
+    """What `dvi demo` changes from the service's learner defaults, so that a run of a few minutes
+    on 2 CPU cores publishes several weight versions (the learning rates stay LearnerConfig's)."""
+
+    batch_tokens: int = 16
+    """Scored positions per learner step (the service's default waits for more)."""
+    replay_ratio: float = 4.0
+    """Learner steps per batch of newly added drafted tokens."""
+    publish_every_s: float = 15.0
+    """Publish at least this often while the learner steps."""
+
+
+DEMO_LEARNING = DemoLearning()
 
 
 @app.command()
@@ -128,9 +145,9 @@ def demo(
         decode=DecodeConfig(gamma=gamma, max_new_tokens=max_new_tokens),
         learn=True,
         publish_every=publish_every,
-        publish_every_s=15.0,
-        replay_ratio=4.0,
-        learner=_learner_config(2e-3, 2e-3, None, 16),
+        publish_every_s=DEMO_LEARNING.publish_every_s,
+        replay_ratio=DEMO_LEARNING.replay_ratio,
+        learner=_learner_config(None, None, DEMO_LEARNING.batch_tokens, None),
         limit=limit,
         redis_url=redis_url,
         truncate_prompts=truncate_prompts,
