@@ -21,8 +21,8 @@ Gamma = Annotated[int, typer.Option("--gamma", help="Most tokens the exit head d
 ConfidenceThreshold = Annotated[float, typer.Option(
     "--confidence-threshold", help="Stop drafting below this drafter top-1 probability (0 = off).")]
 ContextTokens = Annotated[int, typer.Option(
-    "--context-tokens", "--context-tokens", help="Most tokens a block drafts from the context (prompt lookup; 0 = off).")]
-ContextMinNgram = Annotated[int, typer.Option("--context-min-ngram", "--context-min-ngram", help="Shortest suffix n-gram a context draft matches.")]
+    "--context-tokens", "--lookup-tokens", help="Most tokens a block drafts from the context (prompt lookup; 0 = off).")]
+ContextMinNgram = Annotated[int, typer.Option("--context-min-ngram", "--lookup-min-ngram", help="Shortest suffix n-gram a context draft matches.")]
 AdaptiveGamma = Annotated[bool, typer.Option(
     "--adaptive-gamma/--fixed-gamma", help="Draft as many exit-head tokens as pay off (<= gamma), or always gamma.")]
 TruncatePrompts = Annotated[bool, typer.Option(
