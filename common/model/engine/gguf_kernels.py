@@ -14,8 +14,19 @@ row's result does not depend on the block it is in (one-row steps and verify blo
 bit). The activations of a block's rows are read while its weights are in registers, so T rows
 cost far less than T one-row calls.
 
+The `q8` path (`GgufBlocks.q8`) is llama.cpp's answer to the fp32 FMA cost of several rows:
+each call quantises its rows once to Q8 blocks (int8 q, d = max|x| / 127, and d * sum(q) for
+Q4_1's offset), takes exact integer dot products with the blocks (`vpdpbusd` with AVX512-VNNI or
+AVX-VNNI, `maddubs` + `madd` with AVX2, chosen from the CPU flags at compile time: the same
+integer sums, the same bits) and sums the per-block results in fp32 in a fixed order. Weights
+stay exact; activations are rounded to 8 bits of their block's range (the bound is in `q8`).
+
+`causal_attention` is the attention of one-row steps and verify blocks, computed per (head, row)
+in an order fixed by the row's position, so a block's rows equal the one-row steps bit for bit.
+
 The per-block d and m stay fp16 as in the file (converted with F16C as they are read).
-It is compiled once per machine with the system C compiler (`cc`, `-O3 -mavx2 -mfma -mf16c -fopenmp`)
+It is compiled once per machine with the system C compiler (`cc`, `-O3 -mavx2 -mfma -mf16c -fopenmp`
+plus the VNNI flags this CPU has)
 into the dvi cache directory and loaded with ctypes; `available()` is False (and the engine
 uses torch's kernels) where there is no compiler, no AVX2/FMA, or the build fails.
 """
