@@ -12,7 +12,7 @@ model's ships with the project, made by the command in the README).
 from __future__ import annotations
 
 import json
-import platform
+import os
 import shutil
 import time
 from dataclasses import replace
@@ -101,6 +101,7 @@ def _run(out, model, exit_layer, draft_vocab_size, seeds, max_new_tokens, temper
     from common.core.prompts import encode_prompt, load_prompts
     from common.model.warm_start import SHIPPED_DIR, installed_warm_start_dir, warm_start_name
     from dvi.bench.learning import interleave_categories, split_train_eval
+    from dvi.bench.speed import machine_info
     from dvi.data import SPEC_BENCH_DEV
     from dvi.progress import progress_bar
     from learner.warmstart import generate_corpus, train_warm_start, warm_start_record
@@ -163,7 +164,7 @@ def _run(out, model, exit_layer, draft_vocab_size, seeds, max_new_tokens, temper
         total_seconds=time.perf_counter() - started,
         held_out={"prompts": len(held), "new_tokens": eval_new_tokens, "positions": sum(t.num_scored for t in targets),
                   "source": "Spec-Bench dev, second half of every category (dvi.bench.learning.split_train_eval), first N interleaved"},
-        machine={"platform": platform.platform(), "processor": platform.processor() or platform.machine(), "threads": threads},
+        machine={**machine_info("cpu"), "threads": threads, "load_average_at_end": os.getloadavg()},
         **sizes,
     )
     (out_dir / "warmstart.json").write_text(json.dumps(record, indent=2))
