@@ -156,6 +156,45 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def _llama_decoder(model, model_id: str, engine: str):
+    """`model`'s decoder stack; ModelLoadError unless it is Llama-style (embed_tokens, layers,
+    norm, rotary_emb) with an lm_head, ValueError for an unknown `engine`."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if decoder is None or not all(hasattr(decoder, name) for name in needed):
+        raise ModelLoadError(
+            f"'{model_id}' ({type(model).__name__}) has no Llama-style decoder stack "
+            "(embed_tokens, layers, norm, rotary_emb); dvi cannot split it"
+        )
+    if getattr(model, "lm_head", None) is None:
+        raise ModelLoadError(f"'{model_id}' has no lm_head; dvi needs a causal LM")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    return decoder
+
+
+def _exit_head(init_layer: nn.Module, norm: nn.Module, lm_head: nn.Module, config: DrafterConfig):
+    """The exit head as a peft model, in eval mode: a copy of `init_layer` (full rank, saved with
+    the adapter, or LoRA) + the frozen final norm + the LM head (LoRA when `adapt_lm_head`); only
+    the LoRA tensors and the full-rank copy train."""
+    block = copy.deepcopy(init_layer)
+    block.self_attn.layer_idx = 0  # it owns a one-layer cache of its own
+    head = ExitHead(block, norm, lm_head)
+    full_rank = config.full_rank_exit_layer
+    targets = [name for name, module in head.named_modules() if isinstance(module, nn.Linear)
+               and (config.adapt_lm_head if name == "lm_head" else not full_rank)]
+    lora = peft.LoraConfig(
+        r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=targets,
+        modules_to_save=["block"] if full_rank else None,  # a trainable full copy, saved with the adapter
+        bias="none",
+    )
+    exit_head = peft.get_peft_model(head, lora)
+    exit_head.eval()
+    for name, param in exit_head.named_parameters():
+        param.requires_grad_("lora_" in name or ".modules_to_save." in name)
+    return exit_head
+
+
 class SplitModel:
     """A frozen base model cut at `exit_layer`, with a LoRA-adapted exit head.
 
@@ -172,17 +211,7 @@ class SplitModel:
 
     def __init__(self, model, tokenizer, drafter_config: DrafterConfig, model_id: str, engine: str = "fast",
                  native: dict | None = None):
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
-        needed = ("embed_tokens", "layers", "norm", "rotary_emb")
-        if decoder is None or not all(hasattr(decoder, name) for name in needed):
-            raise ModelLoadError(
-                f"'{model_id}' ({type(model).__name__}) has no Llama-style decoder stack "
-                "(embed_tokens, layers, norm, rotary_emb); dvi cannot split it"
-            )
-        if getattr(model, "lm_head", None) is None:
-            raise ModelLoadError(f"'{model_id}' has no lm_head; dvi needs a causal LM")
-        if engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        decoder = _llama_decoder(model, model_id, engine)
         self.model = model
         self.tokenizer = tokenizer
         self.model_id = model_id
@@ -203,30 +232,9 @@ class SplitModel:
         self.weight_version = 0
         self._layer_weights = sum(p.numel() for p in self.layers[0].parameters())
 
-        init_layer = drafter_config.init_layer_for(self.num_layers)
-        block = copy.deepcopy(self.layers[init_layer])
-        block.self_attn.layer_idx = 0  # it owns a one-layer cache of its own
-        head = ExitHead(block, decoder.norm, model.lm_head)
-        full_rank = drafter_config.full_rank_exit_layer
-        targets = [
-            name
-            for name, module in head.named_modules()
-            if isinstance(module, nn.Linear)
-            and (drafter_config.adapt_lm_head if name == "lm_head" else not full_rank)
-        ]
-        lora = peft.LoraConfig(
-            r=drafter_config.lora_rank,
-            lora_alpha=drafter_config.lora_alpha,
-            lora_dropout=drafter_config.lora_dropout,
-            target_modules=targets,
-            modules_to_save=["block"] if full_rank else None,  # a trainable full copy, saved with the adapter
-            bias="none",
-        )
-        self.exit_head = peft.get_peft_model(head, lora)
+        self.exit_head = _exit_head(self.layers[drafter_config.init_layer_for(self.num_layers)], decoder.norm,
+                                    model.lm_head, drafter_config)
         self._head: ExitHead = self.exit_head.base_model.model  # LoRA layers live inside it
-        self.exit_head.eval()
-        for name, param in self.exit_head.named_parameters():
-            param.requires_grad_("lora_" in name or ".modules_to_save." in name)
         self.draft_vocab = self._initial_draft_vocab()
         self.native = native or None  # base matrices at the model file's precision (fast engine only)
         self._fast: FastStack | None = None

@@ -64,14 +64,14 @@ def speed(
     per_category: Optional[int] = typer.Option(
         None, "--per-category", help="Use the first N prompts of each Spec-Bench task (a stratified subset)."
     ),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Most new tokens per prompt, every method (Spec-Bench: 1024)."),
+    max_new_tokens: int = typer.Option(SpeedSettings.max_new_tokens, "--max-new-tokens", help="Most new tokens per prompt, every method (Spec-Bench: 1024)."),
     exit_layer: options.ExitLayer = DrafterConfig.exit_layer,
     gamma: options.Gamma = DecodeConfig.gamma,
     confidence_threshold: options.ConfidenceThreshold = DecodeConfig.confidence_threshold,
     context_tokens: options.ContextTokens = DecodeConfig.context_tokens,
     context_min_ngram: options.ContextMinNgram = DecodeConfig.context_min_ngram,
     draft_vocab_size: options.DraftVocabSize = DrafterConfig.draft_vocab_size,
-    engine: str = typer.Option("fast", "--engine", help="Forward of our own methods: fast (packed weights, static cache) or hf."),
+    engine: str = typer.Option(SpeedSettings.engine, "--engine", help="Forward of our own methods: fast (packed weights, static cache) or hf."),
     learn: Optional[str] = typer.Option(
         None, "--learn",
         help="Comma-separated schedules (kl-only, kl-rl, rl-only) to learn online first: each starts from the dvi drafter "
@@ -81,16 +81,16 @@ def speed(
     learn_updates_per_request: int = typer.Option(SpeedSettings.learn_updates_per_request, "--learn-updates-per-request", help="Optimiser steps after each learning request."),
     learn_lr: Optional[float] = typer.Option(
         SpeedSettings.learn_lr, "--learn-lr", help="AdamW lr of every trainable tensor while learning (default: the service's LearnerConfig rates)."),
-    learn_batch_tokens: int = typer.Option(256, "--learn-batch-tokens", help="Scored positions per optimiser step while learning."),
+    learn_batch_tokens: int = typer.Option(SpeedSettings.learn_batch_tokens, "--learn-batch-tokens", help="Scored positions per optimiser step while learning."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Trained adapter directory for the dvi method."),
     variant: Optional[list[str]] = typer.Option(
         None, "--variant", help="NAME=ADAPTER_DIR: one more dvi method with that adapter (repeatable)."
     ),
     methods: Optional[str] = typer.Option(None, "--methods", help=_METHODS_HELP),
     truncate_prompts: options.TruncatePrompts = SpeedSettings.truncate_prompts,
-    warmup: int = typer.Option(3, "--warmup", help="Prompts run through every method before timing (not recorded)."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
-    device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda:0."),
+    warmup: int = typer.Option(SpeedSettings.warmup, "--warmup", help="Prompts run through every method before timing (not recorded)."),
+    dtype: str = typer.Option(SpeedSettings.dtype, "--dtype", help="float32, float16 or bfloat16."),
+    device: str = typer.Option(SpeedSettings.device, "--device", help="Torch device, e.g. cpu or cuda:0."),
     weights: options.Weights = ModelSpec.weights,
     held_out: bool = typer.Option(
         False, "--held-out", help="Time only the held-out half (the prompts `--learn` never trains on), then apply --per-category/--limit."
@@ -98,53 +98,35 @@ def speed(
     threads: options.Threads = None,
 ) -> None:
     """Time every method on the same prompts (batch 1, greedy, interleaved) and write a report."""
-    from common.core.prompts import load_prompts
     from dvi.bench import speed as bench
 
     options.check_threads(threads)
     parsed_methods = parse_methods(methods)
-    settings = bench.SpeedSettings(
-        prompts=prompts,
-        model=model,
-        limit=limit,
-        per_category=per_category,
-        max_new_tokens=max_new_tokens,
-        exit_layer=exit_layer,
-        gamma=gamma,
-        confidence_threshold=confidence_threshold,
-        context_tokens=context_tokens,
-        context_min_ngram=context_min_ngram,
-        draft_vocab_size=draft_vocab_size,
-        engine=engine,
-        learn=parse_names("--learn", learn) or (),
-        learn_updates_per_request=learn_updates_per_request,
-        learn_lr=learn_lr,
-        learn_batch_tokens=learn_batch_tokens,
-        adapter=adapter,
-        variants=parse_variants(variant),
-        methods=parsed_methods if parsed_methods is not None else bench.BUILTIN_METHODS,
-        truncate_prompts=truncate_prompts,
-        warmup=warmup,
-        dtype=dtype,
-        device=device,
-        weights=weights,
-        held_out=held_out,
-        threads=threads,
-    )
+    given = {k: v for k, v in locals().items() if k in {f.name for f in dataclasses.fields(bench.SpeedSettings)}}
+    settings = bench.SpeedSettings(**{
+        **given, "learn": parse_names("--learn", learn) or (), "variants": parse_variants(variant),
+        "methods": parsed_methods if parsed_methods is not None else bench.BUILTIN_METHODS,
+    })
     if adapter:
         _check_adapter_dir("--adapter", adapter)
     for name, directory in settings.variants:
         _check_adapter_dir(f"--variant {name}", directory)
+    questions = _timed_questions(prompts, held_out, per_category, limit)
+    with options.torch_threads(threads):
+        _run(settings, questions, out)
+
+
+def _timed_questions(prompts: str, held_out: bool, per_category: int | None, limit: int | None) -> list:
+    """The prompts a speed run times: the held-out half (then per task and limit) or the file's first ones."""
+    from common.core.prompts import load_prompts
+
     if per_category is not None and per_category < 1:
         raise ValueError(f"--per-category must be >= 1, got {per_category}")
     if held_out:
         from dvi.bench.learning import select_per_task, split_train_eval
 
-        questions = select_per_task(split_train_eval(load_prompts(prompts))[1], per_category, limit)
-    else:
-        questions = load_prompts(prompts, limit, per_task=per_category)
-    with options.torch_threads(threads):
-        _run(settings, questions, out)
+        return select_per_task(split_train_eval(load_prompts(prompts))[1], per_category, limit)
+    return load_prompts(prompts, limit, per_task=per_category)
 
 
 def _run(settings, questions: list, out: str) -> None:
@@ -154,31 +136,12 @@ def _run(settings, questions: list, out: str) -> None:
 
     from common.core.config import ModelSpec
     from common.model.split import SplitModel
-    from common.core.prompts import encode_workload
-    from common.decoding.speculative import SpeculativeDecoder
     from dvi.bench import speed as bench
-    from dvi.bench.learning import split_train_eval
 
-    drafter = settings.drafter_config()
-    spec = ModelSpec(model=settings.model, dtype=settings.dtype, device=settings.device, drafter=drafter,
-                     engine=settings.engine, weights=settings.weights)
+    spec = ModelSpec(model=settings.model, dtype=settings.dtype, device=settings.device,
+                     drafter=settings.drafter_config(), engine=settings.engine, weights=settings.weights)
     split = SplitModel.load(spec)
-    learning_prompts, timed = split_train_eval(questions) if settings.learn else ([], questions)
-    checker = SpeculativeDecoder(split)
-    decode = DecodeConfig(gamma=0, max_new_tokens=settings.max_new_tokens)
-
-    def encode(questions: list, what: str) -> tuple[list, list]:
-        return encode_workload(questions, split.tokenizer, lambda ids: checker.check_request(ids, decode),
-                               max_new_tokens=settings.max_new_tokens, context=split.max_positions,
-                               truncate=settings.truncate_prompts, what=what)
-
-    timed_kept, skipped = encode(timed, "timed prompts")
-    learning_kept, learning_skipped = encode(learning_prompts, "learning prompts") if learning_prompts else ([], [])
-    skipped += learning_skipped
-    encoded = [bench.BenchPrompt(i, q.question_id, spec_bench_task(q.category), tuple(ids))
-               for i, (q, ids) in enumerate(timed_kept)]
-    learning_ids = [ids for _, ids in learning_kept]
-
+    encoded, learning_ids, skipped = _encoded_prompts(settings, split, questions)
     console = Console(stderr=True)
     drafters, learning = _drafters(settings, split, learning_ids, Path(out), console)
     names = list(settings.all_methods)
@@ -195,8 +158,45 @@ def _run(settings, questions: list, out: str) -> None:
                 )
 
             records = bench.run_benchmark(table, encoded, n_warm, split.device, on_step)
-
+    record, identity = _settings_record(settings, split, encoded, records, drafters, names)
+    if settings.learn:
+        record["learning"] = {"prompts": len(learning_ids), "split": "per category: the first half learns, "
+                              "the second half is timed", "schedules": learning}
     machine = bench.machine_info(str(split.device))
+    _, markdown = bench.write_reports(out, settings.model, machine, record, records, identity=identity, skipped=skipped)
+    sys.stdout.write(markdown + "\n")
+    console.print(f"wrote {Path(out) / 'speed.json'}, speed.md, speed.png, speed_runs.jsonl")
+
+
+def _encoded_prompts(settings, split, questions: list) -> tuple[list, list, list]:
+    """(timed prompts as `BenchPrompt`s, the learning prompts' token ids, skipped requests): with
+    --learn, per category the first half learns and the second half is timed."""
+    from common.core.prompts import encode_workload
+    from common.decoding.speculative import SpeculativeDecoder
+    from dvi.bench import speed as bench
+    from dvi.bench.learning import split_train_eval
+
+    learning_prompts, timed = split_train_eval(questions) if settings.learn else ([], questions)
+    checker = SpeculativeDecoder(split)
+    decode = DecodeConfig(gamma=0, max_new_tokens=settings.max_new_tokens)
+
+    def encode(questions: list, what: str) -> tuple[list, list]:
+        return encode_workload(questions, split.tokenizer, lambda ids: checker.check_request(ids, decode),
+                               max_new_tokens=settings.max_new_tokens, context=split.max_positions,
+                               truncate=settings.truncate_prompts, what=what)
+
+    timed_kept, skipped = encode(timed, "timed prompts")
+    learning_kept, learning_skipped = encode(learning_prompts, "learning prompts") if learning_prompts else ([], [])
+    encoded = [bench.BenchPrompt(i, q.question_id, spec_bench_task(q.category), tuple(ids))
+               for i, (q, ids) in enumerate(timed_kept)]
+    return encoded, [ids for _, ids in learning_kept], skipped + learning_skipped
+
+
+def _settings_record(settings, split, encoded: list, records: list, drafters: dict, names: list) -> tuple[dict, dict]:
+    """(speed.json's settings block: the flags, each drafter's agreement, the weights and kernels
+    used, the identity references; the identity references)."""
+    from dvi.bench import speed as bench
+
     record = bench.settings_record(settings, len(encoded))
     record["agreement"] = bench.drafter_agreement(drafters, encoded, records)
     record["agreement_measure"] = ("top-1 agreement of each drafter's exit head with the verifier at every position "
@@ -208,12 +208,7 @@ def _run(settings, questions: list, out: str) -> None:
         identity_references=identity,
         identity_references_text="; ".join(f"{m} vs {r}" for m, r in identity.items() if m != r),
     )
-    if settings.learn:
-        record["learning"] = {"prompts": len(learning_ids), "split": "per category: the first half learns, "
-                              "the second half is timed", "schedules": learning}
-    _, markdown = bench.write_reports(out, settings.model, machine, record, records, identity=identity, skipped=skipped)
-    sys.stdout.write(markdown + "\n")
-    console.print(f"wrote {Path(out) / 'speed.json'}, speed.md, speed.png, speed_runs.jsonl")
+    return record, identity
 
 
 def _drafters(settings, split, learning_ids: list, out: Path, console) -> tuple[dict, dict]:

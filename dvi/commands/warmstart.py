@@ -92,14 +92,38 @@ def warmstart(
         _run(**locals())
 
 
+def _save(split, drafter, targets, out_dir: Path, install: bool, ship: bool, model: str) -> dict:
+    """Write OUT/adapter; with `install`, make it this model's default drafter in the user's cache;
+    with `ship`, write the bf16 copy this package ships and measure its agreement as loaded.
+    Returns the sizes (and the shipped copy's agreement) for warmstart.json."""
+    from common.decoding.agreement import agreement
+    from common.model.warm_start import SHIPPED_DIR, installed_warm_start_dir, warm_start_name
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    adapter = split.save_adapter(out_dir / "adapter")
+    sizes = {"adapter_bytes_fp32": (adapter / "adapter_model.safetensors").stat().st_size}
+    if install:
+        target = installed_warm_start_dir(split.fingerprint, split.exit_layer)
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(adapter, target)
+        print(f"warmstart: installed as the default drafter of '{model}' at exit layer {split.exit_layer}: {target}")
+    if ship:
+        shipped = SHIPPED_DIR / warm_start_name(split.fingerprint, split.exit_layer)
+        sizes["shipped_bytes_bf16"] = bf16_copy(adapter, shipped)
+        check = split.sibling(drafter)
+        check.load_adapter(shipped)
+        print(f"warmstart: shipped a bf16 copy ({sizes['shipped_bytes_bf16']} bytes) in {shipped}")
+        sizes["shipped_agreement"] = agreement(check, targets).rate
+    return sizes
+
+
 def _run(out, model, exit_layer, draft_vocab_size, seeds, max_new_tokens, temperature, samples_per_prompt, epochs,
          lr_schedule, head_lr, lora_lr, eval_prompts, eval_new_tokens, corpus, install, ship, seed, threads) -> None:
-    from common.decoding.agreement import agreement, greedy_targets
+    from common.decoding.agreement import greedy_targets
     from common.core.config import ModelSpec
     from common.model.split import SplitModel
     from common.model.loading import cache_dir
     from common.core.prompts import encode_prompt, load_prompts
-    from common.model.warm_start import SHIPPED_DIR, installed_warm_start_dir, warm_start_name
     from dvi.bench.learning import interleave_categories, split_train_eval
     from dvi.bench.speed import machine_info
     from dvi.data import SPEC_BENCH_DEV
@@ -139,21 +163,7 @@ def _run(out, model, exit_layer, draft_vocab_size, seeds, max_new_tokens, temper
     train_seconds = time.perf_counter() - train_started
 
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    adapter = split.save_adapter(out_dir / "adapter")
-    sizes = {"adapter_bytes_fp32": (adapter / "adapter_model.safetensors").stat().st_size}
-    if install:
-        target = installed_warm_start_dir(split.fingerprint, split.exit_layer)
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(adapter, target)
-        print(f"warmstart: installed as the default drafter of '{model}' at exit layer {exit_layer}: {target}")
-    if ship:
-        shipped = SHIPPED_DIR / warm_start_name(split.fingerprint, split.exit_layer)
-        sizes["shipped_bytes_bf16"] = bf16_copy(adapter, shipped)
-        check = split.sibling(drafter)
-        check.load_adapter(shipped)
-        print(f"warmstart: shipped a bf16 copy ({sizes['shipped_bytes_bf16']} bytes) in {shipped}")
-        sizes["shipped_agreement"] = agreement(check, targets).rate
+    sizes = _save(split, drafter, targets, out_dir, install, ship, model)
     record = warm_start_record(
         config, points,
         model=model, exit_layer=exit_layer, draft_vocab_size=draft_vocab_size, seeds=str(seeds),
