@@ -78,6 +78,6 @@ def generate(
             f"[{len(result.token_ids)} tokens in {result.seconds:.2f}s, "
             f"{len(result.token_ids) / max(result.seconds, 1e-9):.1f} tok/s, tau {result.tau:.2f}, "
             f"exit-head acceptance {result.acceptance_rate:.2f} ({result.drafted} drafted), "
-            f"context drafts {result.context_accepted}/{result.context_drafted} accepted, adapter v{result.weight_version}]",
+            f"context drafts {result.context_accepted}/{result.context_drafted} accepted, weight version {result.weight_version}]",
             file=sys.stderr,
         )
