@@ -391,10 +391,10 @@ class _Run:
         from actors.generator import GeneratorConfig
         from actors.service import GeneratorPool, GeneratorSettings, root_cause
 
-        config = self.config
+        config, spec = self.config, self.config.model_spec()
         cpus = config.cpus_per_actor or actor_cpus(ray.cluster_resources().get("CPU", 1.0), config.actors, config.learn)
         settings = [
-            GeneratorSettings(model=config.model_spec(), redis_url=self.redis_url, transport=self.transport,
+            GeneratorSettings(model=spec, redis_url=self.redis_url, transport=self.transport,
                               secret_file=self.secret_file,
                               generator=GeneratorConfig(actor_id=f"actor-{i}", learn=config.learn, seed=config.seed,
                                                         ar_fallback=config.ar_fallback,

@@ -35,6 +35,15 @@ ReplayRatio = Annotated[float, typer.Option("--replay-ratio", help="Learner step
 Threads = Annotated[Optional[int], typer.Option("--threads", help="Torch CPU threads for the run (default: torch's own).")]
 
 
+def config_fields(config_class, given: dict) -> dict:
+    """The entries of `given` (a command's `locals()`) that name a field of the dataclass
+    `config_class`: what a command passes on to its settings, the rest taking their defaults."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return {k: v for k, v in given.items() if k in names}
+
+
 def check_threads(threads: int | None) -> None:
     """ValueError unless --threads is unset or >= 1 (call it before slow work)."""
     if threads is not None and threads < 1:

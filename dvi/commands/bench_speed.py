@@ -102,9 +102,8 @@ def speed(
 
     options.check_threads(threads)
     parsed_methods = parse_methods(methods)
-    given = {k: v for k, v in locals().items() if k in {f.name for f in dataclasses.fields(bench.SpeedSettings)}}
     settings = bench.SpeedSettings(**{
-        **given, "learn": parse_names("--learn", learn) or (), "variants": parse_variants(variant),
+        **options.config_fields(bench.SpeedSettings, locals()), "learn": parse_names("--learn", learn) or (), "variants": parse_variants(variant),
         "methods": parsed_methods if parsed_methods is not None else bench.BUILTIN_METHODS,
     })
     if adapter:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shlex
 import sys
-import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Optional
@@ -156,7 +155,6 @@ TrainGammaOpt = Annotated[Optional[int], typer.Option(
 GammaOpt = Annotated[int, typer.Option("--gamma", help="Most tokens drafted per block (evaluation, and training unless --train-gamma).")]
 MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", help="Most new tokens per request, training and evaluation.")]
 UpdatesPerRequest = Annotated[int, typer.Option("--updates-per-request", help="K: optimiser steps after each training request.")]
-PublishEvery = Annotated[int, typer.Option("--publish-every", help="Publish a new weight version every N optimiser steps.")]
 HeadLr = Annotated[float, typer.Option("--head-lr", help="AdamW lr of the LM-head LoRA.")]
 LoraLr = Annotated[float, typer.Option("--lora-lr", help="AdamW lr of the exit layer.")]
 BatchTokens = Annotated[int, typer.Option("--batch-tokens", help="Drafted tokens per optimiser step.")]
@@ -172,8 +170,7 @@ Device = Annotated[str, typer.Option("--device", help="Torch device, e.g. cpu or
 def settings_from(options_given: dict) -> TrainSettings:
     """The validated `TrainSettings` of a command's options (its `locals()`): every field the
     command has an option for, the dataclass defaults for the rest."""
-    names = {f.name for f in dataclasses.fields(TrainSettings)}
-    return TrainSettings(**{k: v for k, v in options_given.items() if k in names}).validate()
+    return TrainSettings(**options.config_fields(TrainSettings, options_given)).validate()
 
 
 # --------------------------------------------------------------------------- dvi train-local
@@ -197,7 +194,7 @@ def train_local_command(
     max_new_tokens: MaxNewTokens = TrainSettings.max_new_tokens,
     truncate_prompts: options.TruncatePrompts = TrainSettings.truncate_prompts,
     updates_per_request: UpdatesPerRequest = TrainSettings.updates_per_request,
-    publish_every: PublishEvery = TrainSettings.publish_every,
+    publish_every: options.PublishEvery = TrainSettings.publish_every,
     head_lr: HeadLr = TrainSettings.head_lr,
     lora_lr: LoraLr = TrainSettings.lora_lr,
     batch_tokens: BatchTokens = TrainSettings.batch_tokens,
@@ -321,7 +318,7 @@ def learning_command(
     max_new_tokens: MaxNewTokens = TrainSettings.max_new_tokens,
     truncate_prompts: options.TruncatePrompts = TrainSettings.truncate_prompts,
     updates_per_request: UpdatesPerRequest = TrainSettings.updates_per_request,
-    publish_every: PublishEvery = TrainSettings.publish_every,
+    publish_every: options.PublishEvery = TrainSettings.publish_every,
     head_lr: HeadLr = TrainSettings.head_lr,
     lora_lr: LoraLr = TrainSettings.lora_lr,
     batch_tokens: BatchTokens = TrainSettings.batch_tokens,

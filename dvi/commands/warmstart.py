@@ -72,8 +72,8 @@ def warmstart(
     draft_vocab_size: options.DraftVocabSize = DrafterConfig.draft_vocab_size,
     seeds: str = typer.Option(str(SEEDS), "--seeds", help="Seed instructions (JSONL, Spec-Bench or {\"prompt\"} lines)."),
     max_new_tokens: int = typer.Option(WarmStartConfig.max_new_tokens, "--max-new-tokens", help="New tokens generated per seed prompt."),
-    temperature: float = typer.Option(0.0, "--temperature", help="Corpus decoding temperature (0 = greedy)."),
-    samples_per_prompt: int = typer.Option(1, "--samples-per-prompt", help="Generations per seed prompt."),
+    temperature: float = typer.Option(WarmStartConfig.temperature, "--temperature", help="Corpus decoding temperature (0 = greedy)."),
+    samples_per_prompt: int = typer.Option(WarmStartConfig.samples_per_prompt, "--samples-per-prompt", help="Generations per seed prompt."),
     epochs: float = typer.Option(WarmStartConfig.epochs, "--epochs", help="Passes over the corpus."),
     lr_schedule: str = typer.Option(WarmStartConfig.lr_schedule, "--lr-schedule", help="constant, or cosine (decayed to 0)."),
     head_lr: float = typer.Option(LearnerConfig.head_lr, "--head-lr", help="AdamW lr of the LM-head LoRA."),
@@ -83,7 +83,7 @@ def warmstart(
     corpus: Optional[str] = typer.Option(None, "--corpus", help="Corpus cache directory (default: in the dvi cache)."),
     install: bool = typer.Option(True, "--install/--no-install", help="Make it this model's default drafter."),
     ship: bool = typer.Option(False, "--ship/--no-ship", help="Also write the bf16 copy this package ships (common/model/warmstarts/)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(WarmStartConfig.seed, "--seed"),
     threads: options.Threads = None,
 ) -> None:
     """Warm-start the drafter on the model's own generations from the shipped seed instructions."""
