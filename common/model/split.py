@@ -34,10 +34,12 @@ from transformers import DynamicCache
 from common.core.config import DrafterConfig, ModelSpec
 from common.model.draft_vocab import checked_draft_vocab, select_draft_vocab
 from common.core.errors import AdapterError, ModelLoadError
-from common.model.engine.fast_decoder import FastLayer, FastStack, base_linear, chunk_mask, fast_path_blocker, rms_norm, shared_fast_stack
+from common.model.engine.fast_decoder import (FastLayer, FastStack, base_linear, chunk_mask, fast_path_blocker, no_native,
+                                              rms_norm, shared_fast_stack)
 from common.model.engine.kv_cache import StaticKVCache
 from common.model.loading import load_model_and_tokenizer, load_native_weights
-from common.model.engine.packed_linear import PackedLinear
+from common.model.engine.native_weights import quantize_q8_0
+from common.model.engine.packed_linear import NativeKernels, NativeLinear, PackedLinear
 
 log = logging.getLogger(__name__)
 
@@ -420,19 +422,35 @@ class SplitModel:
         logits = self._head(h_k, rope, mask, exit_cache, position_ids, logits_for=1)[0, -1].float()
         return logits if self.draft_vocab.shape[0] == self.vocab_size else logits[self.draft_vocab]
 
-    def _merged_head(self) -> tuple[FastLayer, PackedLinear]:
+    def _merged_head(self) -> tuple[FastLayer, PackedLinear | NativeLinear]:
         """The exit head with its LoRA merged into packed weights (rebuilt after an adapter change):
-        the exit layer, and the LM head rows of the draft vocabulary."""
+        the exit layer, and the LM head rows of the draft vocabulary. Where the verifier runs
+        native weights with the q8 kernel, the merged matrices are quantised to Q8_0 and run it
+        too (a quarter of the bytes of fp32; the drafter may be approximate, since the verifier
+        alone decides what is emitted, and each draft's q is the one its token was drawn from)."""
         if self._fast_head is None:
             with torch.no_grad():
+                quantised = self._quantised_head()
+                native_of = (lambda m: quantize_q8_0(lora_merged_weight(m))) if quantised else no_native
+                kernels = NativeKernels("q8", "q8") if quantised else None
                 # a snapshot (deepcopy): a full-rank block's weights would otherwise be shared with
                 # the live parameters, and an optimiser step would reach half of the merged head
-                layer = FastLayer(copy.deepcopy(self._head.exit_block()), weight_of=lora_merged_weight)
+                layer = FastLayer(copy.deepcopy(self._head.exit_block()), weight_of=lora_merged_weight,
+                                  native_of=native_of, kernels=kernels)
                 lm_head = self._head.lm_head
                 rows = lora_merged_weight(lm_head)[self.draft_vocab]
                 bias = base_linear(lm_head).bias
-                self._fast_head = (layer, PackedLinear(rows, None if bias is None else bias[self.draft_vocab]))
+                bias = None if bias is None else bias[self.draft_vocab]
+                head = NativeLinear(quantize_q8_0(rows), bias, kernels) if quantised else PackedLinear(rows, bias)
+                self._fast_head = (layer, head)
         return self._fast_head
+
+    def _quantised_head(self) -> bool:
+        """True when the merged exit head runs Q8_0 (see `_merged_head`): the verifier's layers run
+        the q8 kernel and every matrix's input size is a multiple of 32."""
+        kernels = self.native_kernels or {}
+        return (bool(kernels) and all(k.one_row == "q8" for k in kernels.values())
+                and self.hidden_size % 32 == 0 and self._fast.layers[0].intermediate % 32 == 0)
 
     @property
     def draft_cost(self) -> float:

@@ -87,3 +87,28 @@ def test_smollm2_runs_native_whichever_kernel_the_probe_picks(monkeypatch, kerne
     assert split.weights == "native" and split.engine == "fast"
     ok, err = split._parity()
     assert ok and err < 1e-2
+
+
+def test_exit_head_runs_q8_0_where_the_verifier_runs_the_q8_kernel(monkeypatch):
+    """With the q8 kernel the merged exit head is quantised to Q8_0 and runs it too (the drafter
+    may be approximate: the verifier decides); its drafts stay close to the fp32 head's, and
+    speculation stays lossless (test above, `q8`). With fp32-activation kernels it stays fp32."""
+    from common.model.engine.packed_linear import NativeKernels, PackedLinear
+
+    logits = {}
+    for kernels in ("q8", "gguf"):
+        monkeypatch.setenv(NATIVE_KERNELS_ENV, kernels)
+        split = native_tiny_split(seed=7, exit_layer=2)
+        randomize_adapter(split, 7, scale=0.3)
+        layer, head = split._merged_head()
+        if kernels == "q8":
+            assert isinstance(head, NativeLinear) and head.kernels == NativeKernels("q8", "q8")
+            assert isinstance(layer.gate_up, NativeLinear)
+        else:
+            assert isinstance(head, PackedLinear)
+        cache, exit_cache = split.new_cache(16), split.new_exit_cache(16)
+        ids, pos = torch.tensor([[5, 9, 14, 3]]), torch.arange(4)[None]
+        with torch.inference_mode():
+            logits[kernels] = split.draft(split.shallow(ids, pos, cache), pos, exit_cache)
+    scale = float(logits["gguf"].abs().max())
+    assert torch.allclose(logits["q8"], logits["gguf"], atol=0.05 * scale)

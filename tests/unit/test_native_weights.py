@@ -212,3 +212,21 @@ def test_q8_kernel_gives_the_same_bits_with_every_dot_product_instruction_set(tm
                 continue
             kernel._lib = gguf_kernels._load(target)
             assert torch.equal(kernel.q8(x), expected), (kind, dot)
+
+
+def test_quantize_q8_0_is_within_half_a_step_of_the_matrix_and_runs_the_q8_kernel():
+    """The drafter's merged head is quantised as llama.cpp quantises Q8_0: each weight within half
+    its block's step d = max|w| / 127 (d stored fp16), zero blocks exactly zero."""
+    from common.model.engine.native_weights import quantize_q8_0
+
+    weight = torch.randn(48, 96) * torch.linspace(0.01, 3, 96)
+    weight[5, :32] = 0.0
+    matrix = quantize_q8_0(weight)
+    assert matrix.kind == "Q8_0" and matrix.shape == (48, 96)
+    step = (weight.abs().reshape(48, 3, 32).amax(-1) / 127).repeat_interleave(32, dim=1)
+    assert bool(((matrix.dequantize() - weight).abs() <= 0.51 * step + 1e-7).all())
+    assert torch.equal(matrix.dequantize()[5, :32], torch.zeros(32))
+    if gguf_kernels.available():
+        x = torch.randn(3, 96)
+        got = gguf_kernels.GgufBlocks(matrix).q8(x)
+        assert torch.allclose(got, x @ matrix.dequantize().t(), rtol=0.05, atol=0.05 * float(got.abs().max()))

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.model.engine import gguf_kernels
+from common.model.engine import gguf_kernels, layer_ops
 from common.model.engine.kv_cache import StaticKVCache
 from common.model.engine.native_weights import AffineInt4, concat_rows
 from common.model.engine.packed_linear import NativeKernels, NativeLinear, PackedLinear, choose_native_kernels
@@ -45,12 +45,14 @@ def no_native(linear: nn.Module) -> None:
     return None
 
 
-def fused_linear(modules: list[nn.Module], weight_of: WeightOf, native_of: NativeOf, bias) -> Linear:
-    """One linear applying `modules` stacked along their outputs: a `NativeLinear` when every one
-    has a native-precision matrix (`native_of`), else a `PackedLinear` over `weight_of` of each."""
+def fused_linear(modules: list[nn.Module], weight_of: WeightOf, native_of: NativeOf, bias,
+                 kernels: NativeKernels | None = None) -> Linear:
+    """One linear applying `modules` stacked along their outputs: a `NativeLinear` (running
+    `kernels`, or probed later when None) when every one has a native-precision matrix
+    (`native_of`), else a `PackedLinear` over `weight_of` of each."""
     natives = [native_of(m) for m in modules]
     if all(n is not None for n in natives):
-        return NativeLinear(natives[0] if len(natives) == 1 else concat_rows(natives), bias)
+        return NativeLinear(natives[0] if len(natives) == 1 else concat_rows(natives), bias, kernels)
     weights = [weight_of(m) for m in modules]
     return PackedLinear(weights[0] if len(weights) == 1 else torch.cat(weights), bias)
 
@@ -83,6 +85,13 @@ def fast_path_blocker(model: nn.Module) -> str | None:
             if norm is None or _norm_eps(norm) is None:
                 return "layer norms that are not RMSNorm"
     return None
+
+
+def _is_silu(act: Callable) -> bool:
+    """True when `act` computes SiLU (transformers' activation classes vary by version)."""
+    probe = torch.linspace(-8, 8, 33)
+    with torch.no_grad():
+        return isinstance(act, nn.SiLU) or torch.allclose(act(probe), F.silu(probe), atol=1e-6)
 
 
 def _norm_eps(norm: nn.Module) -> float | None:
@@ -119,10 +128,12 @@ class FastLayer:
 
     Built from an HF Llama-style layer; `weight_of(linear)` gives the weight each projection
     applies (the plain weight, or a LoRA-merged one for the drafter's exit layer); `native_of(linear)`
-    its matrix at native precision (a GGUF's Q4_1 blocks), or None to use `weight_of`.
+    its matrix at native precision (a GGUF's Q4_1 blocks), or None to use `weight_of`; `kernels`
+    fixes the native matrices' kernels (None: the stack's probe chooses them).
     """
 
-    def __init__(self, layer: nn.Module, weight_of: WeightOf = plain_weight, native_of: NativeOf = no_native):
+    def __init__(self, layer: nn.Module, weight_of: WeightOf = plain_weight, native_of: NativeOf = no_native,
+                 kernels: NativeKernels | None = None):
         attn, mlp = layer.self_attn, layer.mlp
         q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         self.head_dim = int(attn.head_dim)
@@ -130,16 +141,19 @@ class FastLayer:
         self.kv_heads = base_linear(k).out_features // self.head_dim
         self.scale = float(getattr(attn, "scaling", self.head_dim**-0.5))
         self.qkv = fused_linear(
-            [q, k, v], weight_of, native_of, _cat_bias([base_linear(q).bias, base_linear(k).bias, base_linear(v).bias])
-        )
-        self.o = fused_linear([o], weight_of, native_of, base_linear(o).bias)
+            [q, k, v], weight_of, native_of, _cat_bias([base_linear(q).bias, base_linear(k).bias, base_linear(v).bias]),
+            kernels)
+        self.o = fused_linear([o], weight_of, native_of, base_linear(o).bias, kernels)
         self.intermediate = base_linear(mlp.gate_proj).out_features
-        self.gate_up = fused_linear([mlp.gate_proj, mlp.up_proj], weight_of, native_of, None)
-        self.down = fused_linear([mlp.down_proj], weight_of, native_of, base_linear(mlp.down_proj).bias)
+        self.gate_up = fused_linear([mlp.gate_proj, mlp.up_proj], weight_of, native_of, None, kernels)
+        self.down = fused_linear([mlp.down_proj], weight_of, native_of, base_linear(mlp.down_proj).bias, kernels)
         self.act = mlp.act_fn
         self.norm1 = (layer.input_layernorm.weight.detach(), _norm_eps(layer.input_layernorm))
         self.norm2 = (layer.post_attention_layernorm.weight.detach(), _norm_eps(layer.post_attention_layernorm))
         self._split = [self.q_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
+        self.c_ops = _is_silu(self.act) and layer_ops.runs(
+            self.norm1[0].dtype, self.norm1[0].device, self.head_dim, self.intermediate)
+        """True: the non-matmul parts run as single C calls (layer_ops), else as torch ops."""
 
     def weight_bytes(self, rows: int = 1) -> int:
         """Bytes of weight matrices one call on `rows` rows streams."""
@@ -148,6 +162,8 @@ class FastLayer:
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: StaticKVCache, slot: int,
                  mask: torch.Tensor | None) -> torch.Tensor:
         """x [T, H]; cos/sin [T, head_dim] of the rows' positions; mask [T, past + T] bool or None."""
+        if self.c_ops:
+            return self._c_call(x.contiguous(), cos, sin, cache, slot)
         rows = x.shape[0]
         q, k, v = self.qkv(rms_norm(x, *self.norm1)).split(self._split, dim=-1)
         q = _rotate(q.view(rows, self.q_heads, self.head_dim).transpose(0, 1), cos, sin)  # [heads, T, hd]
@@ -157,6 +173,15 @@ class FastLayer:
         gate, up = self.gate_up(rms_norm(x, *self.norm2)).split(self.intermediate, dim=-1)
         return x + self.down(self.act(gate) * up)
 
+    def _c_call(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: StaticKVCache,
+                slot: int) -> torch.Tensor:
+        """The same layer with its non-matmul parts as C calls (layer_ops): every row computed
+        alone, prefill included (so the output does not depend on the thread count either)."""
+        qkv = self.qkv(layer_ops.rms_norm(x, *self.norm1)).contiguous()
+        keys, values, past = cache.reserve(slot, x.shape[0])
+        attn = layer_ops.rope_append_attention(qkv, cos, sin, keys, values, past, self.q_heads, self.scale)
+        x, h = layer_ops.add_rms_norm(x, self.o(attn), *self.norm2)
+        return x + self.down(layer_ops.silu_mul(self.gate_up(h).contiguous()))
 
     def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                    mask: torch.Tensor | None) -> torch.Tensor:
@@ -247,7 +272,7 @@ class FastStack:
             positions = torch.arange(size, device=self.device)[None]
             with torch.no_grad():
                 cos, sin = self._rotary(self.embed_weight[:1][None], positions)
-            self._cos, self._sin = cos[0], sin[0]
+            self._cos, self._sin = cos[0].contiguous(), sin[0].contiguous()
         return self._cos[start:end], self._sin[start:end]
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ uses torch's kernels) where there is no compiler, no AVX2/FMA, or the build fail
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -153,24 +154,46 @@ void q8_0_mm(const float *x, int T, int K, const int8_t *qs, const uint16_t *d, 
 }
 
 /* ---- integer path: activations quantised per row to Q8 blocks, int8 x int4/int8 dot products ---- */
+/* Weights are repacked into panels of 16 output columns (GgufBlocks.q8 builds them): for panel
+   p and 32-block g, the bytes hold the block's 32 values of all 16 columns so that one 32-bit
+   lane of a register is 4 consecutive values of one column. One integer dot product against 4
+   activation bytes broadcast to every lane then advances all the columns at once, and after 8
+   such steps each lane holds its column's exact block sum: the float work per (row, block) is a
+   convert, a multiply and a fused add for 16 columns, not per column (llama.cpp's repacked
+   layouts use the same idea). Q4_1 panels: 4 chunks of 64 bytes per block, chunk j's low
+   nibbles the values 4j..4j+3 of each column, its high nibbles 4j+16..4j+19. Q8_0 panels: 8
+   chunks, chunk j the values 4j..4j+3 stored as q + 128 (unsigned). The 512-bit build takes a
+   chunk in one register; the 256-bit builds take its two halves (columns 0-7, 8-15) in turn. */
 #if defined(DVI_AVX512VNNI)
-#define DOT_U8S8(u, s) _mm256_dpbusd_epi32(_mm256_setzero_si256(), (u), (s))
+#define DOT_ACC(acc, u, s) _mm256_dpbusd_epi32((acc), (u), (s))
+#define DOT_Q8_0(acc, u, s) _mm256_dpbusd_epi32((acc), (u), (s))
+#define Q8_0_OFFSET 1
 #elif defined(DVI_AVXVNNI)
-#define DOT_U8S8(u, s) _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), (u), (s))
+#define DOT_ACC(acc, u, s) _mm256_dpbusd_avx_epi32((acc), (u), (s))
+#define DOT_Q8_0(acc, u, s) _mm256_dpbusd_avx_epi32((acc), (u), (s))
+#define Q8_0_OFFSET 1
 #else
-/* u8 x s8 pairs summed to int16 (no saturation: |u| <= 128, |s| <= 127), then pairs to int32 */
-#define DOT_U8S8(u, s) _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1))
+/* u8 x s8 pairs summed to int16 (no saturation: u <= 15 or |u| <= 128 against |s| <= 127), then
+   pairs to int32. Q8_0's q + 128 would overflow the int16 pairs, so its sign moves onto x. */
+#define DOT_ACC(acc, u, s) _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1)))
+static inline __m256i dot_q8_0_avx2(__m256i acc, __m256i u, __m256i s) {
+    const __m256i q = _mm256_xor_si256(u, _mm256_set1_epi8((char)0x80));  /* q + 128 -> q */
+    return DOT_ACC(acc, _mm256_abs_epi8(q), _mm256_sign_epi8(s, q));
+}
+#define DOT_Q8_0(acc, u, s) dot_q8_0_avx2((acc), (u), (s))
+#define Q8_0_OFFSET 0
 #endif
 #define Q8_ROWS 8
+#define PANEL 16
+#define PREFETCH_AHEAD 16  /* blocks: the hardware prefetcher alone left a one-row step ~10% slower */
 
 /* Each 32-value block of each row: d = max|x| / 127, q = round(x * 127 / max|x|) in [-127, 127]
-   (the scale from an exact division, the rounding to nearest even of the vector unit; d is
-   stored 8 times, dxe [T, G, 8], to be loaded as a vector), and sx = d * sum(q), the block sum
-   of the quantised x (Q4_1's offset term; llama.cpp's Q8_1 `s`). The offset term must see the
-   same quantised x as the nibble term: Q4_1's d * q and m cancel to w = d * q + m, and only
-   then is the error bounded by |w| (with the exact sum of x it is bounded by |d * q|, which is
-   up to ~2x |w| and was 5x the error on SmolLM2's q_proj). Rows are independent. */
-static void quantize_rows(const float *x, int T, int K, int8_t *xq, float *dxe, float *sx) {
+   (the scale from an exact division, the rounding to nearest even of the vector unit), qsum the
+   exact sum of q, and sx = d * qsum (Q4_1's offset term; llama.cpp's Q8_1 `s`). The offset term
+   must see the same quantised x as the nibble term: Q4_1's d * q and m cancel to w = d * q + m,
+   and only then is the error bounded by |w| (with the exact sum of x it is bounded by |d * q|,
+   which is up to ~2x |w| and was 5x the error on SmolLM2's q_proj). Rows are independent. */
+static void quantize_rows(const float *x, int T, int K, int8_t *xq, float *dx, float *sx, int32_t *qsum) {
     const int G = K / 32;
     const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int r = 0; r < T * G; r++) {
@@ -183,145 +206,134 @@ static void quantize_rows(const float *x, int T, int K, int8_t *xq, float *dxe, 
         m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
         m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
         const float amax = _mm_cvtss_f32(m4);
-        _mm256_storeu_ps(dxe + (size_t)r * 8, _mm256_set1_ps(amax / 127.0f));  /* d, 8 copies */
+        dx[r] = amax / 127.0f;
         const __m256 id = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
         __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, id)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, id));
         __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, id)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, id));
         __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
         packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256((__m256i *)(xq + (size_t)r * 32), packed);
-        /* the sum of the quantised values (exact: integers below 2^24), times d */
-        __m256i qsum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
-        sx[r] = hsum(_mm256_cvtepi32_ps(qsum)) * (amax / 127.0f);
+        __m256i s = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+        qsum[r] = _mm_cvtsi128_si32(s4);
+        sx[r] = (float)qsum[r] * dx[r];  /* exact integer (|qsum| < 2^24) times d */
     }
 }
 
-/* sum over blocks g of m[g] * s[g]: fp32, 8 blocks per step in a fixed order (Q4_1's offset term). */
-static inline float offset_dot(const uint16_t *m, const float *s, int G) {
-    __m256 a = _mm256_setzero_ps();
-    int g = 0;
-    for (; g + 8 <= G; g += 8)
-        a = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + g))), _mm256_loadu_ps(s + g), a);
-    float r = hsum(a);
-    for (; g < G; g++)
-        r += _cvtsh_ss(m[g]) * s[g];
-    return r;
+static inline int32_t load4(const int8_t *p) {
+    int32_t v;
+    __builtin_memcpy(&v, p, 4);
+    return v;
 }
 
-/* The column kernels below compute, for rows t < T (T <= Q8_ROWS, a compile-time constant where
-   inlined), y[t, n] = hsum(acc_even + acc_odd) (+ offset_dot for Q4_1), where acc_even/odd
-   accumulate (in block order) (int sum_j q_w q_x) * dx[t, g] * dw[g] over the even/odd blocks.
-   The same instructions run for a row whatever T is, so a row's result does not depend on T. */
+/* One panel (16 columns p * 16 .. p * 16 + 15) for rows t < T (a compile-time constant where
+   inlined): y[t, n] = acc + off, where acc sums over blocks g, in order, fma(isum * dx[t, g],
+   dw[n, g]) and off (Q4_1 only) sums fma(m[n, g], sx[t, g]); isum is the exact integer block dot
+   product. Each column's lane runs the same operations in the 512-bit build (one register per
+   panel) and in the 256-bit ones (two halves), so every build gives the same bits; and the same
+   instructions run for a row whatever T is, so a row's result does not depend on T (nor on the
+   thread count: one thread computes a panel). */
 #if defined(DVI_AVX512VNNI)
-/* Two blocks per 512-bit register: lanes 0-7 the even block, 8-15 the odd one. */
-static inline __m512 pair_scale(const uint16_t *d, int g) {
-    __m256 lo = _mm256_set1_ps(_cvtsh_ss(d[g])), hi = _mm256_set1_ps(_cvtsh_ss(d[g + 1]));
-    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
-}
-
-static inline __m256 fold(__m512 acc) {
-    return _mm256_add_ps(_mm512_castps512_ps256(acc), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
-}
-
-#define PAIR_ROW_STEP(T, g, w, neg, dw)                                                           \
-    for (int t = 0; t < (T); t++) {                                                               \
-        __m512i xv = _mm512_loadu_si512((const void *)(xq + (size_t)t * K + 32 * (g)));           \
-        if (neg) xv = _mm512_mask_sub_epi8(xv, negmask, _mm512_setzero_si512(), xv);              \
-        __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), (w), xv);                         \
-        __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_loadu_ps(dxe + ((size_t)t * G + (g)) * 8)); \
-        acc[t] = _mm512_fmadd_ps(v, (dw), acc[t]);                                                \
-    }
-#define TAIL_ROW_STEP(T, g, w, neg, dw)                                                           \
-    for (int t = 0; t < (T); t++) {                                                               \
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)t * K + 32 * (g)));        \
-        if (neg) xv = _mm256_sign_epi8(xv, wsigned);                                              \
-        __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), (w), xv);                         \
-        __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_loadu_ps(dxe + ((size_t)t * G + (g)) * 8)); \
-        tail[t] = _mm256_fmadd_ps(v, (dw), tail[t]);                                              \
-    }
-
-static inline __attribute__((always_inline)) void q8_col(
-        const int T, const int is_q4, int K, int N, int n, const uint8_t *qs, const uint16_t *d,
-        const uint16_t *m, const int8_t *xq, const float *dxe, const float *sx, float *y) {
-    const int G = K / 32;
-    __m512 acc[Q8_ROWS];
-    __m256 tail[Q8_ROWS];
-    for (int t = 0; t < T; t++) { acc[t] = _mm512_setzero_ps(); tail[t] = _mm256_setzero_ps(); }
-    const uint16_t *dn = d + (size_t)n * G;
+static inline __attribute__((always_inline)) void q8_panel(
+        const int T, const int is_q4, int K, int N, int p, const uint8_t *w, const uint16_t *d,
+        const uint16_t *m, const int8_t *xq, const float *dx, const float *sx, const int32_t *qsum, float *y) {
+    const int G = K / 32, chunks = is_q4 ? 4 : 8;
+    __m512 acc[Q8_ROWS], off[Q8_ROWS];
+    for (int t = 0; t < T; t++) acc[t] = off[t] = _mm512_setzero_ps();
     const __m512i nib = _mm512_set1_epi8(0x0F);
-    int g = 0;
-    for (; g + 1 < G; g += 2) {
-        __m512 dw = pair_scale(dn, g);
-        __m512i w;
-        __mmask64 negmask = 0;
+    const uint8_t *wp = w + (size_t)p * G * chunks * 64;
+    const uint16_t *dp = d + (size_t)p * G * PANEL, *mp = is_q4 ? m + (size_t)p * G * PANEL : NULL;
+    for (int g = 0; g < G; g++) {
+        __m512i wv[8];
+        const uint8_t *b = wp + (size_t)g * chunks * 64;
+        for (int c = 0; c < chunks; c++)  /* the block PREFETCH_AHEAD ahead (the next panel's, near the end) */
+            _mm_prefetch((const char *)(b + PREFETCH_AHEAD * chunks * 64 + 64 * c), _MM_HINT_T0);
         if (is_q4) {
-            __m256i b = _mm256_loadu_si256((const __m256i *)(qs + ((size_t)n * G + g) * 16));
-            __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1);
-            w = _mm512_and_si512(_mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0)), nib);
+            for (int j = 0; j < 4; j++) {
+                __m512i raw = _mm512_loadu_si512((const void *)(b + 64 * j));
+                wv[j] = _mm512_and_si512(raw, nib);
+                wv[j + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nib);
+            }
         } else {
-            __m512i ws = _mm512_loadu_si512((const void *)(qs + ((size_t)n * K + 32 * g)));
-            negmask = _mm512_movepi8_mask(ws);
-            w = _mm512_abs_epi8(ws);
+            for (int j = 0; j < 8; j++) wv[j] = _mm512_loadu_si512((const void *)(b + 64 * j));
         }
-        PAIR_ROW_STEP(T, g, w, !is_q4, dw)
-    }
-    if (g < G) {  /* an odd block count: the last block joins the even blocks */
-        __m256 dw = _mm256_set1_ps(_cvtsh_ss(dn[g]));
-        __m256i w, wsigned = _mm256_setzero_si256();
-        if (is_q4) {
-            __m128i b = _mm_loadu_si128((const __m128i *)(qs + ((size_t)n * G + g) * 16));
-            w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F));
-        } else {
-            wsigned = _mm256_loadu_si256((const __m256i *)(qs + ((size_t)n * K + 32 * g)));
-            w = _mm256_sign_epi8(wsigned, wsigned);
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dp + (size_t)g * PANEL)));
+        const __m512 mw = is_q4 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mp + (size_t)g * PANEL)))
+                                : _mm512_setzero_ps();
+        for (int t = 0; t < T; t++) {
+            const int8_t *xp = xq + (size_t)t * K + 32 * g;
+            __m512i ia = _mm512_setzero_si512(), ib = _mm512_setzero_si512();
+            for (int j = 0; j < 4; j++) {  /* chunk j: values 4j.. (wv[j]) and 4j + 16.. (wv[j + 4]) */
+                ia = _mm512_dpbusd_epi32(ia, wv[j], _mm512_set1_epi32(load4(xp + 4 * j)));
+                ib = _mm512_dpbusd_epi32(ib, wv[j + 4], _mm512_set1_epi32(load4(xp + 16 + 4 * j)));
+            }
+            __m512i isum = _mm512_add_epi32(ia, ib);
+            if (!is_q4)  /* the weights were q + 128: take 128 * sum(x) back off */
+                isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(128 * qsum[(size_t)t * G + g]));
+            const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(dx[(size_t)t * G + g]));
+            acc[t] = _mm512_fmadd_ps(v, dw, acc[t]);
+            if (is_q4) off[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sx[(size_t)t * G + g]), off[t]);
         }
-        TAIL_ROW_STEP(T, g, w, !is_q4, dw)
     }
-    for (int t = 0; t < T; t++) {
-        __m256 lo = _mm256_add_ps(_mm512_castps512_ps256(acc[t]), tail[t]);
-        __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[t]), 1));
-        float r = hsum(_mm256_add_ps(lo, hi));
-        y[(size_t)t * N + n] = is_q4 ? r + offset_dot(m + (size_t)n * G, sx + (size_t)t * G, G) : r;
-    }
+    for (int t = 0; t < T; t++)
+        _mm512_storeu_ps(y + (size_t)t * N + (size_t)p * PANEL, is_q4 ? _mm512_add_ps(acc[t], off[t]) : acc[t]);
 }
 #else
-#define BLOCK_ROW_STEP(T, g, w, neg, dw, accs)                                                    \
-    for (int t = 0; t < (T); t++) {                                                               \
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)t * K + 32 * (g)));        \
-        if (neg) xv = _mm256_sign_epi8(xv, wsigned);                                              \
-        __m256i s = DOT_U8S8((w), xv);                                                            \
-        __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_loadu_ps(dxe + ((size_t)t * G + (g)) * 8)); \
-        accs[t] = _mm256_fmadd_ps(v, (dw), accs[t]);                                              \
-    }
-
-/* Block g's weights as u8 (Q4_1 nibbles; |w| for Q8_0, whose signs go into wsigned), scale in dw. */
-#define LOAD_BLOCK(g)                                                                             \
-    __m256 dw = _mm256_set1_ps(_cvtsh_ss(dn[g]));                                                 \
-    __m256i w, wsigned = _mm256_setzero_si256();                                                  \
-    if (is_q4) {                                                                                  \
-        __m128i b = _mm_loadu_si128((const __m128i *)(qs + ((size_t)n * G + (g)) * 16));          \
-        w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F)); \
-    } else {                                                                                      \
-        wsigned = _mm256_loadu_si256((const __m256i *)(qs + ((size_t)n * K + 32 * (g))));         \
-        w = _mm256_sign_epi8(wsigned, wsigned);                                                   \
-    }
-
-static inline __attribute__((always_inline)) void q8_col(
-        const int T, const int is_q4, int K, int N, int n, const uint8_t *qs, const uint16_t *d,
-        const uint16_t *m, const int8_t *xq, const float *dxe, const float *sx, float *y) {
-    const int G = K / 32;
-    __m256 acc0[Q8_ROWS], acc1[Q8_ROWS];
-    for (int t = 0; t < T; t++) acc0[t] = acc1[t] = _mm256_setzero_ps();
-    const uint16_t *dn = d + (size_t)n * G;
+static inline __attribute__((always_inline)) void q8_panel(
+        const int T, const int is_q4, int K, int N, int p, const uint8_t *w, const uint16_t *d,
+        const uint16_t *m, const int8_t *xq, const float *dx, const float *sx, const int32_t *qsum, float *y) {
+    const int G = K / 32, chunks = is_q4 ? 4 : 8;
+    __m256 acc[Q8_ROWS][2], off[Q8_ROWS][2];
+    for (int t = 0; t < T; t++) acc[t][0] = acc[t][1] = off[t][0] = off[t][1] = _mm256_setzero_ps();
+    const __m256i nib = _mm256_set1_epi8(0x0F);
+    const uint8_t *wp = w + (size_t)p * G * chunks * 64;
+    const uint16_t *dp = d + (size_t)p * G * PANEL, *mp = is_q4 ? m + (size_t)p * G * PANEL : NULL;
     for (int g = 0; g < G; g++) {
-        LOAD_BLOCK(g)
-        if (g & 1) { BLOCK_ROW_STEP(T, g, w, !is_q4, dw, acc1) }
-        else { BLOCK_ROW_STEP(T, g, w, !is_q4, dw, acc0) }
+        for (int h = 0; h < 2; h++) {  /* columns 8h .. 8h + 7 of the panel: bytes 32h .. of each chunk */
+            __m256i wv[8];
+            const uint8_t *b = wp + (size_t)g * chunks * 64 + 32 * h;
+            if (h == 0)
+                for (int c = 0; c < chunks; c++)
+                    _mm_prefetch((const char *)(b + PREFETCH_AHEAD * chunks * 64 + 64 * c), _MM_HINT_T0);
+            if (is_q4) {
+                for (int j = 0; j < 4; j++) {
+                    __m256i raw = _mm256_loadu_si256((const __m256i *)(b + 64 * j));
+                    wv[j] = _mm256_and_si256(raw, nib);
+                    wv[j + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nib);
+                }
+            } else {
+                for (int j = 0; j < 8; j++) wv[j] = _mm256_loadu_si256((const __m256i *)(b + 64 * j));
+            }
+            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dp + (size_t)g * PANEL + 8 * h)));
+            const __m256 mw = is_q4 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mp + (size_t)g * PANEL + 8 * h)))
+                                    : _mm256_setzero_ps();
+            for (int t = 0; t < T; t++) {
+                const int8_t *xp = xq + (size_t)t * K + 32 * g;
+                __m256i ia = _mm256_setzero_si256(), ib = _mm256_setzero_si256();
+                for (int j = 0; j < 4; j++) {
+                    if (is_q4) {
+                        ia = DOT_ACC(ia, wv[j], _mm256_set1_epi32(load4(xp + 4 * j)));
+                        ib = DOT_ACC(ib, wv[j + 4], _mm256_set1_epi32(load4(xp + 16 + 4 * j)));
+                    } else {
+                        ia = DOT_Q8_0(ia, wv[j], _mm256_set1_epi32(load4(xp + 4 * j)));
+                        ib = DOT_Q8_0(ib, wv[j + 4], _mm256_set1_epi32(load4(xp + 16 + 4 * j)));
+                    }
+                }
+                __m256i isum = _mm256_add_epi32(ia, ib);
+                if (!is_q4 && Q8_0_OFFSET)
+                    isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(128 * qsum[(size_t)t * G + g]));
+                const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(dx[(size_t)t * G + g]));
+                acc[t][h] = _mm256_fmadd_ps(v, dw, acc[t][h]);
+                if (is_q4) off[t][h] = _mm256_fmadd_ps(mw, _mm256_set1_ps(sx[(size_t)t * G + g]), off[t][h]);
+            }
+        }
     }
-    for (int t = 0; t < T; t++) {
-        float r = hsum(_mm256_add_ps(acc0[t], acc1[t]));
-        y[(size_t)t * N + n] = is_q4 ? r + offset_dot(m + (size_t)n * G, sx + (size_t)t * G, G) : r;
-    }
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < 2; h++)
+            _mm256_storeu_ps(y + (size_t)t * N + (size_t)p * PANEL + 8 * h,
+                             is_q4 ? _mm256_add_ps(acc[t][h], off[t][h]) : acc[t][h]);
 }
 #endif
 
@@ -331,41 +343,45 @@ static inline __attribute__((always_inline)) void q8_col(
     case 5: CALL(5); break; case 6: CALL(6); break; case 7: CALL(7); break; default: CALL(8); break; \
     }
 
-static void q8_mm(const float *x, int T, int K, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
+/* x [T, K] fp32 -> y [T, N] (N a multiple of 8), x quantised per row to Q8 blocks; w, d, m the
+   panels (above). Every y[t, n] is computed by one thread, the same way whatever T and the
+   thread count. */
+static void q8_mm(const float *x, int T, int K, const uint8_t *w, const uint16_t *d, const uint16_t *m,
                   int N, float *y, int threads, const int is_q4) {
-    const int G = K / 32;
+    const int G = K / 32, P = N / PANEL;
     int8_t *xq = (int8_t *)malloc((size_t)T * K + 64);
-    float *dxe = (float *)malloc(sizeof(float) * T * G * 8 + 64), *sx = (float *)malloc(sizeof(float) * T * G);
-    quantize_rows(x, T, K, xq, dxe, sx);
+    float *dx = (float *)malloc(sizeof(float) * T * G), *sx = (float *)malloc(sizeof(float) * T * G);
+    int32_t *qsum = (int32_t *)malloc(sizeof(int32_t) * T * G);
+    quantize_rows(x, T, K, xq, dx, sx, qsum);
     for (int t0 = 0; t0 < T; t0 += Q8_ROWS) {
         const int rows = T - t0 < Q8_ROWS ? T - t0 : Q8_ROWS;
         const int8_t *cq = xq + (size_t)t0 * K;
-        const float *cd = dxe + (size_t)t0 * G * 8, *cs = sx + (size_t)t0 * G;
+        const float *cd = dx + (size_t)t0 * G, *cs = sx + (size_t)t0 * G;
+        const int32_t *cz = qsum + (size_t)t0 * G;
         float *cy = y + (size_t)t0 * N;
         #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int n = 0; n < N; n++) {
+        for (int p = 0; p < P; p++) {
             if (is_q4) {
-#define Q4_CALL(R) q8_col(R, 1, K, N, n, qs, d, m, cq, cd, cs, cy)
+#define Q4_CALL(R) q8_panel(R, 1, K, N, p, w, d, m, cq, cd, cs, cz, cy)
                 DISPATCH_ROWS(rows, Q4_CALL)
             } else {
-#define Q8_CALL(R) q8_col(R, 0, K, N, n, qs, d, m, cq, cd, cs, cy)
+#define Q8_CALL(R) q8_panel(R, 0, K, N, p, w, d, m, cq, cd, cs, cz, cy)
                 DISPATCH_ROWS(rows, Q8_CALL)
             }
         }
     }
-    free(xq); free(dxe); free(sx);
+    free(xq); free(dx); free(sx); free(qsum);
 }
 
-/* x [T, K] fp32 -> y [T, N], x quantised per row to Q8 blocks; weights as in q4_1_mm. Every
-   y[t, n] is computed by one thread, the same way whatever T and the thread count. */
-void q4_1_q8_mm(const float *x, int T, int K, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
+/* Q4_1 panels: w [P, G, 4, 64] nibbles, d, m [P, G, 16] fp16 bits. */
+void q4_1_q8_mm(const float *x, int T, int K, const uint8_t *w, const uint16_t *d, const uint16_t *m,
                 int N, float *y, int threads) {
-    q8_mm(x, T, K, qs, d, m, N, y, threads, 1);
+    q8_mm(x, T, K, w, d, m, N, y, threads, 1);
 }
 
-/* The same for Q8_0 weights (as in q8_0_mm). */
-void q8_0_q8_mm(const float *x, int T, int K, const int8_t *qs, const uint16_t *d, int N, float *y, int threads) {
-    q8_mm(x, T, K, (const uint8_t *)qs, d, NULL, N, y, threads, 0);
+/* Q8_0 panels: w [P, G, 8, 64] (q + 128), d [P, G, 16] fp16 bits. */
+void q8_0_q8_mm(const float *x, int T, int K, const uint8_t *w, const uint16_t *d, int N, float *y, int threads) {
+    q8_mm(x, T, K, w, d, NULL, N, y, threads, 0);
 }
 
 /* ---- causal attention, one (head, row) at a time: a row's result depends only on its position ---- */
@@ -452,6 +468,93 @@ void causal_attention(const float *q, int H, int T, int hd, const float *k, cons
     }
     free(scratch);
 }
+
+/* ---- the rest of a decoder layer: RMSNorm, rotary embedding + KV append, SiLU gating ---- */
+/* Every row is computed alone, by the same instructions whatever the number of rows. */
+
+static inline float sum_squares(const float *x, int n) {
+    __m256 a = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        a = _mm256_fmadd_ps(v, v, a);
+    }
+    float s = hsum(a);
+    for (; i < n; i++) s += x[i] * x[i];
+    return s;
+}
+
+/* out[t] = w * (x[t] * (1 / sqrt(mean(x[t]^2) + eps))) for x [T, H] (HF LlamaRMSNorm's order). */
+void rms_norm_rows(const float *x, int T, int H, const float *w, float eps, float *out) {
+    for (int t = 0; t < T; t++) {
+        const float *xr = x + (size_t)t * H;
+        float *o = out + (size_t)t * H;
+        const __m256 r = _mm256_set1_ps(1.0f / sqrtf(sum_squares(xr, H) / (float)H + eps));
+        int i = 0;
+        for (; i + 8 <= H; i += 8)
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_loadu_ps(w + i), _mm256_mul_ps(_mm256_loadu_ps(xr + i), r)));
+        const float rs = _mm256_cvtss_f32(r);
+        for (; i < H; i++) o[i] = w[i] * (xr[i] * rs);
+    }
+}
+
+/* sum = x + delta, out = rms_norm_rows(sum), all [T, H]: a residual add and the next norm. */
+void add_rms_norm_rows(const float *x, const float *delta, int T, int H, const float *w, float eps,
+                       float *sum, float *out) {
+    int n = T * H, i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(sum + i, _mm256_add_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(delta + i)));
+    for (; i < n; i++) sum[i] = x[i] + delta[i];
+    rms_norm_rows(sum, T, H, w, eps, out);
+}
+
+/* out [T, I] = silu(gu[:, :I]) * gu[:, I:] for gu [T, 2I]; silu(g) = g / (1 + exp(-g)), with
+   exp taken of -|g| only (e = exp(-|g|): g / (1 + e) for g >= 0, g e / (1 + e) below). */
+void silu_mul_rows(const float *gu, int T, int I, float *out) {
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    for (int t = 0; t < T; t++) {
+        const float *g = gu + (size_t)t * 2 * I, *u = g + I;
+        float *o = out + (size_t)t * I;
+        for (int i = 0; i < I; i += 8) {  /* I % 8 == 0 (checked by the caller) */
+            __m256 gv = _mm256_loadu_ps(g + i);
+            __m256 e = exp_nonpositive(_mm256_or_ps(gv, sign));  /* exp(-|g|) */
+            __m256 num = _mm256_blendv_ps(gv, _mm256_mul_ps(gv, e), gv);  /* sign bit set: g < 0 */
+            __m256 s = _mm256_div_ps(num, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+        }
+    }
+}
+
+/* HF's rotate_half form: out = x * cos + cat(-x2, x1) * sin, per head of hd values. */
+static inline void rotate_head(const float *x, const float *cos, const float *sin, int hd, float *out) {
+    const int half = hd / 2;
+    for (int d = 0; d < half; d++) {
+        out[d] = x[d] * cos[d] + (-x[d + half]) * sin[d];
+        out[d + half] = x[d + half] * cos[d + half] + x[d] * sin[d + half];
+    }
+}
+
+/* qkv [T, (H + 2 KVH) hd]: the fused projection's rows at positions past .. past + T - 1;
+   cos, sin [T, hd]. Rotates q and k, writes k and v into the cache buffers k, v (KVH heads,
+   head stride `head_stride`, row stride hd) at rows past .. past + T - 1, and writes the causal
+   attention of the rotated q over cache rows 0 .. past + t into out [T, H hd]. */
+void rope_append_attention(const float *qkv, int T, int H, int KVH, int hd, const float *cos, const float *sin,
+                           float *k, float *v, long head_stride, int past, float scale, float *out, int threads) {
+    const int width = (H + 2 * KVH) * hd;
+    float *q = (float *)malloc(sizeof(float) * (size_t)H * T * hd);  /* [H, T, hd] */
+    for (int t = 0; t < T; t++) {
+        const float *row = qkv + (size_t)t * width, *c = cos + (size_t)t * hd, *s = sin + (size_t)t * hd;
+        for (int h = 0; h < H; h++)
+            rotate_head(row + (size_t)h * hd, c, s, hd, q + ((size_t)h * T + t) * hd);
+        for (int h = 0; h < KVH; h++) {
+            const size_t at = (size_t)h * head_stride + (size_t)(past + t) * hd;
+            rotate_head(row + (size_t)(H + h) * hd, c, s, hd, k + at);
+            __builtin_memcpy(v + at, row + (size_t)(H + KVH + h) * hd, sizeof(float) * hd);
+        }
+    }
+    causal_attention(q, H, T, hd, k, v, KVH, head_stride, past, scale, out, threads);
+    free(q);
+}
 """
 
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
@@ -516,6 +619,12 @@ def _load(target: Path) -> ctypes.CDLL:
     lib.q4_1_mm.restype = lib.q8_0_mm.restype = lib.q4_1_q8_mm.restype = lib.q8_0_q8_mm.restype = None
     lib.causal_attention.argtypes = [p, i, i, i, p, p, i, ctypes.c_long, i, ctypes.c_float, p, i]
     lib.causal_attention.restype = None
+    lib.rms_norm_rows.argtypes = [p, i, i, p, ctypes.c_float, p]
+    lib.add_rms_norm_rows.argtypes = [p, p, i, i, p, ctypes.c_float, p, p]
+    lib.silu_mul_rows.argtypes = [p, i, i, p]
+    lib.rope_append_attention.argtypes = [p, i, i, i, i, p, p, p, p, ctypes.c_long, i, ctypes.c_float, p, i]
+    lib.rms_norm_rows.restype = lib.add_rms_norm_rows.restype = lib.silu_mul_rows.restype = None
+    lib.rope_append_attention.restype = None
     return lib
 
 
@@ -586,6 +695,7 @@ class GgufBlocks:
         else:
             raise ValueError(f"no GGUF block kernel for {weight.kind}")
         self.kind = weight.kind
+        self.panels = _panels(weight)
 
     def bytes_read(self) -> int:
         """Bytes one call streams: the quants plus the fp32 scales (and offsets)."""
@@ -610,17 +720,65 @@ class GgufBlocks:
         rows = x.shape[0]
         if rows > MAX_ROWS:
             return torch.cat([self._run(x[i:i + MAX_ROWS], integer) for i in range(0, rows, MAX_ROWS)])
-        y = torch.empty(rows, self.out_features)
         threads = torch.get_num_threads()
+        if integer:
+            panels = self.panels
+            y = torch.empty(rows, panels.columns)
+            if self.kind == "Q4_1":
+                self._lib.q4_1_q8_mm(x.data_ptr(), rows, self.in_features, panels.w.data_ptr(), panels.d.data_ptr(),
+                                     panels.m.data_ptr(), panels.columns, y.data_ptr(), threads)
+            else:
+                self._lib.q8_0_q8_mm(x.data_ptr(), rows, self.in_features, panels.w.data_ptr(), panels.d.data_ptr(),
+                                     panels.columns, y.data_ptr(), threads)
+            return y if panels.columns == self.out_features else y[:, :self.out_features].contiguous()
+        y = torch.empty(rows, self.out_features)
         if self.kind == "Q4_1":
-            fn = self._lib.q4_1_q8_mm if integer else self._lib.q4_1_mm
-            fn(x.data_ptr(), rows, self.in_features, self.qs.data_ptr(), self.d.data_ptr(),
-               self.m.data_ptr(), self.out_features, y.data_ptr(), threads)
+            self._lib.q4_1_mm(x.data_ptr(), rows, self.in_features, self.qs.data_ptr(), self.d.data_ptr(),
+                              self.m.data_ptr(), self.out_features, y.data_ptr(), threads)
         else:
-            fn = self._lib.q8_0_q8_mm if integer else self._lib.q8_0_mm
-            fn(x.data_ptr(), rows, self.in_features, self.qs.data_ptr(), self.d.data_ptr(),
-               self.out_features, y.data_ptr(), threads)
+            self._lib.q8_0_mm(x.data_ptr(), rows, self.in_features, self.qs.data_ptr(), self.d.data_ptr(),
+                              self.out_features, y.data_ptr(), threads)
         return y
+
+
+PANEL = 16
+"""Output columns per panel of the q8 kernel's weight layout (a 512-bit register of int32 lanes)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Panels:
+    """A matrix [N, K] in the q8 kernel's layout (see the C source): `columns` = N rounded up to a
+    multiple of PANEL (zero weights pad it), w [P, G, chunks, 4 * PANEL] uint8 (Q4_1: 4 chunks of nibble
+    pairs; Q8_0: 8 chunks of q + 128), d and m [P, G, PANEL] fp16 (m None for Q8_0), where
+    P = columns / PANEL and G = K / 32."""
+
+    columns: int
+    w: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor | None
+
+
+def _panels(weight) -> Panels:
+    """The q8 kernel's panel layout of an `AffineInt4` of kind Q4_1 or Q8_0 (see `GgufBlocks`)."""
+    n, k = weight.shape
+    columns, groups = -(-n // PANEL) * PANEL, k // 32
+
+    def padded(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, t.new_zeros(columns - n, *t.shape[1:])]) if columns > n else t
+
+    def by_panel(scale: torch.Tensor) -> torch.Tensor:  # [N, G] -> [P, G, PANEL] fp16
+        return padded(_fp16_exact(scale)).reshape(-1, PANEL, groups).permute(0, 2, 1).contiguous()
+
+    if weight.kind == "Q4_1":
+        (part,) = weight.parts
+        q = padded(part.q.to(torch.uint8)).reshape(-1, PANEL, groups, 2, 4, 4)  # [p, c, g, half, j, b]
+        q = q.permute(0, 2, 3, 4, 1, 5)  # [p, g, half, j, c, b]: a lane is 4 values of one column
+        w = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, groups, 4, 4 * PANEL).contiguous()
+        return Panels(columns, w, by_panel(part.scale), by_panel(part.offset))
+    high, low = weight.parts
+    q = (high.q.to(torch.int16) * 16 + low.q.to(torch.int16)).to(torch.uint8)  # q + 128
+    q = padded(q).reshape(-1, PANEL, groups, 8, 4).permute(0, 2, 3, 1, 4)  # [p, g, j, c, b]
+    return Panels(columns, q.reshape(-1, groups, 8, 4 * PANEL).contiguous(), by_panel(low.scale), None)
 
 
 def attention_runs(q: torch.Tensor, keys: torch.Tensor) -> bool:

@@ -57,6 +57,16 @@ class StaticKVCache:
         self.lengths[layer] = end
         return self.keys[layer][:, :end], self.values[layer][:, :end]
 
+    def reserve(self, layer: int, rows: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Make room for `rows` positions after `layer`'s content and count them as held; return
+        that layer's whole buffers (keys, values [kv_heads, capacity, head_dim]) and the first
+        reserved position, for a kernel that writes the rows itself (layer_ops.rope_append_attention)."""
+        start = self.lengths[layer]
+        if start + rows > self.capacity:
+            self._grow(start + rows)
+        self.lengths[layer] = start + rows
+        return self.keys[layer], self.values[layer], start
+
     def crop(self, length: int) -> None:
         """Keep positions [0, length) in every layer (layers already shorter are unchanged)."""
         if length < 0:

@@ -121,6 +121,21 @@ def q8_0_matrix(blocks: np.ndarray, rows: int, cols: int) -> AffineInt4:
     return AffineInt4((Int4Part(high, 16 * d, -128 * d), Int4Part(low, d, torch.zeros_like(d))), "Q8_0")
 
 
+def quantize_q8_0(weight: torch.Tensor) -> AffineInt4:
+    """An fp32 matrix [N, K] (K a multiple of 32) quantised to Q8_0 as llama.cpp does it: per block
+    of 32, d = max|w| / 127 (stored fp16) and q = round(w / d); returned as `q8_0_matrix` returns a
+    file's Q8_0 matrix. For matrices the model file does not ship (the drafter's merged exit head):
+    the drafter may run approximate weights, since the verifier alone decides what is emitted."""
+    rows, cols = weight.shape
+    blocks = weight.detach().float().reshape(rows, cols // GROUP, GROUP)
+    d = (blocks.abs().amax(-1) / 127).half().float()
+    safe = torch.where(d > 0, d, torch.ones_like(d))
+    q = torch.round(blocks / safe[..., None]).clamp(-127, 127).to(torch.int16).reshape(rows, cols)
+    shifted = q + 128
+    high, low = (shifted >> 4).to(torch.uint8), (shifted & 0x0F).to(torch.uint8)
+    return AffineInt4((Int4Part(high, 16 * d, -128 * d), Int4Part(low, d, torch.zeros_like(d))), "Q8_0")
+
+
 _DECODERS = {"Q4_1": q4_1_matrix, "Q8_0": q8_0_matrix}
 
 

@@ -249,9 +249,10 @@ class NativeLinear:
         self.bytes_per_weight = weight.bytes_per_weight
         from common.model.engine import gguf_kernels
 
-        layouts = [int4_layout(p) for p in weight.parts] if int4_kernels_available() else [None]
+        wanted = set(NATIVE_KERNEL_NAMES) if kernels is None else {kernels.one_row, kernels.block, "dense"}
+        layouts = [int4_layout(p) for p in weight.parts] if int4_kernels_available() and "int4" in wanted else [None]
         self._int4 = None if any(layout is None for layout in layouts) else layouts
-        self._blocks = gguf_kernels.blocks_or_none(weight)
+        self._blocks = gguf_kernels.blocks_or_none(weight) if wanted & {"q8", "gguf"} else None
         self._block_kernels = ("q8", "gguf")
         self._dense = PackedLinear(weight.dequantize(), bias)
         self.kernels = NativeKernels(*[self.best_available()] * 2)  # every layout held until `select`
