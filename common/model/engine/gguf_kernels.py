@@ -426,9 +426,15 @@ static void attend_row(const float *q, const float *k, const float *v, int n, in
                        float *s, float *out) {
     const int n8 = (n + 7) & ~7;
     int j = 0;
-    for (; j + 8 <= n; j += 8) {
+    for (; j + 8 <= n; j += 8) {  /* dot_row of 8 keys, their chains interleaved (the same operations) */
+        const float *kj = k + (size_t)j * hd;
         __m256 a[8];
-        for (int u = 0; u < 8; u++) a[u] = dot_row(q, k + (size_t)(j + u) * hd, hd);
+        const __m256 q0 = _mm256_loadu_ps(q);
+        for (int u = 0; u < 8; u++) a[u] = _mm256_mul_ps(q0, _mm256_loadu_ps(kj + (size_t)u * hd));
+        for (int d = 8; d < hd; d += 8) {
+            const __m256 qd = _mm256_loadu_ps(q + d);
+            for (int u = 0; u < 8; u++) a[u] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kj + (size_t)u * hd + d), a[u]);
+        }
         _mm256_storeu_ps(s + j, _mm256_mul_ps(hsum8x8(a), _mm256_set1_ps(scale)));
     }
     for (; j < n; j++) s[j] = hsum(dot_row(q, k + (size_t)j * hd, hd)) * scale;
@@ -535,23 +541,29 @@ static inline void rotate_head(const float *x, const float *cos, const float *si
 }
 
 /* qkv [T, (H + 2 KVH) hd]: the fused projection's rows at positions past .. past + T - 1;
-   cos, sin [T, hd]. Rotates q and k, writes k and v into the cache buffers k, v (KVH heads,
-   head stride `head_stride`, row stride hd) at rows past .. past + T - 1, and writes the causal
-   attention of the rotated q over cache rows 0 .. past + t into out [T, H hd]. */
-void rope_append_attention(const float *qkv, int T, int H, int KVH, int hd, const float *cos, const float *sin,
-                           float *k, float *v, long head_stride, int past, float scale, float *out, int threads) {
+   cos, sin [T, hd]. Rotates q into q_out [H, T, hd], and k, writing k and v into the cache
+   buffers k, v (KVH heads, head stride `head_stride`, row stride hd) at rows past .. past + T - 1. */
+void rope_append(const float *qkv, int T, int H, int KVH, int hd, const float *cos, const float *sin,
+                 float *k, float *v, long head_stride, int past, float *q_out) {
     const int width = (H + 2 * KVH) * hd;
-    float *q = (float *)malloc(sizeof(float) * (size_t)H * T * hd);  /* [H, T, hd] */
     for (int t = 0; t < T; t++) {
         const float *row = qkv + (size_t)t * width, *c = cos + (size_t)t * hd, *s = sin + (size_t)t * hd;
         for (int h = 0; h < H; h++)
-            rotate_head(row + (size_t)h * hd, c, s, hd, q + ((size_t)h * T + t) * hd);
+            rotate_head(row + (size_t)h * hd, c, s, hd, q_out + ((size_t)h * T + t) * hd);
         for (int h = 0; h < KVH; h++) {
             const size_t at = (size_t)h * head_stride + (size_t)(past + t) * hd;
             rotate_head(row + (size_t)(H + h) * hd, c, s, hd, k + at);
             __builtin_memcpy(v + at, row + (size_t)(H + KVH + h) * hd, sizeof(float) * hd);
         }
     }
+}
+
+/* rope_append, then the causal attention of the rotated q over cache rows 0 .. past + t into
+   out [T, H hd] (causal_attention). */
+void rope_append_attention(const float *qkv, int T, int H, int KVH, int hd, const float *cos, const float *sin,
+                           float *k, float *v, long head_stride, int past, float scale, float *out, int threads) {
+    float *q = (float *)malloc(sizeof(float) * (size_t)H * T * hd);
+    rope_append(qkv, T, H, KVH, hd, cos, sin, k, v, head_stride, past, q);
     causal_attention(q, H, T, hd, k, v, KVH, head_stride, past, scale, out, threads);
     free(q);
 }
@@ -624,7 +636,8 @@ def _load(target: Path) -> ctypes.CDLL:
     lib.silu_mul_rows.argtypes = [p, i, i, p]
     lib.rope_append_attention.argtypes = [p, i, i, i, i, p, p, p, p, ctypes.c_long, i, ctypes.c_float, p, i]
     lib.rms_norm_rows.restype = lib.add_rms_norm_rows.restype = lib.silu_mul_rows.restype = None
-    lib.rope_append_attention.restype = None
+    lib.rope_append.argtypes = [p, i, i, i, i, p, p, p, p, ctypes.c_long, i, p]
+    lib.rope_append_attention.restype = lib.rope_append.restype = None
     return lib
 
 

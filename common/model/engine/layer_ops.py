@@ -65,3 +65,16 @@ def rope_append_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         qkv.data_ptr(), rows, heads, kv_heads, hd, cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(),
         keys.stride(0), past, float(scale), out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def rope_append(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                past: int, heads: int) -> torch.Tensor:
+    """`rope_append_attention` without the attention: writes k and v into the cache buffers and
+    returns the rotated queries [heads, T, hd] (for a prefill, which runs torch's SDPA)."""
+    rows = qkv.shape[0]
+    kv_heads, _, hd = keys.shape
+    q = torch.empty(heads, rows, hd)
+    gguf_kernels._library().rope_append(
+        qkv.data_ptr(), rows, heads, kv_heads, hd, cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(),
+        keys.stride(0), past, q.data_ptr())
+    return q
