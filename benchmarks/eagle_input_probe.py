@@ -24,7 +24,7 @@ Contract. On the default split (SmolLM2-135M, exit layer k=4, `SplitModel.load(M
   metric   held-out top-1 agreement: head argmax mapped to full ids == the fp32 verifier's argmax, over
            the generated positions (P-1 .. T-2) of the held-out sequences; a verifier top-1 outside the draft
            vocabulary is a miss. Reported before training and after each of `--stages` equal stages.
-Output: docs/improve/eagle_probe/eagle_probe[_normed].{md,json} (+ sequences.json, the generated text cache).
+Output: docs/improve/eagle_probe/eagle_probe[_normed][_<N>p].{md,json} (+ sequences.json, the generated text cache).
 `--feature normed` uses f = final_norm(F) (EAGLE's own feature, = hidden_states[-1]) instead of pre-norm F.
 
 Command (one thread, low priority):
@@ -355,6 +355,8 @@ def main() -> None:
     }
     md = f"# EAGLE-input probe (issue 13, lever 5), f = {args.feature}\n\n" + "\n".join(table) + "\n\n```json\n" + json.dumps(meta, indent=1) + "\n```\n"
     stem = "eagle_probe" if args.feature == "prenorm" else f"eagle_probe_{args.feature}"
+    if len(tr) != 150:
+        stem += f"_{len(tr)}p"
     (OUT / f"{stem}.md").write_text(md)
     (OUT / f"{stem}.json").write_text(json.dumps({"meta": meta, "curves": results}, indent=1))
     print(md, flush=True)
