@@ -112,3 +112,12 @@ def test_exit_head_runs_q8_0_where_the_verifier_runs_the_q8_kernel(monkeypatch):
             logits[kernels] = split.draft(split.shallow(ids, pos, cache), pos, exit_cache)
     scale = float(logits["gguf"].abs().max())
     assert torch.allclose(logits["q8"], logits["gguf"], atol=0.05 * scale)
+
+
+def test_draft_cost_is_timed_once_on_native_weights():
+    """On native weights `draft_cost` is timed (bytes do not predict time there): a positive
+    share of a verifier pass, measured once and then reused (arbitration reads it every block)."""
+    split = native_tiny_split(seed=8, exit_layer=2)
+    cost = split.draft_cost
+    assert 0.0 < cost < 10.0
+    assert split.draft_cost == cost
