@@ -98,7 +98,7 @@ class Learner:
         self.step = 0
         self._named = dict(split.named_trainable_parameters())  # peft name -> LoRA parameter
         assert self._named, "the drafter has no trainable parameter"
-        groups = config.param_groups(self._named.items())
+        groups = config.param_groups(self._named.items(), fine_tune=split.starts_trained)
         self.optimizer = torch.optim.AdamW(
             [{"params": g["params"], "lr": g["lr"], "weight_decay": g["weight_decay"], "name": g["name"]} for g in groups]
         )

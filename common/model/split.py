@@ -242,6 +242,9 @@ class SplitModel:
         self._fast: FastStack | None = None
         self._fast_head: tuple[FastLayer, PackedLinear] | None = None  # merged exit head; None = rebuild
         self._timed_draft_cost: float | None = None  # native weights: `draft_cost`, timed on first use
+        self.starts_trained = False
+        """True once the drafter was loaded from trained weights (a warm start, a saved adapter):
+        the learner then fine-tunes it at `LearnerConfig.fine_tune_lr`."""
         self.engine = "hf"
         self._check_parity()
         if engine == "fast":
@@ -280,6 +283,7 @@ class SplitModel:
                 log.warning("warm start %s does not fit this drafter (%s); trying the next", directory, exc)
                 continue
             self.weight_version = 0
+            self.starts_trained = True
             log.info("drafter of '%s' at exit layer %d starts from the warm start in %s", self.model_id, self.exit_layer, directory)
             return directory
         log.info(
@@ -626,6 +630,7 @@ class SplitModel:
         meta, tensors = read_adapter_dir(directory)
         self.check_adapter_meta(meta, str(directory))
         self.load_adapter_state(tensors, int(meta.get("weight_version", 0)))
+        self.starts_trained = True
 
 
 def read_adapter_dir(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

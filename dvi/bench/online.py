@@ -63,6 +63,7 @@ def learn_online(
         schedule=ScheduleConfig(kind=schedule),
         head_lr=settings.learn_lr or LearnerConfig.head_lr,
         lora_lr=settings.learn_lr or LearnerConfig.lora_lr,
+        fine_tune_lr=settings.learn_lr or LearnerConfig.fine_tune_lr,  # --learn-lr: every tensor, from any start
         batch_tokens=settings.learn_batch_tokens,
         replay_capacity_tokens=max(LearnerConfig.replay_capacity_tokens, settings.learn_batch_tokens),
         staleness_policy="importance",  # in-process, versions move every few steps: keep the whole FIFO

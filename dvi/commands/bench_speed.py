@@ -230,6 +230,7 @@ def _drafters(settings, split, learning_ids: list, out: Path, console) -> tuple[
     for kind in settings.learn:
         learner_split = fresh_drafter()
         learner_split.load_adapter_state(default_drafter, version=0)
+        learner_split.starts_trained = split.starts_trained
         with progress_bar(console) as progress:
             task = progress.add_task(f"learn {kind}", total=len(learning_ids), now="")
 

@@ -41,6 +41,8 @@ def _learner_config(head_lr: float | None, lora_lr: float | None, batch_tokens: 
         changes["head_lr"] = head_lr
     if lora_lr is not None:
         changes["lora_lr"] = lora_lr
+    if head_lr is not None or lora_lr is not None:
+        changes["fine_tune_lr"] = None  # rates given on the command line apply from any start
     if batch_tokens is not None:
         changes["batch_tokens"] = batch_tokens
         changes["replay_capacity_tokens"] = max(LearnerConfig.replay_capacity_tokens, batch_tokens)

@@ -75,10 +75,12 @@ class TrainSettings:
     def learner_config(self, schedule: str) -> LearnerConfig:
         if schedule not in SCHEDULE_KINDS:
             raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULE_KINDS)}")
+        explicit = (self.head_lr, self.lora_lr) != (LearnerConfig.head_lr, LearnerConfig.lora_lr)
         return LearnerConfig(
             schedule=ScheduleConfig(kind=schedule, warmup_steps=self.warmup_steps, ramp_steps=self.ramp_steps),
             head_lr=self.head_lr,
             lora_lr=self.lora_lr,
+            fine_tune_lr=None if explicit else LearnerConfig.fine_tune_lr,  # rates given apply from any start
             batch_tokens=self.batch_tokens,
             replay_capacity_tokens=max(LearnerConfig.replay_capacity_tokens, self.batch_tokens),
             staleness_policy=self.staleness_policy,

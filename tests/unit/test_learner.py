@@ -433,3 +433,21 @@ def test_reduced_vocabulary_trains_in_draft_space_and_learns_from_traffic(tmp_pa
     resumed.load_checkpoint(tmp_path / "ckpt")
     assert torch.equal(resumed.token_counts, counts)
     assert resumed.split.draft_vocab.tolist() == expected
+
+
+def test_learner_fine_tunes_a_drafter_loaded_from_trained_weights(tmp_path):
+    """A split whose drafter came from a saved adapter (or a warm start) starts trained: its
+    learner runs every group at LearnerConfig.fine_tune_lr; a fresh drafter keeps the
+    from-scratch rates."""
+    from learner.config import LearnerConfig
+    from learner.learner import Learner
+    from tests.tiny_models import tiny_split
+
+    fresh = tiny_split(seed=3)
+    assert not fresh.starts_trained
+    assert {g["lr"] for g in Learner(fresh, LearnerConfig()).optimizer.param_groups} <= {3e-3, 1e-3}
+    fresh.save_adapter(tmp_path / "adapter")
+    loaded = tiny_split(seed=3)
+    loaded.load_adapter(tmp_path / "adapter")
+    assert loaded.starts_trained
+    assert {g["lr"] for g in Learner(loaded, LearnerConfig()).optimizer.param_groups} == {1e-4}

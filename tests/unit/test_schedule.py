@@ -85,6 +85,21 @@ def test_kl_only_may_have_an_all_zero_final_mix():
     assert schedule_weights(500, cfg) == KL
 
 
+def test_a_drafter_that_starts_trained_is_fine_tuned_at_one_lower_rate():
+    """From a warm start (or a saved adapter) both groups take fine_tune_lr; from an untrained head
+    the measured from-scratch rates; fine_tune_lr None keeps those everywhere."""
+    import torch
+
+    named = [("base_model.lm_head.lora_A", torch.zeros(2, requires_grad=True)),
+             ("base_model.layers.4.mlp.weight", torch.zeros(2, requires_grad=True))]
+    rates = lambda groups: {g["name"]: g["lr"] for g in groups}  # noqa: E731
+    cfg = LearnerConfig()
+    assert rates(cfg.param_groups(named)) == {"head": 3e-3, "lora": 1e-3}
+    assert rates(cfg.param_groups(named, fine_tune=True)) == {"head": 1e-4, "lora": 1e-4}
+    plain = LearnerConfig(fine_tune_lr=None)
+    assert rates(plain.param_groups(named, fine_tune=True)) == {"head": 3e-3, "lora": 1e-3}
+
+
 def test_learner_config_defaults_follow_the_reference_but_the_measured_rates():
     cfg = LearnerConfig()
     # the rates measured best on SmolLM2 (README), the rest the reference's
@@ -108,6 +123,7 @@ def test_learner_config_defaults_follow_the_reference_but_the_measured_rates():
         ({"max_staleness": -1}, "max_staleness must be >= 0, got -1"),
         ({"staleness_policy": "keep"}, "'keep'"),
         ({"importance_clip": 0.0}, "importance_clip must be > 0, got 0.0"),
+        ({"fine_tune_lr": 0.0}, "fine_tune_lr must be > 0 or None, got 0.0"),
         ({"head_param_pattern": ""}, "head_param_pattern"),
     ],
 )
