@@ -22,7 +22,7 @@ agreement        held-out top-1 agreement of the exit head with the verifier at 
                  of a greedy continuation, ungated (common/decoding/agreement.py).
 weight version   the integer, strictly increasing, of each drafter-weight broadcast (exit layer,
                  LoRA and draft vocabulary); 0 is the starting drafter. The metric is
-                 `dvi_actor_weight_version` (it was `dvi_actor_weight_version`).
+                 `dvi_actor_weight_version` (it was `dvi_actor_adapter_version`).
 trajectory       one request's learning record (common/core/types.py).
 """
 

@@ -240,7 +240,7 @@ class SplitModel:
         self.draft_vocab = self._initial_draft_vocab()
         self.native = native or None  # base matrices at the model file's precision (fast engine only)
         self._fast: FastStack | None = None
-        self._fast_head: tuple[FastLayer, PackedLinear] | None = None  # merged exit head; None = rebuild
+        self._fast_head: tuple[FastLayer, PackedLinear | NativeLinear] | None = None  # merged exit head; None = rebuild
         self._timed_draft_cost: float | None = None  # native weights: `draft_cost`, timed on first use
         self.starts_trained = False
         """True once the drafter was loaded from trained weights (a warm start, a saved adapter):

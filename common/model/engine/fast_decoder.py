@@ -163,7 +163,7 @@ class FastLayer:
                  mask: torch.Tensor | None) -> torch.Tensor:
         """x [T, H]; cos/sin [T, head_dim] of the rows' positions; mask [T, past + T] bool or None."""
         if self.c_ops:
-            return self._c_call(x.contiguous(), cos, sin, cache, slot)
+            return self._c_call(x.contiguous(), cos, sin, cache, slot, mask)
         rows = x.shape[0]
         q, k, v = self.qkv(rms_norm(x, *self.norm1)).split(self._split, dim=-1)
         q = _rotate(q.view(rows, self.q_heads, self.head_dim).transpose(0, 1), cos, sin)  # [heads, T, hd]
@@ -174,18 +174,14 @@ class FastLayer:
         return x + self.down(self.act(gate) * up)
 
     def _c_call(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: StaticKVCache,
-                slot: int) -> torch.Tensor:
-        """The same layer with its non-matmul parts as C calls (layer_ops), each row computed alone.
-        A prefill (nothing cached before these rows: the same call in every decoding method) runs
-        torch's SDPA for its attention, several times faster than row by row on long prompts."""
+                slot: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """The same layer with its non-matmul parts as C calls (layer_ops), each row computed
+        alone; the attention itself is `_attention`'s, as in the torch path."""
         rows = x.shape[0]
         qkv = self.qkv(layer_ops.rms_norm(x, *self.norm1)).contiguous()
         keys, values, past = cache.reserve(slot, rows)
-        if past == 0 and rows > 1:
-            q = layer_ops.rope_append(qkv, cos, sin, keys, values, past, self.q_heads)
-            attn = self._attention(q, keys[:, :rows], values[:, :rows], None)
-        else:
-            attn = layer_ops.rope_append_attention(qkv, cos, sin, keys, values, past, self.q_heads, self.scale)
+        q = layer_ops.rope_append(qkv, cos, sin, keys, values, past, self.q_heads)
+        attn = self._attention(q, keys[:, :past + rows], values[:, :past + rows], mask)
         x, h = layer_ops.add_rms_norm(x, self.o(attn), *self.norm2)
         return x + self.down(layer_ops.silu_mul(self.gate_up(h).contiguous()))
 

@@ -558,15 +558,6 @@ void rope_append(const float *qkv, int T, int H, int KVH, int hd, const float *c
     }
 }
 
-/* rope_append, then the causal attention of the rotated q over cache rows 0 .. past + t into
-   out [T, H hd] (causal_attention). */
-void rope_append_attention(const float *qkv, int T, int H, int KVH, int hd, const float *cos, const float *sin,
-                           float *k, float *v, long head_stride, int past, float scale, float *out, int threads) {
-    float *q = (float *)malloc(sizeof(float) * (size_t)H * T * hd);
-    rope_append(qkv, T, H, KVH, hd, cos, sin, k, v, head_stride, past, q);
-    causal_attention(q, H, T, hd, k, v, KVH, head_stride, past, scale, out, threads);
-    free(q);
-}
 """
 
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
@@ -577,8 +568,8 @@ _DOT_FLAGS = {
     "avxvnni": ["-mavxvnni", "-DDVI_AVXVNNI"],
     "avx2": [],
 }
-"""The int8 dot-product instructions of the q8 path, by CPU: `vpdpbusd` (AVX512-VNNI on 256-bit
-registers, or AVX-VNNI) or AVX2's `maddubs` + `madd`. All three give the same exact integer sums,
+"""The int8 dot-product instructions of the q8 path, by CPU: `vpdpbusd` (AVX512-VNNI on 512-bit
+registers, or AVX-VNNI on 256-bit ones) or AVX2's `maddubs` + `madd`. All three give the same exact integer sums,
 so the q8 path's results do not depend on which one this CPU runs."""
 
 
@@ -634,10 +625,9 @@ def _load(target: Path) -> ctypes.CDLL:
     lib.rms_norm_rows.argtypes = [p, i, i, p, ctypes.c_float, p]
     lib.add_rms_norm_rows.argtypes = [p, p, i, i, p, ctypes.c_float, p, p]
     lib.silu_mul_rows.argtypes = [p, i, i, p]
-    lib.rope_append_attention.argtypes = [p, i, i, i, i, p, p, p, p, ctypes.c_long, i, ctypes.c_float, p, i]
     lib.rms_norm_rows.restype = lib.add_rms_norm_rows.restype = lib.silu_mul_rows.restype = None
     lib.rope_append.argtypes = [p, i, i, i, i, p, p, p, p, ctypes.c_long, i, p]
-    lib.rope_append_attention.restype = lib.rope_append.restype = None
+    lib.rope_append.restype = None
     return lib
 
 

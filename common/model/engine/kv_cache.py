@@ -48,19 +48,16 @@ class StaticKVCache:
     def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store keys/values [kv_heads, T, head_dim] at positions [length, length + T) of `layer`;
         return that layer's whole content (views [kv_heads, length + T, head_dim])."""
-        start = self.lengths[layer]
+        key_buffer, value_buffer, start = self.reserve(layer, keys.shape[1])
         end = start + keys.shape[1]
-        if end > self.capacity:
-            self._grow(end)
-        self.keys[layer][:, start:end] = keys
-        self.values[layer][:, start:end] = values
-        self.lengths[layer] = end
-        return self.keys[layer][:, :end], self.values[layer][:, :end]
+        key_buffer[:, start:end] = keys
+        value_buffer[:, start:end] = values
+        return key_buffer[:, :end], value_buffer[:, :end]
 
     def reserve(self, layer: int, rows: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Make room for `rows` positions after `layer`'s content and count them as held; return
         that layer's whole buffers (keys, values [kv_heads, capacity, head_dim]) and the first
-        reserved position, for a kernel that writes the rows itself (layer_ops.rope_append_attention)."""
+        reserved position, for a kernel that writes the rows itself (layer_ops.rope_append)."""
         start = self.lengths[layer]
         if start + rows > self.capacity:
             self._grow(start + rows)

@@ -1,6 +1,6 @@
 """The non-matmul parts of a decoder layer as single C calls (common/model/engine/gguf_kernels.py
 compiles them): RMSNorm, residual add + RMSNorm, SiLU gating, and rotary embedding + KV-cache
-append + causal attention.
+append (the attention itself is `gguf_kernels.causal_attention`).
 
 Why: at batch 1 on a CPU, once the weights run at native precision, a layer's matrix products
 take ~0.15 ms and the ~60 small torch ops around them (norms, rotary halves, cache writes, views)
@@ -49,28 +49,14 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def rope_append_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
-                          values: torch.Tensor, past: int, heads: int, scale: float) -> torch.Tensor:
-    """The attention half of a layer after the fused QKV projection.
+def rope_append(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                past: int, heads: int) -> torch.Tensor:
+    """Rotary embedding and KV-cache append after the fused QKV projection.
 
     qkv [T, (heads + 2 kv_heads) hd] contiguous: rows at positions past .. past + T - 1; cos, sin
     [T, hd] contiguous (HF's rotary tables); keys, values: one layer's cache buffers
     [kv_heads, capacity, hd] fp32 contiguous, capacity >= past + T. Rotates q and k, writes k and
-    v into rows past .. past + T - 1 of the buffers, and returns the causal attention [T, heads * hd]
-    of each row over cache rows 0 .. its own position (`gguf_kernels.causal_attention`)."""
-    rows = qkv.shape[0]
-    kv_heads, _, hd = keys.shape
-    out = torch.empty(rows, heads * hd)
-    gguf_kernels._library().rope_append_attention(
-        qkv.data_ptr(), rows, heads, kv_heads, hd, cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(),
-        keys.stride(0), past, float(scale), out.data_ptr(), torch.get_num_threads())
-    return out
-
-
-def rope_append(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                past: int, heads: int) -> torch.Tensor:
-    """`rope_append_attention` without the attention: writes k and v into the cache buffers and
-    returns the rotated queries [heads, T, hd] (for a prefill, which runs torch's SDPA)."""
+    v into rows past .. past + T - 1 of the buffers, and returns the rotated queries [heads, T, hd]."""
     rows = qkv.shape[0]
     kv_heads, _, hd = keys.shape
     q = torch.empty(heads, rows, hd)
