@@ -55,12 +55,14 @@ _MAX_RECORD_BYTES = 256 * 1024 * 1024
 class WarmStartConfig:
     """How the warm-start corpus is generated and the drafter trained on it."""
 
-    max_new_tokens: int = 80
+    max_new_tokens: int = 128
     """New tokens generated per seed prompt (EOS stops earlier)."""
-    temperature: float = 0.0
-    """Decoding temperature of the corpus (0: the model's greedy output, what a greedy service asks
-    the drafter to predict; context drafting then speeds generation up losslessly)."""
-    samples_per_prompt: int = 1
+    temperature: float = 0.7
+    """Decoding temperature of the corpus (0: the model's greedy output). Sampled continuations
+    give more distinct text per seed prompt: at 0.7 with 3 samples of 128 tokens, 29.3% held-out
+    agreement against 23.9% for one greedy continuation of 80 tokens (SmolLM2-135M, k = 4, 421
+    seed prompts; README, "Improve")."""
+    samples_per_prompt: int = 3
     """Generations per seed prompt (more than 1 only makes sense at temperature > 0)."""
     record_topk: int = 32
     """Verifier log-probs kept per position (the KL's targets)."""

@@ -2,16 +2,17 @@
 
 A block that drafts g tokens commits, in expectation, E(g) = 1 + a + a^2 + ... + a^g tokens when
 each draft is accepted with probability a (given the ones before it were), and costs about
-1 + g * c verifier passes, where c is the cost of one draft step relative to one verifier pass
-(a pass over g + 1 <= 6 rows costs about the same as over one on the hardware measured; each
-drafted token costs one exit-head step plus its shallow pass). `best_gamma` picks the
-g <= gamma_max with the most tokens per unit of cost; g = 0 skips the exit head.
+1 + g * (c + r) verifier passes, where c is the cost of one draft step relative to one verifier
+pass (one exit-head step plus the drafted token's shallow pass) and r what the drafted token adds
+to the verify pass as one more row (`SplitModel.row_cost`: about 0 where a pass streams its weights
+whatever its rows, 0.23 on an AMD EPYC's 8-bit kernels). `best_gamma` picks the g <= gamma_max
+with the most tokens per unit of cost; g = 0 skips the exit head.
 
 `DraftStats` keeps the acceptance as an exponential moving average over the live traffic (per
 drafted token, up to a block's first rejection: what the confidence stop lets through). The cost
-ratio c comes from the model's structure (`SplitModel.draft_cost`), not from a clock, so the
-choice is a deterministic function of the decoded tokens: a seeded sampling run reproduces
-exactly. While g = 0 wins no acceptance is observed, so every `probe_every` blocks one token is
+costs come from the model's structure (`SplitModel.draft_cost`, `row_cost`), or on native weights
+from one timing at load, so within a process the choice is a deterministic function of the
+decoded tokens. While g = 0 wins no acceptance is observed, so every `probe_every` blocks one token is
 drafted anyway, to notice a drafter that got better (the learner keeps training it).
 """
 
@@ -25,15 +26,17 @@ def expected_tokens(acceptance: float, gamma: int) -> float:
     return sum(acceptance**i for i in range(gamma + 1))
 
 
-def best_gamma(acceptance: float, draft_cost: float, gamma_max: int) -> int:
-    """argmax over g in [0, gamma_max] of E(g) / (1 + g * draft_cost); the smallest g on ties.
+def best_gamma(acceptance: float, draft_cost: float, gamma_max: int, row_cost: float = 0.0) -> int:
+    """argmax over g in [0, gamma_max] of E(g) / (1 + g * (draft_cost + row_cost)); the smallest g
+    on ties.
 
-    draft_cost: one draft step's cost in verifier passes (>= 0)."""
+    draft_cost: one draft step's cost in verifier passes (>= 0); row_cost: one more verify row's (>= 0)."""
     if not 0.0 <= acceptance <= 1.0:
         raise ValueError(f"acceptance must be in [0, 1], got {acceptance}")
-    if draft_cost < 0 or gamma_max < 0:
-        raise ValueError(f"need draft_cost >= 0 and gamma_max >= 0, got {draft_cost}, {gamma_max}")
-    rates = [expected_tokens(acceptance, g) / (1.0 + g * draft_cost) for g in range(gamma_max + 1)]
+    if draft_cost < 0 or gamma_max < 0 or row_cost < 0:
+        raise ValueError(f"need draft_cost, row_cost and gamma_max >= 0, got {draft_cost}, {row_cost}, {gamma_max}")
+    step = draft_cost + row_cost
+    rates = [expected_tokens(acceptance, g) / (1.0 + g * step) for g in range(gamma_max + 1)]
     return max(range(gamma_max + 1), key=lambda g: (rates[g] - 1e-12 * g))
 
 
@@ -53,12 +56,12 @@ class DraftStats:
     acceptance: float | None = None
     since_draft: int = 0
 
-    def gamma(self, gamma_max: int, draft_cost: float) -> int:
+    def gamma(self, gamma_max: int, draft_cost: float, row_cost: float = 0.0) -> int:
         """The number of exit-head drafts for the next block."""
         if gamma_max <= 0:
             return 0
         acceptance = self.prior if self.acceptance is None else self.acceptance
-        g = best_gamma(acceptance, draft_cost, gamma_max)
+        g = best_gamma(acceptance, draft_cost, gamma_max, row_cost)
         if g == 0 and self.since_draft + 1 >= self.probe_every:
             return 1
         return g

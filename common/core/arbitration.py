@@ -6,15 +6,20 @@ sequence; drafted by the **exit head**, up to g tokens one step at a time (adapt
 common/core/adaptive_gamma.py). With per-token acceptance a (each token accepted given the ones before
 it were), a block of d drafted tokens commits E(a, d) = 1 + a + ... + a^d tokens in expectation.
 
-  context:  E(a_ctx[n], L) / (1 + c)                 a_ctx[n]: this request's running acceptance of
-                                                     context drafts matched on an n-gram of length n
-  exit head: (1 + p1 * E(a_head, g - 1)) / (1 + g c)  p1 = (confidence + a_head) / 2: the head's top-1
-                                                     probability for the block's first token, shrunk
-                                                     toward its running acceptance a_head
+  context:  E(a_ctx[n], L) / (1 + c + L r)                 a_ctx[n]: this request's running acceptance
+                                                           of context drafts matched on an n-gram of
+                                                           length n
+  exit head: (1 + p1 * E(a_head, g - 1)) / (1 + g (c + r))  p1 = (confidence + a_head) / 2: the head's
+                                                           top-1 probability for the block's first
+                                                           token, shrunk toward its running acceptance
 
-c is one exit-head draft step in verifier passes (`SplitModel.draft_cost`, counted in weights read).
+c is one exit-head draft step in verifier passes (`SplitModel.draft_cost`), r one more row of the
+verify pass (`SplitModel.row_cost`): every drafted token, from either source, is a row there.
 The context's drafted rows go through the shallow layers in one batched pass; it is priced as one
 draft step (an upper bound: the k shallow layers for all rows at once, no exit layer, no LM head).
+Where rows cost something, a long context draft that is rarely accepted costs more than it
+brings: `best_context_length` cuts the draft to the length with the most tokens per unit of cost
+(at least one token, so its acceptance keeps being observed).
 The head's confidence costs one draft step to know, so `choose_draft_source` is asked twice: first
 without a confidence (the head's best case, confidence 1), and only when the head could win is the
 first draft step run and the rule asked again with the measured confidence. A tie goes to the
@@ -33,17 +38,25 @@ CONTEXT = CONTEXT_DRAFT
 HEAD = EXIT_HEAD_DRAFT
 
 
-def context_value(tokens: int, acceptance: float, draft_cost: float) -> float:
+def context_value(tokens: int, acceptance: float, draft_cost: float, row_cost: float = 0.0) -> float:
     """Expected committed tokens per unit of cost of a context draft of `tokens` tokens."""
-    return expected_tokens(acceptance, tokens) / (1.0 + draft_cost)
+    return expected_tokens(acceptance, tokens) / (1.0 + draft_cost + tokens * row_cost)
 
 
-def head_value(gamma: int, first_acceptance: float, acceptance: float, draft_cost: float) -> float:
+def best_context_length(tokens: int, acceptance: float, draft_cost: float, row_cost: float) -> int:
+    """The length in [1, tokens] (tokens >= 1) with the highest `context_value`; the shortest on ties."""
+    if tokens < 1:
+        raise ValueError(f"a context draft has at least one token, got {tokens}")
+    values = [context_value(n, acceptance, draft_cost, row_cost) for n in range(1, tokens + 1)]
+    return 1 + max(range(tokens), key=lambda i: (values[i] - 1e-12 * i))
+
+
+def head_value(gamma: int, first_acceptance: float, acceptance: float, draft_cost: float, row_cost: float = 0.0) -> float:
     """Expected committed tokens per unit of cost of an exit-head draft of `gamma` tokens whose first
     token is accepted with `first_acceptance` and every later one with `acceptance`."""
     if gamma <= 0:
         return 1.0
-    return (1.0 + first_acceptance * expected_tokens(acceptance, gamma - 1)) / (1.0 + gamma * draft_cost)
+    return (1.0 + first_acceptance * expected_tokens(acceptance, gamma - 1)) / (1.0 + gamma * (draft_cost + row_cost))
 
 
 def choose_draft_source(
@@ -54,6 +67,7 @@ def choose_draft_source(
     head_confidence: float | None,
     draft_cost: float,
     confidence_threshold: float = 0.0,
+    row_cost: float = 0.0,
 ) -> str:
     """CONTEXT or HEAD for the next block (see the module docstring for the values compared).
 
@@ -61,7 +75,7 @@ def choose_draft_source(
     match's n-gram length; head_gamma: g, the most the exit head may draft (0: it is off);
     head_acceptance: a_head; head_confidence: the head's top-1 probability for the first token,
     None when not measured (then its best case, 1.0); confidence_threshold: below it the head
-    drafts nothing, so the context wins. Ties go to the context.
+    drafts nothing, so the context wins; draft_cost / row_cost: c and r above. Ties go to the context.
     """
     for name, value in (("context_acceptance", context_acceptance), ("head_acceptance", head_acceptance)):
         if not 0.0 <= value <= 1.0:
@@ -74,8 +88,8 @@ def choose_draft_source(
     if confidence < confidence_threshold:
         return CONTEXT
     first = 0.5 * (confidence + head_acceptance)
-    head = head_value(head_gamma, first, head_acceptance, draft_cost)
-    return HEAD if head > context_value(context_tokens, context_acceptance, draft_cost) else CONTEXT
+    head = head_value(head_gamma, first, head_acceptance, draft_cost, row_cost)
+    return HEAD if head > context_value(context_tokens, context_acceptance, draft_cost, row_cost) else CONTEXT
 
 
 @dataclass

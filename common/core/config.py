@@ -96,8 +96,9 @@ class DecodeConfig:
     """Stop drafting a block once the drafter's top-1 probability falls below this (Kangaroo's eta)."""
     adaptive_gamma: bool = True
     """Draft at most `gamma` tokens, as many as pay off: the count with the most expected tokens per
-    unit of cost, from the exit head's running acceptance and the cost of a draft step relative to
-    a verifier pass (common/core/adaptive_gamma.py)."""
+    unit of cost, from the exit head's running acceptance and the cost of a draft step and of a
+    verify row relative to a verifier pass (common/core/adaptive_gamma.py); a context draft is cut
+    the same way, from the running acceptance of its match length (common/core/arbitration.py)."""
     context_tokens: int = 5
     """Most tokens drafted from the context per block (prompt lookup, common/core/context_draft.py;
     0 = off). A block whose suffix occurred before drafts its continuation instead of asking the

@@ -37,7 +37,7 @@ import torch
 
 from common.core.acceptance import greedy_accept, rejection_accept
 from common.core.adaptive_gamma import DraftStats
-from common.core.arbitration import CONTEXT, HEAD, ContextStats, choose_draft_source
+from common.core.arbitration import CONTEXT, HEAD, ContextStats, best_context_length, choose_draft_source
 from common.core.config import DecodeConfig
 from common.core.context_draft import ContextIndex
 from common.core.errors import RequestRejected
@@ -357,6 +357,9 @@ class SpeculativeDecoder:
         from_context, the context match's n-gram length)."""
         split, config = self.split, state.config
         context, ngram = state.context.propose(min(config.context_tokens, room)) if state.context is not None else ([], 0)
+        if context and config.adaptive_gamma:  # as long as pays, given what a verify row costs
+            context = context[: best_context_length(
+                len(context), state.context_stats.estimate(ngram), split.draft_cost, split.row_cost)]
         first_logits, use_head = None, not context
         if context and config.arbitrate and config.gamma > 0:
             first_logits, use_head = self._arbitrate(state, block_states, len(context), ngram, room)
@@ -364,7 +367,7 @@ class SpeculativeDecoder:
             gamma = config.gamma if self.gamma_policy is None else self.gamma_policy(state.result, config.gamma)
             gamma = max(0, min(gamma, room))
             if config.adaptive_gamma:
-                gamma = state.draft_stats.gamma(gamma, split.draft_cost)
+                gamma = state.draft_stats.gamma(gamma, split.draft_cost, split.row_cost)
             if gamma > 0 or not context:
                 if context:
                     state.result.head_over_context += 1
@@ -381,17 +384,18 @@ class SpeculativeDecoder:
         """Context or exit head for a block the context can draft: (the head's first-step logits
         when they were computed, True for the head). The head's confidence is measured (one draft
         step, reused if the head wins) only when its best case could beat the context."""
-        config, stats, cost = state.config, state.draft_stats, self.split.draft_cost
+        config, stats = state.config, state.draft_stats
+        cost, row_cost = self.split.draft_cost, self.split.row_cost
         gamma = min(config.gamma, room)
         if config.adaptive_gamma:
-            gamma = stats.gamma(gamma, cost)
+            gamma = stats.gamma(gamma, cost, row_cost)
         head_acceptance = stats.prior if stats.acceptance is None else stats.acceptance
         args = (context_tokens, state.context_stats.estimate(ngram), gamma, head_acceptance)
-        if choose_draft_source(*args, None, cost, config.confidence_threshold) == CONTEXT:
+        if choose_draft_source(*args, None, cost, config.confidence_threshold, row_cost) == CONTEXT:
             return None, False
         first = self._head_logits(state, block_states, 0)
         confidence = _confidence(first, config)
-        return first, choose_draft_source(*args, confidence, cost, config.confidence_threshold) == HEAD
+        return first, choose_draft_source(*args, confidence, cost, config.confidence_threshold, row_cost) == HEAD
 
     def _head_logits(self, state: DecodeState, block_states: list[torch.Tensor], i: int) -> torch.Tensor:
         """The exit head's logits [V'] (draft vocabulary) for block position i: feeds it every

@@ -241,7 +241,7 @@ class SplitModel:
         self.native = native or None  # base matrices at the model file's precision (fast engine only)
         self._fast: FastStack | None = None
         self._fast_head: tuple[FastLayer, PackedLinear | NativeLinear] | None = None  # merged exit head; None = rebuild
-        self._timed_draft_cost: float | None = None  # native weights: `draft_cost`, timed on first use
+        self._timed_costs: tuple[float, float] | None = None  # native weights: (`draft_cost`, `row_cost`), timed on first use
         self.starts_trained = False
         """True once the drafter was loaded from trained weights (a warm start, a saved adapter):
         the learner then fine-tunes it at `LearnerConfig.fine_tune_lr`."""
@@ -463,27 +463,42 @@ class SplitModel:
         vocabulary) in verifier passes (the L - k deep layers and the full LM head), by weights
         read: decoding one sequence streams the weights, so its time follows the bytes it reads
         (on the CPU measured, 0.17 measured vs 0.19 by this count for SmolLM2 at k = 4). On native
-        weights it is timed once instead (`_time_draft_cost`: there bytes do not predict time)."""
+        weights it is timed once instead (`_time_costs`: there bytes do not predict time)."""
         if self._fast is not None and self.native:
-            if self._timed_draft_cost is None:
-                self._timed_draft_cost = self._time_draft_cost()
-            return self._timed_draft_cost
+            return self._costs()[0]
         layer = self._layer_weights
         head = self.vocab_size * self.hidden_size
         drafted = (self.exit_layer + 1) * layer + self.draft_vocab.shape[0] * self.hidden_size
         return drafted / ((self.num_layers - self.exit_layer) * layer + head)
 
-    def _time_draft_cost(self, context: int = 64, repeats: int = 5) -> float:
-        """`draft_cost` timed on native weights: (shallow pass + exit-head draft of one token) /
-        (one-row forward through every layer and the LM head), the fastest of `repeats` each,
-        after a `context`-token prefill. Bytes read do not predict time there: the 4-bit layers
-        cost their fixed per-layer work more than their bytes, the 8-bit LM head less (on an
-        Intel Xeon, 0.20 by bytes against 0.11 timed)."""
+    @property
+    def row_cost(self) -> float:
+        """What one more row adds to a verify block, in one-row verifier passes: every drafted token
+        is also a row of the next verify pass. Decoding that streams its weights pays little for
+        rows (the fp32 engine: a 5-row block 1.02x one row, so 0 here), but the 8-bit kernels of
+        native weights do integer work per row (a 5-row block 1.10x one row on an Intel Xeon,
+        1.90x on an AMD EPYC), so on native weights it is timed once (`_time_costs`)."""
+        if self._fast is not None and self.native:
+            return self._costs()[1]
+        return 0.0
+
+    def _costs(self) -> tuple[float, float]:
+        if self._timed_costs is None:
+            self._timed_costs = self._time_costs()
+        return self._timed_costs
+
+    def _time_costs(self, context: int = 64, repeats: int = 5, block: int = 5) -> tuple[float, float]:
+        """(`draft_cost`, `row_cost`) timed on native weights, each piece the fastest of `repeats`
+        after a `context`-token prefill: (shallow pass + exit-head draft of one token) / (one-row
+        forward through every layer and the LM head), and (a `block`-row forward - the one-row
+        forward) / (block - 1) / the one-row forward, floored at 0. Bytes read do not predict time
+        there: the 4-bit layers cost their fixed per-layer work more than their bytes, the 8-bit
+        LM head less (on an Intel Xeon, 0.20 by bytes against 0.11 timed)."""
         import time
 
         ids = torch.arange(context, device=self.device)[None] % self.vocab_size
         pos, one, at = torch.arange(context)[None], ids[:, -1:], torch.tensor([[context]])
-        cache, exit_cache = self.new_cache(context + 2), self.new_exit_cache(context + 2)
+        cache, exit_cache = self.new_cache(context + block + 1), self.new_exit_cache(context + 2)
 
         def fastest(fn) -> float:
             best = float("inf")
@@ -501,7 +516,10 @@ class SplitModel:
             self.draft(h, pos, exit_cache)
             drafted = fastest(lambda: self.draft(self.shallow(one, at, cache), at, exit_cache))
             full = fastest(lambda: self.deep(self.shallow(one, at, cache), at, cache))
-        return drafted / full
+            rows = ids[:, :block]
+            rows_at = torch.arange(context, context + block)[None]
+            many = fastest(lambda: self.deep(self.shallow(rows, rows_at, cache), rows_at, cache))
+        return drafted / full, max(0.0, (many - full) / (block - 1) / full)
 
     def adapter_changed(self) -> None:
         """Tell the split that the LoRA tensors or the draft vocabulary changed in place (an

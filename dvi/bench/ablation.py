@@ -24,7 +24,7 @@ LEVERS: dict[str, str] = {
     "context": "no context drafting: every block asks the exit head",
     "exit_head": "no exit-head drafts: context drafting only (gamma 0)",
     "confidence": "no confidence stop: the exit head drafts gamma tokens every block",
-    "adaptive_gamma": "a fixed gamma instead of the per-block choice from acceptance and cost",
+    "adaptive_gamma": "fixed draft lengths (gamma, every context match in full) instead of the per-block choice from acceptance and cost",
     "arbitration": "any context match wins the block instead of the choice by expected tokens per cost",
 }
 """Lever name -> what its variant does instead (the table's `off` column)."""

@@ -59,3 +59,20 @@ def test_arbitration_on_or_off_stays_lossless_and_reproducible(monkeypatch):
         on = decode(split, text, greedy)
         off = decode(split, text, DecodeConfig(**{**greedy.__dict__, "arbitrate": False}))
         assert (on.token_ids, on.context_drafted, on.drafted) == (off.token_ids, off.context_drafted, off.drafted)
+
+
+def test_costly_verify_rows_cut_context_drafts_and_decoding_stays_lossless(monkeypatch):
+    """With verify rows priced (as native weights time them on a CPU where rows cost), a context
+    draft is cut to the length that pays for its running acceptance: fewer context-drafted tokens,
+    the same tokens out."""
+    split = stories_split(exit_layer=2)
+    config = DecodeConfig(gamma=0, context_tokens=5, max_new_tokens=40)
+    text = TEXTS[0]
+    reference = decode(split, text, DecodeConfig.autoregressive(40)).token_ids
+    free = decode(split, text, config)
+    monkeypatch.setattr(type(split), "row_cost", property(lambda self: 0.5))
+    costly = decode(split, text, config)
+    assert free.token_ids == costly.token_ids == reference
+    assert 0 < costly.context_drafted < free.context_drafted
+    fixed = decode(split, text, DecodeConfig(gamma=0, context_tokens=5, max_new_tokens=40, adaptive_gamma=False))
+    assert fixed.context_drafted == free.context_drafted  # fixed lengths: every match in full

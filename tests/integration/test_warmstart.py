@@ -18,20 +18,22 @@ from dvi.commands.warmstart import SEEDS
 from learner.warmstart import WarmStartConfig, generate_corpus, train_warm_start
 from tests.tiny_models import SPEC_BENCH, STORIES, stories_split
 
+GREEDY = {"temperature": 0.0, "samples_per_prompt": 1}  # one greedy continuation per seed prompt
+
 
 def test_warm_start_improves_held_out_agreement_on_stories260k():
     torch.manual_seed(0)
     split = stories_split(exit_layer=2)
     seeds = interleave_categories(load_prompts(SEEDS))[:24]
-    config = WarmStartConfig(max_new_tokens=24, epochs=4, chunks=2, seed=0)
+    config = WarmStartConfig(max_new_tokens=24, epochs=4, chunks=2, seed=0)  # the default recipe: sampled, 3 per prompt
     corpus, _ = generate_corpus(split, [encode_prompt(split.tokenizer, p.text) for p in seeds], config)
-    assert len(corpus) == 24 and all(t.verified_position.min() == 0 for t in corpus)  # prompt positions distilled too
+    assert len(corpus) == 24 * config.samples_per_prompt and all(t.verified_position.min() == 0 for t in corpus)  # prompt positions distilled too
     held = split_train_eval(load_prompts(SPEC_BENCH))[1][:6]  # never trained on: Spec-Bench held-out half
     targets = greedy_targets(split, [encode_prompt(split.tokenizer, p.text) for p in held], 16)
     _, points = train_warm_start(split, corpus, targets, config)
     untrained, warm = points[0].agreement, points[-1].agreement
     assert agreement(split, targets).rate == warm and len(points) == 3
-    assert warm >= untrained + 0.10, (untrained, warm)  # measured 0.25 -> 0.5+ on this seed
+    assert warm >= untrained + 0.10, (untrained, warm)  # measured 0.26 -> 0.64 on this seed (greedy corpus: 0.25 -> 0.5+)
 
 
 def test_the_default_drafter_starts_from_an_installed_warm_start_and_falls_back_when_none_fits(tmp_path, monkeypatch, caplog):
@@ -73,7 +75,7 @@ def test_the_corpus_cache_regenerates_only_prompts_it_has_not_seen(tmp_path, mon
     monkeypatch.setattr(warmstart, "SpeculativeDecoder", Counting)
     split = stories_split(exit_layer=2)
     a, b, c = [encode_prompt(split.tokenizer, p.text) for p in load_prompts(SEEDS)[:3]]
-    greedy = WarmStartConfig(max_new_tokens=6)
+    greedy = WarmStartConfig(max_new_tokens=6, **GREEDY)
     first, _ = generate_corpus(split, [a, b], greedy, tmp_path)
     assert calls == [a, b]
     again, seconds = generate_corpus(split, [c, a, b], greedy, tmp_path)  # a grown, reordered seed file
@@ -89,10 +91,10 @@ def test_the_corpus_cache_regenerates_only_prompts_it_has_not_seen(tmp_path, mon
 def test_a_cosine_schedule_decays_the_warm_starts_rates_to_zero_and_a_constant_one_keeps_them():
     split = stories_split(exit_layer=2)
     seeds = interleave_categories(load_prompts(SEEDS))[:4]
-    corpus, _ = generate_corpus(split, [encode_prompt(split.tokenizer, p.text) for p in seeds], WarmStartConfig(max_new_tokens=8))
+    corpus, _ = generate_corpus(split, [encode_prompt(split.tokenizer, p.text) for p in seeds], WarmStartConfig(max_new_tokens=8, **GREEDY))
     rates = {}
     for kind in ("constant", "cosine"):
-        config = WarmStartConfig(max_new_tokens=8, epochs=2, chunks=2, lr_schedule=kind)
+        config = WarmStartConfig(max_new_tokens=8, epochs=2, chunks=2, lr_schedule=kind, **GREEDY)
         config = replace(config, learner=replace(config.learner, batch_tokens=16))  # every planned step is taken
         learner, points = train_warm_start(split.sibling(split.drafter_config), corpus, [], config)
         assert points[-1].steps == sum(max(1, -(-2 * sum(t.num_scored for t in corpus[a:b]) // 16)) for a, b in ((0, 2), (2, 4)))

@@ -22,6 +22,17 @@ def test_best_gamma_by_hand():
         best_gamma(1.5, 0.2, 3)
 
 
+def test_best_gamma_counts_each_drafted_token_as_a_verify_row_too():
+    # a = 0.5, draft 0.2 and row 0.2 passes: g0 1/1, g1 1.5/1.4 = 1.071, g2 1.75/1.8 = 0.972
+    assert best_gamma(0.5, 0.2, 5, row_cost=0.2) == 1
+    # a = 0.35: g1 1.35/1.4 = 0.964 < 1: rows that cost make a head below ~40% not worth asking
+    assert best_gamma(0.35, 0.2, 5, row_cost=0.2) == 0
+    assert best_gamma(0.35, 0.2, 5) == 1  # free rows: 1.35/1.2 = 1.125
+    assert DraftStats(prior=0.35).gamma(5, 0.2, 0.2) == 0
+    with pytest.raises(ValueError):
+        best_gamma(0.5, 0.2, 3, row_cost=-0.1)
+
+
 def test_draft_stats_track_acceptance_and_probe():
     stats = DraftStats(prior=0.5, decay=0.5, probe_every=3)
     assert stats.gamma(4, 0.2) == 1  # the prior: a = 0.5

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from common.core.arbitration import CONTEXT, HEAD, ContextStats, choose_draft_source, context_value, head_value
+from common.core.arbitration import (
+    CONTEXT, HEAD, ContextStats, best_context_length, choose_draft_source, context_value, head_value,
+)
 
 COST = 0.2  # one draft step = 0.2 verifier passes
 
@@ -15,6 +17,33 @@ def test_values_by_hand():
     # head, g = 2, first token 0.9, then 0.5: (1 + .9 * (1 + .5)) / (1 + 2 * .2) = 2.35 / 1.4
     assert head_value(2, 0.9, 0.5, COST) == pytest.approx(2.35 / 1.4)
     assert head_value(0, 0.9, 0.9, COST) == 1.0
+
+
+def test_values_count_every_drafted_token_as_a_verify_row():
+    # row cost 0.2: context, 3 tokens at 0.5: 1.875 / (1 + .2 + 3 * .2) = 1.875 / 1.8
+    assert context_value(3, 0.5, COST, 0.2) == pytest.approx(1.875 / 1.8)
+    # head, g = 2, first 0.9, then 0.5: 2.35 / (1 + 2 * (.2 + .2)) = 2.35 / 1.8
+    assert head_value(2, 0.9, 0.5, COST, 0.2) == pytest.approx(2.35 / 1.8)
+
+
+def test_a_context_draft_is_cut_to_the_length_that_pays():
+    # a = 0.5, c = r = 0.2: L1 1.5/1.4 = 1.071, L2 1.75/1.6 = 1.094, L3 1.875/1.8 = 1.042, L4 0.969, L5 0.895
+    assert best_context_length(5, 0.5, COST, 0.2) == 2
+    assert best_context_length(5, 0.5, COST, 0.0) == 5  # free rows: every token adds value
+    # a = 0.9: L4 4.0951/2.0 = 2.048 < L5 4.68559/2.2 = 2.130
+    assert best_context_length(5, 0.9, COST, 0.2) == 5
+    assert best_context_length(5, 0.1, COST, 0.2) == 1  # never below one token: its acceptance stays observed
+    assert best_context_length(1, 0.1, COST, 0.2) == 1
+    with pytest.raises(ValueError):
+        best_context_length(0, 0.5, COST, 0.2)
+
+
+def test_costly_rows_move_a_block_from_the_head_to_the_context():
+    # context 1 token at 0.5; head g = 3, confidence 0.7, history 0.5 -> first 0.6, E = 1 + .6 * 1.75 = 2.05
+    # free rows: context 1.5/1.2 = 1.25 < head 2.05/1.6 = 1.281
+    assert choose_draft_source(1, 0.5, 3, 0.5, 0.7, COST) == HEAD
+    # rows at 0.2: context 1.5/1.4 = 1.071 > head 2.05/2.2 = 0.932
+    assert choose_draft_source(1, 0.5, 3, 0.5, 0.7, COST, row_cost=0.2) == CONTEXT
 
 
 def test_a_long_context_match_wins():
