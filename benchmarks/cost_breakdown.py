@@ -12,7 +12,9 @@ drafter's LM head over the draft vocabulary), the full forward of a block of T r
 deep + LM head) for T = 1..8, 11 and 16, the LM head alone, and one HF forward of one token
 (what `generate` runs per token). Then it prints the cost of a drafted token and of a 5-row
 block relative to a one-row forward, the weight bytes a one-row forward streams in each
-column, and the kernels chosen. Writes nothing. A model without a native form (safetensors)
+column, the kernels chosen, and the split's own timing of a draft step and of one more verify
+row at this context (`SplitModel._time_costs`, which adaptive gamma and arbitration use). Writes
+nothing. A model without a native form (safetensors)
 has no `native` column.
 """
 
@@ -127,6 +129,9 @@ def main() -> None:
         print(f"native kernels per role (one row, block): {native.native_kernels}")
         file_mb = sum(m.shape[0] * m.shape[1] * m.bytes_per_weight for m in native.native.values()) / 1e6
         print(f"the GGUF file's quantised matrices: {file_mb:.1f} MB (what llama.cpp streams per token)")
+        draft_cost, row_cost = native._time_costs(context=args.context)
+        print(f"the split's own timing at this context (the decoder times it once, at 64 tokens): draft step "
+              f"{draft_cost:.3f}, one more verify row {row_cost:.3f} of a one-row verifier pass")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,12 @@ brings: `best_context_length` cuts the draft to the length with the most tokens 
 (at least one token, so its acceptance keeps being observed).
 The head's confidence costs one draft step to know, so `choose_draft_source` is asked twice: first
 without a confidence (the head's best case, confidence 1), and only when the head could win is the
-first draft step run and the rule asked again with the measured confidence. A tie goes to the
-context. Everything is a deterministic function of the decoded tokens, so a seeded run reproduces,
+first draft step run and the rule asked again with the measured confidence. That probe is paid
+whether the head then wins or not (on SmolLM2 at k = 4 most of the head's draft steps in a
+Spec-Bench run drafted nothing: `benchmarks/head_steps.py`), so it runs only when it is worth its cost (`worth_probing`): with the
+request's running rate of probes the head won, w, when w * head-best-case + (1 - w) * the context's
+value with the probe's cost added beats the context's value; every `ContextStats.probe_every`
+blocks a probe runs anyway, so w keeps being observed. A tie goes to the context. Everything is a deterministic function of the decoded tokens, so a seeded run reproduces,
 and the choice only changes the proposal, never what the verifier accepts: decoding stays lossless.
 """
 
@@ -92,6 +96,22 @@ def choose_draft_source(
     return HEAD if head > context_value(context_tokens, context_acceptance, draft_cost, row_cost) else CONTEXT
 
 
+def worth_probing(
+    context_tokens: int, context_acceptance: float, head_gamma: int, head_acceptance: float, draft_cost: float,
+    row_cost: float, win_rate: float,
+) -> bool:
+    """Is running the head's first draft step, to learn its confidence, worth that step's cost?
+
+    win_rate: how often such a probe handed the block to the head. The probe pays off when
+    win_rate * (the head's best case) + (1 - win_rate) * (the context's value with one more draft
+    step of cost) exceeds the context's value without the probe (see the module docstring)."""
+    best = head_value(head_gamma, 0.5 * (1.0 + head_acceptance), head_acceptance, draft_cost, row_cost)
+    context = context_value(context_tokens, context_acceptance, draft_cost, row_cost)
+    after_probe = expected_tokens(context_acceptance, context_tokens) / (
+        1.0 + 2.0 * draft_cost + context_tokens * row_cost)
+    return win_rate * best + (1.0 - win_rate) * after_probe > context
+
+
 @dataclass
 class ContextStats:
     """One request's running acceptance of context drafts, per matched n-gram length (an EMA per
@@ -100,6 +120,26 @@ class ContextStats:
     prior: float = 0.5
     decay: float = 0.9
     acceptance: dict[int, float] = field(default_factory=dict)
+    probe_wins: float | None = None
+    """EMA of probes of the head's confidence that handed the block to the head (None: `prior`)."""
+    probe_every: int = 16
+    since_probe: int = 0
+
+    @property
+    def win_rate(self) -> float:
+        return self.prior if self.probe_wins is None else self.probe_wins
+
+    def probe_due(self) -> bool:
+        """True every `probe_every` blocks that could have probed without one, to keep `win_rate` observed."""
+        return self.since_probe + 1 >= self.probe_every
+
+    def observe_probe(self, probed: bool, head_won: bool = False) -> None:
+        """A block that could have probed the head's confidence: whether it did, and if so whether the head won."""
+        if not probed:
+            self.since_probe += 1
+            return
+        self.since_probe = 0
+        self.probe_wins = self.decay * self.win_rate + (1.0 - self.decay) * float(head_won)
 
     def estimate(self, ngram: int) -> float:
         """a_ctx for a match of length `ngram` (the prior before any such block)."""

@@ -37,7 +37,7 @@ import torch
 
 from common.core.acceptance import greedy_accept, rejection_accept
 from common.core.adaptive_gamma import DraftStats
-from common.core.arbitration import CONTEXT, HEAD, ContextStats, best_context_length, choose_draft_source
+from common.core.arbitration import CONTEXT, HEAD, ContextStats, best_context_length, choose_draft_source, worth_probing
 from common.core.config import DecodeConfig
 from common.core.context_draft import ContextIndex
 from common.core.errors import RequestRejected
@@ -393,9 +393,15 @@ class SpeculativeDecoder:
         args = (context_tokens, state.context_stats.estimate(ngram), gamma, head_acceptance)
         if choose_draft_source(*args, None, cost, config.confidence_threshold, row_cost) == CONTEXT:
             return None, False
+        context_stats = state.context_stats
+        if not (worth_probing(*args, cost, row_cost, context_stats.win_rate) or context_stats.probe_due()):
+            context_stats.observe_probe(False)
+            return None, False
         first = self._head_logits(state, block_states, 0)
         confidence = _confidence(first, config)
-        return first, choose_draft_source(*args, confidence, cost, config.confidence_threshold, row_cost) == HEAD
+        head = choose_draft_source(*args, confidence, cost, config.confidence_threshold, row_cost) == HEAD
+        context_stats.observe_probe(True, head)
+        return first, head
 
     def _head_logits(self, state: DecodeState, block_states: list[torch.Tensor], i: int) -> torch.Tensor:
         """The exit head's logits [V'] (draft vocabulary) for block position i: feeds it every

@@ -35,6 +35,7 @@ def test_head_chosen_over_the_context_drafts_as_the_head_alone(monkeypatch, temp
         return HEAD
 
     monkeypatch.setattr(speculative, "choose_draft_source", always_head)
+    monkeypatch.setattr(speculative, "worth_probing", lambda *args: True)
     for text in TEXTS:
         chosen = decode(split, text, DecodeConfig(context_tokens=5, **base), seed=7)
         alone = decode(split, text, DecodeConfig(context_tokens=0, **base), seed=7)

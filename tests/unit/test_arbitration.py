@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from common.core.arbitration import (
-    CONTEXT, HEAD, ContextStats, best_context_length, choose_draft_source, context_value, head_value,
+    CONTEXT, HEAD, ContextStats, best_context_length, choose_draft_source, context_value, head_value, worth_probing,
 )
 
 COST = 0.2  # one draft step = 0.2 verifier passes
@@ -99,3 +99,24 @@ def test_the_ablation_switches_arbitration_off_alone():
     rows = {v.lever: v for v in variants(DecodeConfig(), 8192)}
     assert rows[None].decode.arbitrate is True
     assert rows["arbitration"].decode == DecodeConfig(arbitrate=False)  # everything else as the full method
+
+
+def test_the_heads_confidence_is_probed_only_when_the_probe_is_worth_its_cost():
+    # context 1 token at 0.5: 1.5 / 1.2 = 1.25; with the probe's step paid too: 1.5 / 1.4 = 1.0714
+    # head best case, g = 3, history 0.5 -> first 0.75: (1 + .75 * 1.75) / 1.6 = 1.4453
+    # win rate 0.5: .5 * 1.4453 + .5 * 1.0714 = 1.2584 > 1.25; 0.4: .5781 + .6429 = 1.2210 < 1.25
+    assert worth_probing(1, 0.5, 3, 0.5, COST, 0.0, 0.5)
+    assert not worth_probing(1, 0.5, 3, 0.5, COST, 0.0, 0.4)
+
+
+def test_context_stats_keep_the_probe_win_rate_and_force_a_probe_now_and_then():
+    stats = ContextStats(probe_every=3)
+    assert stats.win_rate == 0.5 and not stats.probe_due()
+    stats.observe_probe(True, head_won=False)
+    assert stats.win_rate == pytest.approx(0.45)  # 0.9 * 0.5 + 0.1 * 0
+    stats.observe_probe(False)
+    assert not stats.probe_due()
+    stats.observe_probe(False)
+    assert stats.probe_due()  # the third block without a probe probes anyway
+    stats.observe_probe(True, head_won=True)
+    assert stats.win_rate == pytest.approx(0.9 * 0.45 + 0.1) and not stats.probe_due()
