@@ -14,8 +14,7 @@ deep + LM head) for T = 1..8, 11 and 16, the LM head alone, and one HF forward o
 block relative to a one-row forward, the weight bytes a one-row forward streams in each
 column, the kernels chosen, and the split's own timing of a draft step and of one more verify
 row at this context (`SplitModel._time_costs`, which adaptive gamma and arbitration use). Writes
-nothing. A model without a native form (safetensors)
-has no `native` column.
+nothing. A model without a native form (safetensors) has no `native` column.
 """
 
 from __future__ import annotations

@@ -23,12 +23,15 @@ brings: `best_context_length` cuts the draft to the length with the most tokens 
 The head's confidence costs one draft step to know, so `choose_draft_source` is asked twice: first
 without a confidence (the head's best case, confidence 1), and only when the head could win is the
 first draft step run and the rule asked again with the measured confidence. That probe is paid
-whether the head then wins or not (on SmolLM2 at k = 4 most of the head's draft steps in a
-Spec-Bench run drafted nothing: `benchmarks/head_steps.py`), so it runs only when it is worth its cost (`worth_probing`): with the
-request's running rate of probes the head won, w, when w * head-best-case + (1 - w) * the context's
-value with the probe's cost added beats the context's value; every `ContextStats.probe_every`
-blocks a probe runs anyway, so w keeps being observed. A tie goes to the context. Everything is a deterministic function of the decoded tokens, so a seeded run reproduces,
-and the choice only changes the proposal, never what the verifier accepts: decoding stays lossless.
+whether the head then wins or not (on SmolLM2 at k = 4, most of the head's draft steps in a
+Spec-Bench run drafted nothing: `benchmarks/head_steps.py`), so it runs only when it is worth its
+cost (`worth_probing`): with the request's running rate of probes the head won, w, when
+w * head-best-case + (1 - w) * the context's value with the probe's cost added beats the
+context's value; every `ContextStats.probe_every` blocks a probe runs anyway, so w keeps being
+observed. A tie goes to the context. With the costs fixed (counted, or timed once per process on
+native weights) everything is a deterministic function of the decoded tokens, so a seeded run
+reproduces within a process, and the choice only changes the proposal, never what the verifier
+accepts: decoding stays lossless.
 """
 
 from __future__ import annotations
@@ -107,8 +110,7 @@ def worth_probing(
     step of cost) exceeds the context's value without the probe (see the module docstring)."""
     best = head_value(head_gamma, 0.5 * (1.0 + head_acceptance), head_acceptance, draft_cost, row_cost)
     context = context_value(context_tokens, context_acceptance, draft_cost, row_cost)
-    after_probe = expected_tokens(context_acceptance, context_tokens) / (
-        1.0 + 2.0 * draft_cost + context_tokens * row_cost)
+    after_probe = context_value(context_tokens, context_acceptance, 2.0 * draft_cost, row_cost)  # the probe's step paid too
     return win_rate * best + (1.0 - win_rate) * after_probe > context
 
 

@@ -477,7 +477,7 @@ class SplitModel:
         is also a row of the next verify pass. Decoding that streams its weights pays little for
         rows (the fp32 engine: a 5-row block 1.02x one row, so 0 here), but the 8-bit kernels of
         native weights do integer work per row (a 5-row block 1.10x one row on an Intel Xeon,
-        1.90x on an AMD EPYC), so on native weights it is timed once (`_time_costs`)."""
+        1.4-1.7x on an AMD EPYC), so on native weights it is timed once (`_time_costs`)."""
         if self._fast is not None and self.native:
             return self._costs()[1]
         return 0.0
@@ -494,9 +494,9 @@ class SplitModel:
         forward) / (block - 1) / the one-row forward, floored at 0. The pieces run interleaved, as in
         decoding, where a draft step follows a verify pass that has evicted its weights from the
         cache (timed back to back instead, a draft step measured ~35% cheaper on an AMD EPYC, its
-        weights still cached). Bytes read do not predict time
-        there: the 4-bit layers cost their fixed per-layer work more than their bytes, the 8-bit
-        LM head less (on an Intel Xeon, 0.20 by bytes against 0.11 timed)."""
+        weights still cached). Bytes read do not predict time there: the 4-bit layers cost their
+        fixed per-layer work more than their bytes, the 8-bit LM head less (on an Intel Xeon, 0.20
+        by bytes against 0.11 timed)."""
         import time
 
         ids = torch.arange(context, device=self.device)[None] % self.vocab_size
@@ -507,11 +507,11 @@ class SplitModel:
             """The fastest of `repeats` runs of each fn, the fns interleaved so that they see the
             same machine (another job's load would otherwise skew one against the other)."""
             best = [float("inf")] * len(fns)
-            for _ in range(repeats + 1):  # the first round warms every shape up and is not kept
+            for round_ in range(repeats + 1):  # round 0 warms every shape up and is not kept
                 for i, fn in enumerate(fns):
                     start = time.perf_counter()
                     fn()
-                    if _:
+                    if round_ > 0:
                         best[i] = min(best[i], time.perf_counter() - start)
                     crop_cache(cache, context)
                     crop_cache(exit_cache, context)
