@@ -32,13 +32,13 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from common.decoding.agreement import AgreementTargets, agreement
 from common.core.codec import decode_trajectory, encode_trajectory
-from common.core.config import DecodeConfig
+from common.core.config import DecodeConfig, ModelSpec
 from common.model.split import SplitModel
 from common.decoding.speculative import SpeculativeDecoder
 from common.core.types import Trajectory
@@ -155,35 +155,92 @@ def generate_corpus(
     config: WarmStartConfig,
     directory: str | Path | None = None,
     on_request: Callable[[int, int], None] | None = None,
+    workers: int = 1,
+    spec: ModelSpec | None = None,
 ) -> tuple[list[Trajectory], float]:
     """The corpus (one Trajectory per seed prompt and sample, in order) and the seconds its
-    generations took (cached ones: as recorded when they were made). Each generation is cached
-    in `directory` under `corpus_key` and, at temperature > 0, seeded by it, so it is the same
-    whichever other prompts the seed file holds. `on_request(done, total)` after each one."""
+    generations took (cached ones: as recorded when they were made; with workers, the sum over
+    them, not the wall time). Each generation is cached in `directory` under `corpus_key` and, at
+    temperature > 0, seeded by it, so it is the same whichever other prompts the seed file holds
+    and whichever process makes it. `on_request(done, total)` after each one.
+
+    `workers` > 1 generates the uncached ones in that many processes of one torch thread each,
+    every one loading `spec` (the model `split` was loaded from; its drafter never matters: the
+    corpus drafts from the context only). Generation is the warm start's bottleneck (~83 tokens/s
+    on one core of an AMD EPYC); it scales with cores, decoding one sequence per process does not.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if workers > 1 and spec is None:
+        raise ValueError("generating the corpus in worker processes needs the ModelSpec the split was loaded from")
     settings = config.corpus_settings()
     cache = _CorpusCache(directory, split) if directory is not None else None
-    decoder = SpeculativeDecoder(split)
     total = len(prompts) * config.samples_per_prompt
-    corpus: list[Trajectory] = []
+    jobs = [(index, prompts[index // config.samples_per_prompt], index % config.samples_per_prompt) for index in range(total)]
+    corpus: list[Trajectory | None] = [None] * total
     spent = 0.0
-    for index in range(total):
-        prompt, sample = prompts[index // config.samples_per_prompt], index % config.samples_per_prompt
+    done = 0
+    missing = []
+    for index, prompt, sample in jobs:
         key = corpus_key(settings, prompt, sample)
         trajectory = cache.get(key) if cache is not None else None
-        if trajectory is not None:
-            spent += cache.seconds(key)
-        else:
-            started = time.perf_counter()
-            generator = torch.Generator().manual_seed(int(key[:15], 16))
-            trajectory = decoder.generate(list(prompt), config.decode, generator=generator, request_id=f"warmstart-{key}").trajectory
-            seconds = time.perf_counter() - started
-            spent += seconds
-            if cache is not None:
-                cache.put(key, trajectory, seconds)
-        corpus.append(trajectory)
+        if trajectory is None:
+            missing.append((index, list(prompt), key))
+            continue
+        corpus[index], spent, done = trajectory, spent + cache.seconds(key), done + 1
         if on_request is not None:
-            on_request(index + 1, total)
-    return corpus, spent
+            on_request(done, total)
+    for index, key, trajectory, seconds in _generations(split, missing, config.decode, workers, spec):
+        corpus[index], spent, done = trajectory, spent + seconds, done + 1
+        if cache is not None:
+            cache.put(key, trajectory, seconds)
+        if on_request is not None:
+            on_request(done, total)
+    return corpus, spent  # type: ignore[return-value]  # every slot is filled above
+
+
+def _generations(split: SplitModel, missing: list[tuple[int, list[int], str]], decode: DecodeConfig, workers: int,
+                 spec: ModelSpec | None) -> Iterator[tuple[int, str, Trajectory, float]]:
+    """(index, key, trajectory, seconds) for each (index, prompt, key) of `missing`, in this
+    process (`workers` 1) or in a pool of `workers` processes, in the order they finish."""
+    if workers == 1 or len(missing) <= 1:
+        decoder = SpeculativeDecoder(split)
+        for index, prompt, key in missing:
+            yield (index, key, *_generate_one(decoder, prompt, key, decode))
+        return
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    import multiprocessing
+
+    with ProcessPoolExecutor(max_workers=min(workers, len(missing)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_start_worker, initargs=(replace(spec, warm_start=False),)) as pool:
+        futures = [pool.submit(_worker_generate, index, prompt, key, decode) for index, prompt, key in missing]
+        for future in as_completed(futures):
+            index, key, record, seconds = future.result()
+            yield index, key, decode_trajectory(record, _MAX_RECORD_BYTES), seconds
+
+
+def _generate_one(decoder: SpeculativeDecoder, prompt: list[int], key: str, decode: DecodeConfig) -> tuple[Trajectory, float]:
+    """One corpus generation, its sampling seeded by its cache key, and its seconds."""
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(int(key[:15], 16))
+    trajectory = decoder.generate(prompt, decode, generator=generator, request_id=f"warmstart-{key}").trajectory
+    return trajectory, time.perf_counter() - started
+
+
+_worker_decoder: SpeculativeDecoder | None = None
+
+
+def _start_worker(spec: ModelSpec) -> None:
+    """A corpus worker process: one torch thread, its own copy of the model."""
+    global _worker_decoder
+    torch.set_num_threads(1)
+    _worker_decoder = SpeculativeDecoder(SplitModel.load(spec))
+
+
+def _worker_generate(index: int, prompt: list[int], key: str, decode: DecodeConfig) -> tuple[int, str, bytes, float]:
+    assert _worker_decoder is not None, "_start_worker runs first"
+    trajectory, seconds = _generate_one(_worker_decoder, prompt, key, decode)
+    return index, key, encode_trajectory(trajectory, _MAX_RECORD_BYTES), seconds
 
 
 @dataclass(frozen=True)

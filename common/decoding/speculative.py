@@ -356,18 +356,18 @@ class SpeculativeDecoder:
         `block_states`. Returns (tokens, q rows (sampling only), log q of each head-drafted token,
         from_context, the context match's n-gram length)."""
         split, config = self.split, state.config
+        costs = split.costs(len(state.tokens))  # (draft step, verify row) at this sequence's length
         context, ngram = state.context.propose(min(config.context_tokens, room)) if state.context is not None else ([], 0)
         if context and config.adaptive_gamma:  # as long as pays, given what a verify row costs
-            context = context[: best_context_length(
-                len(context), state.context_stats.estimate(ngram), split.draft_cost, split.row_cost)]
+            context = context[: best_context_length(len(context), state.context_stats.estimate(ngram), *costs)]
         first_logits, use_head = None, not context
         if context and config.arbitrate and config.gamma > 0:
-            first_logits, use_head = self._arbitrate(state, block_states, len(context), ngram, room)
+            first_logits, use_head = self._arbitrate(state, block_states, len(context), ngram, room, costs)
         if use_head:
             gamma = config.gamma if self.gamma_policy is None else self.gamma_policy(state.result, config.gamma)
             gamma = max(0, min(gamma, room))
             if config.adaptive_gamma:
-                gamma = state.draft_stats.gamma(gamma, split.draft_cost, split.row_cost)
+                gamma = state.draft_stats.gamma(gamma, *costs)
             if gamma > 0 or not context:
                 if context:
                     state.result.head_over_context += 1
@@ -380,12 +380,13 @@ class SpeculativeDecoder:
         return context, draft_probs, [], True, ngram
 
     def _arbitrate(self, state: DecodeState, block_states: list[torch.Tensor], context_tokens: int, ngram: int,
-                   room: int) -> tuple[torch.Tensor | None, bool]:
+                   room: int, costs: tuple[float, float]) -> tuple[torch.Tensor | None, bool]:
         """Context or exit head for a block the context can draft: (the head's first-step logits
         when they were computed, True for the head). The head's confidence is measured (one draft
-        step, reused if the head wins) only when its best case could beat the context."""
+        step, reused if the head wins) only when its best case could beat the context. costs: the
+        block's (draft step, verify row) costs (`SplitModel.costs`)."""
         config, stats = state.config, state.draft_stats
-        cost, row_cost = self.split.draft_cost, self.split.row_cost
+        cost, row_cost = costs
         gamma = min(config.gamma, room)
         if config.adaptive_gamma:
             gamma = stats.gamma(gamma, cost, row_cost)

@@ -84,10 +84,13 @@ def warmstart(
     install: bool = typer.Option(True, "--install/--no-install", help="Make it this model's default drafter."),
     ship: bool = typer.Option(False, "--ship/--no-ship", help="Also write the bf16 copy this package ships (common/model/warmstarts/)."),
     seed: int = typer.Option(WarmStartConfig.seed, "--seed"),
+    workers: int = typer.Option(1, "--workers", help="Processes generating the corpus, one torch thread each (up to one per core)."),
     threads: options.Threads = None,
 ) -> None:
     """Warm-start the drafter on the model's own generations from the shipped seed instructions."""
     options.check_threads(threads)
+    if workers < 1:
+        raise typer.BadParameter(f"must be >= 1, got {workers}", param_hint="--workers")
     with options.torch_threads(threads):
         _run(**locals())
 
@@ -118,7 +121,7 @@ def _save(split, drafter, targets, out_dir: Path, install: bool, ship: bool, mod
 
 
 def _run(out, model, exit_layer, draft_vocab_size, seeds, max_new_tokens, temperature, samples_per_prompt, epochs,
-         lr_schedule, head_lr, lora_lr, eval_prompts, eval_new_tokens, corpus, install, ship, seed, threads) -> None:
+         lr_schedule, head_lr, lora_lr, eval_prompts, eval_new_tokens, corpus, install, ship, seed, workers, threads) -> None:
     from common.decoding.agreement import greedy_targets
     from common.core.config import ModelSpec
     from common.model.split import SplitModel
@@ -137,7 +140,8 @@ def _run(out, model, exit_layer, draft_vocab_size, seeds, max_new_tokens, temper
     )
     config = replace(config, learner=replace(config.learner, head_lr=head_lr, lora_lr=lora_lr))
     drafter = DrafterConfig(exit_layer=exit_layer, draft_vocab_size=draft_vocab_size)
-    split = SplitModel.load(ModelSpec(model=model, drafter=drafter, warm_start=False))
+    spec = ModelSpec(model=model, drafter=drafter, warm_start=False)
+    split = SplitModel.load(spec)
     seed_prompts = interleave_categories(load_prompts(seeds))  # any prefix of the corpus covers every kind
     prompt_ids = [encode_prompt(split.tokenizer, p.text) for p in seed_prompts]
     corpus_dir = Path(corpus) if corpus else cache_dir() / "warmstart" / f"{split.fingerprint}-k{split.exit_layer}" / "corpus"
@@ -149,7 +153,9 @@ def _run(out, model, exit_layer, draft_vocab_size, seeds, max_new_tokens, temper
         trajectories, generation_seconds = generate_corpus(
             split, prompt_ids, config, corpus_dir,
             on_request=lambda done, total: progress.update(task, completed=done, now=f"{done}/{total}"),
+            workers=workers, spec=spec,
         )
+    generation_wall_seconds = time.perf_counter() - started
     held = split_train_eval(load_prompts(SPEC_BENCH_DEV))[1][:eval_prompts]
     eval_started = time.perf_counter()
     targets = greedy_targets(split, [encode_prompt(split.tokenizer, p.text) for p in held], eval_new_tokens)
@@ -170,7 +176,8 @@ def _run(out, model, exit_layer, draft_vocab_size, seeds, max_new_tokens, temper
         seed_prompts=len(prompt_ids), corpus_trajectories=len(trajectories),
         corpus_tokens=sum(len(t.committed_tokens) for t in trajectories),
         corpus_positions=sum(t.num_scored for t in trajectories),
-        generation_seconds=generation_seconds, train_seconds=train_seconds, eval_setup_seconds=eval_setup_seconds,
+        generation_seconds=generation_seconds, generation_workers=workers, generation_wall_seconds=generation_wall_seconds,
+        train_seconds=train_seconds, eval_setup_seconds=eval_setup_seconds,
         total_seconds=time.perf_counter() - started,
         held_out={"prompts": len(held), "new_tokens": eval_new_tokens, "positions": sum(t.num_scored for t in targets),
                   "source": "Spec-Bench dev, second half of every category (dvi.bench.learning.split_train_eval), first N interleaved"},

@@ -101,3 +101,26 @@ def test_a_cosine_schedule_decays_the_warm_starts_rates_to_zero_and_a_constant_o
         rates[kind] = [(g["lr"], g["initial_lr"]) for g in learner.optimizer.param_groups]
     assert all(lr == initial > 0 for lr, initial in rates["constant"])
     assert all(abs(lr) < 1e-12 < initial for lr, initial in rates["cosine"])
+
+
+def test_corpus_workers_make_the_same_generations_as_one_process_and_fill_the_same_cache(tmp_path):
+    split = stories_split(exit_layer=2)
+    spec = ModelSpec(model=str(STORIES), drafter=DrafterConfig(exit_layer=2, draft_vocab_size=0), warm_start=False)
+    prompts = [encode_prompt(split.tokenizer, p.text) for p in load_prompts(SEEDS)[:3]]
+    sampled = WarmStartConfig(max_new_tokens=8, temperature=1.0, samples_per_prompt=2)
+    alone, _ = generate_corpus(split, prompts, sampled)
+    progress = []
+    pooled, seconds = generate_corpus(split, prompts, sampled, tmp_path, workers=2, spec=spec,
+                                      on_request=lambda done, total: progress.append((done, total)))
+    assert [t.tokens.tolist() for t in pooled] == [t.tokens.tolist() for t in alone]  # seeded by key, not by process
+    assert all(torch.equal(p.verified_topk_ids, a.verified_topk_ids) for p, a in zip(pooled, alone))
+    assert torch.allclose(torch.cat([t.hidden.flatten() for t in pooled]), torch.cat([t.hidden.flatten() for t in alone]))
+    assert progress[-1] == (6, 6) and len(progress) == 6 and seconds > 0
+    cached, _ = generate_corpus(split, prompts, sampled, tmp_path)  # the workers' generations were cached
+    assert len(list(tmp_path.glob("*.msgpack"))) == 6 and [t.tokens.tolist() for t in cached] == [t.tokens.tolist() for t in alone]
+    try:
+        generate_corpus(split, prompts, sampled, workers=2)
+    except ValueError as exc:
+        assert "ModelSpec" in str(exc)
+    else:
+        raise AssertionError("workers without a spec must be refused")

@@ -178,6 +178,21 @@ def test_q8_kernel_is_within_its_bound_and_bitwise_row_and_thread_invariant(kind
 
 
 @pytest.mark.skipif(not gguf_kernels.available(), reason="no C compiler or no AVX2/FMA here: the engine uses torch's kernels")
+def test_q8_kernel_sums_the_largest_q4_1_products_without_overflow():
+    """The extreme the AVX2 build's int16 pair sums must hold: every nibble 15 against activations
+    that all quantise to -127 (a block's 16 pair sums of -3,810 each, added 8 at a time in int16,
+    must not wrap). The kernel gives the exact product of the quantised operands."""
+    weight = np.ones((16, 128), dtype=np.float32)
+    weight[:, ::32] = 0.0  # each block's minimum 0 and step 1/15: nibbles 0 and 15
+    blocks = quants.quantize(weight, GGMLQuantizationType.Q4_1)
+    reference = torch.from_numpy(quants.dequantize(blocks, GGMLQuantizationType.Q4_1))
+    assert int(q4_1_matrix(blocks, 16, 128).parts[0].q.max()) == 15
+    kernel = gguf_kernels.GgufBlocks(q4_1_matrix(blocks, 16, 128))
+    x = torch.full((3, 128), -2.0)  # |x| = max|x| in every block: q = -127 throughout
+    assert torch.allclose(kernel.q8(x), x @ reference.t(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(not gguf_kernels.available(), reason="no C compiler or no AVX2/FMA here: the engine uses torch's kernels")
 def test_probe_keeps_one_row_invariant_kernel_for_both_row_counts(monkeypatch):
     """Where the GGUF kernels run, the timed choice is one row-invariant kernel for one row and for
     blocks (so a verify block reproduces the AR step bit for bit); the environment still overrides."""
