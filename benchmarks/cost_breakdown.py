@@ -129,7 +129,8 @@ def main() -> None:
         file_mb = sum(m.shape[0] * m.shape[1] * m.bytes_per_weight for m in native.native.values()) / 1e6
         print(f"the GGUF file's quantised matrices: {file_mb:.1f} MB (what llama.cpp streams per token)")
         draft_cost, row_cost = native._time_costs(context=args.context)
-        print(f"the split's own timing at this context (the decoder times it once, at 64 tokens): draft step "
+        print(f"the split's own timing at this context (the decoder times it at {' and '.join(map(str, SplitModel.COST_CONTEXTS))} "
+              f"tokens and interpolates by length): draft step "
               f"{draft_cost:.3f}, one more verify row {row_cost:.3f} of a one-row verifier pass")
 
 

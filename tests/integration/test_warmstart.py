@@ -25,7 +25,7 @@ def test_warm_start_improves_held_out_agreement_on_stories260k():
     torch.manual_seed(0)
     split = stories_split(exit_layer=2)
     seeds = interleave_categories(load_prompts(SEEDS))[:24]
-    config = WarmStartConfig(max_new_tokens=24, epochs=4, chunks=2, seed=0)  # the default recipe: sampled, 3 per prompt
+    config = WarmStartConfig(max_new_tokens=24, epochs=4, chunks=2, seed=0)  # the default recipe: sampled, several per prompt
     corpus, _ = generate_corpus(split, [encode_prompt(split.tokenizer, p.text) for p in seeds], config)
     assert len(corpus) == 24 * config.samples_per_prompt and all(t.verified_position.min() == 0 for t in corpus)  # prompt positions distilled too
     held = split_train_eval(load_prompts(SPEC_BENCH))[1][:6]  # never trained on: Spec-Bench held-out half
@@ -33,7 +33,7 @@ def test_warm_start_improves_held_out_agreement_on_stories260k():
     _, points = train_warm_start(split, corpus, targets, config)
     untrained, warm = points[0].agreement, points[-1].agreement
     assert agreement(split, targets).rate == warm and len(points) == 3
-    assert warm >= untrained + 0.10, (untrained, warm)  # measured 0.26 -> 0.64 on this seed (greedy corpus: 0.25 -> 0.5+)
+    assert warm >= untrained + 0.10, (untrained, warm)  # measured 0.26 -> 0.64 at 3 samples per prompt, 0.26 -> 0.63 at 6 (greedy corpus: 0.25 -> 0.5+)
 
 
 def test_the_default_drafter_starts_from_an_installed_warm_start_and_falls_back_when_none_fits(tmp_path, monkeypatch, caplog):
