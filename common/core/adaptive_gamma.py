@@ -5,8 +5,9 @@ each draft is accepted with probability a (given the ones before it were), and c
 1 + g * (c + r) verifier passes, where c is the cost of one draft step relative to one verifier
 pass (one exit-head step plus the drafted token's shallow pass) and r what the drafted token adds
 to the verify pass as one more row (`SplitModel.row_cost`: about 0 where a pass streams its weights
-whatever its rows, 0.1-0.2 on an AMD EPYC's 8-bit kernels). `best_gamma` picks the g <= gamma_max
-with the most tokens per unit of cost; g = 0 skips the exit head.
+whatever its rows, 0.1-0.2 on an AMD EPYC's 8-bit kernels with VNNI, 0.3-0.4 without; priced at
+the block's sequence length, `SplitModel.costs`). `best_gamma` picks the g <= gamma_max with the
+most tokens per unit of cost; g = 0 skips the exit head.
 
 `DraftStats` keeps the acceptance as an exponential moving average over the live traffic (per
 drafted token, up to a block's first rejection: what the confidence stop lets through). The cost

@@ -14,7 +14,8 @@ it were), a block of d drafted tokens commits E(a, d) = 1 + a + ... + a^d tokens
                                                            token, shrunk toward its running acceptance
 
 c is one exit-head draft step in verifier passes (`SplitModel.draft_cost`), r one more row of the
-verify pass (`SplitModel.row_cost`): every drafted token, from either source, is a row there.
+verify pass (`SplitModel.row_cost`), both at the block's sequence length (`SplitModel.costs`):
+every drafted token, from either source, is a row there.
 The context's drafted rows go through the shallow layers in one batched pass; it is priced as one
 draft step (an upper bound: the k shallow layers for all rows at once, no exit layer, no LM head).
 Where rows cost something, a long context draft that is rarely accepted costs more than it

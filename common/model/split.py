@@ -478,14 +478,16 @@ class SplitModel:
         is also a row of the next verify pass. Decoding that streams its weights pays little for
         rows (the fp32 engine: a 5-row block 1.02x one row, so 0 here), but the 8-bit kernels of
         native weights do integer work per row (a 5-row block 1.10x one row on an Intel Xeon,
-        1.4-1.7x on an AMD EPYC), so on native weights it is timed (`_time_costs`); this is its
-        value at a short context (`costs` gives it at any length)."""
+        1.4-1.7x on an AMD EPYC with AVX-512 VNNI, 2.4x on one with AVX2 only), so on native
+        weights it is timed (`_time_costs`); this is its value at a short context (`costs` gives
+        it at any length)."""
         return self.costs(0)[1] if self._fast is not None and self.native else 0.0
 
     COST_CONTEXTS = (64, 1024)
     """Sequence lengths at which native weights' costs are timed; `costs` interpolates between them.
-    A row's attention grows with the context, the rest of a pass does not: on an AMD EPYC a verify
-    row cost 0.095 of a one-row pass at 64 tokens and 0.197 at 1,024."""
+    A row's attention grows with the context, the rest of a pass does not: a verify row cost 0.095
+    of a one-row pass at 64 tokens and 0.197 at 1,024 on an AMD EPYC with AVX-512 VNNI, 0.29 and
+    0.37 on one with AVX2 only (benchmarks/cost_breakdown.py --context N)."""
 
     def costs(self, length: int) -> tuple[float, float]:
         """(`draft_cost`, `row_cost`) of a block at a sequence of `length` tokens: on native weights,

@@ -319,7 +319,8 @@ static inline __attribute__((always_inline)) void q8_panel(
                        magnitude, so the 8 chunks' pair sums add up exactly in int16 (30,480 <
                        2^15) and one madd widens them: the same integer sum as 8 DOT_ACCs in 16
                        integer instructions per row instead of 25 (a verify row's cost here is
-                       this integer work: 7-9% less time per Q4_1 matrix, same bits). */
+                       this integer work): about 5% less time per Q4_1 matrix on an AMD EPYC,
+                       same bits (benchmarks/kernel_ab.py). */
                     __m256i s16 = _mm256_maddubs_epi16(wv[0], _mm256_set1_epi32(load4(xp)));
                     for (int j = 1; j < 8; j++) {
                         const int at = j < 4 ? 4 * j : 16 + 4 * (j - 4);
