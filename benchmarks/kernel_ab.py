@@ -7,7 +7,9 @@ HEAD) next to this checkout's, then times the `q8` matmul of layer 0's Q4_1 matr
 Q8_0 LM head with both libraries, interleaved, one torch thread, the fastest of `--repeats` runs,
 at each row count of `--rows`; and checks that both give the same bits. A matrix this small
 stays in the cache here, so the times are the kernel's compute (what a verify row adds), not
-the weight streaming of a whole forward. Prints a markdown table; writes nothing.
+the weight streaming of a whole forward. Then the same for `causal_attention` over SmolLM2's 30
+layers (9 query heads on 3 kv heads of 64, a KV cache of each layer's own) at 64, 256 and 1,024
+cached positions. Prints markdown tables; writes nothing.
 """
 
 from __future__ import annotations
@@ -79,6 +81,32 @@ def main() -> None:
                         best[tag] = min(best.get(tag, float("inf")), time.perf_counter() - started)
                 print(f"| {name} | {native[name].kind} | {rows} | {best['base'] * 1e3:.3f} | {best['tree'] * 1e3:.3f} | "
                       f"{best['tree'] / best['base']:.3f} | {torch.equal(out['base'], out['tree'])} |")
+        attention(old, new, list(map(int, args.rows.split(","))), max(3, args.repeats // 4))
+
+
+def attention(old, new, row_counts: list[int], repeats: int, layers: int = 30, heads: int = 9, kv_heads: int = 3,
+              head_dim: int = 64) -> None:
+    """`causal_attention` of both libraries over `layers` caches of random keys and values."""
+    print("\n| attention, 30 layers | cached positions | rows | base ms | working tree ms | ratio | same bits |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    generator = torch.Generator().manual_seed(0)
+    for past in (64, 256, 1024):
+        for rows in row_counts:
+            keys = [torch.randn(kv_heads, past + rows, head_dim, generator=generator) for _ in range(layers)]
+            values = [torch.randn(kv_heads, past + rows, head_dim, generator=generator) for _ in range(layers)]
+            q = torch.randn(heads, rows, head_dim, generator=generator)
+            best, out = {}, {}
+            for _ in range(repeats):
+                for tag, lib in (("base", old), ("tree", new)):
+                    result = torch.empty(rows, heads * head_dim)
+                    started = time.perf_counter()
+                    for k, v in zip(keys, values):
+                        lib.causal_attention(q.data_ptr(), heads, rows, head_dim, k.data_ptr(), v.data_ptr(), kv_heads,
+                                             k.stride(0), past, head_dim ** -0.5, result.data_ptr(), 1)
+                    best[tag] = min(best.get(tag, float("inf")), time.perf_counter() - started)
+                    out[tag] = result
+            print(f"| | {past} | {rows} | {best['base'] * 1e3:.3f} | {best['tree'] * 1e3:.3f} | "
+                  f"{best['tree'] / best['base']:.3f} | {torch.equal(out['base'], out['tree'])} |")
 
 
 if __name__ == "__main__":
