@@ -39,11 +39,7 @@ def library_at(revision: str, folder: Path):
     source = text.split('_SOURCE = r"""', 1)[1].split('"""', 1)[0]
     compiler = shutil.which("cc") or shutil.which("gcc")
     flags = [*gguf_kernels._FLAGS, *gguf_kernels._DOT_FLAGS[gguf_kernels.dot_instructions()]]
-    current, gguf_kernels._SOURCE = gguf_kernels._SOURCE, source
-    try:
-        target = gguf_kernels._build(compiler, flags, folder)
-    finally:
-        gguf_kernels._SOURCE = current
+    target = gguf_kernels._build(compiler, flags, folder, source)
     if target is None:
         raise SystemExit(f"the kernel at {revision} does not build here")
     return gguf_kernels._load(target)

@@ -179,13 +179,13 @@ def generate_corpus(
     settings = config.corpus_settings()
     cache = _CorpusCache(directory, split) if directory is not None else None
     total = len(prompts) * config.samples_per_prompt
-    jobs = [(index, prompts[index // config.samples_per_prompt], index % config.samples_per_prompt) for index in range(total)]
     corpus: list[Trajectory | None] = [None] * total
     spent = 0.0
     done = 0
     missing = []
-    for index, prompt, sample in jobs:
-        key = corpus_key(settings, prompt, sample)
+    for index in range(total):
+        prompt = prompts[index // config.samples_per_prompt]
+        key = corpus_key(settings, prompt, index % config.samples_per_prompt)
         trajectory = cache.get(key) if cache is not None else None
         if trajectory is None:
             missing.append((index, list(prompt), key))
@@ -216,10 +216,10 @@ def _generations(split: SplitModel, missing: list[tuple[int, list[int], str]], d
 
     with ProcessPoolExecutor(max_workers=min(workers, len(missing)), mp_context=multiprocessing.get_context("spawn"),
                              initializer=_start_worker, initargs=(replace(spec, warm_start=False),)) as pool:
-        futures = [pool.submit(_worker_generate, index, prompt, key, decode) for index, prompt, key in missing]
+        futures = {pool.submit(_worker_generate, prompt, key, decode): (index, key) for index, prompt, key in missing}
         for future in as_completed(futures):
-            index, key, record, seconds = future.result()
-            yield index, key, decode_trajectory(record, _MAX_RECORD_BYTES), seconds
+            record, seconds = future.result()
+            yield (*futures[future], decode_trajectory(record, _MAX_RECORD_BYTES), seconds)
 
 
 def _generate_one(decoder: SpeculativeDecoder, prompt: list[int], key: str, decode: DecodeConfig) -> tuple[Trajectory, float]:
@@ -240,10 +240,11 @@ def _start_worker(spec: ModelSpec) -> None:
     _worker_decoder = SpeculativeDecoder(SplitModel.load(spec))
 
 
-def _worker_generate(index: int, prompt: list[int], key: str, decode: DecodeConfig) -> tuple[int, str, bytes, float]:
+def _worker_generate(prompt: list[int], key: str, decode: DecodeConfig) -> tuple[bytes, float]:
+    """`_generate_one` in a worker, the trajectory encoded to cross the process boundary."""
     assert _worker_decoder is not None, "_start_worker runs first"
     trajectory, seconds = _generate_one(_worker_decoder, prompt, key, decode)
-    return index, key, encode_trajectory(trajectory, _MAX_RECORD_BYTES), seconds
+    return encode_trajectory(trajectory, _MAX_RECORD_BYTES), seconds
 
 
 @dataclass(frozen=True)

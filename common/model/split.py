@@ -241,7 +241,7 @@ class SplitModel:
         self.native = native or None  # base matrices at the model file's precision (fast engine only)
         self._fast: FastStack | None = None
         self._fast_head: tuple[FastLayer, PackedLinear | NativeLinear] | None = None  # merged exit head; None = rebuild
-        self._timed_costs: dict[int, tuple[float, float]] | None = None  # native weights: context -> (draft, row cost), timed on first use
+        self._timed_costs: tuple[tuple[int, tuple[float, float]], ...] | None = None  # native weights: (context, (draft, row cost)) ascending, timed on first use
         self.starts_trained = False
         """True once the drafter was loaded from trained weights (a warm start, a saved adapter):
         the learner then fine-tunes it at `LearnerConfig.fine_tune_lr`."""
@@ -465,7 +465,7 @@ class SplitModel:
         (on the CPU measured, 0.17 measured vs 0.19 by this count for SmolLM2 at k = 4). On native
         weights it is timed instead (`_time_costs`: there bytes do not predict time), and this is
         its value at a short context (`costs` gives it at any length)."""
-        if self._fast is not None and self.native:
+        if self.weights == "native":
             return self.costs(0)[0]
         layer = self._layer_weights
         head = self.vocab_size * self.hidden_size
@@ -481,7 +481,7 @@ class SplitModel:
         1.4-1.7x on an AMD EPYC with AVX-512 VNNI, 2.4x on one with AVX2 only), so on native
         weights it is timed (`_time_costs`); this is its value at a short context (`costs` gives
         it at any length)."""
-        return self.costs(0)[1] if self._fast is not None and self.native else 0.0
+        return self.costs(0)[1] if self.weights == "native" else 0.0
 
     COST_CONTEXTS = (64, 1024)
     """Sequence lengths at which native weights' costs are timed; `costs` interpolates between them.
@@ -494,15 +494,15 @@ class SplitModel:
         linear in `length` between their timings at `COST_CONTEXTS` (clamped to those values
         outside them; timed once per split, on first use); otherwise the counted `draft_cost` and a
         row cost of 0, whatever the length."""
-        if not (self._fast is not None and self.native):
+        if self.weights != "native":
             return self.draft_cost, 0.0
         if self._timed_costs is None:
             longest = min(self.COST_CONTEXTS[-1], self.max_positions - 8) if self.max_positions else self.COST_CONTEXTS[-1]
             contexts = sorted({min(c, longest) for c in self.COST_CONTEXTS})
-            self._timed_costs = {c: self._time_costs(context=c) for c in contexts}
-        (short, at_short), (long, at_long) = min(self._timed_costs.items()), max(self._timed_costs.items())
+            self._timed_costs = tuple((c, self._time_costs(context=c)) for c in contexts)
+        (short, (draft0, row0)), (long, (draft1, row1)) = self._timed_costs[0], self._timed_costs[-1]
         t = 0.0 if long == short else min(1.0, max(0.0, (length - short) / (long - short)))
-        return at_short[0] + t * (at_long[0] - at_short[0]), at_short[1] + t * (at_long[1] - at_short[1])
+        return draft0 + t * (draft1 - draft0), row0 + t * (row1 - row0)
 
     def _time_costs(self, context: int = 64, repeats: int = 5, block: int = 5) -> tuple[float, float]:
         """(`draft_cost`, `row_cost`) timed on native weights, each piece the fastest of `repeats`

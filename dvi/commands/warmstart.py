@@ -148,6 +148,7 @@ def _run(out, model, exit_layer, draft_vocab_size, seeds, max_new_tokens, temper
 
     from rich.console import Console
 
+    generation_started = time.perf_counter()
     with progress_bar(Console(stderr=True)) as progress:
         task = progress.add_task("warm-start corpus", total=len(prompt_ids) * samples_per_prompt, now="")
         trajectories, generation_seconds = generate_corpus(
@@ -155,7 +156,7 @@ def _run(out, model, exit_layer, draft_vocab_size, seeds, max_new_tokens, temper
             on_request=lambda done, total: progress.update(task, completed=done, now=f"{done}/{total}"),
             workers=workers, spec=spec,
         )
-    generation_wall_seconds = time.perf_counter() - started
+    generation_wall_seconds = time.perf_counter() - generation_started
     held = split_train_eval(load_prompts(SPEC_BENCH_DEV))[1][:eval_prompts]
     eval_started = time.perf_counter()
     targets = greedy_targets(split, [encode_prompt(split.tokenizer, p.text) for p in held], eval_new_tokens)

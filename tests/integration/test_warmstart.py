@@ -124,3 +124,13 @@ def test_corpus_workers_make_the_same_generations_as_one_process_and_fill_the_sa
         assert "ModelSpec" in str(exc)
     else:
         raise AssertionError("workers without a spec must be refused")
+
+
+def test_warmstart_refuses_zero_workers_before_loading_anything(capsys, tmp_path):
+    """`dvi warmstart --workers 0`: one clear line, exit code 2, nothing written."""
+    from dvi.cli import main
+
+    code = main(["warmstart", "--model", str(STORIES), "--out", str(tmp_path / "out"), "--workers", "0", "--no-install"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--workers" in err and "must be >= 1" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()

@@ -651,16 +651,17 @@ def _load(target: Path) -> ctypes.CDLL:
     return lib
 
 
-def _build(compiler: str, flags: list[str], folder: Path) -> Path | None:
-    """The kernel library compiled with `flags` into `folder` (reused when already there), or None."""
-    digest = hashlib.sha256((_SOURCE + " ".join(flags)).encode()).hexdigest()[:16]
+def _build(compiler: str, flags: list[str], folder: Path, source: str = _SOURCE) -> Path | None:
+    """The kernel library compiled from `source` (this module's, or another revision's for an A/B)
+    with `flags` into `folder` (reused when already there), or None."""
+    digest = hashlib.sha256((source + " ".join(flags)).encode()).hexdigest()[:16]
     target = folder / f"gguf_blocks_{digest}.so"
     if target.is_file():
         return target
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         src, out = Path(tmp) / "gguf_blocks.c", Path(tmp) / "gguf_blocks.so"
-        src.write_text(_SOURCE)
+        src.write_text(source)
         done = subprocess.run([compiler, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
         if done.returncode != 0:
             log.warning("building the GGUF block kernel (%s) failed: %s", " ".join(flags), done.stderr.strip()[-500:])
