@@ -91,7 +91,7 @@ class GenerationResult:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
-class _Recorder:
+class TrajectoryRecorder:
     """Collects one request's learning records (struct of arrays, see common.core.types.Trajectory):
     a row per exit-head drafted token (accepted run + first rejection), and the verifier's
     distribution at every other committed position it scored."""
@@ -200,7 +200,7 @@ class DecodeState:
     result: GenerationResult
     generator: torch.Generator | None
     request_id: str
-    recorder: _Recorder | None
+    recorder: TrajectoryRecorder | None
     started: float
     context: ContextIndex | None = None
     draft_stats: DraftStats = field(default_factory=DraftStats)
@@ -278,7 +278,7 @@ class SpeculativeDecoder:
             result=GenerationResult(prompt_ids=list(prompt_ids), weight_version=split.weight_version),
             generator=generator,
             request_id=request_id or uuid.uuid4().hex,
-            recorder=_Recorder(config.record_topk) if config.record_trajectories else None,
+            recorder=TrajectoryRecorder(config.record_topk) if config.record_trajectories else None,
             started=time.perf_counter(),
             context=ContextIndex(prompt_ids, config.context_ngram, config.context_min_ngram) if config.context_tokens else None,
         )

@@ -74,6 +74,7 @@ def warmstart(
     max_new_tokens: int = typer.Option(WarmStartConfig.max_new_tokens, "--max-new-tokens", help="New tokens generated per seed prompt."),
     temperature: float = typer.Option(WarmStartConfig.temperature, "--temperature", help="Corpus decoding temperature (0 = greedy)."),
     samples_per_prompt: int = typer.Option(WarmStartConfig.samples_per_prompt, "--samples-per-prompt", help="Generations per seed prompt."),
+    batch_size: int = typer.Option(WarmStartConfig.batch_size, "--batch-size", help="Generations sampled together (1: each decoded alone by the speculative decoder)."),
     epochs: float = typer.Option(WarmStartConfig.epochs, "--epochs", help="Passes over the corpus."),
     lr_schedule: str = typer.Option(WarmStartConfig.lr_schedule, "--lr-schedule", help="constant, or cosine (decayed to 0)."),
     head_lr: float = typer.Option(LearnerConfig.head_lr, "--head-lr", help="AdamW lr of the LM-head LoRA."),
@@ -91,6 +92,8 @@ def warmstart(
     options.check_threads(threads)
     if workers < 1:
         raise typer.BadParameter(f"must be >= 1, got {workers}", param_hint="--workers")
+    if batch_size < 1:
+        raise typer.BadParameter(f"must be >= 1, got {batch_size}", param_hint="--batch-size")
     with options.torch_threads(threads):
         _run(**locals())
 
@@ -120,7 +123,7 @@ def _save(split, drafter, targets, out_dir: Path, install: bool, ship: bool, mod
     return sizes
 
 
-def _run(out, model, exit_layer, draft_vocab_size, seeds, max_new_tokens, temperature, samples_per_prompt, epochs,
+def _run(out, model, exit_layer, draft_vocab_size, seeds, max_new_tokens, temperature, samples_per_prompt, batch_size, epochs,
          lr_schedule, head_lr, lora_lr, eval_prompts, eval_new_tokens, corpus, install, ship, seed, workers, threads) -> None:
     from common.decoding.agreement import greedy_targets
     from common.core.config import ModelSpec
@@ -136,7 +139,7 @@ def _run(out, model, exit_layer, draft_vocab_size, seeds, max_new_tokens, temper
     started = time.perf_counter()
     config = WarmStartConfig(
         max_new_tokens=max_new_tokens, temperature=temperature, samples_per_prompt=samples_per_prompt,
-        epochs=epochs, lr_schedule=lr_schedule, seed=seed,
+        batch_size=batch_size, epochs=epochs, lr_schedule=lr_schedule, seed=seed,
     )
     config = replace(config, learner=replace(config.learner, head_lr=head_lr, lora_lr=lora_lr))
     drafter = DrafterConfig(exit_layer=exit_layer, draft_vocab_size=draft_vocab_size)

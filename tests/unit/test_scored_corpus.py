@@ -1,0 +1,87 @@
+"""Corpus text made outside the decoder: batched sampling (common/decoding/batched_sampling.py)
+and its teacher-forced record (common/decoding/teacher.py), on the real stories260K."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.core.config import DecodeConfig
+from common.core.prompts import encode_prompt, load_prompts
+from common.decoding.batched_sampling import sample_continuations
+from common.decoding.speculative import SpeculativeDecoder
+from common.decoding.teacher import scored_trajectory
+from dvi.commands.warmstart import SEEDS
+from learner.warmstart import WarmStartConfig, generate_corpus
+from tests.tiny_models import stories_split
+
+
+@pytest.fixture(scope="module")
+def split():
+    return stories_split(exit_layer=2)
+
+
+@pytest.fixture(scope="module")
+def prompts(split):
+    return [encode_prompt(split.tokenizer, p.text) for p in load_prompts(SEEDS)[:4]]
+
+
+def test_a_scored_trajectory_matches_what_the_decoder_records_for_the_same_text(split, prompts):
+    decode = DecodeConfig(gamma=0, max_new_tokens=12, record_trajectories=True, record_topk=8, record_prompt_positions=1_000_000)
+    decoded = SpeculativeDecoder(split).generate(prompts[0], decode).trajectory
+    scored = scored_trajectory(split, decoded.tokens.tolist(), decoded.prompt_length, 8, "scored", 0.0).validate()
+    assert scored.tokens.tolist() == decoded.tokens.tolist() and scored.num_drafted == 0
+    order = decoded.verified_position.argsort()
+    assert scored.verified_position.tolist() == list(range(scored.num_context)) == decoded.verified_position[order].tolist()
+    assert torch.allclose(scored.hidden.float(), decoded.hidden.float(), atol=2e-2)
+    assert torch.equal(scored.verified_topk_ids[:, 0], decoded.verified_topk_ids[order][:, 0])
+    assert torch.allclose(scored.verified_topk_logprobs, decoded.verified_topk_logprobs[order], atol=1e-3)
+    # greedy text: the verifier's top-1 after every generated position is the next token
+    after = scored.verified_topk_ids[scored.prompt_length - 1 :, 0]
+    assert after.tolist() == scored.tokens[scored.prompt_length :].tolist()
+
+
+def test_scored_trajectory_refuses_bad_input(split):
+    for tokens, prompt_length, match in (([5], 1, "at least 2"), ([5, 6], 3, "prompt_length"), ([5, 10**6], 1, "outside")):
+        with pytest.raises(ValueError, match=match):
+            scored_trajectory(split, tokens, prompt_length, 4, "bad", 0.0)
+
+
+def test_batched_greedy_sampling_is_each_prompts_own_greedy_decoding(split, prompts):
+    batch = [prompts[0], prompts[1][:5], prompts[2]]  # unequal lengths: left padding must not change a row
+    got = sample_continuations(split.model, batch, 10, 0.0, split.eos_token_ids, split.tokenizer.pad_token_id or 0, seed=0)
+    decoder = SpeculativeDecoder(split)
+    for prompt, continuation in zip(batch, got):
+        assert continuation == decoder.generate(prompt, DecodeConfig(gamma=0, max_new_tokens=10)).token_ids
+
+
+def test_batched_sampling_is_seeded_and_stops_each_row_at_its_first_eos(split, prompts):
+    sample = lambda seed, eos: sample_continuations(split.model, prompts, 16, 1.0, eos, 0, seed=seed)  # noqa: E731
+    first = sample(3, split.eos_token_ids)
+    assert first == sample(3, split.eos_token_ids) and first != sample(4, split.eos_token_ids)
+    assert all(1 <= len(c) <= 16 for c in first)
+    common = first[0][2]  # make a token the first row draws an end-of-sequence id: every row stops at its first one
+    stopped = sample(3, {common})
+    for row, cont in zip(first, stopped):
+        end = row.index(common) + 1 if common in row else len(row)
+        assert cont == row[:end]
+    with pytest.raises(ValueError, match="no empty prompt"):
+        sample_continuations(split.model, [prompts[0], []], 4, 1.0, split.eos_token_ids, 0, seed=0)
+
+
+def test_a_batched_corpus_is_scored_cached_under_its_own_keys_and_the_same_from_workers(split, prompts, tmp_path):
+    from common.core.config import DrafterConfig, ModelSpec
+    from tests.tiny_models import STORIES
+
+    config = WarmStartConfig(max_new_tokens=8, temperature=1.0, samples_per_prompt=2, batch_size=3)
+    alone, seconds = generate_corpus(split, prompts[:3], config, tmp_path / "one")
+    assert len(alone) == 6 and seconds > 0 and all(t.validate().num_drafted == 0 for t in alone)
+    assert all(t.verified_position.tolist() == list(range(t.num_context)) for t in alone)  # every position distilled
+    spec = ModelSpec(model=str(STORIES), drafter=DrafterConfig(exit_layer=2, draft_vocab_size=0), warm_start=False)
+    pooled, _ = generate_corpus(split, prompts[:3], config, tmp_path / "pool", workers=2, spec=spec)
+    assert [t.tokens.tolist() for t in pooled] == [t.tokens.tolist() for t in alone]  # batches seeded by their keys
+    decoded, _ = generate_corpus(split, prompts[:3], WarmStartConfig(max_new_tokens=8, temperature=1.0, samples_per_prompt=2),
+                                 tmp_path / "one")
+    assert len(list((tmp_path / "one").glob("*.msgpack"))) == 12  # the decoder's keys differ from a batch's
+    with pytest.raises(ValueError, match="batch_size"):
+        WarmStartConfig(batch_size=0)
