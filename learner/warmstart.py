@@ -71,6 +71,9 @@ class WarmStartConfig:
     generates them on every core."""
     record_topk: int = 32
     """Verifier log-probs kept per position (the KL's targets)."""
+    self_seeds: int = 0
+    """Seed instructions the model writes itself (learner/self_seeds.py), added after the shipped
+    ones and sampled `samples_per_prompt` times each like them."""
     batch_size: int = 1
     """Generations sampled together. 1: each is decoded alone by the speculative decoder (the
     model's exact sampling on the weights it serves with, seeded by its cache key). Above 1: that
@@ -108,6 +111,8 @@ class WarmStartConfig:
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.chunks < 1:
             raise ValueError(f"chunks must be >= 1, got {self.chunks}")
+        if self.self_seeds < 0:
+            raise ValueError(f"self_seeds must be >= 0, got {self.self_seeds}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 

@@ -74,6 +74,7 @@ def warmstart(
     max_new_tokens: int = typer.Option(WarmStartConfig.max_new_tokens, "--max-new-tokens", help="New tokens generated per seed prompt."),
     temperature: float = typer.Option(WarmStartConfig.temperature, "--temperature", help="Corpus decoding temperature (0 = greedy)."),
     samples_per_prompt: int = typer.Option(WarmStartConfig.samples_per_prompt, "--samples-per-prompt", help="Generations per seed prompt."),
+    self_seeds: int = typer.Option(WarmStartConfig.self_seeds, "--self-seeds", help="Seed instructions the model writes itself, added to --seeds."),
     batch_size: int = typer.Option(WarmStartConfig.batch_size, "--batch-size", help="Generations sampled together (1: each decoded alone by the speculative decoder)."),
     epochs: float = typer.Option(WarmStartConfig.epochs, "--epochs", help="Passes over the corpus."),
     lr_schedule: str = typer.Option(WarmStartConfig.lr_schedule, "--lr-schedule", help="constant, or cosine (decayed to 0)."),
@@ -94,6 +95,8 @@ def warmstart(
         raise typer.BadParameter(f"must be >= 1, got {workers}", param_hint="--workers")
     if batch_size < 1:
         raise typer.BadParameter(f"must be >= 1, got {batch_size}", param_hint="--batch-size")
+    if self_seeds < 0:
+        raise typer.BadParameter(f"must be >= 0, got {self_seeds}", param_hint="--self-seeds")
     with options.torch_threads(threads):
         _run(**locals())
 
@@ -123,7 +126,22 @@ def _save(split, drafter, targets, out_dir: Path, install: bool, ship: bool, mod
     return sizes
 
 
-def _run(out, model, exit_layer, draft_vocab_size, seeds, max_new_tokens, temperature, samples_per_prompt, batch_size, epochs,
+def _self_seeds(split, config: WarmStartConfig, out_dir: Path) -> list[str]:
+    """The model's own seed instructions (`config.self_seeds` of them), also written to
+    OUT/self_seeds.jsonl ({"prompt"} lines, readable back with --seeds)."""
+    from learner.self_seeds import self_instruct_prompts
+
+    if not config.self_seeds:
+        return []
+    started = time.perf_counter()
+    written = self_instruct_prompts(split, config.self_seeds, seed=config.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "self_seeds.jsonl").write_text("".join(json.dumps({"prompt": t}) + "\n" for t in written))
+    print(f"warmstart: the model wrote {len(written)} seed instructions in {time.perf_counter() - started:.0f} s", flush=True)
+    return written
+
+
+def _run(out, model, exit_layer, draft_vocab_size, seeds, max_new_tokens, temperature, samples_per_prompt, self_seeds, batch_size, epochs,
          lr_schedule, head_lr, lora_lr, eval_prompts, eval_new_tokens, corpus, install, ship, seed, workers, threads) -> None:
     from common.decoding.agreement import greedy_targets
     from common.core.config import ModelSpec
@@ -139,7 +157,7 @@ def _run(out, model, exit_layer, draft_vocab_size, seeds, max_new_tokens, temper
     started = time.perf_counter()
     config = WarmStartConfig(
         max_new_tokens=max_new_tokens, temperature=temperature, samples_per_prompt=samples_per_prompt,
-        batch_size=batch_size, epochs=epochs, lr_schedule=lr_schedule, seed=seed,
+        self_seeds=self_seeds, batch_size=batch_size, epochs=epochs, lr_schedule=lr_schedule, seed=seed,
     )
     config = replace(config, learner=replace(config.learner, head_lr=head_lr, lora_lr=lora_lr))
     drafter = DrafterConfig(exit_layer=exit_layer, draft_vocab_size=draft_vocab_size)
@@ -147,6 +165,8 @@ def _run(out, model, exit_layer, draft_vocab_size, seeds, max_new_tokens, temper
     split = SplitModel.load(spec)
     seed_prompts = interleave_categories(load_prompts(seeds))  # any prefix of the corpus covers every kind
     prompt_ids = [encode_prompt(split.tokenizer, p.text) for p in seed_prompts]
+    written = _self_seeds(split, config, Path(out))
+    prompt_ids += [encode_prompt(split.tokenizer, text) for text in written]
     corpus_dir = Path(corpus) if corpus else cache_dir() / "warmstart" / f"{split.fingerprint}-k{split.exit_layer}" / "corpus"
 
     from rich.console import Console
@@ -177,7 +197,7 @@ def _run(out, model, exit_layer, draft_vocab_size, seeds, max_new_tokens, temper
     record = warm_start_record(
         config, points,
         model=model, exit_layer=exit_layer, draft_vocab_size=draft_vocab_size, seeds=str(seeds),
-        seed_prompts=len(prompt_ids), corpus_trajectories=len(trajectories),
+        seed_prompts=len(seed_prompts), self_seed_prompts=len(written), corpus_trajectories=len(trajectories),
         corpus_tokens=sum(len(t.committed_tokens) for t in trajectories),
         corpus_positions=sum(t.num_scored for t in trajectories),
         generation_seconds=generation_seconds, generation_workers=workers, generation_wall_seconds=generation_wall_seconds,

@@ -85,3 +85,21 @@ def test_a_batched_corpus_is_scored_cached_under_its_own_keys_and_the_same_from_
     assert len(list((tmp_path / "one").glob("*.msgpack"))) == 12  # the decoder's keys differ from a batch's
     with pytest.raises(ValueError, match="batch_size"):
         WarmStartConfig(batch_size=0)
+
+
+def test_the_model_writes_distinct_seeded_seed_instructions_that_end_by_themselves():
+    from learner.self_seeds import self_instruct_prompts, user_turn_prefix
+
+    split = stories_split(exit_layer=2)  # its own copy: the chat template below must not leak
+    with pytest.raises(ValueError, match="chat template"):
+        user_turn_prefix(split.tokenizer)
+    split.tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    assert split.tokenizer.decode(user_turn_prefix(split.tokenizer)).strip() == "user:"
+    period = split.tokenizer(".", add_special_tokens=False)["input_ids"][-1]
+    split.eos_token_ids = {*split.eos_token_ids, period}  # a request "ends" at its first sentence
+    first = self_instruct_prompts(split, 5, seed=1, max_tokens=24, min_tokens=3)
+    assert first == self_instruct_prompts(split, 5, seed=1, max_tokens=24, min_tokens=3)
+    assert 1 <= len(first) <= 5 and len(set(first)) == len(first)
+    assert all(text.endswith(".") and text.count(".") == 1 for text in first)  # cut at its own end, kept only then
+    assert first != self_instruct_prompts(split, 5, seed=2, max_tokens=24, min_tokens=3)
+    assert self_instruct_prompts(split, 3, seed=1, max_tokens=2, min_tokens=3) == []  # too short to end: none kept
