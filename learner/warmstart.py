@@ -4,7 +4,8 @@ The exit head starts as a copy of one decoder layer; untrained, it agrees with t
 few positions, and online learning spends its first requests undoing that. A warm start instead
 distils the verifier into the drafter on text the model writes itself, from seed instructions the
 project ships (`dvi/data/warmstart_seeds.jsonl`: writing, coding, math, QA, translation,
-summarisation, conversation; never the Spec-Bench evaluation prompts):
+summarisation, conversation; never the Spec-Bench evaluation prompts) and, with `self_seeds`, from
+requests the model writes itself (learner/self_seeds.py, added by `dvi warmstart`):
 
   1. corpus   each seed prompt is decoded by the verifier (lossless: the model's own greedy output
               at temperature 0, or its sampling distribution above it) with context drafting only,
