@@ -32,9 +32,10 @@ def scored_trajectory(
         raise ValueError(f"a scored trajectory needs at least 2 tokens, got {len(tokens)}")
     if not 1 <= prompt_length <= len(tokens):
         raise ValueError(f"prompt_length must be in [1, {len(tokens)}], got {prompt_length}")
-    ids = torch.tensor([list(tokens[:-1])], dtype=torch.int64, device=split.device)  # the last token has no state
-    if int(ids.min()) < 0 or max(int(ids.max()), int(tokens[-1])) >= split.vocab_size:
+    every = torch.tensor(list(tokens), dtype=torch.int64)
+    if int(every.min()) < 0 or int(every.max()) >= split.vocab_size:
         raise ValueError(f"tokens hold ids outside [0, {split.vocab_size})")
+    ids = every[None, :-1].to(split.device)  # the last token has no state
     positions = torch.arange(ids.shape[1], device=split.device)[None]
     cache = split.new_cache(ids.shape[1])
     hidden = split.shallow(ids, positions, cache)  # [1, T, H]

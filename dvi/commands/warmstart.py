@@ -133,6 +133,9 @@ def _self_seeds(split, config: WarmStartConfig, out_dir: Path) -> list[str]:
 
     if not config.self_seeds:
         return []
+    if not getattr(split.tokenizer, "chat_template", None):  # the recipe continues a chat template's user turn
+        print("warmstart: this model has no chat template, so it writes no seed instructions: the shipped seeds only", flush=True)
+        return []
     started = time.perf_counter()
     written = self_instruct_prompts(split, config.self_seeds, seed=config.seed)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ def test_a_scored_trajectory_matches_what_the_decoder_records_for_the_same_text(
 
 
 def test_scored_trajectory_refuses_bad_input(split):
-    for tokens, prompt_length, match in (([5], 1, "at least 2"), ([5, 6], 3, "prompt_length"), ([5, 10**6], 1, "outside")):
+    for tokens, prompt_length, match in (([5], 1, "at least 2"), ([5, 6], 3, "prompt_length"), ([5, 10**6], 1, "outside"), ([5, -1], 1, "outside")):
         with pytest.raises(ValueError, match=match):
             scored_trajectory(split, tokens, prompt_length, 4, "bad", 0.0)
 
@@ -103,3 +103,11 @@ def test_the_model_writes_distinct_seeded_seed_instructions_that_end_by_themselv
     assert all(text.endswith(".") and text.count(".") == 1 for text in first)  # cut at its own end, kept only then
     assert first != self_instruct_prompts(split, 5, seed=2, max_tokens=24, min_tokens=3)
     assert self_instruct_prompts(split, 3, seed=1, max_tokens=2, min_tokens=3) == []  # too short to end: none kept
+
+
+def test_a_model_without_a_chat_template_warms_up_on_the_shipped_seeds_only(tmp_path, capsys):
+    from dvi.commands.warmstart import _self_seeds
+
+    split = stories_split(exit_layer=2)  # no chat template: the default self_seeds cannot apply
+    assert _self_seeds(split, WarmStartConfig(), tmp_path) == []
+    assert "no chat template" in capsys.readouterr().out and not (tmp_path / "self_seeds.jsonl").exists()
