@@ -32,6 +32,7 @@ from common.core.prompts import encode_prompt, load_prompts  # noqa: E402
 from common.decoding.agreement import greedy_continuations, verifier_targets  # noqa: E402
 from common.model.split import SplitModel  # noqa: E402
 from dvi.bench.learning import split_train_eval  # noqa: E402
+from dvi.bench.speed import machine_line  # noqa: E402
 
 WIDTHS = (1, 2, 4, 8)
 KINDS = ("all", "context_match", "no_context_match")
@@ -95,7 +96,7 @@ def main() -> None:
         "draft_vocab_size": int(vocab.shape[0]), "held_out_prompts": len(held), "new_tokens": args.new_tokens,
         "positions": counts,
         "topk_agreement": {kind: {str(k): hits[kind][k] / max(1, counts[kind]) for k in WIDTHS} for kind in KINDS},
-        "machine": _machine(),
+        "machine": machine_line(),
     }
     lines = [f"# Top-k agreement of the exit head ({args.model}, exit layer {args.exit_layer}, {record['adapter']})", "",
              f"{len(held)} held-out Spec-Bench prompts, {args.new_tokens} greedy tokens each; machine: {record['machine']}", "",
@@ -109,13 +110,6 @@ def main() -> None:
     (out / "topk_agreement.json").write_text(json.dumps(record, indent=1))
     (out / "topk_agreement.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def _machine() -> str:
-    from dvi.bench.speed import machine_info
-
-    info = machine_info("cpu")
-    return f"{info['processor']}, {info['cpus_usable']} usable CPUs, {torch.get_num_threads()} torch thread"
 
 
 if __name__ == "__main__":

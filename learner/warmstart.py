@@ -47,6 +47,7 @@ from common.decoding.teacher import scored_trajectory
 from common.core.types import Trajectory
 from learner.config import LearnerConfig, ScheduleConfig
 from learner.learner import Learner
+from learner.workers import model_pool, worker_split
 
 log = logging.getLogger(__name__)
 
@@ -239,11 +240,9 @@ def _generations(split: SplitModel, missing: list[tuple[int, list[int], str]], c
             for (index, _, key), (trajectory, seconds) in zip(batch, maker.make([(p, k) for _, p, k in batch], config)):
                 yield index, key, trajectory, seconds
         return
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    import multiprocessing
+    from concurrent.futures import as_completed
 
-    with ProcessPoolExecutor(max_workers=min(workers, len(batches)), mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_start_worker, initargs=(replace(spec, warm_start=False),)) as pool:
+    with model_pool(spec, min(workers, len(batches))) as pool:
         futures = {pool.submit(_worker_make, [(p, k) for _, p, k in batch], config): batch for batch in batches}
         for future in as_completed(futures):
             for (index, _, key), (record, seconds) in zip(futures[future], future.result()):
@@ -284,16 +283,12 @@ class _BatchMaker:
 _worker_maker: _BatchMaker | None = None
 
 
-def _start_worker(spec: ModelSpec) -> None:
-    """A corpus worker process: one torch thread, its own copy of the model."""
-    global _worker_maker
-    torch.set_num_threads(1)
-    _worker_maker = _BatchMaker(SplitModel.load(spec))
-
-
 def _worker_make(batch: list[tuple[list[int], str]], config: WarmStartConfig) -> list[tuple[bytes, float]]:
-    """`_BatchMaker.make` in a worker, the trajectories encoded to cross the process boundary."""
-    assert _worker_maker is not None, "_start_worker runs first"
+    """`_BatchMaker.make` in a `model_pool` worker (one maker per worker), the trajectories
+    encoded to cross the process boundary."""
+    global _worker_maker
+    if _worker_maker is None:
+        _worker_maker = _BatchMaker(worker_split())
     return [(encode_trajectory(t, _MAX_RECORD_BYTES), s) for t, s in _worker_maker.make(batch, config)]
 
 

@@ -537,19 +537,27 @@ def spec_bench_speedups(records: list[RunRecord], reference: str = REFERENCE) ->
 
 
 # --------------------------------------------------------------------------- reports
+_SIMD_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8")
+"""The instruction sets that tell this project's CPUs apart (one model name, "AMD EPYC", covers
+AVX2-only and Zen 4 class parts, whose costs differ 2x)."""
+
+
 def machine_info(device: str) -> dict:
     """The host the numbers were measured on."""
     import transformers
 
     processor = platform.processor()
-    if not processor and Path("/proc/cpuinfo").is_file():
+    flags: set[str] = set()
+    if Path("/proc/cpuinfo").is_file():
         for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and not processor:
                 processor = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     info = {
         "platform": platform.platform(),
         "processor": processor or platform.machine(),
+        "simd": [f for f in _SIMD_FLAGS if f in flags],
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "python": platform.python_version(),
@@ -561,6 +569,13 @@ def machine_info(device: str) -> dict:
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
+
+
+def machine_line(device: str = "cpu") -> str:
+    """`machine_info` in one line for a benchmark's table: processor, instruction sets, CPUs, threads."""
+    info = machine_info(device)
+    simd = f" ({', '.join(info['simd'])})" if info["simd"] else ""
+    return f"{info['processor']}{simd}, {info['cpus_usable']} usable CPUs, {info['threads']} torch thread(s)"
 
 
 def _fmt(value, digits: int = 2) -> str:

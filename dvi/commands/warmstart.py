@@ -86,7 +86,7 @@ def warmstart(
     install: bool = typer.Option(True, "--install/--no-install", help="Make it this model's default drafter."),
     ship: bool = typer.Option(False, "--ship/--no-ship", help="Also write the bf16 copy this package ships (common/model/warmstarts/)."),
     seed: int = typer.Option(WarmStartConfig.seed, "--seed"),
-    workers: int = typer.Option(1, "--workers", help="Processes generating the corpus, one torch thread each (up to one per core)."),
+    workers: int = typer.Option(1, "--workers", help="Processes writing seed instructions and generating the corpus, one torch thread each (up to one per core)."),
     threads: options.Threads = None,
 ) -> None:
     """Warm-start the drafter on the model's own generations from the shipped seed instructions."""
@@ -126,9 +126,10 @@ def _save(split, drafter, targets, out_dir: Path, install: bool, ship: bool, mod
     return sizes
 
 
-def _self_seeds(split, config: WarmStartConfig, out_dir: Path) -> list[str]:
-    """The model's own seed instructions (`config.self_seeds` of them), also written to
-    OUT/self_seeds.jsonl ({"prompt"} lines, readable back with --seeds)."""
+def _self_seeds(split, config: WarmStartConfig, out_dir: Path, corpus_dir: Path, workers: int, spec) -> list[str]:
+    """The model's own seed instructions (`config.self_seeds` of them), written on `workers`
+    processes, every attempt cached beside the corpus (a rerun writes none again), and also
+    written to OUT/self_seeds.jsonl ({"prompt"} lines, readable back with --seeds)."""
     from learner.self_seeds import self_instruct_prompts
 
     if not config.self_seeds:
@@ -136,8 +137,17 @@ def _self_seeds(split, config: WarmStartConfig, out_dir: Path) -> list[str]:
     if not getattr(split.tokenizer, "chat_template", None):  # the recipe continues a chat template's user turn
         print("warmstart: this model has no chat template, so it writes no seed instructions: the shipped seeds only", flush=True)
         return []
+    from rich.console import Console
+
+    from dvi.progress import progress_bar
+
     started = time.perf_counter()
-    written = self_instruct_prompts(split, config.self_seeds, seed=config.seed)
+    with progress_bar(Console(stderr=True)) as progress:
+        task = progress.add_task("seed instructions", total=config.self_seeds, now="")
+        written = self_instruct_prompts(
+            split, config.self_seeds, seed=config.seed, workers=workers, spec=spec, cache_dir=corpus_dir,
+            on_progress=lambda kept, total: progress.update(task, completed=kept, now=f"{kept}/{total}"),
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "self_seeds.jsonl").write_text("".join(json.dumps({"prompt": t}) + "\n" for t in written))
     print(f"warmstart: the model wrote {len(written)} seed instructions in {time.perf_counter() - started:.0f} s", flush=True)
@@ -168,9 +178,9 @@ def _run(out, model, exit_layer, draft_vocab_size, seeds, max_new_tokens, temper
     split = SplitModel.load(spec)
     seed_prompts = interleave_categories(load_prompts(seeds))  # any prefix of the corpus covers every kind
     prompt_ids = [encode_prompt(split.tokenizer, p.text) for p in seed_prompts]
-    written = _self_seeds(split, config, Path(out))
-    prompt_ids += [encode_prompt(split.tokenizer, text) for text in written]
     corpus_dir = Path(corpus) if corpus else cache_dir() / "warmstart" / f"{split.fingerprint}-k{split.exit_layer}" / "corpus"
+    written = _self_seeds(split, config, Path(out), corpus_dir, workers, spec)
+    prompt_ids += [encode_prompt(split.tokenizer, text) for text in written]
 
     from rich.console import Console
 

@@ -109,5 +109,55 @@ def test_a_model_without_a_chat_template_warms_up_on_the_shipped_seeds_only(tmp_
     from dvi.commands.warmstart import _self_seeds
 
     split = stories_split(exit_layer=2)  # no chat template: the default self_seeds cannot apply
-    assert _self_seeds(split, WarmStartConfig(), tmp_path) == []
+    assert _self_seeds(split, WarmStartConfig(), tmp_path, tmp_path / "corpus", 1, None) == []
     assert "no chat template" in capsys.readouterr().out and not (tmp_path / "self_seeds.jsonl").exists()
+
+
+def _chat_stories(tmp_path):
+    """A copy of stories260K with a chat template whose requests end at their first sentence."""
+    import json
+    import shutil
+
+    from tests.tiny_models import STORIES
+
+    model = tmp_path / "chat-stories"
+    shutil.copytree(STORIES, model)
+    tok = json.loads((model / "tokenizer_config.json").read_text())
+    tok["chat_template"] = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    (model / "tokenizer_config.json").write_text(json.dumps(tok))
+    from transformers import AutoTokenizer
+
+    period = AutoTokenizer.from_pretrained(model)(".", add_special_tokens=False)["input_ids"][-1]
+    gen = json.loads((model / "generation_config.json").read_text())
+    gen["eos_token_id"] = [2, period]
+    (model / "generation_config.json").write_text(json.dumps(gen))
+    return model
+
+
+def test_seed_instructions_are_the_same_from_worker_processes_and_from_the_cache(tmp_path, monkeypatch):
+    from common.core.config import DrafterConfig, ModelSpec
+    from common.model.split import SplitModel
+    import learner.self_seeds as self_seeds
+
+    spec = ModelSpec(model=str(_chat_stories(tmp_path)), drafter=DrafterConfig(exit_layer=2, draft_vocab_size=0), warm_start=False)
+    split = SplitModel.load(spec)
+    alone = self_seeds.self_instruct_prompts(split, 6, seed=3, max_tokens=24, min_tokens=3)
+    assert len(alone) >= 2 and all(text.endswith(".") for text in alone)
+    pooled = self_seeds.self_instruct_prompts(split, 6, seed=3, max_tokens=24, min_tokens=3, workers=2, spec=spec,
+                                              cache_dir=tmp_path / "cache")
+    assert pooled == alone
+
+    ran: list[int] = []
+    real = self_seeds.attempt_requests
+    monkeypatch.setattr(self_seeds, "attempt_requests", lambda s, attempts, *a: ran.extend(attempts) or real(s, attempts, *a))
+    cached = self_seeds.self_instruct_prompts(split, 6, seed=3, max_tokens=24, min_tokens=3, cache_dir=tmp_path / "cache")
+    assert cached == alone and ran == []  # every attempt came from the cache
+    (cache_file,) = (tmp_path / "cache").glob("self_seeds-*.jsonl")
+    lines = cache_file.read_text().splitlines()
+    cache_file.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:5])  # a write cut short: that attempt runs again
+    more = self_seeds.self_instruct_prompts(split, 8, seed=3, max_tokens=24, min_tokens=3, cache_dir=tmp_path / "cache")
+    assert ran and min(ran) == len(lines) - 1  # only the cut attempt and new ones ran
+    assert more == self_seeds.self_instruct_prompts(split, 8, seed=3, max_tokens=24, min_tokens=3)
+    assert more[: len(alone)] == alone
+    with pytest.raises(ValueError, match="ModelSpec"):
+        self_seeds.self_instruct_prompts(split, 2, workers=2)
