@@ -66,20 +66,22 @@ class WarmStartConfig:
     give more distinct text per seed prompt: at 0.7 with 3 samples of 128 tokens, 29.3% held-out
     agreement against 23.9% for one greedy continuation of 80 tokens (SmolLM2-135M, k = 4, 421
     seed prompts; README, "Improve" and its history)."""
-    samples_per_prompt: int = 6
-    """Generations per seed prompt (more than 1 only makes sense at temperature > 0). Each doubling
-    of the corpus added 3-4 points of held-out agreement up to 6: 6 samples (252k tokens) 33.4%,
-    3 samples (127k) 29.3% (SmolLM2-135M, k = 4; README, "Improve"). 12 added only 0.9 (32.5%
-    against 31.6% on another machine's held-out positions): the seeds saturate, and `self_seeds`
-    widens them instead. `dvi warmstart --workers` generates them on every core."""
+    samples_per_prompt: int = 2
+    """Generations per seed prompt (more than 1 only makes sense at temperature > 0). On the 421
+    shipped seeds each doubling added 3-4 points of held-out agreement up to 6 samples (33.4%) and
+    12 only 0.9 more: samples of one seed are close text, which the head memorises (59% agreement
+    on its trained-on seeds against 34% held out, benchmarks/agreement_gap.py). So the corpus
+    spends its generations on more seeds (`self_seeds`) at 2 samples each (SmolLM2-135M, k = 4;
+    README, "Improve"). `dvi warmstart --workers` generates them on every core."""
     record_topk: int = 32
     """Verifier log-probs kept per position (the KL's targets)."""
-    self_seeds: int = 421
+    self_seeds: int = 2400
     """Seed instructions the model writes itself (learner/self_seeds.py), added after the shipped
     ones and sampled `samples_per_prompt` times each like them. Wider text pays more than more
     samples of the same seeds: at equal corpus (5,052 generations), 421 shipped + 421 self-written
-    seeds x 6 samples gave 34.2% held-out agreement against 32.5% for 421 seeds x 12 and 31.6% for
-    421 x 6 (SmolLM2-135M, k = 4, one Zen 4 class AMD EPYC; README, "Improve")."""
+    seeds x 6 samples gave 34.2% held-out agreement against 32.5% for 421 seeds x 12; 421 + 2,400
+    seeds x 2 (5,642 generations, 638k tokens) gave 35.5% (SmolLM2-135M, k = 4, Zen 4 class AMD
+    EPYC; README, "Improve")."""
     batch_size: int = 1
     """Generations sampled together. 1: each is decoded alone by the speculative decoder (the
     model's exact sampling on the weights it serves with, seeded by its cache key). Above 1: that

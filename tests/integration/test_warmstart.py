@@ -114,7 +114,8 @@ def test_corpus_workers_make_the_same_generations_as_one_process_and_fill_the_sa
                                       on_request=lambda done, total: progress.append((done, total)))
     assert [t.tokens.tolist() for t in pooled] == [t.tokens.tolist() for t in alone]  # seeded by key, not by process
     assert all(torch.equal(p.verified_topk_ids, a.verified_topk_ids) for p, a in zip(pooled, alone))
-    assert torch.allclose(torch.cat([t.hidden.flatten() for t in pooled]), torch.cat([t.hidden.flatten() for t in alone]))
+    # fp16 records: one torch thread per worker against the test process's threads may differ in the last bit
+    assert torch.allclose(torch.cat([t.hidden.flatten() for t in pooled]), torch.cat([t.hidden.flatten() for t in alone]), atol=1e-2, rtol=1e-2)
     assert progress[-1] == (6, 6) and len(progress) == 6 and seconds > 0
     cached, _ = generate_corpus(split, prompts, sampled, tmp_path)  # the workers' generations were cached
     assert len(list(tmp_path.glob("*.msgpack"))) == 6 and [t.tokens.tolist() for t in cached] == [t.tokens.tolist() for t in alone]
