@@ -19,20 +19,16 @@ Prints and writes agreement_gap.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-
-from common.core.config import DEFAULT_MODEL, DrafterConfig, ModelSpec  # noqa: E402
 from common.core.prompts import encode_prompt, load_prompts  # noqa: E402
 from common.decoding.agreement import agreement, greedy_targets  # noqa: E402
-from common.model.split import SplitModel  # noqa: E402
-from dvi.bench.learning import interleave_categories, split_train_eval  # noqa: E402
+from dvi.bench.drafter_probe import add_drafter_args, load_drafter  # noqa: E402
+from dvi.bench.learning import interleave_categories, split_train_eval, write_table_report  # noqa: E402
 from dvi.bench.speed import machine_line  # noqa: E402
 from dvi.commands.warmstart import SEEDS  # noqa: E402
 from dvi.data import SPEC_BENCH_DEV  # noqa: E402
@@ -40,20 +36,14 @@ from dvi.data import SPEC_BENCH_DEV  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--adapter", default=None, help="Adapter directory (default: the default drafter, the warm start).")
-    parser.add_argument("--exit-layer", type=int, default=DrafterConfig.exit_layer)
+    add_drafter_args(parser)
     parser.add_argument("--self-seeds", default=str(ROOT / "docs/warmstart/self_seeds.jsonl"),
                         help="The self-written seeds the adapter trained on ({\"prompt\"} lines).")
     parser.add_argument("--prompts", type=int, default=24, help="Prompts per set.")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--out", default="benchmarks/results/agreement_gap")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-
-    split = SplitModel.load(ModelSpec(model=args.model, drafter=DrafterConfig(exit_layer=args.exit_layer)))
-    if args.adapter:
-        split.load_adapter(args.adapter)
+    split = load_drafter(args)
     other_half, held = split_train_eval(load_prompts(SPEC_BENCH_DEV))
     n = args.prompts
     sets = {
@@ -73,11 +63,7 @@ def main() -> None:
              f"{n} prompts per set, {args.new_tokens} greedy tokens each; machine: {record['machine']}", "",
              "| prompts | positions | agreement |", "|---|---:|---:|"]
     lines += [f"| {name} | {row['positions']} | {100 * row['agreement']:.1f}% |" for name, row in rows.items()]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "agreement_gap.json").write_text(json.dumps(record, indent=1))
-    (out / "agreement_gap.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(write_table_report(args.out, "agreement_gap", record, lines), end="")
 
 
 if __name__ == "__main__":

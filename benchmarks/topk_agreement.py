@@ -18,7 +18,6 @@ position). Greedy, ungated, one torch thread. Prints and writes topk_agreement.{
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -26,12 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from common.core.config import DEFAULT_MODEL, DecodeConfig, DrafterConfig, ModelSpec  # noqa: E402
+from common.core.config import DecodeConfig  # noqa: E402
 from common.core.context_draft import ContextIndex  # noqa: E402
 from common.core.prompts import encode_prompt, load_prompts  # noqa: E402
 from common.decoding.agreement import greedy_continuations, verifier_targets  # noqa: E402
-from common.model.split import SplitModel  # noqa: E402
-from dvi.bench.learning import split_train_eval  # noqa: E402
+from dvi.bench.drafter_probe import add_drafter_args, load_drafter  # noqa: E402
+from dvi.bench.learning import split_train_eval, write_table_report  # noqa: E402
 from dvi.bench.speed import machine_line  # noqa: E402
 
 WIDTHS = (1, 2, 4, 8)
@@ -61,19 +60,13 @@ def topk_hits(tokens: list[int], start: int, top1: torch.Tensor, top: torch.Tens
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--adapter", default=None, help="Adapter directory (default: the default drafter, the warm start).")
-    parser.add_argument("--exit-layer", type=int, default=DrafterConfig.exit_layer)
+    add_drafter_args(parser)
     parser.add_argument("--prompts", default=str(Path(__file__).resolve().parents[1] / "dvi/data/spec_bench/question_dev.jsonl"))
     parser.add_argument("--eval-prompts", type=int, default=24)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--out", default="benchmarks/results/topk_agreement")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-
-    split = SplitModel.load(ModelSpec(model=args.model, drafter=DrafterConfig(exit_layer=args.exit_layer)))
-    if args.adapter:
-        split.load_adapter(args.adapter)
+    split = load_drafter(args)
     held = split_train_eval(load_prompts(args.prompts))[1][: args.eval_prompts]  # as `dvi warmstart` scores
     sequences, starts = greedy_continuations(split, [encode_prompt(split.tokenizer, q.text) for q in held], args.new_tokens)
     targets = verifier_targets(split, sequences, starts)
@@ -105,11 +98,7 @@ def main() -> None:
     for kind in KINDS:
         rates = record["topk_agreement"][kind]
         lines.append(f"| {kind} | {counts[kind]} | " + " | ".join(f"{100 * rates[str(k)]:.1f}%" for k in WIDTHS) + " |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "topk_agreement.json").write_text(json.dumps(record, indent=1))
-    (out / "topk_agreement.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(write_table_report(args.out, "topk_agreement", record, lines), end="")
 
 
 if __name__ == "__main__":

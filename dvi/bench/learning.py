@@ -170,6 +170,15 @@ def write_json(path: str | Path, payload: dict) -> Path:
     return path
 
 
+def write_table_report(out: str | Path, stem: str, payload: dict, lines: Sequence[str]) -> str:
+    """`<out>/<stem>.json` (`payload`, via `write_json`) and `<out>/<stem>.md` (`lines`, one per
+    line); returns the markdown."""
+    markdown = "\n".join(lines) + "\n"
+    write_json(Path(out) / f"{stem}.json", payload)
+    (Path(out) / f"{stem}.md").write_text(markdown)
+    return markdown
+
+
 def write_bench_reports(out: str | Path, settings: dict, runs: dict[str, list[dict]], skipped: dict | None = None) -> str:
     """learning.json, learning.md and learning.png of a benchmark; returns the markdown.
     `skipped`: {"skipped_requests": n, "skipped": [...]}, the prompts that could not be served."""
