@@ -1,7 +1,7 @@
 """Agreement of the exit head on text it trained on against text it did not: data or capacity?
 
     python benchmarks/agreement_gap.py [--adapter DIR] [--self-seeds FILE] [--prompts N]
-                                       [--new-tokens T] [--out DIR]
+                                       [--per-task M] [--new-tokens T] [--out DIR]
 
 A drafter that agrees with the verifier as rarely on its own training text as on held-out text is
 short of capacity; one that agrees far more often there has memorised its corpus, and wider data
@@ -13,6 +13,8 @@ greedy continuation, every generated position, ungated, one torch thread):
   * Spec-Bench, other half: never trained on either, the same tasks;
   * shipped seeds, trained on: the first N of dvi/data/warmstart_seeds.jsonl, interleaved;
   * self-written seeds, trained on: the first N of --self-seeds (the shipped warm start's).
+With --per-task M, one more set per Spec-Bench task: its first M prompts of the whole dev file
+(neither half is trained on), to show which kinds of text the head has not learnt.
 Prints and writes agreement_gap.{json,md}.
 """
 
@@ -40,6 +42,7 @@ def main() -> None:
     parser.add_argument("--self-seeds", default=str(ROOT / "docs/warmstart/self_seeds.jsonl"),
                         help="The self-written seeds the adapter trained on ({\"prompt\"} lines).")
     parser.add_argument("--prompts", type=int, default=24, help="Prompts per set.")
+    parser.add_argument("--per-task", type=int, default=0, help="Also score the first M dev prompts of every task (0: off).")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--out", default="benchmarks/results/agreement_gap")
     args = parser.parse_args()
@@ -52,17 +55,24 @@ def main() -> None:
         "shipped seeds (trained on)": [p.text for p in interleave_categories(load_prompts(SEEDS))[:n]],
         "self-written seeds (trained on)": [p.text for p in load_prompts(args.self_seeds)[:n]],
     }
+    by_task: dict[str, list[str]] = {}
+    for prompt in other_half + held if args.per_task > 0 else []:
+        by_task.setdefault(prompt.category, []).append(prompt.text)
+    sets |= {f"Spec-Bench {task} (not trained on)": texts[: args.per_task] for task, texts in by_task.items()}
     rows = {}
     for name, texts in sets.items():
-        scored = agreement(split, greedy_targets(split, [encode_prompt(split.tokenizer, t) for t in texts], args.new_tokens))
-        rows[name] = {"prompts": len(texts), "positions": scored.positions, "agreed": scored.agreed, "agreement": scored.rate}
+        prompts = [encode_prompt(split.tokenizer, t) for t in texts]
+        scored = agreement(split, greedy_targets(split, prompts, args.new_tokens))
+        rows[name] = {"prompts": len(texts), "mean_prompt_tokens": sum(map(len, prompts)) / len(prompts),
+                      "positions": scored.positions, "agreed": scored.agreed, "agreement": scored.rate}
         print(f"{name}: {100 * scored.rate:.1f}% of {scored.positions}", flush=True)
     record = {"model": args.model, "exit_layer": args.exit_layer, "adapter": args.adapter or "default drafter",
               "new_tokens": args.new_tokens, "sets": rows, "machine": machine_line()}
     lines = [f"# Agreement on trained-on and held-out text ({args.model}, exit layer {args.exit_layer}, {record['adapter']})", "",
-             f"{n} prompts per set, {args.new_tokens} greedy tokens each; machine: {record['machine']}", "",
-             "| prompts | positions | agreement |", "|---|---:|---:|"]
-    lines += [f"| {name} | {row['positions']} | {100 * row['agreement']:.1f}% |" for name, row in rows.items()]
+             f"{n} prompts per set ({args.per_task} per task), {args.new_tokens} greedy tokens each; machine: {record['machine']}", "",
+             "| prompts | count | mean prompt tokens | positions | agreement |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {row['prompts']} | {row['mean_prompt_tokens']:.0f} | {row['positions']} | {100 * row['agreement']:.1f}% |"
+              for name, row in rows.items()]
     print(write_table_report(args.out, "agreement_gap", record, lines), end="")
 
 
