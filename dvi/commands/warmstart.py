@@ -126,6 +126,12 @@ def _save(split, drafter, targets, out_dir: Path, install: bool, ship: bool, mod
     return sizes
 
 
+def _seeds_name(seeds) -> str:
+    """How the record names the seed file: the shipped one by its place in the package (the same
+    on every machine), any other by the path given."""
+    return "dvi/data/warmstart_seeds.jsonl" if Path(seeds).resolve() == SEEDS else str(seeds)
+
+
 def _self_seeds(split, config: WarmStartConfig, out_dir: Path, corpus_dir: Path, workers: int, spec) -> list[str]:
     """The model's own seed instructions (`config.self_seeds` of them), written on `workers`
     processes, every attempt cached beside the corpus (a rerun writes none again), and also
@@ -209,7 +215,7 @@ def _run(out, model, exit_layer, draft_vocab_size, seeds, max_new_tokens, temper
     sizes = _save(split, drafter, targets, out_dir, install, ship, model)
     record = warm_start_record(
         config, points,
-        model=model, exit_layer=exit_layer, draft_vocab_size=draft_vocab_size, seeds=str(seeds),
+        model=model, exit_layer=exit_layer, draft_vocab_size=draft_vocab_size, seeds=_seeds_name(seeds),
         seed_prompts=len(seed_prompts), self_seed_prompts=len(written), corpus_trajectories=len(trajectories),
         corpus_tokens=sum(len(t.committed_tokens) for t in trajectories),
         corpus_positions=sum(t.num_scored for t in trajectories),

@@ -161,3 +161,12 @@ def test_seed_instructions_are_the_same_from_worker_processes_and_from_the_cache
     assert more[: len(alone)] == alone
     with pytest.raises(ValueError, match="ModelSpec"):
         self_seeds.self_instruct_prompts(split, 2, workers=2)
+
+
+def test_the_record_names_the_shipped_seed_file_the_same_on_every_machine(tmp_path):
+    from dvi.commands.warmstart import _seeds_name
+
+    assert _seeds_name(SEEDS) == "dvi/data/warmstart_seeds.jsonl"
+    assert _seeds_name(str(SEEDS)) == "dvi/data/warmstart_seeds.jsonl"
+    own = tmp_path / "my_seeds.jsonl"
+    assert _seeds_name(str(own)) == str(own)
