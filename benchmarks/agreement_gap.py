@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from common.core.prompts import encode_prompt, load_prompts  # noqa: E402
 from common.decoding.agreement import agreement, greedy_targets  # noqa: E402
-from dvi.bench.drafter_probe import add_drafter_args, load_drafter  # noqa: E402
+from dvi.bench.drafter_probe import add_drafter_args, load_drafter, texts_by_category  # noqa: E402
 from dvi.bench.learning import interleave_categories, split_train_eval, write_table_report  # noqa: E402
 from dvi.bench.speed import machine_line  # noqa: E402
 from dvi.commands.warmstart import SEEDS  # noqa: E402
@@ -55,10 +55,9 @@ def main() -> None:
         "shipped seeds (trained on)": [p.text for p in interleave_categories(load_prompts(SEEDS))[:n]],
         "self-written seeds (trained on)": [p.text for p in load_prompts(args.self_seeds)[:n]],
     }
-    by_task: dict[str, list[str]] = {}
-    for prompt in other_half + held if args.per_task > 0 else []:
-        by_task.setdefault(prompt.category, []).append(prompt.text)
-    sets |= {f"Spec-Bench {task} (not trained on)": texts[: args.per_task] for task, texts in by_task.items()}
+    if args.per_task > 0:
+        by_task = texts_by_category(other_half + held, args.per_task)
+        sets |= {f"Spec-Bench {task} (not trained on)": texts for task, texts in by_task.items()}
     rows = {}
     for name, texts in sets.items():
         prompts = [encode_prompt(split.tokenizer, t) for t in texts]

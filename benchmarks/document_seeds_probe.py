@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from common.core.prompts import encode_prompt, load_prompts  # noqa: E402
 from common.decoding.agreement import agreement, greedy_targets  # noqa: E402
-from dvi.bench.drafter_probe import add_drafter_args, load_drafter  # noqa: E402
+from dvi.bench.drafter_probe import add_drafter_args, load_drafter, texts_by_category  # noqa: E402
 from dvi.bench.learning import split_train_eval, write_table_report  # noqa: E402
 from dvi.bench.speed import machine_line  # noqa: E402
 from dvi.data import SPEC_BENCH_DEV  # noqa: E402
@@ -73,11 +73,8 @@ def main() -> None:
           f"{sum(t.num_scored for t in corpus)} positions ({generated:.0f} s)", flush=True)
 
     other_half, held = split_train_eval(load_prompts(SPEC_BENCH_DEV))
-    by_task: dict[str, list[str]] = {}
-    for prompt in other_half + held:
-        by_task.setdefault(prompt.category, []).append(prompt.text)
-    targets = {task: greedy_targets(split, [encode_prompt(tok, t) for t in texts[: args.per_task]], 64)
-               for task, texts in by_task.items()}
+    targets = {task: greedy_targets(split, [encode_prompt(tok, t) for t in texts], 64)
+               for task, texts in texts_by_category(other_half + held, args.per_task).items()}
     everything = [t for ts in targets.values() for t in ts]
     before = {task: agreement(split, ts) for task, ts in targets.items()}
     _, curve = train_warm_start(split, corpus, everything[:: max(1, len(everything) // 24)], answering)

@@ -1,9 +1,11 @@
 """The model and drafter an offline probe of the exit head scores (benchmarks/agreement_gap.py,
-benchmarks/topk_agreement.py): the same three options and the same loading everywhere."""
+benchmarks/topk_agreement.py, benchmarks/document_seeds_probe.py): the same three options and the
+same loading everywhere, and the per-category prompt sets they score."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Sequence
 
 import torch
 
@@ -26,3 +28,12 @@ def load_drafter(args: argparse.Namespace) -> SplitModel:
     if args.adapter:
         split.load_adapter(args.adapter)
     return split
+
+
+def texts_by_category(prompts: Sequence, per_category: int) -> dict[str, list[str]]:
+    """The texts of the first `per_category` prompts of each question category (MT-bench's eight
+    kept apart, finer than `spec_bench_task`), categories in order of first appearance."""
+    grouped: dict[str, list[str]] = {}
+    for prompt in prompts:
+        grouped.setdefault(prompt.category, []).append(prompt.text)
+    return {category: texts[:per_category] for category, texts in grouped.items()}

@@ -129,7 +129,7 @@ def _save(split, drafter, targets, out_dir: Path, install: bool, ship: bool, mod
 def _seeds_name(seeds) -> str:
     """How the record names the seed file: the shipped one by its place in the package (the same
     on every machine), any other by the path given."""
-    return "dvi/data/warmstart_seeds.jsonl" if Path(seeds).resolve() == SEEDS else str(seeds)
+    return SEEDS.relative_to(SEEDS.parents[2]).as_posix() if Path(seeds).resolve() == SEEDS else str(seeds)
 
 
 def _self_seeds(split, config: WarmStartConfig, out_dir: Path, corpus_dir: Path, workers: int, spec) -> list[str]:
