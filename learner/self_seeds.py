@@ -43,33 +43,53 @@ def user_turn_prefix(tokenizer) -> list[int]:
     return tokenizer(text[: text.index(_MARK)], add_special_tokens=False)["input_ids"]
 
 
-def attempt_requests(split: SplitModel, attempts: Sequence[int], seed: int, max_tokens: int, min_tokens: int) -> list[str | None]:
+def attempt_requests(split: SplitModel, attempts: Sequence[int], seed: int, max_tokens: int, min_tokens: int,
+                     rows: int = 1) -> list[str | None]:
     """The request each attempt wrote (text, special tokens removed), None where it is not kept
-    (the turn did not end within `max_tokens`, or it is shorter than `min_tokens` or empty)."""
+    (the turn did not end within `max_tokens`, or it is shorter than `min_tokens` or empty).
+
+    rows 1: each attempt decoded alone by the speculative decoder (context drafting on); above 1:
+    that many attempts per verifier pass (`SpeculativeDecoder.generate_batch`, drafting off: other
+    text from the same seeds, the same distribution)."""
     prefix = user_turn_prefix(split.tokenizer)
     decoder = SpeculativeDecoder(split)
-    decode = DecodeConfig(gamma=0, temperature=1.0, max_new_tokens=max_tokens)
+    decode = attempt_config(max_tokens, rows)
+    generators = [torch.Generator().manual_seed(seed * 1_000_003 + attempt) for attempt in attempts]
+    request_ids = [f"self-seed-{attempt}" for attempt in attempts]
+    if rows > 1:
+        results = decoder.generate_batch([prefix] * len(attempts), decode, generators=generators,
+                                         request_ids=request_ids, rows=rows)
+    else:
+        results = [decoder.generate(prefix, decode, generator=g, request_id=r) for g, r in zip(generators, request_ids)]
     out: list[str | None] = []
-    for attempt in attempts:
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + attempt)
-        result = decoder.generate(prefix, decode, generator=generator, request_id=f"self-seed-{attempt}")
+    for result in results:
         text = split.tokenizer.decode(result.token_ids, skip_special_tokens=True).strip()
         kept = result.finished_by_eos and len(result.token_ids) >= min_tokens and text
         out.append(text if kept else None)
     return out
 
 
-def _worker_attempts(attempts: list[int], seed: int, max_tokens: int, min_tokens: int) -> list[str | None]:
-    return attempt_requests(worker_split(), attempts, seed, max_tokens, min_tokens)
+def attempt_config(max_tokens: int, rows: int) -> DecodeConfig:
+    """How an attempt is decoded: temperature 1, no exit-head drafts; context drafting only when
+    attempts are decoded one at a time (rows 1)."""
+    return DecodeConfig(gamma=0, temperature=1.0, max_new_tokens=max_tokens,
+                        context_tokens=DecodeConfig.context_tokens if rows == 1 else 0)
+
+
+def _worker_attempts(attempts: list[int], seed: int, max_tokens: int, min_tokens: int, rows: int) -> list[str | None]:
+    return attempt_requests(worker_split(), attempts, seed, max_tokens, min_tokens, rows)
 
 
 class _AttemptCache:
     """Outcomes of attempts ({"attempt": i, "request": text or null} lines) in one JSONL file per
     model and settings; a line that does not parse (a write cut short) is dropped."""
 
-    def __init__(self, directory: str | Path, split: SplitModel, seed: int, max_tokens: int, min_tokens: int) -> None:
+    def __init__(self, directory: str | Path, split: SplitModel, seed: int, max_tokens: int, min_tokens: int,
+                 rows: int) -> None:
         settings = {"model": split.fingerprint, "prefix": user_turn_prefix(split.tokenizer), "seed": seed,
                     "max_tokens": max_tokens, "min_tokens": min_tokens, "temperature": 1.0}
+        if rows > 1:  # other text than one attempt at a time (1 keeps the name it always had)
+            settings["sampler"] = "batch-rows"
         name = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         self.path = Path(directory) / f"self_seeds-{name}.jsonl"
 
@@ -95,13 +115,14 @@ class _AttemptCache:
 
 def self_instruct_prompts(split: SplitModel, count: int, seed: int = 0, max_tokens: int = 64, min_tokens: int = 8,
                           max_attempts: int | None = None, workers: int = 1, spec: ModelSpec | None = None,
-                          cache_dir: str | Path | None = None,
+                          cache_dir: str | Path | None = None, rows: int = 1,
                           on_progress: Callable[[int, int], None] | None = None) -> list[str]:
     """Up to `count` distinct user requests the model writes, in attempt order; stops after
     `max_attempts` (default 4 * count) attempts, so a model that rarely ends a turn returns fewer.
 
     `workers` > 1 runs attempts in that many processes, each loading `spec` (the model `split` was
-    loaded from); `cache_dir` keeps every attempt's outcome; neither changes the result.
+    loaded from); `cache_dir` keeps every attempt's outcome; neither changes the result. `rows` > 1
+    decodes that many attempts per verifier pass (`attempt_requests`): other requests, made faster.
     `on_progress(kept, count)` before each round of attempts and at the end."""
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
@@ -111,7 +132,9 @@ def self_instruct_prompts(split: SplitModel, count: int, seed: int = 0, max_toke
         raise ValueError("writing seed instructions in worker processes needs the ModelSpec the split was loaded from")
     user_turn_prefix(split.tokenizer)  # a model without a chat template fails here, before any work
     limit = max_attempts if max_attempts is not None else 4 * count
-    cache = _AttemptCache(cache_dir, split, seed, max_tokens, min_tokens) if cache_dir is not None else None
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    cache = _AttemptCache(cache_dir, split, seed, max_tokens, min_tokens, rows) if cache_dir is not None else None
     outcomes = cache.load() if cache is not None else {}
     pool = None
     out: list[str] = []
@@ -126,7 +149,7 @@ def self_instruct_prompts(split: SplitModel, count: int, seed: int = 0, max_toke
                 todo = [a for a in range(attempt, min(limit, attempt + wanted)) if a not in outcomes]
                 if workers > 1 and pool is None:
                     pool = model_pool(spec, workers)
-                new = _run_attempts(split, todo, seed, max_tokens, min_tokens, pool)
+                new = _run_attempts(split, todo, seed, max_tokens, min_tokens, rows, pool)
                 outcomes.update(new)
                 if cache is not None:
                     cache.add(new)
@@ -143,11 +166,12 @@ def self_instruct_prompts(split: SplitModel, count: int, seed: int = 0, max_toke
     return out
 
 
-def _run_attempts(split: SplitModel, todo: list[int], seed: int, max_tokens: int, min_tokens: int,
+def _run_attempts(split: SplitModel, todo: list[int], seed: int, max_tokens: int, min_tokens: int, rows: int,
                   pool) -> dict[int, str | None]:
     """{attempt: outcome} for `todo`, here or split in tasks over `pool`."""
     if pool is None:
-        return dict(zip(todo, attempt_requests(split, todo, seed, max_tokens, min_tokens)))
-    tasks = [todo[i : i + _TASK] for i in range(0, len(todo), _TASK)]
-    futures = [pool.submit(_worker_attempts, task, seed, max_tokens, min_tokens) for task in tasks]
+        return dict(zip(todo, attempt_requests(split, todo, seed, max_tokens, min_tokens, rows)))
+    size = max(_TASK, rows)
+    tasks = [todo[i : i + size] for i in range(0, len(todo), size)]
+    futures = [pool.submit(_worker_attempts, task, seed, max_tokens, min_tokens, rows) for task in tasks]
     return {a: r for task, future in zip(tasks, futures) for a, r in zip(task, future.result())}

@@ -82,13 +82,17 @@ class WarmStartConfig:
     seeds x 6 samples gave 34.2% held-out agreement against 32.5% for 421 seeds x 12; 421 + 2,400
     seeds x 2 (5,642 generations, 638k tokens) gave 35.5% (SmolLM2-135M, k = 4, Zen 4 class AMD
     EPYC; README, "Improve")."""
-    batch_size: int = 1
-    """Generations sampled together. 1: each is decoded alone by the speculative decoder (the
-    model's exact sampling on the weights it serves with, seeded by its cache key). Above 1: that
-    many are sampled in one batch from the model's HF forward (common/decoding/batched_sampling.py)
-    and each is then scored by one teacher-forced verifier pass (common/decoding/teacher.py),
-    seeded by the batch's keys: for an accelerator, where a batch costs about one sequence. On a
-    CPU the decoder is faster (one core of a Zen 4 class AMD EPYC: 164 tokens/s against 92 at 64)."""
+    batch_size: int = 8
+    """Generations made together, the self-written seed instructions' too. 1: each is decoded
+    alone by the speculative decoder with context drafting (the model's exact sampling, seeded by
+    its cache key). Above 1, on a CPU (`batches_on_decoder`): that many per
+    verifier pass, drafting off (`SpeculativeDecoder.generate_batch`): each generation still the
+    model's exact sampling seeded by its key, and the same text whatever the batch size. On one
+    core of an Intel Xeon (Sapphire Rapids class) 8 per pass made corpus text 2.41x as fast as
+    one at a time (214 against 89 tokens/s; 16: 2.54x; `benchmarks/corpus_throughput.py`).
+    Elsewhere (an accelerator): that many sampled in one batch from the model's HF forward
+    (common/decoding/batched_sampling.py), each then scored by one teacher-forced verifier pass
+    (common/decoding/teacher.py), seeded by the batch's keys."""
     epochs: float = 3.0
     """Passes over the corpus, in scored positions: steps = epochs * corpus positions / batch_tokens."""
     lr_schedule: str = "cosine"
@@ -133,13 +137,31 @@ class WarmStartConfig:
             record_topk=self.record_topk, record_prompt_positions=1_000_000,
         )
 
-    def corpus_settings(self) -> dict:
-        """What one cached generation depends on besides the model, its prompt and its sample index."""
+    @property
+    def batch_decode(self) -> DecodeConfig:
+        """Corpus decoding of a batch on the fast engine (`SpeculativeDecoder.generate_batch`): as
+        `decode`, with no drafting at all."""
+        return replace(self.decode, context_tokens=0)
+
+    def corpus_settings(self, on_cpu: bool = True) -> dict:
+        """What one cached generation depends on besides the model, its prompt and its sample index,
+        made on a split on the CPU or not (`batches_on_decoder`)."""
         settings = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
                     "record_topk": self.record_topk, "seed": self.seed}
         if self.batch_size > 1:  # other text than the decoder's (1 keeps the keys it always had)
-            settings["batch_size"] = self.batch_size
+            if on_cpu:  # each generation decoded as alone, drafting off: the batch size does not matter
+                settings["sampler"] = "batch-rows"
+            else:
+                settings["batch_size"] = self.batch_size
         return settings
+
+
+def batches_on_decoder(split: SplitModel) -> bool:
+    """True where a batch of corpus generations is made by `SpeculativeDecoder.generate_batch` (a
+    split on the CPU: its engine reads the weights once for a batch's rows, and its HF forward is
+    slower than the decoder), False where it is sampled by the HF forward and then scored (an
+    accelerator, where a batch of rows costs about one)."""
+    return torch.device(split.device).type == "cpu"
 
 
 def corpus_key(settings: dict, prompt: Sequence[int], sample: int) -> str:
@@ -198,13 +220,13 @@ def generate_corpus(
     every one loading `spec` (the model `split` was loaded from; its drafter never matters: the
     corpus drafts from the context only). On a CPU, generation scales with cores, decoding one
     sequence per process does not (per core: ~83 tokens/s on an AVX2-only AMD EPYC, 164 on a Zen 4
-    class one). `config.batch_size` > 1 samples batches instead: each worker takes whole batches.
+    class one). `config.batch_size` > 1 makes batches instead (see it): each worker takes whole batches.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if workers > 1 and spec is None:
         raise ValueError("generating the corpus in worker processes needs the ModelSpec the split was loaded from")
-    settings = config.corpus_settings()
+    settings = config.corpus_settings(batches_on_decoder(split))
     cache = _CorpusCache(directory, split) if directory is not None else None
     total = len(prompts) * config.samples_per_prompt
     corpus: list[Trajectory | None] = [None] * total
@@ -260,11 +282,18 @@ class _BatchMaker:
         self.decoder = SpeculativeDecoder(split)
 
     def make(self, batch: list[tuple[list[int], str]], config: WarmStartConfig) -> list[tuple[Trajectory, float]]:
-        """(trajectory, seconds) per (prompt, key) of `batch`; a sampled batch's seconds are shared equally."""
+        """(trajectory, seconds) per (prompt, key) of `batch`; a batch's seconds are shared equally."""
         if config.batch_size == 1:
             return [self._decode_one(prompt, key, config.decode) for prompt, key in batch]
         started = time.perf_counter()
         split = self.split
+        if batches_on_decoder(split):
+            results = self.decoder.generate_batch(
+                [prompt for prompt, _ in batch], config.batch_decode, rows=config.batch_size,
+                generators=[torch.Generator().manual_seed(int(key[:15], 16)) for _, key in batch],
+                request_ids=[f"warmstart-{key}" for _, key in batch])
+            seconds = (time.perf_counter() - started) / len(batch)
+            return [(result.trajectory, seconds) for result in results]
         pad = split.tokenizer.pad_token_id if split.tokenizer.pad_token_id is not None else min(split.eos_token_ids)
         seed = int(hashlib.sha256("".join(k for _, k in batch).encode()).hexdigest()[:15], 16)
         continuations = sample_continuations(split.model, [p for p, _ in batch], config.max_new_tokens,

@@ -211,6 +211,11 @@ class DecodeState:
         return self.budget <= 0 or self.result.finished_by_eos
 
 
+BATCH_ROWS = 8
+"""Requests `SpeculativeDecoder.generate_batch` advances per pass: the q8 kernel reads each weight
+once per 8 rows (common/model/engine/gguf_kernels.py, Q8_ROWS)."""
+
+
 class SpeculativeDecoder:
     """Plain (non-Ray) generator over a SplitModel, batch size 1.
 
@@ -256,6 +261,53 @@ class SpeculativeDecoder:
         return self.finish(state)
 
     @torch.inference_mode()
+    def generate_batch(
+        self,
+        prompts: list[list[int]],
+        config: DecodeConfig,
+        *,
+        generators: list[torch.Generator | None] | None = None,
+        request_ids: list[str] | None = None,
+        rows: int = BATCH_ROWS,
+    ) -> list[GenerationResult]:
+        """Decode many requests together without drafting: one verifier pass advances up to `rows`
+        of them by one token each (a finished request's place goes to the next one waiting).
+
+        For text, not latency (a warm-start corpus): on a CPU one pass over the weights costs
+        about the same for a few rows as for one, whichever sequences the rows belong to. Each
+        request is decoded as `generate` decodes it alone with the same `config` and generator:
+        the same prefill, tokens, Trajectory and counts (on the q8 kernel bit for bit; tests/
+        integration/test_batch_decoding.py). `config` must draft nothing (gamma 0, context_tokens
+        0). Returns one result per prompt, in order."""
+        if config.gamma or config.context_tokens:
+            raise ValueError("generate_batch does not draft: it needs gamma 0 and context_tokens 0")
+        if rows < 1:
+            raise ValueError(f"rows must be >= 1, got {rows}")
+        count = len(prompts)
+        generators = [None] * count if generators is None else generators
+        request_ids = [None] * count if request_ids is None else request_ids
+        if len(generators) != count or len(request_ids) != count:
+            raise ValueError("generate_batch needs one generator and one request id per prompt")
+        for prompt in prompts:
+            self.check_request(prompt, config)
+        results: list[GenerationResult | None] = [None] * count
+        waiting = list(range(count))[::-1]
+        active: list[tuple[int, DecodeState]] = []
+        while waiting or active:
+            while waiting and len(active) < rows:
+                i = waiting.pop()
+                active.append((i, self.start(prompts[i], config, generator=generators[i], request_id=request_ids[i])))
+            h_k, logits = self.split.step_sequences([state.tokens[-1] for _, state in active],
+                                                    [state.cache for _, state in active])
+            for b, (_, state) in enumerate(active):
+                self._accept_and_commit(state, len(state.tokens) - 1, [], [], [], False, 0, h_k[b:b + 1][None],
+                                        logits[b:b + 1])
+            for i, state in [pair for pair in active if pair[1].done]:
+                results[i] = self.finish(state)
+            active = [pair for pair in active if not pair[1].done]
+        return results  # type: ignore[return-value]  # every slot is filled above
+
+    @torch.inference_mode()
     def start(
         self,
         prompt_ids: list[int],
@@ -298,7 +350,7 @@ class SpeculativeDecoder:
     def step(self, state: DecodeState) -> list[int]:
         """Run one draft-verify block; return the tokens it committed (1 to gamma + 1)."""
         assert not state.done, "step() on a finished request"
-        split, config, result = self.split, state.config, state.result
+        split = self.split
         device = split.device
         pos0 = len(state.tokens) - 1  # position of the block's first input, the last committed token
         h = split.shallow(torch.tensor([[state.tokens[-1]]], device=device), torch.tensor([[pos0]], device=device), state.cache)
@@ -309,6 +361,18 @@ class SpeculativeDecoder:
         verify_pos = torch.arange(pos0, pos0 + g + 1, device=device)[None]
         states = torch.cat(block_states, dim=1)  # [1, g + 1, H]
         target_logits = split.deep(states, verify_pos, state.cache)[0]  # [g + 1, V]
+        return self._accept_and_commit(state, pos0, drafts, draft_probs, draft_logprobs, from_context, ngram, states,
+                                       target_logits)
+
+    def _accept_and_commit(self, state: DecodeState, pos0: int, drafts: list[int], draft_probs: list[torch.Tensor],
+                           draft_logprobs: list[float], from_context: bool, ngram: int, states: torch.Tensor,
+                           target_logits: torch.Tensor) -> list[int]:
+        """A verified block's acceptance and bookkeeping: `states` [1, g + 1, H] are the layer-k
+        states of positions pos0 .. pos0 + g and `target_logits` [g + 1, V] the verifier's logits
+        there. Accepts (greedy prefix match or rejection sampling with the request's generator),
+        crops the caches, records, and returns the committed tokens."""
+        split, config, result = self.split, state.config, state.result
+        g = len(drafts)
         draft_tensor = torch.tensor(drafts, dtype=torch.int64, device=target_logits.device)
         if config.greedy:
             n_accepted, next_token = greedy_accept(draft_tensor, target_logits)

@@ -412,6 +412,27 @@ class SplitModel:
         return self.model.lm_head(self.decoder.norm(hidden)).float()
 
     @torch.no_grad()
+    def step_sequences(self, tokens: list[int], caches: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """The verifier's next step of B sequences at once: tokens[b] is appended to the sequence
+        held by caches[b] (a `new_cache`, filled up to that token's position in every layer).
+        Returns (h_k [B, H] model dtype, logits [B, V] float32): each row what `shallow` and `deep`
+        give for that one token alone (on the fast engine the weights are read once for all B
+        rows; where its matrices compute rows alone, as the q8 kernel does, bit for bit)."""
+        if not tokens or len(tokens) != len(caches):
+            raise ValueError(f"step_sequences needs one cache per token, got {len(tokens)} tokens and {len(caches)} caches")
+        if self._fast is not None:
+            x = self._fast.embed(torch.tensor(tokens, dtype=torch.int64, device=self.device))
+            h_k = self._fast.run_sequences(x, 0, self.exit_layer, caches)
+            return h_k, self._fast.logits(self._fast.run_sequences(h_k, self.exit_layer, self.num_layers, caches))
+        states, logits = [], []
+        for token, cache in zip(tokens, caches):
+            position = torch.tensor([[cache.get_seq_length(0)]], device=self.device)
+            h = self.shallow(torch.tensor([[token]], device=self.device), position, cache)
+            states.append(h[0])
+            logits.append(self.deep(h, position, cache)[0])
+        return torch.cat(states), torch.cat(logits)
+
+    @torch.no_grad()
     def draft(self, h_k: torch.Tensor, position_ids: torch.Tensor, exit_cache) -> torch.Tensor:
         """Drafter head on h_k [1, T, H] appended to `exit_cache`: q's logits [V'] float32 of the
         last position over the draft vocabulary (entry j scores token `draft_vocab[j]`)."""

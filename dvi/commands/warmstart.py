@@ -75,7 +75,7 @@ def warmstart(
     temperature: float = typer.Option(WarmStartConfig.temperature, "--temperature", help="Corpus decoding temperature (0 = greedy)."),
     samples_per_prompt: int = typer.Option(WarmStartConfig.samples_per_prompt, "--samples-per-prompt", help="Generations per seed prompt."),
     self_seeds: int = typer.Option(WarmStartConfig.self_seeds, "--self-seeds", help="Seed instructions the model writes itself, added to --seeds."),
-    batch_size: int = typer.Option(WarmStartConfig.batch_size, "--batch-size", help="Generations sampled together (1: each decoded alone by the speculative decoder)."),
+    batch_size: int = typer.Option(WarmStartConfig.batch_size, "--batch-size", help="Generations made together, seed instructions included (1: each decoded alone by the speculative decoder)."),
     epochs: float = typer.Option(WarmStartConfig.epochs, "--epochs", help="Passes over the corpus."),
     lr_schedule: str = typer.Option(WarmStartConfig.lr_schedule, "--lr-schedule", help="constant, or cosine (decayed to 0)."),
     head_lr: float = typer.Option(LearnerConfig.head_lr, "--head-lr", help="AdamW lr of the LM-head LoRA."),
@@ -152,6 +152,7 @@ def _self_seeds(split, config: WarmStartConfig, out_dir: Path, corpus_dir: Path,
         task = progress.add_task("seed instructions", total=config.self_seeds, now="")
         written = self_instruct_prompts(
             split, config.self_seeds, seed=config.seed, workers=workers, spec=spec, cache_dir=corpus_dir,
+            rows=config.batch_size,
             on_progress=lambda kept, total: progress.update(task, completed=kept, now=f"{kept}/{total}"),
         )
     out_dir.mkdir(parents=True, exist_ok=True)

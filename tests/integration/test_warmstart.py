@@ -68,9 +68,9 @@ def test_the_corpus_cache_regenerates_only_prompts_it_has_not_seen(tmp_path, mon
     calls = []
 
     class Counting(warmstart.SpeculativeDecoder):
-        def generate(self, prompt, *args, **kwargs):
+        def start(self, prompt, *args, **kwargs):  # every generation starts here, alone or in a batch
             calls.append(list(prompt))
-            return super().generate(prompt, *args, **kwargs)
+            return super().start(prompt, *args, **kwargs)
 
     monkeypatch.setattr(warmstart, "SpeculativeDecoder", Counting)
     split = stories_split(exit_layer=2)

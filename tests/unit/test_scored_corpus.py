@@ -1,7 +1,11 @@
-"""Corpus text made outside the decoder: batched sampling (common/decoding/batched_sampling.py)
-and its teacher-forced record (common/decoding/teacher.py), on the real stories260K."""
+"""Corpus text made in batches: on the CPU engine many generations per verifier pass
+(`SpeculativeDecoder.generate_batch`), elsewhere HF batched sampling (common/decoding/batched_sampling.py)
+and its teacher-forced record (common/decoding/teacher.py); and the seed instructions the model
+writes itself; on the real stories260K."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +16,7 @@ from common.decoding.batched_sampling import sample_continuations
 from common.decoding.speculative import SpeculativeDecoder
 from common.decoding.teacher import scored_trajectory
 from dvi.commands.warmstart import SEEDS
-from learner.warmstart import WarmStartConfig, generate_corpus
+from learner.warmstart import WarmStartConfig, batches_on_decoder, generate_corpus
 from tests.tiny_models import stories_split
 
 
@@ -69,22 +73,43 @@ def test_batched_sampling_is_seeded_and_stops_each_row_at_its_first_eos(split, p
         sample_continuations(split.model, [prompts[0], []], 4, 1.0, split.eos_token_ids, 0, seed=0)
 
 
-def test_a_batched_corpus_is_scored_cached_under_its_own_keys_and_the_same_from_workers(split, prompts, tmp_path):
+def test_a_batched_corpus_on_a_cpu_is_each_generation_decoded_alone_whatever_the_batch(split, prompts, tmp_path):
+    """On the CPU engine a batch steps its generations together: each is its key-seeded decoding
+    with drafting off, so the batch size and the worker processes change nothing, and the cache
+    keys differ from the one-at-a-time decoder's (other text)."""
     from common.core.config import DrafterConfig, ModelSpec
     from tests.tiny_models import STORIES
 
+    assert batches_on_decoder(split)
     config = WarmStartConfig(max_new_tokens=8, temperature=1.0, samples_per_prompt=2, batch_size=3)
     alone, seconds = generate_corpus(split, prompts[:3], config, tmp_path / "one")
     assert len(alone) == 6 and seconds > 0 and all(t.validate().num_drafted == 0 for t in alone)
     assert all(t.verified_position.tolist() == list(range(t.num_context)) for t in alone)  # every position distilled
+    first = SpeculativeDecoder(split).generate(
+        prompts[0], config.batch_decode, generator=torch.Generator().manual_seed(int(alone[0].request_id[10:25], 16)))
+    assert alone[0].tokens.tolist() == prompts[0] + first.token_ids
+    other_batch, _ = generate_corpus(split, prompts[:3], replace(config, batch_size=2), tmp_path / "two")
+    assert [t.tokens.tolist() for t in other_batch] == [t.tokens.tolist() for t in alone]
     spec = ModelSpec(model=str(STORIES), drafter=DrafterConfig(exit_layer=2, draft_vocab_size=0), warm_start=False)
     pooled, _ = generate_corpus(split, prompts[:3], config, tmp_path / "pool", workers=2, spec=spec)
-    assert [t.tokens.tolist() for t in pooled] == [t.tokens.tolist() for t in alone]  # batches seeded by their keys
-    decoded, _ = generate_corpus(split, prompts[:3], WarmStartConfig(max_new_tokens=8, temperature=1.0, samples_per_prompt=2),
-                                 tmp_path / "one")
+    assert [t.tokens.tolist() for t in pooled] == [t.tokens.tolist() for t in alone]
+    generate_corpus(split, prompts[:3], replace(config, batch_size=1), tmp_path / "one")
     assert len(list((tmp_path / "one").glob("*.msgpack"))) == 12  # the decoder's keys differ from a batch's
     with pytest.raises(ValueError, match="batch_size"):
         WarmStartConfig(batch_size=0)
+
+
+def test_a_batched_corpus_elsewhere_is_sampled_together_then_scored(split, prompts, tmp_path, monkeypatch):
+    """Where sequences do not step together (an accelerator's HF forward), a batch is sampled in
+    one HF `generate` and each row scored by a teacher-forced pass, under keys naming the batch size."""
+    monkeypatch.setattr("learner.warmstart.batches_on_decoder", lambda split: False)
+    config = WarmStartConfig(max_new_tokens=8, temperature=1.0, samples_per_prompt=2, batch_size=3)
+    corpus, _ = generate_corpus(split, prompts[:3], config, tmp_path / "hf")
+    assert len(corpus) == 6 and all(t.validate().num_drafted == 0 for t in corpus)
+    assert all(t.verified_position.tolist() == list(range(t.num_context)) for t in corpus)
+    again, _ = generate_corpus(split, prompts[:3], config, tmp_path / "hf-again")
+    assert [t.tokens.tolist() for t in again] == [t.tokens.tolist() for t in corpus]  # batches seeded by their keys
+    assert config.corpus_settings(False)["batch_size"] == 3 and "batch_size" not in config.corpus_settings(True)
 
 
 def test_the_model_writes_distinct_seeded_seed_instructions_that_end_by_themselves():
@@ -103,6 +128,11 @@ def test_the_model_writes_distinct_seeded_seed_instructions_that_end_by_themselv
     assert all(text.endswith(".") and text.count(".") == 1 for text in first)  # cut at its own end, kept only then
     assert first != self_instruct_prompts(split, 5, seed=2, max_tokens=24, min_tokens=3)
     assert self_instruct_prompts(split, 3, seed=1, max_tokens=2, min_tokens=3) == []  # too short to end: none kept
+    batched = self_instruct_prompts(split, 5, seed=1, max_tokens=24, min_tokens=3, rows=4)  # drafting off: other text
+    assert batched == self_instruct_prompts(split, 5, seed=1, max_tokens=24, min_tokens=3, rows=2)  # whatever the rows
+    assert 1 <= len(batched) <= 5 and all(text.endswith(".") and text.count(".") == 1 for text in batched)
+    with pytest.raises(ValueError, match="rows"):
+        self_instruct_prompts(split, 2, rows=0)
 
 
 def test_a_model_without_a_chat_template_warms_up_on_the_shipped_seeds_only(tmp_path, capsys):

@@ -185,6 +185,25 @@ class FastLayer:
         x, h = layer_ops.add_rms_norm(x, self.o(attn), *self.norm2)
         return x + self.down(layer_ops.silu_mul(self.gate_up(h).contiguous()))
 
+    def sequence_rows(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[StaticKVCache],
+                      slot: int) -> torch.Tensor:
+        """One new row per sequence: x [B, H], row b the next position of the sequence in
+        `caches[b]` (cos/sin [B, head_dim] of each row's position). The matrices run on all B rows
+        in one pass over the weights; the rotary, cache append and attention run per row, against
+        its own sequence's cache. Each row's result equals that sequence's one-row step (`__call__`
+        on x[b:b+1]) wherever the matrices compute rows alone (the q8 kernel: bit for bit)."""
+        if not self.c_ops:
+            return torch.cat([self(x[b:b + 1], cos[b:b + 1], sin[b:b + 1], cache, slot, None)
+                              for b, cache in enumerate(caches)])
+        qkv = self.qkv(layer_ops.rms_norm(x.contiguous(), *self.norm1)).contiguous()
+        attn = torch.empty(x.shape[0], self.q_heads * self.head_dim)
+        for b, cache in enumerate(caches):
+            keys, values, past = cache.reserve(slot, 1)
+            q = layer_ops.rope_append(qkv[b:b + 1], cos[b:b + 1], sin[b:b + 1], keys, values, past, self.q_heads)
+            attn[b:b + 1] = self._attention(q, keys[:, :past + 1], values[:, :past + 1], None)
+        x, h = layer_ops.add_rms_norm(x, self.o(attn), *self.norm2)
+        return x + self.down(layer_ops.silu_mul(self.gate_up(h).contiguous()))
+
     def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                    mask: torch.Tensor | None) -> torch.Tensor:
         """q [heads, T, hd], keys/values [kv_heads, past + T, hd] -> [T, heads * hd].
@@ -289,6 +308,18 @@ class FastStack:
         mask = chunk_mask(x.shape[0], position, x.device)
         for i in range(start, stop):
             x = self.layers[i](x, cos, sin, cache, i - slot_offset, mask)
+        return x
+
+    def run_sequences(self, x: torch.Tensor, start: int, stop: int, caches: list[StaticKVCache]) -> torch.Tensor:
+        """Layers [start, stop) on x [B, H]: row b is the next position of the sequence cached in
+        `caches[b]` (its slot `start` holds exactly that position's predecessors), as
+        `FastLayer.sequence_rows` runs them: B sequences advance one position each for one pass
+        over the weights."""
+        positions = torch.tensor([cache.get_seq_length(start) for cache in caches])
+        cos, sin = self.rope(0, int(positions.max()) + 1)
+        cos, sin = cos[positions].contiguous(), sin[positions].contiguous()
+        for i in range(start, stop):
+            x = self.layers[i].sequence_rows(x, cos, sin, caches, i)
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
