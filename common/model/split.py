@@ -22,6 +22,7 @@ import hashlib
 import inspect
 import json
 import logging
+import weakref
 from dataclasses import asdict
 from pathlib import Path
 
@@ -736,26 +737,48 @@ def lora_merged_weight(module: nn.Module) -> torch.Tensor:
 def lm_head_rows(head: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """x [N, H] through the output rows `rows` [V'] of a (possibly peft LoRA-wrapped) linear head:
     [N, V'], equal to head(x)[:, rows] with the same gradient, at about V'/V of the base's cost.
-    A vanilla LoRA adapter adds peft's own low-rank path, lora_B(lora_A(x)) * scaling, sliced (as
-    peft's forward computes it, never the [V, H] delta: that, and its gradient, cost more than the
-    sliced head); a LoRA variant (DoRA, ...) adds its `get_delta_weight` rows. A head with LoRA
-    dropout runs in full, then is sliced."""
+    A vanilla LoRA adapter adds peft's own low-rank path on those rows only, lora_A(x) through
+    lora_B's rows `rows`, times scaling (never the [V, H] delta, nor lora_B's [N, V] output: those,
+    and their gradients, cost more than the sliced head); a LoRA variant (DoRA, ...) adds its
+    `get_delta_weight` rows. A head with LoRA dropout runs in full, then is sliced. A frozen base
+    weight's rows are gathered once per (weight, rows) and reused (`_frozen_rows`)."""
     if not isinstance(head, peft.tuners.lora.LoraLayer):
-        return nn.functional.linear(x, head.weight[rows], None if head.bias is None else head.bias[rows])
+        return nn.functional.linear(x, _frozen_rows(head, rows), None if head.bias is None else head.bias[rows])
     if any(not isinstance(d, nn.Identity) for d in head.lora_dropout.values()):
         return head(x)[:, rows]
     base = head.get_base_layer()
     active = [name for name in head.active_adapters if name in head.lora_A]
-    weight = base.weight[rows]
+    weight = _frozen_rows(base, rows)
     for name in active:
         if name in head.lora_variant:
             weight = weight + head.get_delta_weight(name)[rows]
     out = nn.functional.linear(x, weight, None if base.bias is None else base.bias[rows])
     for name in active:
         if name not in head.lora_variant:
-            a = head.lora_A[name](x.to(head.lora_A[name].weight.dtype))
-            out = out + (head.lora_B[name](a)[:, rows] * head.scaling[name]).to(out.dtype)
+            lora_a, lora_b = head.lora_A[name], head.lora_B[name]
+            a = lora_a(x.to(lora_a.weight.dtype))
+            low_rank = nn.functional.linear(a, lora_b.weight[rows], None if lora_b.bias is None else lora_b.bias[rows])
+            out = out + (low_rank * head.scaling[name]).to(out.dtype)
     return out
+
+
+_FROZEN_ROWS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _frozen_rows(linear: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """linear.weight[rows]; for a weight without gradient, gathered once and reused while neither
+    the weight (same storage, no in-place change) nor `rows` changes: a training step would
+    otherwise copy and free [V', H] of it (19 MB for SmolLM2's 8,192 draft rows) every time."""
+    weight = linear.weight
+    if weight.requires_grad:
+        return weight[rows]
+    state = (weight.data_ptr(), weight._version)
+    cached = _FROZEN_ROWS.get(linear)
+    if cached is not None and cached[0] == state and torch.equal(cached[1], rows):
+        return cached[2]
+    gathered = weight[rows].detach()
+    _FROZEN_ROWS[linear] = (state, rows.detach().clone(), gathered)
+    return gathered
 
 
 def with_draft_vocab(tensors: dict[str, torch.Tensor], meta: dict, source: str) -> dict[str, torch.Tensor]:

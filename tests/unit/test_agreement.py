@@ -110,6 +110,13 @@ def test_lm_head_rows_equals_the_sliced_head_with_its_gradient():
     params = [head.lora_A["default"].weight, head.lora_B["default"].weight]
     for g_full, g_part in zip(torch.autograd.grad(full.sum(), params), torch.autograd.grad(part.sum(), params)):
         assert torch.allclose(g_full, g_part, atol=1e-5) and g_part.abs().sum() > 0
+    # the frozen base rows are gathered once and reused, and gathered again when rows or the weight change
+    assert torch.equal(lm_head_rows(head, x, rows), part.detach())
+    other = torch.tensor([2, 50])
+    assert torch.allclose(lm_head_rows(head, x, other), head(x)[:, other], atol=1e-5)
+    with torch.no_grad():
+        head.get_base_layer().weight.mul_(2.0)
+    assert torch.allclose(lm_head_rows(head, x, other), head(x)[:, other], atol=1e-5)
 
 
 def test_greedy_targets_match_the_verifiers_targets_on_the_generated_positions():
