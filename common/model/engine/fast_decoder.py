@@ -196,11 +196,8 @@ class FastLayer:
             return torch.cat([self(x[b:b + 1], cos[b:b + 1], sin[b:b + 1], cache, slot, None)
                               for b, cache in enumerate(caches)])
         qkv = self.qkv(layer_ops.rms_norm(x.contiguous(), *self.norm1)).contiguous()
-        attn = torch.empty(x.shape[0], self.q_heads * self.head_dim)
-        for b, cache in enumerate(caches):
-            keys, values, past = cache.reserve(slot, 1)
-            q = layer_ops.rope_append(qkv[b:b + 1], cos[b:b + 1], sin[b:b + 1], keys, values, past, self.q_heads)
-            attn[b:b + 1] = self._attention(q, keys[:, :past + 1], values[:, :past + 1], None)
+        attn = gguf_kernels.sequence_rows_attention(qkv, cos, sin, [cache.reserve(slot, 1) for cache in caches],
+                                                    self.q_heads, self.scale)
         x, h = layer_ops.add_rms_norm(x, self.o(attn), *self.norm2)
         return x + self.down(layer_ops.silu_mul(self.gate_up(h).contiguous()))
 

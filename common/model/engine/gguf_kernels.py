@@ -578,6 +578,23 @@ void rope_append(const float *qkv, int T, int H, int KVH, int hd, const float *c
     }
 }
 
+/* One new row for each of B sequences: row b of qkv [B, (H + 2 KVH) hd] (cos, sin [B, hd]) sits at
+   position past[b] of sequence b, whose cache buffers are k[b], v[b] (head stride head_stride[b]).
+   Per row, exactly the calls a one-row step makes (rope_append, then causal_attention with T = 1),
+   so each row equals that step bit for bit; out [B, H hd]. */
+void sequence_rows_attention(const float *qkv, int B, int H, int KVH, int hd, const float *cos, const float *sin,
+                             float *const *k, float *const *v, const long *head_stride, const int *past,
+                             float scale, float *out, int threads) {
+    const int width = (H + 2 * KVH) * hd;
+    float *q = (float *)malloc(sizeof(float) * (size_t)H * hd);
+    for (int b = 0; b < B; b++) {
+        rope_append(qkv + (size_t)b * width, 1, H, KVH, hd, cos + (size_t)b * hd, sin + (size_t)b * hd,
+                    k[b], v[b], head_stride[b], past[b], q);
+        causal_attention(q, H, 1, hd, k[b], v[b], KVH, head_stride[b], past[b], scale, out + (size_t)b * H * hd, threads);
+    }
+    free(q);
+}
+
 """
 
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
@@ -648,6 +665,8 @@ def _load(target: Path) -> ctypes.CDLL:
     lib.rms_norm_rows.restype = lib.add_rms_norm_rows.restype = lib.silu_mul_rows.restype = None
     lib.rope_append.argtypes = [p, i, i, i, i, p, p, p, p, ctypes.c_long, i, p]
     lib.rope_append.restype = None
+    lib.sequence_rows_attention.argtypes = [p, i, i, i, i, p, p, p, p, p, p, ctypes.c_float, p, i]
+    lib.sequence_rows_attention.restype = None
     return lib
 
 
@@ -811,6 +830,29 @@ def attention_runs(q: torch.Tensor, keys: torch.Tensor) -> bool:
     hd = q.shape[-1]
     return (available() and q.dtype == keys.dtype == torch.float32 and q.device.type == "cpu"
             and hd % 8 == 0 and hd <= 256 and keys.stride(2) == 1 and keys.stride(1) == hd)
+
+
+def sequence_rows_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list, heads: int,
+                            scale: float) -> torch.Tensor:
+    """Rotary, cache append and attention of one new row per sequence, in one call.
+
+    qkv [B, (heads + 2 kv_heads) hd] fp32 contiguous, row b the fused QKV projection of sequence
+    b's next position; cos, sin [B, hd] contiguous; caches: B (keys, values, past) of each
+    sequence's layer, as `StaticKVCache.reserve(slot, 1)` returns them (buffers [kv_heads,
+    capacity, hd] fp32 with room at row `past`). Returns [B, heads * hd]: row b what
+    `rope_append` and `causal_attention` give for that row alone, bit for bit."""
+    rows = qkv.shape[0]
+    hd = cos.shape[1]
+    kv_heads = caches[0][0].shape[0]
+    key_ptrs = (ctypes.c_void_p * rows)(*[keys.data_ptr() for keys, _, _ in caches])
+    value_ptrs = (ctypes.c_void_p * rows)(*[values.data_ptr() for _, values, _ in caches])
+    strides = (ctypes.c_long * rows)(*[keys.stride(0) for keys, _, _ in caches])
+    pasts = (ctypes.c_int * rows)(*[past for _, _, past in caches])
+    out = torch.empty(rows, heads * hd)
+    _library().sequence_rows_attention(qkv.data_ptr(), rows, heads, kv_heads, hd, cos.data_ptr(), sin.data_ptr(),
+                                       key_ptrs, value_ptrs, strides, pasts, float(scale), out.data_ptr(),
+                                       torch.get_num_threads())
+    return out
 
 
 def causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
