@@ -9,7 +9,8 @@ learning targets are scored afterwards by the verifier itself (common/decoding/t
 It is for accelerators, where a step of 64 rows costs about what one row does. On a CPU the
 decoder is faster: on one core of an AMD EPYC (Zen 4 class, one torch thread) a batch of 64
 samples ~175 tokens/s of SmolLM2-135M, 92 once scored, against 164 for the decoder on one
-sequence at a time (`dvi warmstart`'s corpus settings).
+sequence at a time, so there a warm start's batches go to `SpeculativeDecoder.generate_batch`
+(several sequences per pass of the decoder's own engine; learner/warmstart.py `batches_on_decoder`).
 """
 
 from __future__ import annotations
