@@ -294,25 +294,34 @@ class _BatchMaker:
         if batches_on_decoder(split):
             results = self.decoder.generate_batch(
                 [prompt for prompt, _ in batch], config.batch_decode, rows=config.batch_size,
-                generators=[torch.Generator().manual_seed(int(key[:15], 16)) for _, key in batch],
-                request_ids=[f"warmstart-{key}" for _, key in batch])
-            seconds = (time.perf_counter() - started) / len(batch)
-            return [(result.trajectory, seconds) for result in results]
-        pad = split.tokenizer.pad_token_id if split.tokenizer.pad_token_id is not None else min(split.eos_token_ids)
-        seed = int(hashlib.sha256("".join(k for _, k in batch).encode()).hexdigest()[:15], 16)
-        continuations = sample_continuations(split.model, [p for p, _ in batch], config.max_new_tokens,
-                                             config.temperature, split.eos_token_ids, pad, seed)
-        out = [scored_trajectory(split, prompt + cont, len(prompt), config.record_topk, f"warmstart-{key}", config.temperature)
-               for (prompt, key), cont in zip(batch, continuations)]
+                generators=[_key_generator(key) for _, key in batch], request_ids=[_request_id(key) for _, key in batch])
+            out = [result.trajectory for result in results]
+        else:
+            pad = split.tokenizer.pad_token_id if split.tokenizer.pad_token_id is not None else min(split.eos_token_ids)
+            seed = int(hashlib.sha256("".join(k for _, k in batch).encode()).hexdigest()[:15], 16)
+            continuations = sample_continuations(split.model, [p for p, _ in batch], config.max_new_tokens,
+                                                 config.temperature, split.eos_token_ids, pad, seed)
+            out = [scored_trajectory(split, prompt + cont, len(prompt), config.record_topk, _request_id(key),
+                                     config.temperature)
+                   for (prompt, key), cont in zip(batch, continuations)]
         seconds = (time.perf_counter() - started) / len(batch)
         return [(trajectory, seconds) for trajectory in out]
 
     def _decode_one(self, prompt: list[int], key: str, decode: DecodeConfig) -> tuple[Trajectory, float]:
         """One corpus generation by the decoder, its sampling seeded by its cache key, and its seconds."""
         started = time.perf_counter()
-        generator = torch.Generator().manual_seed(int(key[:15], 16))
-        trajectory = self.decoder.generate(prompt, decode, generator=generator, request_id=f"warmstart-{key}").trajectory
+        trajectory = self.decoder.generate(prompt, decode, generator=_key_generator(key),
+                                           request_id=_request_id(key)).trajectory
         return trajectory, time.perf_counter() - started
+
+
+def _key_generator(key: str) -> torch.Generator:
+    """The generator one corpus generation samples with, seeded by its cache key (`corpus_key`)."""
+    return torch.Generator().manual_seed(int(key[:15], 16))
+
+
+def _request_id(key: str) -> str:
+    return f"warmstart-{key}"
 
 
 _worker_maker: _BatchMaker | None = None

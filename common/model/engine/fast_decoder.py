@@ -178,10 +178,18 @@ class FastLayer:
         """The same layer with its non-matmul parts as C calls (layer_ops), each row computed
         alone; the attention itself is `_attention`'s, as in the torch path."""
         rows = x.shape[0]
-        qkv = self.qkv(layer_ops.rms_norm(x, *self.norm1)).contiguous()
+        qkv = self._c_qkv(x)
         keys, values, past = cache.reserve(slot, rows)
         q = layer_ops.rope_append(qkv, cos, sin, keys, values, past, self.q_heads)
-        attn = self._attention(q, keys[:, :past + rows], values[:, :past + rows], mask)
+        return self._c_after_attention(x, self._attention(q, keys[:, :past + rows], values[:, :past + rows], mask))
+
+    def _c_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused Q/K/V projection of the normed rows x [T, H] (C ops): [T, (heads + 2 kv_heads) hd]."""
+        return self.qkv(layer_ops.rms_norm(x, *self.norm1)).contiguous()
+
+    def _c_after_attention(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The rest of the layer after attention (C ops): x [T, H] plus the o projection of attn
+        [T, heads * hd], then the gated MLP on its norm, as a residual."""
         x, h = layer_ops.add_rms_norm(x, self.o(attn), *self.norm2)
         return x + self.down(layer_ops.silu_mul(self.gate_up(h).contiguous()))
 
@@ -195,11 +203,10 @@ class FastLayer:
         if not self.c_ops:
             return torch.cat([self(x[b:b + 1], cos[b:b + 1], sin[b:b + 1], cache, slot, None)
                               for b, cache in enumerate(caches)])
-        qkv = self.qkv(layer_ops.rms_norm(x.contiguous(), *self.norm1)).contiguous()
-        attn = gguf_kernels.sequence_rows_attention(qkv, cos, sin, [cache.reserve(slot, 1) for cache in caches],
+        x = x.contiguous()
+        attn = gguf_kernels.sequence_rows_attention(self._c_qkv(x), cos, sin, [cache.reserve(slot, 1) for cache in caches],
                                                     self.q_heads, self.scale)
-        x, h = layer_ops.add_rms_norm(x, self.o(attn), *self.norm2)
-        return x + self.down(layer_ops.silu_mul(self.gate_up(h).contiguous()))
+        return self._c_after_attention(x, attn)
 
     def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                    mask: torch.Tensor | None) -> torch.Tensor:
