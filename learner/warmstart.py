@@ -83,7 +83,9 @@ class WarmStartConfig:
     seeds x 2 (5,642 generations, 638k tokens) gave 35.5% (Zen 4 class AMD EPYC); 421 + 4,800 x 2
     (10,442 generations, 1,185k tokens) at half the epochs, about the same training steps, 36.3%
     (36.2% in bf16 against 35.8% for the 2,400-seed one scored on the same Intel Xeon; SmolLM2-135M,
-    k = 4; README, "Improve")."""
+    k = 4; README, "Improve"). Past that, more of this text no longer pays: 534 further seeds x 2
+    fine-tuned on moved held-out agreement by -0.5 points, while the head agrees 57% on such text
+    unseen (benchmarks/plateau_probe.py)."""
     batch_size: int = BATCH_ROWS
     """Generations made together, the self-written seed instructions' too. 1: each is decoded
     alone by the speculative decoder with context drafting (the model's exact sampling, seeded by
