@@ -4,7 +4,8 @@
 
 The shipped warm start's curve flattens at about 36% held-out agreement from 600k corpus tokens
 on. Three fine-tunings of the default drafter, from the same start, at the same steps and rates
-(WarmStartConfig's learner at its fine-tuning rates, cosine decay), tell the explanations apart:
+(WarmStartConfig's learner, every shared tensor at `--lr`: the learner's fine-tuning rate unless
+given; cosine decay), tell the explanations apart:
   one: on a fresh corpus: the model writes N new seed instructions (learner/self_seeds.py with
        another seed than the warm start's; none of the shipped 4,800), sampled as the warm start
        samples (WarmStartConfig); the first M are never trained on;
@@ -48,6 +49,7 @@ from dvi.bench.drafter_probe import add_drafter_args, load_drafter, texts_by_cat
 from dvi.bench.learning import split_train_eval, write_table_report  # noqa: E402
 from dvi.bench.speed import machine_line  # noqa: E402
 from dvi.data import SPEC_BENCH_DEV  # noqa: E402
+from learner.config import LearnerConfig  # noqa: E402
 from learner.learner import Learner  # noqa: E402
 from learner.self_seeds import self_instruct_prompts  # noqa: E402
 from learner.warmstart import WarmStartConfig, generate_corpus  # noqa: E402
@@ -92,12 +94,14 @@ def remove_second_layer(split) -> None:
     wrapper.modules_to_save[name] = wrapper.modules_to_save[name].first
 
 
-def fine_tune(split, corpus, steps: int, lr_of_new: float, new_params: list[nn.Parameter], score, points: int) -> list[dict]:
-    """`steps` learner steps (WarmStartConfig's learner, fine-tuning rates, cosine decay) over the whole
+def fine_tune(split, corpus, steps: int, lr: float, lr_of_new: float, new_params: list[nn.Parameter], score,
+              points: int) -> list[dict]:
+    """`steps` learner steps (WarmStartConfig's learner, cosine decay from `lr`) over the whole
     corpus, `new_params` in a group of their own at `lr_of_new`; score() at `points` even stages."""
     config = WarmStartConfig()
     total = sum(t.num_scored for t in corpus)
-    learner = Learner(split, replace(config.learner, replay_capacity_tokens=total, seed=config.seed), learner_id="capacity-probe")
+    learner = Learner(split, replace(config.learner, replay_capacity_tokens=total, seed=config.seed, fine_tune_lr=lr),
+                      learner_id="plateau-probe")
     if new_params:
         new = {id(p) for p in new_params}
         group = dict(learner.optimizer.param_groups[0])
@@ -130,6 +134,7 @@ def main() -> None:
     parser.add_argument("--per-task", type=int, default=8, help="Held-out dev prompts scored per category.")
     parser.add_argument("--samples", type=int, default=4, help="Samples of each other-half dev prompt (the diagnostic).")
     parser.add_argument("--epochs", type=float, default=WarmStartConfig.epochs, help="Over the fresh corpus; every variant takes those steps.")
+    parser.add_argument("--lr", type=float, default=LearnerConfig.fine_tune_lr, help="Rate of every shared tensor.")
     parser.add_argument("--new-layer-lr", type=float, default=1e-3)
     parser.add_argument("--points", type=int, default=3)
     parser.add_argument("--variants", default="one,two,spec_bench_half")
@@ -187,7 +192,7 @@ def main() -> None:
         new_params = add_second_layer(split) if variant == "two" else []
         print(f"{variant}: {steps} steps", flush=True)
         corpus = corpora["spec_bench_half" if variant == "spec_bench_half" else "fresh"]
-        curves[variant] = fine_tune(split, corpus, steps, args.new_layer_lr, new_params, score, args.points)
+        curves[variant] = fine_tune(split, corpus, steps, args.lr, args.new_layer_lr, new_params, score, args.points)
         if new_params:
             remove_second_layer(split)
 
@@ -195,13 +200,13 @@ def main() -> None:
               "seeds_written": len(written), "fresh_seeds": len(fresh), "in_distribution_seeds": len(held_seeds),
               "corpora": {name: {"generations": len(c), "positions": sum(t.num_scored for t in c)} for name, c in corpora.items()},
               "spec_bench_half_samples": args.samples, "epochs_of_fresh": args.epochs, "steps": steps,
-              "new_layer_lr": args.new_layer_lr, "scored_positions": counts, "curves": curves,
+              "lr": args.lr, "new_layer_lr": args.new_layer_lr, "scored_positions": counts, "curves": curves,
               "seconds": time.perf_counter() - started, "generation_seconds": generated, "machine": machine_line()}
     fresh_info = record["corpora"]["fresh"]
     lines = [f"# What holds the exit head's plateau ({args.model}, exit layer {args.exit_layer}, from the {record['adapter']})", "",
              f"Every variant: {steps} steps from the same start ({args.epochs} epochs of the fresh corpus: {fresh_info['generations']} "
-             f"generations of {len(trained_seeds)} fresh self-written seeds, {fresh_info['positions']} positions), cosine from the "
-             f"fine-tuning rates; the second layer at {args.new_layer_lr}. Scored: the held-out half of the Spec-Bench dev prompts, "
+             f"generations of {len(trained_seeds)} fresh self-written seeds, {fresh_info['positions']} positions), cosine from "
+             f"{args.lr}; the second layer at {args.new_layer_lr}. Scored: the held-out half of the Spec-Bench dev prompts, "
              f"first {args.per_task} of each category ({sum(counts[t] for t in tasks)} positions), and {len(held_seeds)} fresh seeds "
              f"never trained on ({counts['in_distribution']} positions); 64 greedy tokens each. Machine: {record['machine']}", ""]
     if "spec_bench_half" in corpora:
