@@ -52,6 +52,7 @@ from common.core.config import ModelSpec
 from common.core.prompts import encode_prompt, load_prompts
 from common.decoding.agreement import greedy_continuations
 from common.model.split import SplitModel
+from learner.warmstart import lr_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "improve" / "eagle_probe"
@@ -305,7 +306,7 @@ def main() -> None:
         head.layer.load_state_dict(base.layer.state_dict())  # same initialisation
         params = [p for p in head.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        sched = lr_schedule(opt, "cosine", steps)
         curve = [{"stage": 0, "steps": 0, "train_s": 0.0, "A" if name == "A" else "B": evaluate(head, he, vocab, name)}]
         if name == "B":
             curve[0]["C"] = evaluate(head, he, vocab, "C")

@@ -52,7 +52,7 @@ from dvi.data import SPEC_BENCH_DEV  # noqa: E402
 from learner.config import LearnerConfig  # noqa: E402
 from learner.learner import Learner  # noqa: E402
 from learner.self_seeds import self_instruct_prompts  # noqa: E402
-from learner.warmstart import WarmStartConfig, generate_corpus  # noqa: E402
+from learner.warmstart import WarmStartConfig, generate_corpus, lr_schedule  # noqa: E402
 
 
 class TwoExitLayers(nn.Module):
@@ -109,8 +109,7 @@ def fine_tune(split, corpus, steps: int, lr: float, lr_of_new: float, new_params
             g["params"] = [p for p in g["params"] if id(p) not in new]
         learner.optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"},
                                            "params": new_params, "lr": lr_of_new, "initial_lr": lr_of_new})
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        learner.optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    schedule = lr_schedule(learner.optimizer, "cosine", steps)
     learner.add(corpus)
     started = time.perf_counter()
     curve = [{"steps": 0, "seconds": 0.0, **score()}]

@@ -387,7 +387,7 @@ def train_warm_start(
     bounds = [round(len(corpus) * (i + 1) / config.chunks) for i in range(config.chunks)]
     stages = [(a, b) for a, b in zip([0] + bounds[:-1], bounds) if b > a]
     plan = [max(1, math.ceil(config.epochs * sum(t.num_scored for t in corpus[a:b]) / cfg.batch_tokens)) for a, b in stages]
-    schedule = _lr_schedule(learner.optimizer, config.lr_schedule, sum(plan))
+    schedule = lr_schedule(learner.optimizer, config.lr_schedule, sum(plan))
     for (_, end), steps in zip(stages, plan):
         part = list(corpus[seen:end])
         learner.add(part)
@@ -402,9 +402,9 @@ def train_warm_start(
     return learner, points
 
 
-def _lr_schedule(optimizer: torch.optim.Optimizer, kind: str, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """The learning rate over the warm start's steps: "constant" (the learner's rates throughout)
-    or "cosine" (from the learner's rates down to 0 at the last step)."""
+def lr_schedule(optimizer: torch.optim.Optimizer, kind: str, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning rate over `total_steps` steps (the warm start's, or an offline probe's): "constant"
+    (the optimiser's rates throughout) or "cosine" (from its rates down to 0 at the last step)."""
     if kind == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
