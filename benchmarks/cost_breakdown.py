@@ -128,10 +128,11 @@ def main() -> None:
         print(f"native kernels per role (one row, block): {native.native_kernels}")
         file_mb = sum(m.shape[0] * m.shape[1] * m.bytes_per_weight for m in native.native.values()) / 1e6
         print(f"the GGUF file's quantised matrices: {file_mb:.1f} MB (what llama.cpp streams per token)")
-        draft_cost, row_cost = native._time_costs(context=args.context)
+        draft_cost, row_cost, probe_cost = native._time_costs(context=args.context)
         print(f"the split's own timing at this context (the decoder times it at {' and '.join(map(str, SplitModel.COST_CONTEXTS))} "
               f"tokens and interpolates by length): draft step "
-              f"{draft_cost:.3f}, one more verify row {row_cost:.3f} of a one-row verifier pass")
+              f"{draft_cost:.3f}, one more verify row {row_cost:.3f}, the exit head alone (a probe) {probe_cost:.3f} "
+              f"of a one-row verifier pass")
 
 
 if __name__ == "__main__":

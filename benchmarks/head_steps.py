@@ -8,8 +8,8 @@ decoder, greedy, one torch thread, interleaved per prompt. For each it counts th
 steps (`SplitModel.draft` calls: drafted tokens, steps that stopped under the confidence
 threshold, and the arbitration's probes of the head's confidence that the context then won) and
 their seconds, next to the wall time, verifier passes and the tokens the head drafted and got
-accepted. A step the head runs and throws away costs as much as one that drafts: this shows how
-many there are. Prints a table; writes nothing.
+accepted. A step the head runs and throws away costs the exit head's work (a probe) or a whole
+draft step: this shows how many there are. Prints a table; writes nothing.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main() -> None:
     torch.set_num_threads(1)
     split = SplitModel.load(ModelSpec())
     questions = select_per_task(split_train_eval(load_prompts(args.prompts))[1], args.per_category, None)
-    costs = (split.draft_cost, split.row_cost)  # timed once now, so its own draft steps are not counted below
+    costs = split.costs(0)  # timed once now, so its own draft steps are not counted below
     steps = {"calls": 0, "seconds": 0.0}
     draft = split.draft
 
@@ -77,7 +77,7 @@ def main() -> None:
                 row["head step seconds"] += steps["seconds"]
     info = machine_info("cpu")
     print(f"{len(questions)} held-out prompts x {args.repeats}, {args.max_new_tokens} new tokens, greedy, 1 thread; "
-          f"{info['processor']}; draft step {costs[0]:.3f}, verify row {costs[1]:.3f} of a one-row pass")
+          f"{info['processor']}; draft step {costs[0]:.3f}, verify row {costs[1]:.3f}, probe {costs[2]:.3f} of a one-row pass")
     print("| method | " + " | ".join(FIELDS) + " |")
     print("|---|" + "---:|" * len(FIELDS))
     for name, row in totals.items():

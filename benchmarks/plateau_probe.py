@@ -15,7 +15,12 @@ given; cosine decay), tell the explanations apart:
        `--new-layer-lr`; every shared tensor trains as in `one`;
   spec_bench_half: a diagnostic, never shipped: the other half of the Spec-Bench dev prompts,
        each sampled S times like the warm start's seeds; what text of the evaluation's own tasks
-       (other prompts of them) would do, the distribution the self-written seeds lack.
+       (other prompts of them) would do, the distribution the self-written seeds lack;
+  sharp, hard: the objective, not the text: `one`'s corpus and steps with the teacher sharpened,
+       its top-K log-probs renormalised at `--teacher-temperature` (sharp) or made one-hot on its
+       top-1 (hard: cross-entropy on the verifier's greedy token), the drafter still at T = 1.
+       Greedy acceptance asks only for the verifier's top-1; a head of little capacity that
+       spends less of it matching the verifier's tail may agree more often.
 Every one is scored before and after on the held-out half of the dev prompts (the first P of each
 category, per task too), never trained on by any, and on the M fresh seeds' text (held out, "in
 distribution": text like the corpus's, not in it). A head short of capacity gains more with the
@@ -94,6 +99,25 @@ def remove_second_layer(split) -> None:
     wrapper.modules_to_save[name] = wrapper.modules_to_save[name].first
 
 
+def sharpen_teacher(trajectory, temperature: float):
+    """A copy of `trajectory` whose verifier top-K log-probs (drafted and verified positions) are
+    log_softmax(logprobs / temperature) over the K ids; temperature 0 puts all mass on each row's
+    top-1 (log-prob 0 there, -inf elsewhere: the KL then is the cross-entropy on that token)."""
+    if temperature < 0:
+        raise ValueError(f"teacher temperature must be >= 0, got {temperature}")
+
+    def sharp(logprobs: torch.Tensor) -> torch.Tensor:
+        if logprobs.numel() == 0:
+            return logprobs
+        if temperature == 0:
+            top = logprobs.argmax(-1, keepdim=True)
+            return torch.full_like(logprobs, -math.inf).scatter_(-1, top, 0.0)
+        return torch.log_softmax(logprobs / temperature, dim=-1)
+
+    return replace(trajectory, verifier_topk_logprobs=sharp(trajectory.verifier_topk_logprobs),
+                   verified_topk_logprobs=sharp(trajectory.verified_topk_logprobs))
+
+
 def fine_tune(split, corpus, steps: int, lr: float, lr_of_new: float, new_params: list[nn.Parameter], score,
               points: int) -> list[dict]:
     """`steps` learner steps (WarmStartConfig's learner, cosine decay from `lr`) over the whole
@@ -135,6 +159,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=WarmStartConfig.epochs, help="Over the fresh corpus; every variant takes those steps.")
     parser.add_argument("--lr", type=float, default=LearnerConfig.fine_tune_lr, help="Rate of every shared tensor.")
     parser.add_argument("--new-layer-lr", type=float, default=1e-3)
+    parser.add_argument("--teacher-temperature", type=float, default=0.5, help="The sharp variant's teacher temperature.")
     parser.add_argument("--points", type=int, default=3)
     parser.add_argument("--variants", default="one,two,spec_bench_half")
     parser.add_argument("--workers", type=int, default=2)
@@ -142,7 +167,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/plateau_probe")
     args = parser.parse_args()
     variants = [v for v in args.variants.split(",") if v]
-    unknown = set(variants) - {"one", "two", "spec_bench_half"}
+    unknown = set(variants) - {"one", "two", "spec_bench_half", "sharp", "hard"}
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}")
     split = load_drafter(args)
@@ -191,6 +216,8 @@ def main() -> None:
         new_params = add_second_layer(split) if variant == "two" else []
         print(f"{variant}: {steps} steps", flush=True)
         corpus = corpora["spec_bench_half" if variant == "spec_bench_half" else "fresh"]
+        if variant in ("sharp", "hard"):
+            corpus = [sharpen_teacher(t, args.teacher_temperature if variant == "sharp" else 0.0) for t in corpus]
         curves[variant] = fine_tune(split, corpus, steps, args.lr, args.new_layer_lr, new_params, score, args.points)
         if new_params:
             remove_second_layer(split)
@@ -199,13 +226,13 @@ def main() -> None:
               "seeds_written": len(written), "fresh_seeds": len(fresh), "in_distribution_seeds": len(held_seeds),
               "corpora": {name: {"generations": len(c), "positions": sum(t.num_scored for t in c)} for name, c in corpora.items()},
               "spec_bench_half_samples": args.samples, "epochs_of_fresh": args.epochs, "steps": steps,
-              "lr": args.lr, "new_layer_lr": args.new_layer_lr, "scored_positions": counts, "curves": curves,
+              "lr": args.lr, "new_layer_lr": args.new_layer_lr, "teacher_temperature": args.teacher_temperature, "scored_positions": counts, "curves": curves,
               "seconds": time.perf_counter() - started, "generation_seconds": generated, "machine": machine_line()}
     fresh_info = record["corpora"]["fresh"]
     lines = [f"# What holds the exit head's plateau ({args.model}, exit layer {args.exit_layer}, from the {record['adapter']})", "",
              f"Every variant: {steps} steps from the same start ({args.epochs} epochs of the fresh corpus: {fresh_info['generations']} "
              f"generations of {len(trained_seeds)} fresh self-written seeds, {fresh_info['positions']} positions), cosine from "
-             f"{args.lr}; the second layer at {args.new_layer_lr}. Scored: the held-out half of the Spec-Bench dev prompts, "
+             f"{args.lr}; the second layer at {args.new_layer_lr}; the sharp teacher at T = {args.teacher_temperature}. Scored: the held-out half of the Spec-Bench dev prompts, "
              f"first {args.per_task} of each category ({sum(counts[t] for t in tasks)} positions), and {len(held_seeds)} fresh seeds "
              f"never trained on ({counts['in_distribution']} positions); 64 greedy tokens each. Machine: {record['machine']}", ""]
     if "spec_bench_half" in corpora:

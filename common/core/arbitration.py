@@ -16,15 +16,20 @@ it were), a block of d drafted tokens commits E(a, d) = 1 + a + ... + a^d tokens
 c is one exit-head draft step in verifier passes (`SplitModel.draft_cost`), r one more row of the
 verify pass (`SplitModel.row_cost`), both at the block's sequence length (`SplitModel.costs`):
 every drafted token, from either source, is a row there.
-The context's drafted rows go through the shallow layers in one batched pass; it is priced as one
-draft step (an upper bound: the k shallow layers for all rows at once, no exit layer, no LM head).
+The context's drafted rows go through the shallow layers in one batched pass. The decoder runs
+them in the same pass as the block's input, which that pass reads the shallow weights for anyway,
+so the context's own draft cost c_ctx (`context_cost`) is 0 and its rows cost r each, as in a
+verify pass (without that pass, c_ctx = c prices their pass of their own as one draft step: the k
+shallow layers, no exit layer, no LM head, an upper bound). The formula above reads c_ctx for the
+context's c.
 Where rows cost something, a long context draft that is rarely accepted costs more than it
 brings: `best_context_length` cuts the draft to the length with the most tokens per unit of cost
 (at least one token, so its acceptance keeps being observed).
-The head's confidence costs one draft step to know, so `choose_draft_source` is asked twice: first
-without a confidence (the head's best case, confidence 1), and only when the head could win is the
-first draft step run and the rule asked again with the measured confidence. That probe is paid
-whether the head then wins or not (on SmolLM2 at k = 4, most of the head's draft steps in a
+The head's confidence costs a probe to know: the exit head on the block input's state, p
+(`SplitModel.probe_cost`; a whole draft step, c, where that state is not computed yet). So
+`choose_draft_source` is asked twice: first without a confidence (the head's best case, confidence
+1), and only when the head could win is the probe run and the rule asked again with the measured
+confidence. That probe is paid whether the head then wins or not (on SmolLM2 at k = 4, most of the head's draft steps in a
 Spec-Bench run drafted nothing: `benchmarks/head_steps.py`), so it runs only when it is worth its
 cost (`worth_probing`): with the request's running rate of probes the head won, w, when
 w * head-best-case + (1 - w) * the context's value with the probe's cost added beats the
@@ -76,6 +81,7 @@ def choose_draft_source(
     draft_cost: float,
     confidence_threshold: float = 0.0,
     row_cost: float = 0.0,
+    context_cost: float | None = None,
 ) -> str:
     """CONTEXT or HEAD for the next block (see the module docstring for the values compared).
 
@@ -83,7 +89,9 @@ def choose_draft_source(
     match's n-gram length; head_gamma: g, the most the exit head may draft (0: it is off);
     head_acceptance: a_head; head_confidence: the head's top-1 probability for the first token,
     None when not measured (then its best case, 1.0); confidence_threshold: below it the head
-    drafts nothing, so the context wins; draft_cost / row_cost: c and r above. Ties go to the context.
+    drafts nothing, so the context wins; draft_cost / row_cost: c and r above; context_cost: c_ctx,
+    what drafting the context's rows adds besides their verify rows (None: one draft step, c). Ties
+    go to the context.
     """
     for name, value in (("context_acceptance", context_acceptance), ("head_acceptance", head_acceptance)):
         if not 0.0 <= value <= 1.0:
@@ -97,21 +105,25 @@ def choose_draft_source(
         return CONTEXT
     first = 0.5 * (confidence + head_acceptance)
     head = head_value(head_gamma, first, head_acceptance, draft_cost, row_cost)
-    return HEAD if head > context_value(context_tokens, context_acceptance, draft_cost, row_cost) else CONTEXT
+    context_cost = draft_cost if context_cost is None else context_cost
+    return HEAD if head > context_value(context_tokens, context_acceptance, context_cost, row_cost) else CONTEXT
 
 
 def worth_probing(
     context_tokens: int, context_acceptance: float, head_gamma: int, head_acceptance: float, draft_cost: float,
-    row_cost: float, win_rate: float,
+    row_cost: float, win_rate: float, context_cost: float | None = None, probe_cost: float | None = None,
 ) -> bool:
     """Is running the head's first draft step, to learn its confidence, worth that step's cost?
 
-    win_rate: how often such a probe handed the block to the head. The probe pays off when
-    win_rate * (the head's best case) + (1 - win_rate) * (the context's value with one more draft
-    step of cost) exceeds the context's value without the probe (see the module docstring)."""
+    win_rate: how often such a probe handed the block to the head; context_cost: c_ctx (None: one
+    draft step); probe_cost: p (None: one draft step). The probe pays off when win_rate * (the
+    head's best case) + (1 - win_rate) * (the context's value with the probe's cost added) exceeds
+    the context's value without the probe (see the module docstring)."""
+    context_cost = draft_cost if context_cost is None else context_cost
+    probe_cost = draft_cost if probe_cost is None else probe_cost
     best = head_value(head_gamma, 0.5 * (1.0 + head_acceptance), head_acceptance, draft_cost, row_cost)
-    context = context_value(context_tokens, context_acceptance, draft_cost, row_cost)
-    after_probe = context_value(context_tokens, context_acceptance, 2.0 * draft_cost, row_cost)  # the probe's step paid too
+    context = context_value(context_tokens, context_acceptance, context_cost, row_cost)
+    after_probe = context_value(context_tokens, context_acceptance, context_cost + probe_cost, row_cost)  # the probe paid too
     return win_rate * best + (1.0 - win_rate) * after_probe > context
 
 

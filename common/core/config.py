@@ -106,6 +106,12 @@ class DecodeConfig:
     arbitrate: bool = True
     """When the context has a match, choose between its draft and the exit head's by expected
     tokens per unit of cost (common/core/arbitration.py); False: any context match wins the block."""
+    shared_shallow_pass: bool = True
+    """With a context match, run the block's input token and the context's draft through the
+    shallow layers in one pass (one read of their weights), the exit head's probe reading the
+    input's state from it: a context draft costs its verify rows alone and a probe the exit head
+    alone (`SplitModel.probe_cost`). False: each in a pass of its own, the context's priced as a
+    draft step and so is a probe (the decoder before 2026-12-07; the ablation's `shared_pass`)."""
     context_ngram: int = 3
     """Longest suffix n-gram context drafting matches (shorter ones are tried down to context_min_ngram)."""
     context_min_ngram: int = 1

@@ -1,7 +1,8 @@
 """Lossless self-speculative decoding with a DVI split model.
 
 One block:
-  1. the last committed token runs through the shallow layers [0, k) -> h_k;
+  1. the last committed token runs through the shallow layers [0, k) -> h_k (in one pass with the
+     context's draft, when the context has a match);
   2. a draft d_1..d_G is proposed, from one of two sources:
      * the context: when the sequence's last n tokens occurred before, the tokens that followed
        them (DecodeConfig.context_tokens; common/core/context_draft.py), run through the shallow
@@ -353,8 +354,7 @@ class SpeculativeDecoder:
         split = self.split
         device = split.device
         pos0 = len(state.tokens) - 1  # position of the block's first input, the last committed token
-        h = split.shallow(torch.tensor([[state.tokens[-1]]], device=device), torch.tensor([[pos0]], device=device), state.cache)
-        block_states = [h]  # layer-k states of positions pos0 .. pos0 + len(drafts)
+        block_states: list[torch.Tensor] = []  # layer-k states of positions pos0 .. pos0 + len(drafts)
         room = state.budget - 1  # never draft past the budget
         drafts, draft_probs, draft_logprobs, from_context, ngram = self._draft(state, block_states, room)
         g = len(drafts)
@@ -416,55 +416,75 @@ class SpeculativeDecoder:
 
     def _draft(self, state: DecodeState, block_states: list[torch.Tensor], room: int):
         """The block's draft, from the context or the exit head (`common.core.arbitration`; with
-        `arbitrate` off, any context match wins). Appends the drafted tokens' layer-k states to
-        `block_states`. Returns (tokens, q rows (sampling only), log q of each head-drafted token,
+        `arbitrate` off, any context match wins). Fills `block_states` (empty on entry) with the
+        layer-k states of the block's input and its drafted tokens. With a context match (and
+        `DecodeConfig.shared_shallow_pass`), the input and the context's tokens run through the
+        shallow layers in one pass (one read of their weights, as the verify pass reads the deep
+        ones), so a context draft costs its verify rows alone and a probe of the head reads the
+        input's state from that pass; a block the head then drafts drops the context's rows from
+        the cache. Returns (tokens, q rows (sampling only), log q of each head-drafted token,
         from_context, the context match's n-gram length)."""
         split, config = self.split, state.config
-        costs = split.costs(len(state.tokens))  # (draft step, verify row) at this sequence's length
+        pos0, device = len(state.tokens) - 1, split.device
+        draft_cost, row_cost, probe_cost = split.costs(len(state.tokens))  # at this sequence's length
         context, ngram = state.context.propose(min(config.context_tokens, room)) if state.context is not None else ([], 0)
+        shared = bool(context) and config.shared_shallow_pass
+        # what the context's draft adds besides its verify rows, and what a probe of the head costs
+        context_cost, probe_cost = (0.0, probe_cost) if shared else (draft_cost, draft_cost)
         if context and config.adaptive_gamma:  # as long as pays, given what a verify row costs
-            context = context[: best_context_length(len(context), state.context_stats.estimate(ngram), *costs)]
+            context = context[: best_context_length(len(context), state.context_stats.estimate(ngram), context_cost, row_cost)]
+        inputs = state.tokens[-1:] + (context if shared else [])
+        rows = split.shallow(torch.tensor([inputs], device=device),
+                             torch.arange(pos0, pos0 + len(inputs), device=device)[None], state.cache)
+        block_states.append(rows[:, :1])
         first_logits, use_head = None, not context
         if context and config.arbitrate and config.gamma > 0:
-            first_logits, use_head = self._arbitrate(state, block_states, len(context), ngram, room, costs)
+            first_logits, use_head = self._arbitrate(state, block_states, len(context), ngram, room,
+                                                     (draft_cost, row_cost, probe_cost, context_cost))
         if use_head:
             gamma = config.gamma if self.gamma_policy is None else self.gamma_policy(state.result, config.gamma)
             gamma = max(0, min(gamma, room))
             if config.adaptive_gamma:
-                gamma = state.draft_stats.gamma(gamma, *costs)
+                gamma = state.draft_stats.gamma(gamma, draft_cost, row_cost)
             if gamma > 0 or not context:
                 if context:
                     state.result.head_over_context += 1
+                if shared:
+                    crop_cache(state.cache, pos0 + 1)  # the context's rows leave the shallow layers' cache
                 return (*self._draft_from_head(state, block_states, gamma, first_logits), False, 0)
-        # every drafted token's layer-k state in one batched shallow pass
-        pos0, device = len(state.tokens) - 1, split.device
-        draft_pos = torch.arange(pos0 + 1, pos0 + 1 + len(context), device=device)[None]
-        block_states.append(split.shallow(torch.tensor([context], device=device), draft_pos, state.cache))
+        if shared:
+            block_states.append(rows[:, 1:])
+        else:  # every drafted token's layer-k state in one batched shallow pass of its own
+            at = torch.arange(pos0 + 1, pos0 + 1 + len(context), device=device)[None]
+            block_states.append(split.shallow(torch.tensor([context], device=device), at, state.cache))
         draft_probs = [] if config.greedy else [_one_hot(t, split.vocab_size, device) for t in context]
         return context, draft_probs, [], True, ngram
 
     def _arbitrate(self, state: DecodeState, block_states: list[torch.Tensor], context_tokens: int, ngram: int,
-                   room: int, costs: tuple[float, float]) -> tuple[torch.Tensor | None, bool]:
+                   room: int, costs: tuple[float, float, float, float]) -> tuple[torch.Tensor | None, bool]:
         """Context or exit head for a block the context can draft: (the head's first-step logits
-        when they were computed, True for the head). The head's confidence is measured (one draft
-        step, reused if the head wins) only when its best case could beat the context. costs: the
-        block's (draft step, verify row) costs (`SplitModel.costs`)."""
+        when they were computed, True for the head). The head's confidence is measured (the exit
+        head on the block input's state, `block_states[0]`; reused if the head wins) only when its
+        best case could beat the context. costs: the block's (draft step, verify row, probe,
+        context draft) costs (`SplitModel.costs`, and `_draft`'s context and probe costs)."""
         config, stats = state.config, state.draft_stats
-        cost, row_cost = costs
+        cost, row_cost, probe_cost, context_cost = costs
         gamma = min(config.gamma, room)
         if config.adaptive_gamma:
             gamma = stats.gamma(gamma, cost, row_cost)
         head_acceptance = stats.prior if stats.acceptance is None else stats.acceptance
         args = (context_tokens, state.context_stats.estimate(ngram), gamma, head_acceptance)
-        if choose_draft_source(*args, None, cost, config.confidence_threshold, row_cost) == CONTEXT:
+        if choose_draft_source(*args, None, cost, config.confidence_threshold, row_cost, context_cost=context_cost) == CONTEXT:
             return None, False
         context_stats = state.context_stats
-        if not (worth_probing(*args, cost, row_cost, context_stats.win_rate) or context_stats.probe_due()):
+        if not (worth_probing(*args, cost, row_cost, context_stats.win_rate, context_cost=context_cost,
+                              probe_cost=probe_cost) or context_stats.probe_due()):
             context_stats.observe_probe(False)
             return None, False
         first = self._head_logits(state, block_states, 0)
         confidence = _confidence(first, config)
-        head = choose_draft_source(*args, confidence, cost, config.confidence_threshold, row_cost) == HEAD
+        head = choose_draft_source(*args, confidence, cost, config.confidence_threshold, row_cost,
+                                   context_cost=context_cost) == HEAD
         context_stats.observe_probe(True, head)
         return first, head
 

@@ -242,7 +242,7 @@ class SplitModel:
         self.native = native or None  # base matrices at the model file's precision (fast engine only)
         self._fast: FastStack | None = None
         self._fast_head: tuple[FastLayer, PackedLinear | NativeLinear] | None = None  # merged exit head; None = rebuild
-        self._timed_costs: tuple[tuple[int, tuple[float, float]], ...] | None = None  # native weights: (context, (draft, row cost)) ascending, timed on first use
+        self._timed_costs: tuple[tuple[int, tuple[float, float, float]], ...] | None = None  # native weights: (context, (draft, row, probe cost)) ascending, timed on first use
         self.starts_trained = False
         """True once the drafter was loaded from trained weights (a warm start, a saved adapter):
         the learner then fine-tunes it at `LearnerConfig.fine_tune_lr`."""
@@ -489,10 +489,7 @@ class SplitModel:
         its value at a short context (`costs` gives it at any length)."""
         if self.weights == "native":
             return self.costs(0)[0]
-        layer = self._layer_weights
-        head = self.vocab_size * self.hidden_size
-        drafted = (self.exit_layer + 1) * layer + self.draft_vocab.shape[0] * self.hidden_size
-        return drafted / ((self.num_layers - self.exit_layer) * layer + head)
+        return self._counted_costs()[0]
 
     @property
     def row_cost(self) -> float:
@@ -505,32 +502,50 @@ class SplitModel:
         it at any length)."""
         return self.costs(0)[1] if self.weights == "native" else 0.0
 
+    @property
+    def probe_cost(self) -> float:
+        """The exit head alone on a state the block has already computed (the exit layer and the
+        LM head rows of the draft vocabulary, no shallow layers): what learning the head's
+        confidence for a block's first token costs, in verifier passes (0.05-0.07 of one on an AMD
+        EPYC with AVX-512 VNNI, against 0.19-0.24 for a draft step, which also runs its token
+        through the shallow layers). Counted by weights, or timed on native weights (`costs`)."""
+        return self.costs(0)[2] if self.weights == "native" else self._counted_costs()[2]
+
+    def _counted_costs(self) -> tuple[float, float, float]:
+        """(draft, row, probe) costs by weights read, in verifier passes (row: 0, see `row_cost`)."""
+        layer = self._layer_weights
+        head = self.vocab_size * self.hidden_size
+        exit_head = layer + self.draft_vocab.shape[0] * self.hidden_size
+        full = (self.num_layers - self.exit_layer) * layer + head
+        return (self.exit_layer * layer + exit_head) / full, 0.0, exit_head / full
+
     COST_CONTEXTS = (64, 1024)
     """Sequence lengths at which native weights' costs are timed; `costs` interpolates between them.
     A row's attention grows with the context, the rest of a pass does not: a verify row cost 0.095
     of a one-row pass at 64 tokens and 0.197 at 1,024 on an AMD EPYC with AVX-512 VNNI, 0.29 and
     0.37 on one with AVX2 only (benchmarks/cost_breakdown.py --context N)."""
 
-    def costs(self, length: int) -> tuple[float, float]:
-        """(`draft_cost`, `row_cost`) of a block at a sequence of `length` tokens: on native weights,
-        linear in `length` between their timings at `COST_CONTEXTS` (clamped to those values
-        outside them; timed once per split, on first use); otherwise the counted `draft_cost` and a
-        row cost of 0, whatever the length."""
+    def costs(self, length: int) -> tuple[float, float, float]:
+        """(`draft_cost`, `row_cost`, `probe_cost`) of a block at a sequence of `length` tokens: on
+        native weights, linear in `length` between their timings at `COST_CONTEXTS` (clamped to
+        those values outside them; timed once per split, on first use); otherwise the counted
+        costs (a row cost of 0), whatever the length."""
         if self.weights != "native":
-            return self.draft_cost, 0.0
+            return self._counted_costs()
         if self._timed_costs is None:
             longest = min(self.COST_CONTEXTS[-1], self.max_positions - 8) if self.max_positions else self.COST_CONTEXTS[-1]
             contexts = sorted({min(c, longest) for c in self.COST_CONTEXTS})
             self._timed_costs = tuple((c, self._time_costs(context=c)) for c in contexts)
-        (short, (draft0, row0)), (long, (draft1, row1)) = self._timed_costs[0], self._timed_costs[-1]
+        (short, at_short), (long, at_long) = self._timed_costs[0], self._timed_costs[-1]
         t = 0.0 if long == short else min(1.0, max(0.0, (length - short) / (long - short)))
-        return draft0 + t * (draft1 - draft0), row0 + t * (row1 - row0)
+        return tuple(a + t * (b - a) for a, b in zip(at_short, at_long))
 
-    def _time_costs(self, context: int = 64, repeats: int = 5, block: int = 5) -> tuple[float, float]:
-        """(`draft_cost`, `row_cost`) timed on native weights, each piece the fastest of `repeats`
-        after a `context`-token prefill: (shallow pass + exit-head draft of one token) / (one-row
-        forward through every layer and the LM head), and (a `block`-row forward - the one-row
-        forward) / (block - 1) / the one-row forward, floored at 0. The pieces run interleaved, as in
+    def _time_costs(self, context: int = 64, repeats: int = 5, block: int = 5) -> tuple[float, float, float]:
+        """(`draft_cost`, `row_cost`, `probe_cost`) timed on native weights, each piece the fastest
+        of `repeats` after a `context`-token prefill: (shallow pass + exit-head draft of one token)
+        / (one-row forward through every layer and the LM head), (a `block`-row forward - the
+        one-row forward) / (block - 1) / the one-row forward, floored at 0, and (the exit-head
+        draft of one token on a state already computed) / the one-row forward. The pieces run interleaved, as in
         decoding, where a draft step follows a verify pass that has evicted its weights from the
         cache (timed back to back instead, a draft step measured ~35% cheaper on an AMD EPYC, its
         weights still cached). Bytes read do not predict time there: the 4-bit layers cost their
@@ -561,12 +576,14 @@ class SplitModel:
             self.deep(h, pos, cache, logits=False)
             self.draft(h, pos, exit_cache)
             rows, rows_at = ids[:, :block], torch.arange(context, context + block)[None]
-            drafted, full, many = fastest(
+            state = h[:, -1:]
+            drafted, full, many, probed = fastest(
                 lambda: self.draft(self.shallow(one, at, cache), at, exit_cache),
                 lambda: self.deep(self.shallow(one, at, cache), at, cache),
                 lambda: self.deep(self.shallow(rows, rows_at, cache), rows_at, cache),
+                lambda: self.draft(state, at, exit_cache),
             )
-        return drafted / full, max(0.0, (many - full) / (block - 1) / full)
+        return drafted / full, max(0.0, (many - full) / (block - 1) / full), probed / full
 
     def adapter_changed(self) -> None:
         """Tell the split that the LoRA tensors or the draft vocabulary changed in place (an

@@ -118,10 +118,11 @@ def test_draft_cost_is_timed_once_on_native_weights():
     """On native weights `draft_cost` is timed (bytes do not predict time there): a positive
     share of a verifier pass, measured once and then reused (arbitration reads it every block)."""
     split = native_tiny_split(seed=8, exit_layer=2)
-    cost, row_cost = split.draft_cost, split.row_cost
+    cost, row_cost, probe_cost = split.draft_cost, split.row_cost, split.probe_cost
     assert 0.0 < cost < 10.0
     assert 0.0 <= row_cost < 10.0  # one more verify row, timed with it
-    assert (split.draft_cost, split.row_cost) == (cost, row_cost)
+    assert 0.0 < probe_cost < 10.0  # the exit head alone, timed with them
+    assert (split.draft_cost, split.row_cost, split.probe_cost) == (cost, row_cost, probe_cost)
 
 
 def test_costs_are_timed_at_a_short_and_a_long_context_and_interpolated_by_length(monkeypatch):
@@ -129,12 +130,12 @@ def test_costs_are_timed_at_a_short_and_a_long_context_and_interpolated_by_lengt
     the sequence length between them and clamped outside; the properties are the short context's."""
     split = native_tiny_split(seed=8, exit_layer=2)
     timed = []
-    monkeypatch.setattr(type(split), "_time_costs", lambda self, context: timed.append(context) or (0.1 + context / 1000, context / 2000))
+    monkeypatch.setattr(type(split), "_time_costs", lambda self, context: timed.append(context) or (0.1 + context / 1000, context / 2000, 0.05))
     short, long = split.COST_CONTEXTS
-    assert split.costs(0) == split.costs(short) == (split.draft_cost, split.row_cost)
+    assert split.costs(0) == split.costs(short) == (split.draft_cost, split.row_cost, split.probe_cost)
     top = min(long, split.max_positions - 8)  # a model with fewer positions is timed at its longest
     assert timed == [short, top] and short < top
-    assert split.costs(10**6) == split.costs(top) == (0.1 + top / 1000, top / 2000)
+    assert split.costs(10**6) == split.costs(top) == (0.1 + top / 1000, top / 2000, 0.05)
     middle = (short + top) // 2
-    assert split.costs(middle) == pytest.approx((0.1 + middle / 1000, middle / 2000))
+    assert split.costs(middle) == pytest.approx((0.1 + middle / 1000, middle / 2000, 0.05))
     assert len(timed) == 2  # timed once per split, whatever is asked afterwards

@@ -99,6 +99,7 @@ def test_the_ablation_switches_arbitration_off_alone():
     rows = {v.lever: v for v in variants(DecodeConfig(), 8192)}
     assert rows[None].decode.arbitrate is True
     assert rows["arbitration"].decode == DecodeConfig(arbitrate=False)  # everything else as the full method
+    assert rows["shared_pass"].decode == DecodeConfig(shared_shallow_pass=False)
 
 
 def test_the_heads_confidence_is_probed_only_when_the_probe_is_worth_its_cost():
@@ -120,3 +121,32 @@ def test_context_stats_keep_the_probe_win_rate_and_force_a_probe_now_and_then():
     assert stats.probe_due()  # the third block without a probe probes anyway
     stats.observe_probe(True, head_won=True)
     assert stats.win_rate == pytest.approx(0.9 * 0.45 + 0.1) and not stats.probe_due()
+
+
+def test_a_context_draft_that_shares_the_input_pass_costs_its_rows_alone():
+    # context 1 token at 0.5: 1.5 / (1 + c_ctx): 1.25 at one draft step (0.2), 1.5 at 0
+    # head g = 1, confidence 0.7, history 0.5 -> first 0.6: 1.6 / 1.2 = 1.3333
+    assert choose_draft_source(1, 0.5, 1, 0.5, 0.7, COST) == HEAD  # c_ctx defaults to a draft step
+    assert choose_draft_source(1, 0.5, 1, 0.5, 0.7, COST, context_cost=COST) == HEAD
+    assert choose_draft_source(1, 0.5, 1, 0.5, 0.7, COST, context_cost=0.0) == CONTEXT
+
+
+def test_a_free_context_draft_is_not_worth_a_probe_the_head_cannot_win():
+    # context 1 token at 0.5, c_ctx 0: 1.5; after a probe (c_ctx + c = 0.2): 1.25
+    # head best case, g = 3, history 0.5: 1.4453 < 1.5, so even a sure win does not pay the probe
+    assert worth_probing(1, 0.5, 3, 0.5, COST, 0.0, 0.5)  # c_ctx = c: the test above
+    assert not worth_probing(1, 0.5, 3, 0.5, COST, 0.0, 1.0, context_cost=0.0)
+    # a poor context (1 token at 0.1): 1.1 unprobed, 1.1 / 1.2 = 0.9167 after; win rate 0.5:
+    # .5 * 1.4453 + .5 * .9167 = 1.1810 > 1.1
+    assert worth_probing(1, 0.1, 3, 0.5, COST, 0.0, 0.5, context_cost=0.0)
+
+
+def test_a_probe_that_reads_a_computed_state_costs_the_exit_head_alone():
+    # context 1 token at 0.3, c_ctx 0: 1.3 unprobed; after a probe of p: 1.3 / (1 + p)
+    # head best case 1.4453 (g = 3, history 0.5); win rate 0.2:
+    #   p = c = 0.2:  .2 * 1.4453 + .8 * 1.0833 = 1.1558 < 1.3
+    #   p = 0.05:     .2 * 1.4453 + .8 * 1.2381 = 1.2795 < 1.3;  win rate 0.3: .4336 + .8667 = 1.3003 > 1.3
+    assert not worth_probing(1, 0.3, 3, 0.5, COST, 0.0, 0.2, context_cost=0.0)
+    assert not worth_probing(1, 0.3, 3, 0.5, COST, 0.0, 0.2, context_cost=0.0, probe_cost=0.05)
+    assert worth_probing(1, 0.3, 3, 0.5, COST, 0.0, 0.3, context_cost=0.0, probe_cost=0.05)
+    assert not worth_probing(1, 0.3, 3, 0.5, COST, 0.0, 0.3, context_cost=0.0)  # p defaults to a draft step
