@@ -487,9 +487,7 @@ class SplitModel:
         (on the CPU measured, 0.17 measured vs 0.19 by this count for SmolLM2 at k = 4). On native
         weights it is timed instead (`_time_costs`: there bytes do not predict time), and this is
         its value at a short context (`costs` gives it at any length)."""
-        if self.weights == "native":
-            return self.costs(0)[0]
-        return self._counted_costs()[0]
+        return self.costs(0)[0]
 
     @property
     def row_cost(self) -> float:
@@ -500,16 +498,17 @@ class SplitModel:
         1.4-1.7x on an AMD EPYC with AVX-512 VNNI, 2.4x on one with AVX2 only), so on native
         weights it is timed (`_time_costs`); this is its value at a short context (`costs` gives
         it at any length)."""
-        return self.costs(0)[1] if self.weights == "native" else 0.0
+        return self.costs(0)[1]
 
     @property
     def probe_cost(self) -> float:
         """The exit head alone on a state the block has already computed (the exit layer and the
         LM head rows of the draft vocabulary, no shallow layers): what learning the head's
-        confidence for a block's first token costs, in verifier passes (0.05-0.07 of one on an AMD
-        EPYC with AVX-512 VNNI, against 0.19-0.24 for a draft step, which also runs its token
-        through the shallow layers). Counted by weights, or timed on native weights (`costs`)."""
-        return self.costs(0)[2] if self.weights == "native" else self._counted_costs()[2]
+        confidence for a block's first token costs, in verifier passes (0.085 of one at a 256-token
+        context on an AMD EPYC with AVX-512 VNNI, against 0.18-0.21 for a draft step, which also
+        runs its token through the shallow layers: benchmarks/cost_breakdown.py --context 256).
+        Counted by weights, or timed on native weights (`costs`)."""
+        return self.costs(0)[2]
 
     def _counted_costs(self) -> tuple[float, float, float]:
         """(draft, row, probe) costs by weights read, in verifier passes (row: 0, see `row_cost`)."""

@@ -74,7 +74,8 @@ def test_costly_verify_rows_cut_context_drafts_and_decoding_stays_lossless(monke
     text = TEXTS[0]
     reference = decode(split, text, DecodeConfig.autoregressive(40)).token_ids
     free = decode(split, text, config)
-    monkeypatch.setattr(type(split), "costs", lambda self, length: (self.draft_cost, 0.5, self.probe_cost))
+    draft_cost, _, probe_cost = split.costs(len(text))
+    monkeypatch.setattr(type(split), "costs", lambda self, length: (draft_cost, 0.5, probe_cost))
     costly = decode(split, text, config)
     assert free.token_ids == costly.token_ids == reference
     assert 0 < costly.context_drafted < free.context_drafted
