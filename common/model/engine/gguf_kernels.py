@@ -24,6 +24,8 @@ exact; activations are rounded to 8 bits of their block's range (the bound is in
 
 `causal_attention` is the attention of one-row steps and verify blocks, computed per (head, row)
 in an order fixed by the row's position, so a block's rows equal the one-row steps bit for bit.
+The query heads that share a kv head (grouped-query attention: SmolLM2's 9 over 3) run together,
+sharing each key and value row's loads, each with the arithmetic it would do alone.
 
 The per-block d and m stay fp16 as in the file (converted with F16C as they are read).
 It is compiled once per machine with the system C compiler (`cc`, `-O3 -mavx2 -mfma -mf16c -fopenmp`
@@ -440,57 +442,104 @@ static inline __m256 dot_row(const float *q, const float *k, int hd) {
     return acc;
 }
 
-/* out[hd] = softmax(scale * q . k_j, j < n) @ v: keys/values rows j at k + j * hd. `s` holds
-   n rounded up to 8 floats. Every step's order depends on n and hd only. */
-static void attend_row(const float *q, const float *k, const float *v, int n, int hd, float scale,
-                       float *s, float *out) {
+/* out_i[hd] = softmax(scale * q_i . k_j, j < n) @ v for the nq (1..3) query heads i that read
+   one kv head: keys/values rows j at k + j * hd, s_i scratch of n rounded up to 8 floats. Each
+   head's every step is the one it would take alone, in an order that depends on n and hd only
+   (the 8 keys of a chunk as 8 interleaved dot products, the exponentials, then the values in key
+   order); the heads only share the loads of each key and value row, which the attention of
+   grouped heads spends most of its time on. */
+static inline __attribute__((always_inline)) void attend_rows(
+        const int nq, const float *const *q, const float *k, const float *v, int n, int hd, float scale,
+        float *const *s, float *const *out) {
     const int n8 = (n + 7) & ~7;
     int j = 0;
     for (; j + 8 <= n; j += 8) {  /* dot_row of 8 keys, their chains interleaved (the same operations) */
         const float *kj = k + (size_t)j * hd;
-        __m256 a[8];
-        const __m256 q0 = _mm256_loadu_ps(q);
-        for (int u = 0; u < 8; u++) a[u] = _mm256_mul_ps(q0, _mm256_loadu_ps(kj + (size_t)u * hd));
-        for (int d = 8; d < hd; d += 8) {
-            const __m256 qd = _mm256_loadu_ps(q + d);
-            for (int u = 0; u < 8; u++) a[u] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kj + (size_t)u * hd + d), a[u]);
+        __m256 a[3][8];
+        {
+            __m256 q0[3];
+            for (int i = 0; i < nq; i++) q0[i] = _mm256_loadu_ps(q[i]);
+            for (int u = 0; u < 8; u++) {
+                const __m256 kv = _mm256_loadu_ps(kj + (size_t)u * hd);
+                for (int i = 0; i < nq; i++) a[i][u] = _mm256_mul_ps(q0[i], kv);
+            }
         }
-        _mm256_storeu_ps(s + j, _mm256_mul_ps(hsum8x8(a), _mm256_set1_ps(scale)));
+        for (int d = 8; d < hd; d += 8) {
+            __m256 qd[3];
+            for (int i = 0; i < nq; i++) qd[i] = _mm256_loadu_ps(q[i] + d);
+            for (int u = 0; u < 8; u++) {
+                const __m256 kv = _mm256_loadu_ps(kj + (size_t)u * hd + d);
+                for (int i = 0; i < nq; i++) a[i][u] = _mm256_fmadd_ps(qd[i], kv, a[i][u]);
+            }
+        }
+        for (int i = 0; i < nq; i++) _mm256_storeu_ps(s[i] + j, _mm256_mul_ps(hsum8x8(a[i]), _mm256_set1_ps(scale)));
     }
-    for (; j < n; j++) s[j] = hsum(dot_row(q, k + (size_t)j * hd, hd)) * scale;
-    for (; j < n8; j++) s[j] = -INFINITY;
-    float mx = -INFINITY;
-    for (j = 0; j < n; j++) mx = s[j] > mx ? s[j] : mx;
-    __m256 total = _mm256_setzero_ps();
-    for (j = 0; j < n8; j += 8) {
-        __m256 p = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(mx)));
-        _mm256_storeu_ps(s + j, p);
-        total = _mm256_add_ps(total, p);
+    for (int i = 0; i < nq; i++) {
+        for (int r = j; r < n; r++) s[i][r] = hsum(dot_row(q[i], k + (size_t)r * hd, hd)) * scale;
+        for (int r = n; r < n8; r++) s[i][r] = -INFINITY;
     }
-    __m256 acc[32];
-    for (int d = 0; d < hd / 8; d++) acc[d] = _mm256_setzero_ps();
-    for (j = 0; j < n; j++) {
-        const __m256 p = _mm256_set1_ps(s[j]);
-        const float *vr = v + (size_t)j * hd;
-        for (int d = 0; d < hd / 8; d++) acc[d] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * d), acc[d]);
+    float inv[3];
+    for (int i = 0; i < nq; i++) {
+        __m256 m8 = _mm256_set1_ps(-INFINITY);  /* the maximum is exact in any order; the padding is -inf */
+        for (int r = 0; r < n8; r += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(s[i] + r));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        const float mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        __m256 total = _mm256_setzero_ps();
+        for (int r = 0; r < n8; r += 8) {
+            __m256 p = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s[i] + r), _mm256_set1_ps(mx)));
+            _mm256_storeu_ps(s[i] + r, p);
+            total = _mm256_add_ps(total, p);
+        }
+        inv[i] = 1.0f / hsum(total);
     }
-    const __m256 inv = _mm256_set1_ps(1.0f / hsum(total));
-    for (int d = 0; d < hd / 8; d++) _mm256_storeu_ps(out + 8 * d, _mm256_mul_ps(acc[d], inv));
+    for (int d0 = 0; d0 < hd; d0 += 64) {  /* 8 accumulators of 8 values per head at a time */
+        const int width = hd - d0 < 64 ? (hd - d0) / 8 : 8;
+        __m256 acc[3][8];
+        for (int i = 0; i < nq; i++)
+            for (int d = 0; d < width; d++) acc[i][d] = _mm256_setzero_ps();
+        for (int r = 0; r < n; r++) {
+            const float *vr = v + (size_t)r * hd + d0;
+            __m256 p[3];
+            for (int i = 0; i < nq; i++) p[i] = _mm256_set1_ps(s[i][r]);
+            for (int d = 0; d < width; d++) {
+                const __m256 vv = _mm256_loadu_ps(vr + 8 * d);
+                for (int i = 0; i < nq; i++) acc[i][d] = _mm256_fmadd_ps(p[i], vv, acc[i][d]);
+            }
+        }
+        for (int i = 0; i < nq; i++)
+            for (int d = 0; d < width; d++)
+                _mm256_storeu_ps(out[i] + d0 + 8 * d, _mm256_mul_ps(acc[i][d], _mm256_set1_ps(inv[i])));
+    }
 }
 
 /* q [H, T, hd] contiguous (rows at positions past .. past + T - 1); k, v: KVH heads of past + T
    rows of hd floats each (row stride hd, head stride `head_stride`); out [T, H * hd]. Row t
    attends to positions 0 .. past + t; query head h reads kv head h / (H / KVH). hd % 8 == 0,
-   hd <= 256. Each (head, row) is computed by one thread. */
+   hd <= 256. The query heads of one kv head and one row are computed together by one thread, up
+   to 3 at a time, each exactly as it would be alone (`attend_rows`). */
 void causal_attention(const float *q, int H, int T, int hd, const float *k, const float *v, int KVH,
                       long head_stride, int past, float scale, float *out, int threads) {
     const int group = H / KVH, n8 = (past + T + 7) & ~7;
     float *scratch = (float *)malloc(sizeof(float) * (size_t)H * T * n8);
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int ht = 0; ht < H * T; ht++) {
-        const int h = ht / T, t = ht % T, kv = h / group;
-        attend_row(q + (size_t)ht * hd, k + (size_t)kv * head_stride, v + (size_t)kv * head_stride,
-                   past + t + 1, hd, scale, scratch + (size_t)ht * n8, out + (size_t)t * H * hd + (size_t)h * hd);
+    for (int kt = 0; kt < KVH * T; kt++) {
+        const int kv = kt / T, t = kt % T;
+        for (int h0 = 0; h0 < group; h0 += 3) {
+            const int nq = group - h0 < 3 ? group - h0 : 3;
+            const float *qs[3];
+            float *ss[3], *os[3];
+            for (int i = 0; i < nq; i++) {
+                const int h = kv * group + h0 + i;
+                qs[i] = q + ((size_t)h * T + t) * hd;
+                ss[i] = scratch + ((size_t)h * T + t) * n8;
+                os[i] = out + (size_t)t * H * hd + (size_t)h * hd;
+            }
+            const float *kh = k + (size_t)kv * head_stride, *vh = v + (size_t)kv * head_stride;
+            if (nq == 3) attend_rows(3, qs, kh, vh, past + t + 1, hd, scale, ss, os);
+            else if (nq == 2) attend_rows(2, qs, kh, vh, past + t + 1, hd, scale, ss, os);
+            else attend_rows(1, qs, kh, vh, past + t + 1, hd, scale, ss, os);
+        }
     }
     free(scratch);
 }
@@ -862,9 +911,10 @@ def causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     keys.shape[1] - T; keys, values [KVH, past + T, hd] fp32 (H a multiple of KVH: grouped
     heads), rows contiguous with the same strides (`attention_runs`). Returns [T, H * hd] fp32
     (heads side by side, the o projection's input). Row t attends to positions 0 .. past + t.
-    Each (head, row) is computed by one thread, in an order fixed by its position alone, so a
-    verify block's row equals the one-row step at that position bit for bit, at any thread count
-    (torch's SDPA sums a block's rows in another order than a single row's)."""
+    Each (head, row) is computed in an order fixed by its position alone (with the other heads of
+    its kv head, by one thread), so a verify block's row equals the one-row step at that position
+    bit for bit, at any thread count (torch's SDPA sums a block's rows in another order than a
+    single row's)."""
     heads, rows, hd = q.shape
     assert keys.shape == values.shape and keys.stride() == values.stride() and heads % keys.shape[0] == 0
     q = q.contiguous()
