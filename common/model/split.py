@@ -494,8 +494,9 @@ class SplitModel:
         """What one more row adds to a verify block, in one-row verifier passes: every drafted token
         is also a row of the next verify pass. Decoding that streams its weights pays little for
         rows (the fp32 engine: a 5-row block 1.02x one row, so 0 here), but the 8-bit kernels of
-        native weights do integer work per row (a 5-row block 1.10x one row on an Intel Xeon,
-        1.4-1.7x on an AMD EPYC with AVX-512 VNNI, 2.4x on one with AVX2 only), so on native
+        native weights do integer work per row (a 5-row block 1.37-1.41x one row on an Intel Xeon
+        with today's kernels, 1.10x there with the slower one-row step of 2026-11-30; 1.4-1.7x on an
+        AMD EPYC with AVX-512 VNNI, 2.4x on one with AVX2 only), so on native
         weights it is timed (`_time_costs`); this is its value at a short context (`costs` gives
         it at any length)."""
         return self.costs(0)[1]
