@@ -123,7 +123,8 @@ class GeneratorConfig:
 
 
 COUNTER_NAMES = (
-    "requests", "tokens", "drafted", "accepted", "context_drafted", "context_accepted", "verifier_passes",
+    "requests", "tokens", "drafted", "accepted", "context_drafted", "context_accepted", "traffic_drafted",
+    "traffic_accepted", "verifier_passes",
     "published", "publish_failed", "publish_skipped_empty", "swaps", "weights_refused", "prompts_truncated",
     "rollbacks", "ar_fallbacks", "ar_releases", "trajectories_produced", "trajectories_lost", "redis_outages",
 )
@@ -568,6 +569,8 @@ class Generator:
         c["accepted"] += result.accepted
         c["context_drafted"] += result.context_drafted
         c["context_accepted"] += result.context_accepted
+        c["traffic_drafted"] += result.traffic_drafted
+        c["traffic_accepted"] += result.traffic_accepted
         c["verifier_passes"] += result.verifier_passes
         self._last = result
         tokenizer = self.split.tokenizer
@@ -586,6 +589,8 @@ class Generator:
             "accepted": result.accepted,
             "context_drafted": result.context_drafted,
             "context_accepted": result.context_accepted,
+            "traffic_drafted": result.traffic_drafted,
+            "traffic_accepted": result.traffic_accepted,
             "verifier_passes": result.verifier_passes,
             "seconds": result.seconds,
             "tokens_per_s": len(result.token_ids) / result.seconds if result.seconds > 0 else 0.0,
@@ -675,6 +680,9 @@ class Generator:
         m.set("dvi_actor_acceptance_rate", result.acceptance_rate, av)
         lookups = result.context_drafted
         m.set("dvi_actor_context_acceptance_rate", result.context_accepted / lookups if lookups else 0.0, actor)
+        pooled = result.traffic_drafted
+        m.set("dvi_actor_traffic_acceptance_rate", result.traffic_accepted / pooled if pooled else 0.0, actor)
+        m.set("dvi_actor_traffic_ngrams", len(self.decoder.traffic), actor)
         self._recorded_versions.add(result.weight_version)
         accepted = result.accepted_by_position
         for pos, drafted in enumerate(result.drafted_by_position):

@@ -196,6 +196,15 @@ class Head(nn.Module):
         return self.logits(self.state(self.inputs(h, prev)))
 
 
+def optimiser_step(loss: torch.Tensor, opt, sched, params) -> None:
+    """Backward, gradients clipped to norm 1.0, one optimiser and schedule step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
 def kl_loss(logits, topk_ids_local, topk_lp, valid):
     """KL(p~ || q) up to a constant: p~ = verifier top-K restricted to the draft vocab, renormalised."""
     lp = topk_lp.masked_fill(~valid, float("-inf"))
@@ -228,9 +237,10 @@ def evaluate(head: Head, data: list[dict], vocab: torch.Tensor, mode: str) -> fl
     return hit / max(tot, 1)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train-prompts", type=int, default=150)
+def probe_arguments(doc: str, train_prompts: int) -> argparse.ArgumentParser:
+    """The options every offline head probe shares (text, budget, vocabulary, teacher, seed)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train-prompts", type=int, default=train_prompts)
     ap.add_argument("--heldout-per-task", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--epochs", type=float, default=4.0)
@@ -239,40 +249,40 @@ def main() -> None:
     ap.add_argument("--draft-vocab", type=int, default=8192)
     ap.add_argument("--topk", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--feature", choices=("prenorm", "normed"), default="prenorm",
-                    help="f = the last layer's pre-norm output, or it through the (frozen) final norm (EAGLE's feature)")
-    ap.add_argument("--gen-only", action="store_true", help="generate (and cache) the text, then stop")
-    args = ap.parse_args()
+    return ap
+
+
+def probe_start(args, out: Path) -> SplitModel:
+    """One torch thread, the seed set, `out` made; the default split loaded."""
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
-    OUT.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    return SplitModel.load(ModelSpec())
 
-    split = SplitModel.load(ModelSpec())
-    k = split.exit_layer
-    print(f"model {split.model_id}, k={k}, engine={split.engine}, weights={split.weights}", flush=True)
-    cache = OUT / "sequences.json"
-    held_prompts = load_prompts(HELDOUT, per_task=args.heldout_per_task)
-    held = sequences(split, held_prompts, args.max_new_tokens, cache, "heldout")
+
+def probe_text(split, args, cache: Path) -> tuple[list[dict], list[dict]]:
+    """(held-out, train) sequences for `probe_arguments`' options, generated once into `cache`."""
+    held = sequences(split, load_prompts(HELDOUT, per_task=args.heldout_per_task), args.max_new_tokens, cache, "heldout")
     train = sequences(split, stratified_seeds(args.train_prompts), args.max_new_tokens, cache, "train")
-    if args.gen_only:
-        return
+    return held, train
 
-    tr = teacher(split, train, k, args.topk)
-    he = teacher(split, held, k, args.topk)
 
-    eos = sorted(split.eos_token_ids)
+def draft_vocab(split, tr: list[dict], size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(the `size` most frequent verifier argmaxes of the train text, EOS included, padded with the
+    lowest unused ids, sorted; full id -> draft-vocabulary index, -1 outside it; how many distinct
+    argmaxes the train text has). Sets each train sequence's "local" (its top-K ids as draft
+    indices) and "valid" (those inside the draft vocabulary)."""
     counts = Counter()
     for d in tr:
         counts.update(d["top1"].tolist())
-    vocab_ids = set(eos)
+    vocab_ids = set(sorted(split.eos_token_ids))
     for tok, _ in counts.most_common():
-        if len(vocab_ids) >= args.draft_vocab:
+        if len(vocab_ids) >= size:
             break
         vocab_ids.add(tok)
-    if len(vocab_ids) < args.draft_vocab:  # fewer distinct targets than the size: pad with lowest unused ids
+    if len(vocab_ids) < size:  # fewer distinct targets than the size: pad with lowest unused ids
         for tok in range(split.vocab_size):
-            if len(vocab_ids) >= args.draft_vocab:
+            if len(vocab_ids) >= size:
                 break
             vocab_ids.add(tok)
     vocab = torch.tensor(sorted(vocab_ids))
@@ -281,21 +291,48 @@ def main() -> None:
     for d in tr:
         d["local"] = lookup[d["topk_ids"]]
         d["valid"] = d["local"] >= 0
+    return vocab, lookup, len(counts)
+
+
+def training_order(sequences: int, epochs: float, seed: int, stages: int) -> tuple[list[int], set[int]]:
+    """(the sequence index of every step: shuffled epochs, cut at epochs * sequences steps; the
+    steps after which each of `stages` equal stages ends)."""
+    steps = int(round(epochs * sequences))
+    rng = random.Random(seed)
+    order: list[int] = []
+    while len(order) < steps:
+        perm = list(range(sequences))
+        rng.shuffle(perm)
+        order += perm
+    return order[:steps], {int(round(steps * (i + 1) / stages)) for i in range(stages)}
+
+
+def main() -> None:
+    ap = probe_arguments(__doc__, 150)
+    ap.add_argument("--feature", choices=("prenorm", "normed"), default="prenorm",
+                    help="f = the last layer's pre-norm output, or it through the (frozen) final norm (EAGLE's feature)")
+    ap.add_argument("--gen-only", action="store_true", help="generate (and cache) the text, then stop")
+    args = ap.parse_args()
+    t_start = time.time()
+    split = probe_start(args, OUT)
+    k = split.exit_layer
+    print(f"model {split.model_id}, k={k}, engine={split.engine}, weights={split.weights}", flush=True)
+    held, train = probe_text(split, args, OUT / "sequences.json")
+    if args.gen_only:
+        return
+
+    tr = teacher(split, train, k, args.topk)
+    he = teacher(split, held, k, args.topk)
+
+    vocab, lookup, distinct = draft_vocab(split, tr, args.draft_vocab)
     held_cov = sum(int((lookup[d["top1"][d["start"]:-1]] >= 0).sum()) for d in he) / sum(len(d["top1"]) - 1 - d["start"] for d in he)
     train_pos = sum(len(d["top1"]) for d in tr)
     held_pos = sum(len(d["top1"]) - 1 - d["start"] for d in he)
     print(f"train: {len(tr)} seqs, {train_pos} positions; held-out: {len(he)} seqs, {held_pos} scored positions; "
-          f"draft vocab {len(vocab)} ({len(counts)} distinct train targets), held-out top-1 coverage {held_cov:.3f}", flush=True)
+          f"draft vocab {len(vocab)} ({distinct} distinct train targets), held-out top-1 coverage {held_cov:.3f}", flush=True)
 
-    steps = int(round(args.epochs * len(tr)))
-    rng = random.Random(args.seed)
-    order = []
-    while len(order) < steps:
-        perm = list(range(len(tr)))
-        rng.shuffle(perm)
-        order += perm
-    order = order[:steps]
-    marks = {int(round(steps * (i + 1) / args.stages)) for i in range(args.stages)}
+    order, marks = training_order(len(tr), args.epochs, args.seed, args.stages)
+    steps = len(order)
 
     results = {}
     base = Head(split, k, vocab, fuse=False)
@@ -317,11 +354,7 @@ def main() -> None:
             d = tr[idx]
             lg = head(d["h"], d["F"] if name == "B" else None)
             loss = kl_loss(lg, d["local"], d["topk_lp"], d["valid"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
+            optimiser_step(loss, opt, sched, params)
             train_s += time.time() - t0
             run_loss += float(loss.detach())
             n_loss += 1

@@ -23,6 +23,10 @@ ConfidenceThreshold = Annotated[float, typer.Option(
 ContextTokens = Annotated[int, typer.Option(
     "--context-tokens", "--lookup-tokens", help="Most tokens a block drafts from the context (prompt lookup; 0 = off).")]
 ContextMinNgram = Annotated[int, typer.Option("--context-min-ngram", "--lookup-min-ngram", help="Shortest suffix n-gram a context draft matches.")]
+TrafficDrafting = Annotated[bool, typer.Option(
+    "--traffic-drafting/--no-traffic-drafting",
+    help="Where a request's own context matches one token at most, draft what followed its suffix in the requests served "
+         "before (greedy requests; each actor learns its own bounded index).")]
 AdaptiveGamma = Annotated[bool, typer.Option(
     "--adaptive-gamma/--fixed-gamma", help="Draft as many exit-head tokens as pay off (<= gamma), or always gamma.")]
 TruncatePrompts = Annotated[bool, typer.Option(

@@ -79,6 +79,29 @@ class DrafterConfig:
 
 
 @dataclass(frozen=True)
+class TrafficConfig:
+    """The n-gram index a decoder learns from the requests it serves (common/core/traffic_draft.py)."""
+
+    max_ngram: int = 4
+    """Longest suffix n-gram the index matches (shorter ones are tried down to min_ngram)."""
+    min_ngram: int = 2
+    """Shortest: one token alone says too little about what follows across requests."""
+    share: float = 0.5
+    """A continuation is drafted only while it holds at least this share of its n-gram's count."""
+    min_count: int = 2
+    """... and was seen at least this many times."""
+    capacity: int = 262144
+    """Most n-grams held (about 50 MB): beyond it every count is halved and zeros dropped. The
+    training half of the Spec-Bench dev prompts (124 requests, 128 new tokens) makes 95,742."""
+
+    def __post_init__(self) -> None:
+        require(1 <= self.min_ngram <= self.max_ngram, f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram} and {self.max_ngram}")
+        require(0.0 < self.share <= 1.0, f"share must be in (0, 1], got {self.share}")
+        require(self.min_count >= 1, f"min_count must be >= 1, got {self.min_count}")
+        require(self.capacity >= 1, f"capacity must be >= 1, got {self.capacity}")
+
+
+@dataclass(frozen=True)
 class DecodeConfig:
     """How one request is decoded."""
 
@@ -112,6 +135,12 @@ class DecodeConfig:
     input's state from it: a context draft costs its verify rows alone and a probe the exit head
     alone (`SplitModel.probe_cost`). False: each in a pass of its own, the context's priced as a
     draft step and so is a probe (the decoder before 2026-12-07; the ablation's `shared_pass`)."""
+    traffic_drafting: bool = True
+    """Where the request's own context matches its last token at most, draft what followed the
+    suffix in the requests the decoder served before (common/core/traffic_draft.py), priced and
+    arbitrated as a context draft. Greedy requests only: at temperature > 0 a draft changes which
+    random numbers a seeded request draws, and a seeded request decodes the same whatever was
+    served before it. Needs context_tokens > 0; every such request feeds the index, greedy or not."""
     context_ngram: int = 3
     """Longest suffix n-gram context drafting matches (shorter ones are tried down to context_min_ngram)."""
     context_min_ngram: int = 1

@@ -11,24 +11,31 @@ rejection sampling stays exact).
 
 `ContextIndex` keeps, for every n-gram of the sequence (n = 1..max_ngram), the position right
 after its most recent occurrence whose continuation is known, so a lookup is a dictionary hit
-and committing a token indexes max_ngram n-grams.
+and committing a token indexes max_ngram n-grams. Given a `TrafficIndex` (what followed n-grams
+in the requests served before, common/core/traffic_draft.py), it drafts from that where its own
+match is one token at most, and reports the traffic's match length negated, so that a decoder
+keeps the two sources' acceptance apart.
 """
 
 from __future__ import annotations
+
+from common.core.traffic_draft import TrafficIndex
 
 
 class ContextIndex:
     """N-gram index over one sequence (prompt + committed tokens) for context drafting.
 
     tokens: the sequence so far; max_ngram: the longest suffix tried (the lookup falls back to
-    shorter ones, down to `min_ngram`).
+    shorter ones, down to `min_ngram`); traffic: the index of earlier requests to fall back to
+    (None: the sequence alone). The traffic index is read, never written, here.
     """
 
-    def __init__(self, tokens: list[int], max_ngram: int = 3, min_ngram: int = 1):
+    def __init__(self, tokens: list[int], max_ngram: int = 3, min_ngram: int = 1, traffic: TrafficIndex | None = None):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
+        self.traffic = traffic
         self.tokens: list[int] = []
         # _after[n][gram] = p: tokens[p - n : p] == gram, the latest such p with tokens[p] known
         self._after: list[dict[tuple[int, ...], int]] = [{} for _ in range(max_ngram + 1)]
@@ -44,9 +51,18 @@ class ContextIndex:
 
     def propose(self, max_tokens: int) -> tuple[list[int], int]:
         """(up to `max_tokens` tokens that followed the longest matching suffix, its length n);
-        ([], 0) when no suffix of length >= min_ngram occurred before."""
+        ([], 0) when no suffix of length >= min_ngram occurred before. With a traffic index, where
+        n <= 1 and the traffic has a confident continuation: (that draft, -its match length)."""
         if max_tokens <= 0:
             return [], 0
+        own, n = self._own(max_tokens)
+        if n <= 1 and self.traffic is not None:
+            pooled, pooled_n = self.traffic.propose(self.tokens, max_tokens)
+            if pooled:
+                return pooled, -pooled_n
+        return own, n
+
+    def _own(self, max_tokens: int) -> tuple[list[int], int]:
         size = len(self.tokens)
         for n in range(min(self.max_ngram, size), self.min_ngram - 1, -1):
             p = self._after[n].get(tuple(self.tokens[size - n :]))

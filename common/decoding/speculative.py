@@ -5,8 +5,9 @@ One block:
      context's draft, when the context has a match);
   2. a draft d_1..d_G is proposed, from one of two sources:
      * the context: when the sequence's last n tokens occurred before, the tokens that followed
-       them (DecodeConfig.context_tokens; common/core/context_draft.py), run through the shallow
-       layers in one batched pass;
+       them (DecodeConfig.context_tokens; common/core/context_draft.py), or where they did not,
+       what followed them in the requests this decoder served before (DecodeConfig.traffic_drafting;
+       common/core/traffic_draft.py), run through the shallow layers in one batched pass;
      * the exit head on h_k, one token at a time, each drafted token also running through the
        shallow layers so its h_k is ready for verification; it stops below the confidence
        threshold, and adaptive gamma caps G at what pays (common/core/adaptive_gamma.py);
@@ -41,6 +42,7 @@ from common.core.adaptive_gamma import DraftStats
 from common.core.arbitration import CONTEXT, HEAD, ContextStats, best_context_length, choose_draft_source, worth_probing
 from common.core.config import DecodeConfig
 from common.core.context_draft import ContextIndex
+from common.core.traffic_draft import TrafficIndex
 from common.core.errors import RequestRejected
 from common.model.split import SplitModel, crop_cache
 from common.core.prompts import fit_to_context
@@ -57,9 +59,10 @@ class GenerationResult:
     drafted / the verifier accepted of them; accepted_by_position[i]: exit-head drafts accepted at
     block position i, drafted_by_position likewise; context_drafted / context_accepted: the same for
     tokens drafted from the context (DecodeConfig.context_tokens), kept apart so that acceptance
-    always measures the learned drafter; head_over_context: blocks the exit head drafted although
-    the context had a match (common/core/arbitration.py); trajectory: the learner's record when
-    `record_trajectories` was set.
+    always measures the learned drafter; traffic_drafted / traffic_accepted: the part of those
+    drafted from earlier requests' n-grams (DecodeConfig.traffic_drafting); head_over_context:
+    blocks the exit head drafted although the context had a match (common/core/arbitration.py);
+    trajectory: the learner's record when `record_trajectories` was set.
     """
 
     prompt_ids: list[int]
@@ -71,6 +74,8 @@ class GenerationResult:
     accepted_by_position: list[int] = field(default_factory=list)
     context_drafted: int = 0
     context_accepted: int = 0
+    traffic_drafted: int = 0
+    traffic_accepted: int = 0
     head_over_context: int = 0
     finished_by_eos: bool = False
     seconds: float = 0.0
@@ -224,11 +229,17 @@ class SpeculativeDecoder:
     time (the service swaps adapter weights only between requests, never inside one).
     `gamma_policy`, when given, is called before each block with the result so far and the
     config's gamma, and returns the gamma for that block (adaptive drafting, AR fall-back).
+    `traffic` is the n-gram index of the requests this decoder has served (a fresh one unless
+    given): requests with `DecodeConfig.traffic_drafting` (and context drafting) feed it when they
+    finish, and greedy ones draft from it (common/core/traffic_draft.py). A decoder serves one
+    request at a time.
     """
 
-    def __init__(self, split: SplitModel, gamma_policy: Callable[[GenerationResult, int], int] | None = None):
+    def __init__(self, split: SplitModel, gamma_policy: Callable[[GenerationResult, int], int] | None = None,
+                 traffic: TrafficIndex | None = None):
         self.split = split
         self.gamma_policy = gamma_policy
+        self.traffic = TrafficIndex() if traffic is None else traffic
 
     def check_request(self, prompt_ids: list[int], config: DecodeConfig) -> None:
         """RequestRejected (a ValueError) for an empty prompt, one that cannot fit max_new_tokens in
@@ -333,7 +344,9 @@ class SpeculativeDecoder:
             request_id=request_id or uuid.uuid4().hex,
             recorder=TrajectoryRecorder(config.record_topk) if config.record_trajectories else None,
             started=time.perf_counter(),
-            context=ContextIndex(prompt_ids, config.context_ngram, config.context_min_ngram) if config.context_tokens else None,
+            context=ContextIndex(prompt_ids, config.context_ngram, config.context_min_ngram,
+                                 self.traffic if config.traffic_drafting and config.greedy else None)
+            if config.context_tokens else None,
         )
         if len(prompt_ids) > 1:
             ids = torch.tensor([prompt_ids[:-1]], device=split.device)
@@ -385,6 +398,9 @@ class SpeculativeDecoder:
         if from_context:
             result.context_drafted += g
             result.context_accepted += n_accepted
+            if ngram < 0:  # drafted from the traffic index (ContextIndex.propose)
+                result.traffic_drafted += g
+                result.traffic_accepted += n_accepted
             state.context_stats.observe_block(ngram, g, n_accepted)
         else:
             result.drafted += g
@@ -535,8 +551,11 @@ class SpeculativeDecoder:
         return drafts, draft_probs, draft_logprobs
 
     def finish(self, state: DecodeState) -> GenerationResult:
-        """Close the request: timing and, when recording, the learner's Trajectory."""
+        """Close the request: timing, the traffic index fed with its tokens, and, when recording,
+        the learner's Trajectory."""
         split, result = self.split, state.result
+        if state.context is not None and state.config.traffic_drafting:
+            self.traffic.add(state.tokens)
         result.seconds = time.perf_counter() - state.started
         if state.recorder is not None:
             hidden = torch.cat(state.hk_committed, dim=1)[0] if state.hk_committed else torch.zeros(0, split.hidden_size)

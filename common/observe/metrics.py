@@ -140,6 +140,8 @@ METRICS: tuple[MetricSpec, ...] = (
     _g("dvi_actor_tau", "Mean tokens accepted per verifier pass (tau) under this weight version.", _AV, PANEL_ACCEPTANCE, "none"),
     _g("dvi_actor_acceptance_rate", "Fraction of the exit head's drafted tokens the verifier accepted under this weight version.", _AV, PANEL_ACCEPTANCE, "percentunit"),
     _g("dvi_actor_context_acceptance_rate", "Fraction of context-drafted tokens (prompt lookup) the verifier accepted in the latest request.", _A, PANEL_ACCEPTANCE, "percentunit"),
+    _g("dvi_actor_traffic_acceptance_rate", "Fraction of the tokens drafted from earlier requests' n-grams (traffic drafting) the verifier accepted in the latest request.", _A, PANEL_ACCEPTANCE, "percentunit"),
+    _g("dvi_actor_traffic_ngrams", "N-grams held in the actor's traffic index (what followed them in the requests it served), after the latest request.", _A, PANEL_GENERATION, "short"),
     _g("dvi_actor_acceptance_rate_by_position", "Acceptance rate of the draft token at 0-based position `position`, given the earlier ones were accepted.", ("actor", "position"), PANEL_ACCEPTANCE, "percentunit"),
     _g("dvi_actor_weight_version", "Weight version of the LoRA adapter the actor's drafter is using.", _A, PANEL_ADAPTER, "none"),
     _g("dvi_actor_version_lag", "Learner's published weight version minus the actor's.", _A, PANEL_ADAPTER, "none"),

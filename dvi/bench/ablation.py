@@ -1,7 +1,8 @@
 """Each speed lever of dvi switched off in turn, timed side by side (`dvi bench ablation`).
 
 The full method ("dvi") decodes with every lever on: the fast engine, the trained exit head, its
-reduced draft vocabulary, context drafting, the confidence stop, adaptive gamma, the draft-source
+reduced draft vocabulary, context drafting, traffic drafting (what earlier requests' n-grams were
+followed by, learned as the variant serves), the confidence stop, adaptive gamma, the draft-source
 arbitration and the shallow pass a context draft shares with its block's input. Each other
 variant ("dvi-<lever>") switches exactly one lever off and keeps the rest, so its row shows what
 that lever is worth on this machine; "ar" and "hf_ar" anchor the table. All variants run
@@ -27,6 +28,7 @@ LEVERS: dict[str, str] = {
     "adaptive_gamma": "fixed draft lengths (gamma, every context match in full) instead of the per-block choice from acceptance and cost",
     "arbitration": "any context match wins the block instead of the choice by expected tokens per cost",
     "shared_pass": "the block's input and a context draft in separate shallow passes, a probe of the exit head priced as a draft step",
+    "traffic": "no traffic drafting: the request's own context only, never what followed its suffix in earlier requests",
 }
 """Lever name -> what its variant does instead (the table's `off` column)."""
 
@@ -59,6 +61,7 @@ def variants(decode: DecodeConfig, draft_vocab_size: int, levers: tuple[str, ...
         "adaptive_gamma": replace(full, decode=replace(decode, adaptive_gamma=False)),
         "arbitration": replace(full, decode=replace(decode, arbitrate=False)),
         "shared_pass": replace(full, decode=replace(decode, shared_shallow_pass=False)),
+        "traffic": replace(full, decode=replace(decode, traffic_drafting=False)),
     }
     return [full] + [replace(off[lever], name=f"{FULL}-{lever}", lever=lever) for lever in levers]
 

@@ -4,12 +4,15 @@ Measurement, as Spec-Bench does it and avoiding the reference code's mistakes (t
   * batch 1, greedy; every method stops at EOS and at `max_new_tokens` with the same settings;
   * every run is timed the same way: `time.perf_counter` around the generate call only (CUDA is
     synchronised on both sides), with nothing purged inside the timed region;
-  * warm-up prompts go through every method first and are not recorded;
+  * warm-up prompts go through every method first and are not recorded; a method that learns
+    from the requests it serves (our decoder's traffic drafting) then forgets them, so that the
+    timed run of a warm-up prompt is not drafted from that prompt's own earlier output;
   * methods are interleaved per prompt and their order rotates from one prompt to the next, so a
     slow drift of the machine (clock boost, a neighbour's job) falls on every method alike.
 
-A method is a callable `prompt_ids -> (new_token_ids, verifier_passes | None)`; the table of
-methods is a plain dict, so a new drafter variant is one more entry.
+A method is a callable `prompt_ids -> (new_token_ids, verifier_passes | None)`, which may also
+have a `forget()` (called after the warm-up); the table of methods is a plain dict, so a new
+drafter variant is one more entry.
 
 Fields of a result row (one per method x category, plus category "overall"):
   tokens_per_s      total new tokens / total seconds over the row's prompts (ratio of totals);
@@ -303,17 +306,23 @@ def _hf_method(model, device, counter: PassCounter, kwargs: dict) -> MethodFn:
     return run
 
 
-def decoder_method(split, config: DecodeConfig) -> MethodFn:
-    """A method that decodes with our own loop (`SpeculativeDecoder`) on `split`."""
-    from common.decoding.speculative import SpeculativeDecoder
+class DecoderMethod:
+    """A method that decodes with our own loop (`SpeculativeDecoder`) on `split`; `forget()` drops
+    what its traffic index learned from the requests served so far."""
 
-    decoder = SpeculativeDecoder(split)
+    def __init__(self, split, config: DecodeConfig):
+        from common.decoding.speculative import SpeculativeDecoder
 
-    def run(prompt_ids: list[int]) -> tuple[list[int], int | None]:
-        result = decoder.generate(prompt_ids, config)
+        self.decoder, self.config = SpeculativeDecoder(split), config
+
+    def __call__(self, prompt_ids: list[int]) -> tuple[list[int], int | None]:
+        result = self.decoder.generate(prompt_ids, self.config)
         return result.token_ids, result.verifier_passes
 
-    return run
+    def forget(self) -> None:
+        from common.core.traffic_draft import TrafficIndex
+
+        self.decoder.traffic = TrafficIndex(self.decoder.traffic.config)
 
 
 def build_methods(split, settings: SpeedSettings, counter: PassCounter, drafters: dict) -> dict[str, MethodFn]:
@@ -328,19 +337,19 @@ def build_methods(split, settings: SpeedSettings, counter: PassCounter, drafters
     stop = dict(do_sample=False, max_new_tokens=settings.max_new_tokens, **hf_stop_kwargs(split))
     makers: dict[str, Callable[[], MethodFn]] = {
         "hf_ar": lambda: _hf_method(model, device, counter, stop),
-        "ar": lambda: decoder_method(split, DecodeConfig.autoregressive(settings.max_new_tokens)),
+        "ar": lambda: DecoderMethod(split, DecodeConfig.autoregressive(settings.max_new_tokens)),
         "hf_prompt_lookup": lambda: _hf_method(
             model, device, counter, {**stop, "prompt_lookup_num_tokens": PROMPT_LOOKUP_NUM_TOKENS}
         ),
         "hf_early_exit": lambda: _hf_method(model, device, counter, {**stop, "assistant_early_exit": settings.exit_layer}),
-        CONTEXT_ONLY: lambda: decoder_method(split, replace(settings.decode_config(), gamma=0)),
+        CONTEXT_ONLY: lambda: DecoderMethod(split, replace(settings.decode_config(), gamma=0)),
     }
     threads = settings.threads or torch.get_num_threads()
     for name in PEER_METHODS:
         makers[name] = lambda name=name: _peer_method(split, settings, threads, lookup=name.endswith("_lookup"))
     dvi_config = settings.decode_config()
     for name, drafter in drafters.items():
-        makers[name] = lambda drafter=drafter: decoder_method(drafter, dvi_config)
+        makers[name] = lambda drafter=drafter: DecoderMethod(drafter, dvi_config)
     missing = [m for m in settings.all_methods if m not in makers]
     if missing:
         raise ValueError(f"no drafter given for method(s) {missing}")
@@ -433,6 +442,10 @@ def run_benchmark(
                 timed_run(methods[name], list(prompt.ids), device)
                 if on_step is not None:
                     on_step("warmup", prompt, name)
+        for method in methods.values():
+            forget = getattr(method, "forget", None)
+            if forget is not None:
+                forget()
         for prompt in prompts:
             for name in method_order(names, prompt.index):
                 token_ids, passes, seconds = timed_run(methods[name], list(prompt.ids), device)

@@ -72,7 +72,7 @@ def _run(model_id, prompts_path, adapter, out: Path, decode, levers, limit, per_
     with speed.PassCounter(base.layers[-1]) as counter, speed.quiet_hf_nested_generate():
         table = speed.build_methods(base, settings, counter, {})
         for v in bench.variants(decode, drafter.draft_vocab_size, levers):
-            table[v.name] = speed.decoder_method(split_for(v), v.decode)
+            table[v.name] = speed.DecoderMethod(split_for(v), v.decode)
         with progress_bar(console) as progress:
             warm = min(warmup, len(encoded))
             task = progress.add_task("ablation", total=(warm + len(encoded)) * len(table), now="")

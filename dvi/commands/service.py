@@ -83,6 +83,7 @@ def run(
     confidence_threshold: options.ConfidenceThreshold = DecodeConfig.confidence_threshold,
     context_tokens: options.ContextTokens = DecodeConfig.context_tokens,
     adaptive_gamma: options.AdaptiveGamma = DecodeConfig.adaptive_gamma,
+    traffic_drafting: options.TrafficDrafting = DecodeConfig.traffic_drafting,
     publish_every: options.PublishEvery = RunConfig.publish_every,
     publish_every_s: options.PublishEverySeconds = RunConfig.publish_every_s,
     replay_ratio: options.ReplayRatio = RunConfig.replay_ratio,
@@ -108,7 +109,7 @@ def run(
     """
     decode = DecodeConfig(gamma=gamma, temperature=temperature, max_new_tokens=max_new_tokens,
                           confidence_threshold=confidence_threshold, context_tokens=context_tokens,
-                          adaptive_gamma=adaptive_gamma)
+                          adaptive_gamma=adaptive_gamma, traffic_drafting=traffic_drafting)
     config = RunConfig(
         workload=_workload(workload), out=out, actors=actors, model=model, exit_layer=exit_layer,
         draft_vocab_size=draft_vocab_size, dtype=dtype, decode=decode, learn=learn, publish_every=publish_every,

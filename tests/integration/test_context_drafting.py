@@ -86,3 +86,29 @@ def test_sampling_with_context_drafts_keeps_the_model_distribution():
     counts, results = sample_two_tokens(SpeculativeDecoder(split), prompt, config, trials=3000)
     assert sum(r.context_drafted for r in results) >= 3000  # the context path really ran
     assert matches_model_distribution(split.model, prompt, counts) > 1e-3
+
+
+def test_a_decoder_drafts_from_the_requests_it_served_and_stays_lossless():
+    split = stories_split(exit_layer=2)
+    decoder = SpeculativeDecoder(split)
+    config = DecodeConfig(gamma=0, context_tokens=6, max_new_tokens=40)
+    first = split.tokenizer("Once upon a time")["input_ids"]
+    again = split.tokenizer("Lily said: Once upon a time")["input_ids"]
+    assert decoder.generate(first, config).traffic_drafted == 0  # nothing served before it
+    assert len(decoder.traffic) > 0  # it fed the index
+    decoder.generate(first, config)  # the index now holds that story twice: confident continuations
+    result = decoder.generate(again, config)
+    assert result.token_ids == hf_greedy(split.model, again, 40)
+    assert 0 < result.traffic_accepted <= result.traffic_drafted <= result.context_drafted
+    off = SpeculativeDecoder(split, traffic=decoder.traffic).generate(again, replace(config, traffic_drafting=False))
+    assert off.traffic_drafted == 0 and off.token_ids == result.token_ids
+    # sampled requests never draft from the traffic (seeded requests stay reproducible), but feed it
+    sampling = replace(config, temperature=0.8)
+    assert decoder.generate(again, sampling, generator=torch.Generator().manual_seed(0)).traffic_drafted == 0
+    fed = SpeculativeDecoder(split)
+    fed.generate(again, sampling, generator=torch.Generator().manual_seed(0))
+    assert len(fed.traffic) > 0
+    # plain AR neither drafts nor feeds it
+    fresh = SpeculativeDecoder(split)
+    fresh.generate(first, DecodeConfig.autoregressive(20))
+    assert len(fresh.traffic) == 0

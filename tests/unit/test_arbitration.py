@@ -100,6 +100,7 @@ def test_the_ablation_switches_arbitration_off_alone():
     assert rows[None].decode.arbitrate is True
     assert rows["arbitration"].decode == DecodeConfig(arbitrate=False)  # everything else as the full method
     assert rows["shared_pass"].decode == DecodeConfig(shared_shallow_pass=False)
+    assert rows["traffic"].decode == DecodeConfig(traffic_drafting=False)
 
 
 def test_the_heads_confidence_is_probed_only_when_the_probe_is_worth_its_cost():

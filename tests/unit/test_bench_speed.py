@@ -151,3 +151,41 @@ def test_peer_methods_are_accepted_but_not_default():
     assert settings.all_methods == ("hf_ar", "ar", "llama_cpp", "llama_cpp_lookup")
     with pytest.raises(ValueError, match="weights"):
         SpeedSettings(prompts="p.jsonl", weights="int3")
+
+
+def test_a_method_that_learns_from_traffic_forgets_its_warm_up_before_timing():
+    from dvi.bench.speed import BenchPrompt, run_benchmark
+
+    class Learning:
+        """Fast on a prompt it has served before, as traffic drafting would be."""
+
+        def __init__(self):
+            self.seen, self.calls = set(), []
+
+        def __call__(self, ids):
+            self.calls.append(("served", tuple(ids), tuple(ids) in self.seen))
+            self.seen.add(tuple(ids))
+            return list(ids), 1
+
+        def forget(self):
+            self.calls.append(("forget",))
+            self.seen.clear()
+
+    method = Learning()
+    prompts = [BenchPrompt(0, "q0", "A", (1, 2)), BenchPrompt(1, "q1", "A", (3, 4))]
+    records = run_benchmark({"learning": method, "plain": lambda ids: (list(ids), 1)}, prompts, warmup=1)
+    assert method.calls == [("served", (1, 2), False), ("forget",), ("served", (1, 2), False), ("served", (3, 4), False)]
+    assert [(r.method, r.prompt_index) for r in records] == [("learning", 0), ("plain", 0), ("plain", 1), ("learning", 1)]
+
+
+def test_our_decoders_forget_drops_the_traffic_index():
+    from common.core.config import DecodeConfig
+    from dvi.bench.speed import DecoderMethod
+    from tests.tiny_models import tiny_split
+
+    method = DecoderMethod(tiny_split(seed=1, exit_layer=1), DecodeConfig(gamma=0, max_new_tokens=6))
+    method([4, 8, 15, 16, 4, 8])
+    assert len(method.decoder.traffic) > 0
+    config = method.decoder.traffic.config
+    method.forget()
+    assert len(method.decoder.traffic) == 0 and method.decoder.traffic.config == config

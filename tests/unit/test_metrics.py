@@ -24,6 +24,7 @@ def test_catalogue_covers_the_required_signals():
     names = set(METRICS_BY_NAME)
     for required in (
         "dvi_actor_tokens_per_second", "dvi_actor_tau", "dvi_actor_acceptance_rate", "dvi_actor_context_acceptance_rate",
+        "dvi_actor_traffic_acceptance_rate", "dvi_actor_traffic_ngrams",
         "dvi_actor_acceptance_rate_by_position", "dvi_actor_gamma", "dvi_actor_weight_version",
         "dvi_actor_version_lag", "dvi_actor_requests_served", "dvi_actor_tokens_generated",
         "dvi_actor_ar_fallback", "dvi_actor_rollbacks",
