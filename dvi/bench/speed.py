@@ -54,7 +54,9 @@ BUILTIN_METHODS: tuple[str, ...] = ("hf_ar", "ar", "hf_prompt_lookup", "hf_early
 """The default methods; PEER_METHODS (llama.cpp, an optional extra) run when --methods names them."""
 HF_METHODS = frozenset({"hf_ar", "hf_prompt_lookup", "hf_early_exit"})
 CONTEXT_ONLY = "dvi_context"
-"""Our decoder drafting from the context only (the exit head off): the bar the learned drafter must clear."""
+"""Our decoder drafting from the context only (the exit head off): the bar the learned drafter must
+clear. Its context includes traffic drafting (earlier requests' n-grams, DecodeConfig.traffic_drafting),
+as `dvi`'s does, so the ratio of the two is what the exit head adds."""
 OVERALL = "overall"
 PROMPT_LOOKUP_NUM_TOKENS = 10
 ROW_FIELDS = (
