@@ -25,6 +25,7 @@ import logging
 import weakref
 from dataclasses import asdict
 from pathlib import Path
+from typing import Sequence
 
 import peft
 import torch
@@ -536,9 +537,7 @@ class SplitModel:
             longest = min(self.COST_CONTEXTS[-1], self.max_positions - 8) if self.max_positions else self.COST_CONTEXTS[-1]
             contexts = sorted({min(c, longest) for c in self.COST_CONTEXTS})
             self._timed_costs = tuple((c, self._time_costs(context=c)) for c in contexts)
-        (short, at_short), (long, at_long) = self._timed_costs[0], self._timed_costs[-1]
-        t = 0.0 if long == short else min(1.0, max(0.0, (length - short) / (long - short)))
-        return tuple(a + t * (b - a) for a, b in zip(at_short, at_long))
+        return interpolated_costs(self._timed_costs, length)
 
     def _time_costs(self, context: int = 64, repeats: int = 5, block: int = 5) -> tuple[float, float, float]:
         """(`draft_cost`, `row_cost`, `probe_cost`) timed on native weights, each piece the fastest
@@ -749,6 +748,14 @@ def lora_merged_weight(module: nn.Module) -> torch.Tensor:
         if name in module.lora_A:
             weight = weight + module.get_delta_weight(name).detach()
     return weight
+
+
+def interpolated_costs(timed: Sequence[tuple[int, Sequence[float]]], length: int) -> tuple[float, ...]:
+    """Costs at a sequence of `length` tokens from (length, costs) timings sorted by length: linear
+    between the first and the last timing, clamped to them outside (`SplitModel.costs`)."""
+    (short, at_short), (long, at_long) = timed[0], timed[-1]
+    t = 0.0 if long == short else min(1.0, max(0.0, (length - short) / (long - short)))
+    return tuple(a + t * (b - a) for a, b in zip(at_short, at_long))
 
 
 def lm_head_rows(head: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

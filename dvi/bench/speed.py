@@ -136,7 +136,7 @@ class SpeedSettings:
     blocks) or dequantized (fp32); HF's methods always run the dequantised fp32 model."""
     held_out: bool = False
     """Time only the held-out half of the prompts (the half `--learn` never trains on), before
-    --per-category and --limit pick from it."""
+    --per-category and --limit pick from it. Not with `learn`, which makes that split itself."""
     threads: int | None = None
     """CPU threads of every method (torch's and llama.cpp's); None = torch's current setting."""
 
@@ -178,6 +178,9 @@ class SpeedSettings:
                 raise ValueError(f"--learn: unknown schedule {kind!r}: use {', '.join(SCHEDULE_KINDS)}")
         if len(set(self.learn)) != len(self.learn):
             raise ValueError("--learn names a schedule twice")
+        if self.learn and self.held_out:
+            raise ValueError("--held-out with --learn would learn on half of the held-out half: --learn already splits "
+                             "the prompts (each task's first half learns, its second half is timed), so drop --held-out")
         for name in ("learn_updates_per_request", "learn_batch_tokens", "learn_publish_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

@@ -93,7 +93,7 @@ def speed(
     device: str = typer.Option(SpeedSettings.device, "--device", help="Torch device, e.g. cpu or cuda:0."),
     weights: options.Weights = ModelSpec.weights,
     held_out: bool = typer.Option(
-        False, "--held-out", help="Time only the held-out half (the prompts `--learn` never trains on), then apply --per-category/--limit."
+        False, "--held-out", help="Time only the held-out half (the prompts `--learn` never trains on), then apply --per-category/--limit. Not with --learn, which splits the prompts itself."
     ),
     threads: options.Threads = None,
 ) -> None:

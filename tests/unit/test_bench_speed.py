@@ -111,6 +111,8 @@ def test_flag_parsing_and_validation():
     assert SpeedSettings(prompts="p", gamma=0, context_tokens=4).decode_config().context_tokens == 4  # context only
     with pytest.raises(ValueError, match="unknown schedule"):
         SpeedSettings(prompts="p", learn=("kl-only", "sgd"))
+    with pytest.raises(ValueError, match="drop --held-out"):  # it would learn on held-out prompts
+        SpeedSettings(prompts="p", learn=("kl-only",), held_out=True)
     learned = SpeedSettings(prompts="p", methods=("hf_ar", "dvi"), learn=("kl-only", "kl-rl"))
     assert learned.all_methods == ("hf_ar", "dvi", "dvi_kl-only", "dvi_kl-rl")  # dvi: the default drafter, frozen
     with pytest.raises(ValueError, match="dvi_context drafts from the context only"):
