@@ -54,6 +54,9 @@ probability q (its confidence then drawn from the positions where it agrees toda
 oracles? A head that got better would likely also be surer where it agrees, so the `sure` columns
 give it confidence 0.9 there instead (the product's rule then drafts those positions).
 
+Fidelity (--check N): the decoder itself (`SpeculativeDecoder`, `SplitModel.use_costs` with the
+recorded costs, the same traffic) decodes the first N replayed prompts; its verifier passes and
+head drafts per request are compared with the replay's.
 Drafters (--drafter NAME=DIR, repeatable): other exit heads, e.g. the adapters `dvi bench speed
 --learn` saves after online learning, recorded along the same outputs and replayed beside the
 shipped one: goal (b) in priced passes, free of timing noise.
@@ -163,6 +166,33 @@ def record_drafters(path: Path, data: dict, adapters: dict[str, str]) -> None:
     path.write_text(json.dumps(data))
 
 
+def check_against_decoder(data: dict, feed: list[dict], evaluate: list[dict], costs: "Costs") -> list[dict]:
+    """The decoder itself (`SpeculativeDecoder`, the recorded costs, a traffic index fed as the
+    replay feeds its own) on `evaluate` in order, for the `context` and `dvi` policies: verifier
+    passes and exit-head drafts against the replay's, per request."""
+    from common.decoding.speculative import SpeculativeDecoder
+
+    split = _load_split()
+    split.use_costs(costs.points)
+    out = []
+    for policy, config in (("context", DecodeConfig(gamma=0, max_new_tokens=data["max_new_tokens"])),
+                           ("dvi", DecodeConfig(max_new_tokens=data["max_new_tokens"]))):
+        traffic = TrafficIndex(TrafficConfig())
+        for row in feed:
+            traffic.add(row["prompt"] + row["output"])
+        decoder = SpeculativeDecoder(split, traffic=traffic)
+        results = [decoder.generate(row["prompt"], config) for row in evaluate]
+        if any(r.token_ids != row["output"] for r, row in zip(results, evaluate)):
+            raise SystemExit(f"{policy}: the decoder's output differs from the recorded one")
+        replayed = replay(feed, evaluate, policy, costs)
+        out.append({"policy": policy, "requests": len(evaluate),
+                    "passes": sum(r.verifier_passes for r in results), "replayed_passes": replayed.blocks,
+                    "equal_requests": sum(r.verifier_passes == b for r, b in zip(results, replayed.blocks_per_request)),
+                    "head_drafted": sum(r.drafted for r in results), "head_accepted": sum(r.accepted for r in results),
+                    "replayed_head_drafted": replayed.head_drafted, "replayed_head_accepted": replayed.head_accepted})
+    return out
+
+
 # --------------------------------------------------------------------------- replay (pure)
 class Costs:
     """(draft step c, verify row r, probe p) in one-row verifier passes at any sequence length, from
@@ -186,7 +216,7 @@ class Totals:
     head_accepted: int = 0
     probes: int = 0
     head_cost: float = 0.0
-    extra: dict = field(default_factory=dict)
+    blocks_per_request: list[int] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
@@ -298,6 +328,7 @@ def replay(feed: list[dict], evaluate: list[dict], policy: str, costs: Costs, he
             totals.blocks += 1
             totals.cost += cost
         totals.tokens += len(truth)
+        totals.blocks_per_request.append(totals.blocks - sum(totals.blocks_per_request))
         traffic.add(prompt + truth)
         carried_context, carried_draft = context_stats, draft_stats
     return totals
@@ -341,6 +372,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--split", choices=("held-out", "tune"), default="held-out")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/arbitration_replay"))
+    ap.add_argument("--check", type=int, default=0, metavar="N",
+                    help="Also decode the first N replayed prompts with the decoder itself and the recorded costs, and compare.")
     ap.add_argument("--drafter", action="append", default=[], metavar="NAME=DIR",
                     help="Also replay the exit head of this adapter (e.g. one `dvi bench speed --learn` saved); repeatable.")
     args = ap.parse_args()
@@ -407,6 +440,14 @@ def main() -> None:
                   "| drafter | head agreement | dvi (product rule) | oracle | oracle-stop |", "|---|---:|---:|---:|---:|"]
         lines += [f"| {r['drafter']} | {r['agreement']:.1%} | {r['dvi']:.3f}x | {r['oracle']:.3f}x | {r['oracle-stop']:.3f}x |"
                   for r in compared]
+    checked = check_against_decoder(data, feed, evaluate[: args.check], costs) if args.check > 0 else []
+    if checked:
+        lines += ["", f"Fidelity: the decoder itself on the first {args.check} replayed prompts, with the recorded costs:", "",
+                  "| policy | verifier passes (decoder / replay) | requests with equal passes | head drafted / accepted (decoder / replay) |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {c['policy']} | {c['passes']} / {c['replayed_passes']} | {c['equal_requests']} of {c['requests']} "
+                  f"| {c['head_drafted']} / {c['head_accepted']} against {c['replayed_head_drafted']} / {c['replayed_head_accepted']} |"
+                  for c in checked]
     text = "\n".join(lines) + "\n"
     print(text)
     out.mkdir(parents=True, exist_ok=True)
@@ -418,7 +459,7 @@ def main() -> None:
     (out / f"{stem}.json").write_text(json.dumps({"machine": data["machine"], "split": args.split, "costs": data["costs"],
                                                              "policies": summary, "better_heads": sweep,
                                                              "confidence_stop": stops, "cheaper": scaled,
-                                                             "drafters": compared}, indent=1))
+                                                             "drafters": compared, "fidelity": checked}, indent=1))
     plot(sweep, out / f"{stem}.png")
 
 

@@ -539,6 +539,18 @@ class SplitModel:
             self._timed_costs = tuple((c, self._time_costs(context=c)) for c in contexts)
         return interpolated_costs(self._timed_costs, length)
 
+    def use_costs(self, timed: Sequence[tuple[int, Sequence[float]]]) -> None:
+        """Price blocks with these (length, (draft, row, probe)) timings instead of timing them here
+        (native weights; `costs` interpolates between the first and the last): a replay or a benchmark
+        that must make the same draft choices as another process uses that process's costs.
+        ValueError unless lengths ascend from >= 0 and every cost is three floats >= 0."""
+        points = tuple((int(n), tuple(float(x) for x in v)) for n, v in timed)
+        if not points or any(n < 0 for n, _ in points) or [n for n, _ in points] != sorted({n for n, _ in points}):
+            raise ValueError(f"costs need ascending, distinct lengths >= 0, got {[n for n, _ in points]}")
+        if any(len(v) != 3 or min(v) < 0 for _, v in points):
+            raise ValueError("each timing is (draft, row, probe) costs >= 0")
+        self._timed_costs = points
+
     def _time_costs(self, context: int = 64, repeats: int = 5, block: int = 5) -> tuple[float, float, float]:
         """(`draft_cost`, `row_cost`, `probe_cost`) timed on native weights, each piece the fastest
         of `repeats` after a `context`-token prefill: (shallow pass + exit-head draft of one token)

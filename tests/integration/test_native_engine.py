@@ -139,3 +139,16 @@ def test_costs_are_timed_at_a_short_and_a_long_context_and_interpolated_by_lengt
     middle = (short + top) // 2
     assert split.costs(middle) == pytest.approx((0.1 + middle / 1000, middle / 2000, 0.05))
     assert len(timed) == 2  # timed once per split, whatever is asked afterwards
+
+
+def test_given_costs_replace_the_timing(monkeypatch):
+    """`use_costs`: a split prices blocks with another process's timings and times nothing itself."""
+    split = native_tiny_split(seed=8, exit_layer=2)
+    monkeypatch.setattr(type(split), "_time_costs", lambda self, context: pytest.fail("timed although costs were given"))
+    split.use_costs([(64, (0.2, 0.1, 0.1)), (1024, (0.4, 0.3, 0.1))])
+    assert split.costs(0) == (0.2, 0.1, 0.1)
+    assert split.costs(544) == pytest.approx((0.3, 0.2, 0.1))
+    for bad in ([], [(1024, (0.2, 0.1, 0.1)), (64, (0.2, 0.1, 0.1))], [(64, (0.2, 0.1))], [(64, (0.2, -0.1, 0.1))]):
+        with pytest.raises(ValueError):
+            split.use_costs(bad)
+    assert split.costs(0) == (0.2, 0.1, 0.1)  # a rejected call changed nothing

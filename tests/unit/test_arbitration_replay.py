@@ -30,6 +30,9 @@ def test_context_blocks_priced_by_their_rows():
     assert (totals.tokens, totals.blocks) == (7, 3)
     assert totals.cost == pytest.approx(3.4)
     assert totals.head_blocks == totals.probes == 0
+    twice = replay_module.replay([], [row, row], "context", costs)
+    # per request: the traffic of one request is below the index's count bar (2), so the same 3
+    assert twice.blocks_per_request == [3, 3] and twice.blocks == 6
 
 
 def test_a_confident_right_head_drafts_what_adaptive_gamma_allows():
