@@ -2,6 +2,7 @@
 decoder's block loop, with the rule the product uses, with an oracle, and with better heads.
 
     python benchmarks/arbitration_replay.py [--out DIR] [--max-new-tokens T] [--split tune|held-out]
+        [--check N] [--drafter NAME=ADAPTER_DIR ...]
 
 Goal (a) of issue 13 asks `dvi` for 1.15x `dvi_context`; it has measured 0.98-1.01x. Timed runs
 cannot say whether the rule that picks a block's draft source (common/core/arbitration.py) is to
@@ -29,8 +30,8 @@ wall time; after a rejected head draft the head's confidence for the positions a
 along the output, so only the rejected tail's length (its rows) may differ from a live run; the
 head's predictions are recorded in one pass over each sequence, where the decoder runs it a row
 at a time (a near-tie could break the other way); a draft is capped by the recorded output's end,
-where the decoder caps it by the token budget (it may draft past an EOS). The replay's `context`
-and `dvi` tau are checked against the timed traffic probe's (same split and traffic).
+where the decoder caps it by the token budget (it may draft past an EOS). `--check` measures what
+they amount to against the decoder itself.
 
 Policies (every one lossless: they only choose proposals):
   context     context drafting only (own context, then traffic), as `dvi_context`;
@@ -377,6 +378,8 @@ def main() -> None:
     ap.add_argument("--drafter", action="append", default=[], metavar="NAME=DIR",
                     help="Also replay the exit head of this adapter (e.g. one `dvi bench speed --learn` saved); repeatable.")
     args = ap.parse_args()
+    if args.check < 0:
+        ap.error(f"--check must be >= 0, got {args.check}")
     drafters = dict(_named_directory(item) for item in args.drafter)
     out = Path(args.out)
     cache = out / "replay_inputs.json"
