@@ -55,6 +55,8 @@ probability q (its confidence then drawn from the positions where it agrees toda
 oracles? A head that got better would likely also be surer where it agrees, so the `sure` columns
 give it confidence 0.9 there instead (the product's rule then drafts those positions).
 
+Head agreement per task: each head's agreement on the replayed generated positions, per
+Spec-Bench task.
 Fidelity (--check N): the decoder itself (`SpeculativeDecoder`, `SplitModel.use_costs` with the
 recorded costs, the same traffic) decodes the first N replayed prompts; its verifier passes and
 head drafts per request are compared with the replay's.
@@ -87,6 +89,7 @@ from common.core.arbitration import (  # noqa: E402
 )
 from common.core.config import DecodeConfig, TrafficConfig  # noqa: E402
 from common.core.context_draft import ContextIndex  # noqa: E402
+from common.core.prompts import spec_bench_task  # noqa: E402
 from common.core.traffic_draft import TrafficIndex  # noqa: E402
 from common.model.split import interpolated_costs  # noqa: E402
 
@@ -443,6 +446,19 @@ def main() -> None:
                   "| drafter | head agreement | dvi (product rule) | oracle | oracle-stop |", "|---|---:|---:|---:|---:|"]
         lines += [f"| {r['drafter']} | {r['agreement']:.1%} | {r['dvi']:.3f}x | {r['oracle']:.3f}x | {r['oracle-stop']:.3f}x |"
                   for r in compared]
+    tasks = list(dict.fromkeys(spec_bench_task(row["category"]) for row in evaluate))
+    names = ["dvi (the shipped warm start)", *drafters]
+    per_task = []
+    for task in tasks:
+        rows = [row for row in evaluate if spec_bench_task(row["category"]) == task]
+        entry = {"task": task, "positions": sum(len(row["output"]) for row in rows)}
+        for name in names:
+            heads = [(row["head_top1"], row["head_confidence"]) if name not in drafters else tuple(row["drafters"][name]) for row in rows]
+            entry[name] = agreement(rows, heads)
+        per_task.append(entry)
+    lines += ["", "Head agreement per task (generated positions of the replayed prompts):", "",
+              "| task | positions | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+    lines += [f"| {e['task']} | {e['positions']} | " + " | ".join(f"{e[name]:.1%}" for name in names) + " |" for e in per_task]
     checked = check_against_decoder(data, feed, evaluate[: args.check], costs) if args.check > 0 else []
     if checked:
         lines += ["", f"Fidelity: the decoder itself on the first {args.check} replayed prompts, with the recorded costs:", "",
@@ -462,7 +478,8 @@ def main() -> None:
     (out / f"{stem}.json").write_text(json.dumps({"machine": data["machine"], "split": args.split, "costs": data["costs"],
                                                              "policies": summary, "better_heads": sweep,
                                                              "confidence_stop": stops, "cheaper": scaled,
-                                                             "drafters": compared, "fidelity": checked}, indent=1))
+                                                             "drafters": compared, "fidelity": checked,
+                                                             "agreement_per_task": per_task}, indent=1))
     plot(sweep, out / f"{stem}.png")
 
 
