@@ -219,7 +219,6 @@ class Totals:
     head_drafted: int = 0
     head_accepted: int = 0
     probes: int = 0
-    head_cost: float = 0.0
     blocks_per_request: list[int] = field(default_factory=list)
 
     @property
@@ -256,7 +255,7 @@ def replay(feed: list[dict], evaluate: list[dict], policy: str, costs: Costs, he
             context_stats.since_probe = draft_stats.since_draft = 0
         else:
             context_stats, draft_stats = ContextStats(), DraftStats()
-        done = 0
+        done, blocks_before = 0, totals.blocks
         while done < len(truth):
             room = len(truth) - done - 1
             c, r, p = costs.at(len(prompt) + done)
@@ -286,9 +285,10 @@ def replay(feed: list[dict], evaluate: list[dict], policy: str, costs: Costs, he
                     return (accepted + 1) / (1 + steps * p + drafted * (c - p + r))
 
                 # the head's best draft limit knowing the outcome (oracle-stop: the longest is best)
-                gamma = max(range(1, min(gamma_max, room) + 1), key=lambda g: (head_rate(g), -g))
+                rates = {g: head_rate(g) for g in range(1, min(gamma_max, room) + 1)}
+                gamma = max(rates, key=lambda g: (rates[g], -g))
                 context_rate = (_run_length(context, truth[done:]) + 1) / (1 + r * len(context))
-                use_head = not context or head_rate(gamma) > context_rate
+                use_head = not context or rates[gamma] > context_rate
             elif head_on and context:
                 args = (len(context), context_stats.estimate(ngram), gamma,
                         draft_stats.prior if draft_stats.acceptance is None else draft_stats.acceptance)
@@ -299,40 +299,29 @@ def replay(feed: list[dict], evaluate: list[dict], policy: str, costs: Costs, he
                         context_stats.observe_probe(True, use_head)
                     else:
                         context_stats.observe_probe(False)
-            cost = 1.0
-            if probed:
-                totals.probes += 1
-                cost += p
-                totals.head_cost += p
-            if use_head:
-                if gamma > 0 or not context:
-                    drafted, accepted, steps = head_draft(gamma, policy == "oracle-stop")
-                    steps -= 1 if probed and steps else 0  # the probe was the first step
-                    head_cost = steps * p + drafted * (c - p)
-                    cost += head_cost + r * drafted
-                    totals.head_cost += head_cost
-                    draft_stats.observe_block(drafted, accepted)
-                    totals.head_blocks += 1
-                    totals.head_over_context += bool(context)
-                    totals.head_drafted += drafted
-                    totals.head_accepted += accepted
-                    commit = truth[done: done + accepted + 1]
-                    index.extend(commit)
-                    done += len(commit)
-                    totals.blocks += 1
-                    totals.cost += cost
-                    continue
-            accepted = _run_length(context, truth[done:])
-            if context:
-                context_stats.observe_block(ngram, len(context), accepted)
-            cost += r * len(context)
+            cost = 1.0 + (p if probed else 0.0)
+            totals.probes += probed
+            if use_head and (gamma > 0 or not context):
+                drafted, accepted, steps = head_draft(gamma, policy == "oracle-stop")
+                steps -= 1 if probed and steps else 0  # the probe was the first step
+                cost += steps * p + drafted * (c - p) + r * drafted
+                draft_stats.observe_block(drafted, accepted)
+                totals.head_blocks += 1
+                totals.head_over_context += bool(context)
+                totals.head_drafted += drafted
+                totals.head_accepted += accepted
+            else:
+                accepted = _run_length(context, truth[done:])
+                if context:
+                    context_stats.observe_block(ngram, len(context), accepted)
+                cost += r * len(context)
             commit = truth[done: done + accepted + 1]
             index.extend(commit)
             done += len(commit)
             totals.blocks += 1
             totals.cost += cost
         totals.tokens += len(truth)
-        totals.blocks_per_request.append(totals.blocks - sum(totals.blocks_per_request))
+        totals.blocks_per_request.append(totals.blocks - blocks_before)
         traffic.add(prompt + truth)
         carried_context, carried_draft = context_stats, draft_stats
     return totals

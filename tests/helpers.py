@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
+import sys
+from pathlib import Path
 
 import torch
 
@@ -200,3 +203,20 @@ def run_watcher(generator, seconds: float, poll_s: float = 0.5) -> None:
     time.sleep(seconds)
     stop.set()
     watcher.join(timeout=5)
+
+
+def load_benchmark(name: str):
+    """The module of benchmarks/<name>.py (the benchmarks are scripts, not a package), loaded once and
+    registered in sys.modules under `name`, where its dataclasses look their module up."""
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module

@@ -4,22 +4,15 @@ A change to the decoder's draft-source choices (common/decoding/speculative.py `
 `_arbitrate`) that the replay does not follow fails here.
 """
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 from common.core.config import DecodeConfig
 from common.core.traffic_draft import TrafficIndex
 from common.decoding.speculative import SpeculativeDecoder
+from tests.helpers import load_benchmark
 from tests.tiny_models import stories_split
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "arbitration_replay.py"
-_spec = importlib.util.spec_from_file_location("arbitration_replay", _PATH)
-replay_module = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = replay_module  # its dataclasses look their module up
-_spec.loader.exec_module(replay_module)
+replay_module = load_benchmark("arbitration_replay")
 
 TEXTS = ("Once upon a time", "Tom and Sue went to the park. Tom and Sue", "The cat sat. The cat",
          "Lily had a red ball. She", "One day, a little dog", "Ben and his mom went to the store.",

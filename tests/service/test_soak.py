@@ -8,19 +8,13 @@ is dead-lettered, and produced = applied + dead-lettered + counted as lost.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+
+from tests.helpers import load_benchmark
 
 pytestmark = pytest.mark.slow
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "soak.py"
-_spec = importlib.util.spec_from_file_location("soak", _PATH)
-soak = importlib.util.module_from_spec(_spec)
-sys.modules["soak"] = soak  # dataclasses look their module up there
-_spec.loader.exec_module(soak)
+soak = load_benchmark("soak")
 
 
 def test_short_soak_serves_through_every_fault_and_accounts_for_everything(tmp_path):

@@ -1,16 +1,10 @@
 """benchmarks/arbitration_replay.py: the replay of the decoder's block loop, on hand-computed cases."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "arbitration_replay.py"
-_spec = importlib.util.spec_from_file_location("arbitration_replay", _PATH)
-replay_module = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = replay_module  # its dataclasses look their module up
-_spec.loader.exec_module(replay_module)
+from tests.helpers import load_benchmark
+
+replay_module = load_benchmark("arbitration_replay")
 
 
 def _row(prompt, output, top1=None, confidence=None, category="task", part="held"):

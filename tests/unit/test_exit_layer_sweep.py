@@ -1,14 +1,10 @@
 """benchmarks/exit_layer_sweep.py: one row per exit layer from a `dvi bench speed --learn` report."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "exit_layer_sweep.py"
-_spec = importlib.util.spec_from_file_location("exit_layer_sweep", _PATH)
-sweep = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sweep)
+from tests.helpers import load_benchmark
+
+sweep = load_benchmark("exit_layer_sweep")
 
 
 def _row(method, category, tps, speedup, tau, identical=1.0):

@@ -1,18 +1,13 @@
 """benchmarks/plateau_probe.py: the second exit layer starts as the identity and trains."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
 from common.core.config import DrafterConfig
 from common.model.split import SplitModel
+from tests.helpers import load_benchmark
 from tests.tiny_models import randomize_adapter, tiny_llama
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "plateau_probe.py"
-_spec = importlib.util.spec_from_file_location("plateau_probe", _PATH)
-probe = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(probe)
+probe = load_benchmark("plateau_probe")
 
 
 def test_second_exit_layer_starts_as_the_identity_and_is_in_the_path():

@@ -1,14 +1,10 @@
 """benchmarks/topk_agreement.py: top-k hits split by whether context drafting matches."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "topk_agreement.py"
-_spec = importlib.util.spec_from_file_location("topk_agreement", _PATH)
-probe = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(probe)
+from tests.helpers import load_benchmark
+
+probe = load_benchmark("topk_agreement")
 
 
 def test_topk_hits_by_position_kind():
