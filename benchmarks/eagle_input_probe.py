@@ -267,15 +267,15 @@ def probe_text(split, args, cache: Path) -> tuple[list[dict], list[dict]]:
     return held, train
 
 
-def draft_vocab(split, tr: list[dict], size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def draft_vocab(split, tr: list[dict], size: int, given: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(the `size` most frequent verifier argmaxes of the train text, EOS included, padded with the
-    lowest unused ids, sorted; full id -> draft-vocabulary index, -1 outside it; how many distinct
-    argmaxes the train text has). Sets each train sequence's "local" (its top-K ids as draft
-    indices) and "valid" (those inside the draft vocabulary)."""
+    lowest unused ids, sorted, or the sorted ids `given`; full id -> draft-vocabulary index, -1
+    outside it; how many distinct argmaxes the train text has). Sets each train sequence's "local"
+    (its top-K ids as draft indices) and "valid" (those inside the draft vocabulary)."""
     counts = Counter()
     for d in tr:
         counts.update(d["top1"].tolist())
-    vocab_ids = set(sorted(split.eos_token_ids))
+    vocab_ids = set(sorted(split.eos_token_ids)) if given is None else set(given.tolist())
     for tok, _ in counts.most_common():
         if len(vocab_ids) >= size:
             break
