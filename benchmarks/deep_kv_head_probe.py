@@ -64,7 +64,8 @@ from torch import nn
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from eagle_head_probe import agreement  # noqa: E402
 from eagle_input_probe import (  # noqa: E402
-    OUT as TEXT_DIR, Head, draft_vocab, kl_loss, optimiser_step, probe_arguments, probe_start, probe_text, teacher, training_order,
+    OUT as TEXT_DIR, Head, draft_vocab, kl_loss, optimiser_step, probe_arguments, probe_start, probe_text, stage_table, teacher,
+    training_order,
 )
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: E402
 
@@ -154,13 +155,6 @@ def evaluate(head: nn.Module, data: list[dict], vocab: torch.Tensor, mode: str) 
     return hit / max(tot, 1)
 
 
-@torch.no_grad()
-def deep_states(split, seqs: list[dict], layer: int) -> list[torch.Tensor]:
-    """hidden_states[layer] [T, H] of each sequence (fp32 verifier)."""
-    return [split.model(input_ids=torch.tensor([s["ids"]]), output_hidden_states=True).hidden_states[layer][0].float().clone()
-            for s in seqs]
-
-
 def main() -> None:
     ap = probe_arguments(__doc__, 421)
     ap.add_argument("--train-depth", choices=("1", "mix"), default="1")
@@ -181,13 +175,9 @@ def main() -> None:
     split = probe_start(args, OUT)
     k = split.exit_layer
     held, train = probe_text(split, args, TEXT_DIR / "sequences.json")
-    tr, he = teacher(split, train, k, args.topk), teacher(split, held, k, args.topk)
-    if args.deep_layer is None:
-        for d in tr + he:
-            d["D"] = d["F"]
-    else:
-        for d, D in zip(tr + he, deep_states(split, train + held, args.deep_layer)):
-            d["D"] = D
+    tr, he = (teacher(split, seqs, k, args.topk, args.deep_layer) for seqs in (train, held))
+    for d in tr + he:
+        d["D"] = d["F"] if args.deep_layer is None else d.pop("deep")
     given = split.draft_vocab if args.start == "warm" else None
     vocab, _, _ = draft_vocab(split, tr, len(given) if given is not None else args.draft_vocab, given)
     train_pos = sum(len(d["top1"]) for d in tr)
@@ -206,10 +196,11 @@ def main() -> None:
             head, modes = Head(split, k, vocab, fuse=False), (name,)
         if args.start == "warm":
             from_warm_start(head, split)
-        params = [p for p in head.parameters() if p.requires_grad]
-        deep = [p for n, p in head.named_parameters() if p.requires_grad and n.startswith("deep_")]
-        rest = [p for p in params if all(p is not q for q in deep)]
-        groups = [{"params": rest}] + ([{"params": deep, "lr": args.deep_lr or args.lr}] if deep else [])
+        named = [(n, p) for n, p in head.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
+        deep = [p for n, p in named if n.startswith("deep_")]  # G's new parameters, at --deep-lr
+        groups = [{"params": [p for n, p in named if not n.startswith("deep_")]}] + (
+            [{"params": deep, "lr": args.deep_lr or args.lr}] if deep else [])
         opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)
         sched = lr_schedule(opt, "cosine", steps)
         curve = [{"stage": 0, "steps": 0, "train_s": 0.0, **{m: evaluate(head, he, vocab, m) for m in modes}}]
@@ -241,11 +232,7 @@ def main() -> None:
         results[name] = curve
 
     names = [m for name in args.heads.split(",") for m in (("G1", "G2", "G3") if name == "G" else (name,))]
-    curves = {m: results[m[0]] for m in names}
-    table = ["| stage | steps | epochs | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
-    for i in range(args.stages + 1):
-        steps_i = curves[names[0]][i]["steps"]
-        table.append(f"| {i} | {steps_i} | {steps_i / len(tr):.2f} | " + " | ".join(f"{curves[m][i][m]:.3f}" for m in names) + " |")
+    table = stage_table(names, {m: results[m[0]] for m in names}, args.stages, len(tr))
     L = split.model.config.num_hidden_layers
     meta = {
         "model": split.model_id, "exit_layer": k,

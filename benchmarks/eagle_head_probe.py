@@ -43,7 +43,8 @@ from torch import nn
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from eagle_input_probe import (  # noqa: E402
-    OUT as TEXT_DIR, Head, draft_vocab, kl_loss, optimiser_step, probe_arguments, probe_start, probe_text, teacher, training_order,
+    OUT as TEXT_DIR, Head, draft_vocab, kl_loss, optimiser_step, probe_arguments, probe_start, probe_text, stage_table, teacher,
+    training_order,
 )
 
 from learner.warmstart import lr_schedule  # noqa: E402
@@ -160,11 +161,7 @@ def main() -> None:
         results[name] = curve
 
     names = [m for name in args.heads.split(",") for m in (("A",) if name == "A" else ("E1", "E2"))]
-    table = ["| stage | steps | epochs | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
-    curves = {m: results["A" if m == "A" else "E"] for m in names}
-    for i in range(args.stages + 1):
-        steps_i = curves[names[0]][i]["steps"]
-        table.append(f"| {i} | {steps_i} | {steps_i / len(tr):.2f} | " + " | ".join(f"{curves[m][i][m]:.3f}" for m in names) + " |")
+    table = stage_table(names, {m: results["A" if m == "A" else "E"] for m in names}, args.stages, len(tr))
     meta = {
         "model": split.model_id, "exit_layer": k, "e_layer_init": f"copy of decoder layer {L - 1 if args.e_init == 'last' else k}",
         "train_prompts": len(tr), "train_positions": train_pos, "heldout_prompts": len(he),

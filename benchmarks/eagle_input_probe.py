@@ -95,8 +95,9 @@ def sequences(split, prompts, max_new: int, cache: Path, tag: str) -> list[dict]
 
 
 @torch.no_grad()
-def teacher(split, seqs: list[dict], k: int, topk: int) -> list[dict]:
-    """Per sequence: h_k [T,H], F (pre-norm last-layer output) [T,H], argmax [T], top-K ids/log-probs [T,K]."""
+def teacher(split, seqs: list[dict], k: int, topk: int, deep_layer: int | None = None) -> list[dict]:
+    """Per sequence: h_k [T,H], F (pre-norm last-layer output) [T,H], argmax [T], top-K ids/log-probs [T,K];
+    with `deep_layer` j, also "deep": hidden_states[j] [T,H] of the same forward."""
     model = split.model
     captured = {}
     hook = model.model.layers[-1].register_forward_hook(lambda m, i, o: captured.__setitem__("F", o[0] if isinstance(o, tuple) else o))
@@ -110,6 +111,8 @@ def teacher(split, seqs: list[dict], k: int, topk: int) -> list[dict]:
             lp, ti = logp.topk(topk, -1)
             out.append({"h": res.hidden_states[k][0].float().clone(), "F": captured["F"][0].float().clone(),
                         "top1": ti[:, 0].clone(), "topk_ids": ti, "topk_lp": lp, "start": s["start"]})
+            if deep_layer is not None:
+                out[-1]["deep"] = res.hidden_states[deep_layer][0].float().clone()
     finally:
         hook.remove()
     print(f"teacher forward over {len(seqs)} sequences ({sum(len(s['ids']) for s in seqs)} tokens) in {time.time() - t0:.0f}s", flush=True)
@@ -292,6 +295,16 @@ def draft_vocab(split, tr: list[dict], size: int, given: torch.Tensor | None = N
         d["local"] = lookup[d["topk_ids"]]
         d["valid"] = d["local"] >= 0
     return vocab, lookup, len(counts)
+
+
+def stage_table(names: list[str], curves: dict[str, list[dict]], stages: int, sequences: int) -> list[str]:
+    """Markdown rows: per stage, its steps, epochs (steps / `sequences`) and each name's agreement, read
+    from `curves[name][stage][name]` (stage 0 is before training)."""
+    table = ["| stage | steps | epochs | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    for i in range(stages + 1):
+        steps_i = curves[names[0]][i]["steps"]
+        table.append(f"| {i} | {steps_i} | {steps_i / sequences:.2f} | " + " | ".join(f"{curves[m][i][m]:.3f}" for m in names) + " |")
+    return table
 
 
 def training_order(sequences: int, epochs: float, seed: int, stages: int) -> tuple[list[int], set[int]]:
