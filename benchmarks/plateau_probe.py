@@ -1,6 +1,7 @@
 """What holds the exit head's agreement at its plateau: its capacity, or the text it learns from?
 
-    python benchmarks/plateau_probe.py [--seeds N] [--in-distribution M] [--per-task P] [--samples S] [--out DIR]
+    python benchmarks/plateau_probe.py [--seeds N] [--in-distribution M] [--per-task P] [--samples S]
+        [--variants one,two,spec_bench_half,same_prompts,sharp,hard] [--steps N] [--out DIR]
 
 The shipped warm start's curve flattens at about 36% held-out agreement from 600k corpus tokens
 on. Three fine-tunings of the default drafter, from the same start, at the same steps and rates
@@ -16,6 +17,14 @@ given; cosine decay), tell the explanations apart:
   spec_bench_half: a diagnostic, never shipped: the other half of the Spec-Bench dev prompts,
        each sampled S times like the warm start's seeds; what text of the evaluation's own tasks
        (other prompts of them) would do, the distribution the self-written seeds lack;
+  same_prompts: a bound, never shipped: the scored held-out prompts themselves, each sampled S
+       times (their greedy continuations, which are scored, lie close to these samples). No traffic
+       can be nearer the evaluation than this: what the head agrees here is about the most any
+       amount of in-domain text could teach it at this exit layer and budget;
+  own_prompts: the same bound's prompt half only: the scored prompts' own prompt positions (the
+       verifier's distribution at every position whose next token is in the prompt, once per
+       prompt), nothing they generated. What a head could learn from a request before decoding it
+       (test-time training on its prompt); `same_prompts` minus this is what the answers teach;
   sharp, hard: the objective, not the text: `one`'s corpus and steps with the teacher sharpened,
        its top-K log-probs renormalised at `--teacher-temperature` (sharp) or made one-hot on its
        top-1 (hard: cross-entropy on the verifier's greedy token), the drafter still at T = 1.
@@ -23,7 +32,8 @@ given; cosine decay), tell the explanations apart:
        spends less of it matching the verifier's tail may agree more often.
 Every one is scored before and after on the held-out half of the dev prompts (the first P of each
 category, per task too), never trained on by any, and on the M fresh seeds' text (held out, "in
-distribution": text like the corpus's, not in it). A head short of capacity gains more with the
+distribution": text like the corpus's, not in it; only when a variant trains on the fresh corpus or
+`--steps` is not given, since the fresh corpus sets the steps). A head short of capacity gains more with the
 second layer; one short of the right text agrees far better in distribution than on Spec-Bench
 and gains most from the diagnostic. The second layer is a training-view probe (no fast-engine
 drafting path): with it a draft step would cost one more layer, about 1/30 of a forward.
@@ -34,9 +44,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import sys
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -48,6 +60,7 @@ sys.path.insert(0, str(ROOT))
 
 from common.core.config import DrafterConfig, ModelSpec  # noqa: E402
 from common.core.prompts import encode_prompt, load_prompts  # noqa: E402
+from common.core.types import DRAFTED_FIELDS, VERIFIED_FIELDS, Trajectory  # noqa: E402
 from common.decoding.agreement import agreement, greedy_targets  # noqa: E402
 from common.model.split import call_layer  # noqa: E402
 from dvi.bench.drafter_probe import add_drafter_args, load_drafter, texts_by_category  # noqa: E402
@@ -118,6 +131,30 @@ def sharpen_teacher(trajectory, temperature: float):
                    verified_topk_logprobs=sharp(trajectory.verified_topk_logprobs))
 
 
+def prompt_positions_only(trajectory: Trajectory) -> Trajectory:
+    """`trajectory` cut to its prompt: no drafted rows, the verified positions whose next token is
+    in the prompt (p < P - 1), and the states and tokens up to the prompt's end."""
+    P = trajectory.prompt_length
+    keep = trajectory.verified_position < P - 1
+    empty = {name: getattr(trajectory, name)[:0] for name in DRAFTED_FIELDS}
+    return replace(trajectory, **empty, hidden=trajectory.hidden[:P], tokens=trajectory.tokens[:P + 1],
+                   **{name: getattr(trajectory, name)[keep] for name in VERIFIED_FIELDS}).validate()
+
+
+def write_scored_prompts(path: Path, held_half: list, per_category: int) -> None:
+    """The scored prompts (the first `per_category` of each category of the held-out half, as
+    `texts_by_category` takes them) as a Spec-Bench-format file, in file order: the prompt set of
+    a `dvi bench speed` run that times the variants' saved drafters where they were scored."""
+    taken: Counter = Counter()
+    rows = []
+    for prompt in held_half:
+        if taken[prompt.category] < per_category:
+            taken[prompt.category] += 1
+            rows.append({"question_id": prompt.question_id, "category": prompt.category, "turns": [prompt.text]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+
 def fine_tune(split, corpus, steps: int, lr: float, lr_of_new: float, new_params: list[nn.Parameter], score,
               points: int) -> list[dict]:
     """`steps` learner steps (WarmStartConfig's learner, cosine decay from `lr`) over the whole
@@ -143,8 +180,9 @@ def fine_tune(split, corpus, steps: int, lr: float, lr_of_new: float, new_params
         schedule.step()
         if step in marks:
             curve.append({"steps": step, "seconds": time.perf_counter() - started, **score()})
-            print(f"  step {step}/{steps}: Spec-Bench {100 * curve[-1]['spec_bench']:.1f}%, "
-                  f"in distribution {100 * curve[-1]['in_distribution']:.1f}%", flush=True)
+            fresh = curve[-1].get("in_distribution")
+            print(f"  step {step}/{steps}: Spec-Bench {100 * curve[-1]['spec_bench']:.1f}%"
+                  + ("" if fresh is None else f", in distribution {100 * fresh:.1f}%"), flush=True)
     return curve
 
 
@@ -155,19 +193,24 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="Their seed (the warm start's is 0).")
     parser.add_argument("--in-distribution", type=int, default=64, help="Fresh seeds scored, never trained on.")
     parser.add_argument("--per-task", type=int, default=8, help="Held-out dev prompts scored per category.")
-    parser.add_argument("--samples", type=int, default=4, help="Samples of each other-half dev prompt (the diagnostic).")
+    parser.add_argument("--samples", type=int, default=4,
+                        help="Samples of each dev prompt a diagnostic trains on (spec_bench_half, same_prompts).")
     parser.add_argument("--epochs", type=float, default=WarmStartConfig.epochs, help="Over the fresh corpus; every variant takes those steps.")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="Steps of every variant (default: --epochs of the fresh corpus).")
     parser.add_argument("--lr", type=float, default=LearnerConfig.fine_tune_lr, help="Rate of every shared tensor.")
     parser.add_argument("--new-layer-lr", type=float, default=1e-3)
     parser.add_argument("--teacher-temperature", type=float, default=0.5, help="The sharp variant's teacher temperature.")
     parser.add_argument("--points", type=int, default=3)
     parser.add_argument("--variants", default="one,two,spec_bench_half")
+    parser.add_argument("--save-adapters", action="store_true",
+                        help="Save each variant's final drafter under OUT/adapters/VARIANT (for `dvi bench speed --variant`).")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cache", default="benchmarks/results/plateau_probe/cache")
     parser.add_argument("--out", default="benchmarks/results/plateau_probe")
     args = parser.parse_args()
     variants = [v for v in args.variants.split(",") if v]
-    unknown = set(variants) - {"one", "two", "spec_bench_half", "sharp", "hard"}
+    unknown = set(variants) - {"one", "two", "spec_bench_half", "same_prompts", "own_prompts", "sharp", "hard"}
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}")
     split = load_drafter(args)
@@ -184,43 +227,53 @@ def main() -> None:
               f"({time.perf_counter() - started:.0f} s)", flush=True)
         return corpus
 
-    shipped = {p.text for p in load_prompts(ROOT / "docs/warmstart/self_seeds.jsonl")}
-    written = self_instruct_prompts(split, args.seeds, seed=args.seed, rows=config.batch_size, workers=args.workers,
-                                    spec=spec, cache_dir=Path(args.cache) / "seeds")
-    fresh = [s for s in written if s not in shipped]
-    held_seeds, trained_seeds = fresh[: args.in_distribution], fresh[args.in_distribution:]
-    corpora = {"fresh": corpus_of(trained_seeds, config, "fresh seeds")}
+    corpora, written, fresh, held_seeds, trained_seeds = {}, [], [], [], []
+    if args.steps is None or set(variants) & {"one", "two", "sharp", "hard"}:
+        shipped = {p.text for p in load_prompts(ROOT / "docs/warmstart/self_seeds.jsonl")}
+        written = self_instruct_prompts(split, args.seeds, seed=args.seed, rows=config.batch_size, workers=args.workers,
+                                        spec=spec, cache_dir=Path(args.cache) / "seeds")
+        fresh = [s for s in written if s not in shipped]
+        held_seeds, trained_seeds = fresh[: args.in_distribution], fresh[args.in_distribution:]
+        corpora["fresh"] = corpus_of(trained_seeds, config, "fresh seeds")
     other_half, held_half = split_train_eval(load_prompts(SPEC_BENCH_DEV))
+    by_task = texts_by_category(held_half, args.per_task)
+    sampled = replace(config, samples_per_prompt=args.samples)
     if "spec_bench_half" in variants:
-        corpora["spec_bench_half"] = corpus_of([p.text for p in other_half], replace(config, samples_per_prompt=args.samples),
-                                               "other half")
+        corpora["spec_bench_half"] = corpus_of([p.text for p in other_half], sampled, "other half")
+    if {"same_prompts", "own_prompts"} & set(variants):
+        corpora["same_prompts"] = corpus_of([x for texts in by_task.values() for x in texts], sampled, "scored prompts")
+    if "own_prompts" in variants:
+        corpora["own_prompts"] = [prompt_positions_only(t) for t in corpora["same_prompts"][::args.samples]]
     generated = time.perf_counter() - started
 
-    by_task = texts_by_category(held_half, args.per_task)
     sets = {task: greedy_targets(split, [encode_prompt(tok, x) for x in texts], 64) for task, texts in by_task.items()}
-    sets["in_distribution"] = greedy_targets(split, [encode_prompt(tok, s) for s in held_seeds], 64)
+    if held_seeds:
+        sets["in_distribution"] = greedy_targets(split, [encode_prompt(tok, s) for s in held_seeds], 64)
     counts = {name: sum(t.num_scored for t in ts) for name, ts in sets.items()}
     tasks = list(by_task)
 
     def score() -> dict[str, float]:
         rates = {name: agreement(split, ts) for name, ts in sets.items()}
         pooled = sum(rates[t].agreed for t in tasks) / sum(rates[t].positions for t in tasks)
-        return {"spec_bench": pooled, "in_distribution": rates["in_distribution"].rate,
-                "per_task": {t: rates[t].rate for t in tasks}}
+        fresh_rate = {"in_distribution": rates["in_distribution"].rate} if held_seeds else {}
+        return {"spec_bench": pooled, **fresh_rate, "per_task": {t: rates[t].rate for t in tasks}}
 
-    steps = max(1, math.ceil(args.epochs * sum(t.num_scored for t in corpora["fresh"]) / config.learner.batch_tokens))
+    steps = args.steps or max(1, math.ceil(args.epochs * sum(t.num_scored for t in corpora["fresh"]) / config.learner.batch_tokens))
     start_state = split.adapter_state()
     curves = {}
     for variant in variants:
         split.load_adapter_state(start_state, split.weight_version)
         new_params = add_second_layer(split) if variant == "two" else []
         print(f"{variant}: {steps} steps", flush=True)
-        corpus = corpora["spec_bench_half" if variant == "spec_bench_half" else "fresh"]
+        corpus = corpora[variant if variant in ("spec_bench_half", "same_prompts", "own_prompts") else "fresh"]
         if variant in ("sharp", "hard"):
             corpus = [sharpen_teacher(t, args.teacher_temperature if variant == "sharp" else 0.0) for t in corpus]
         curves[variant] = fine_tune(split, corpus, steps, args.lr, args.new_layer_lr, new_params, score, args.points)
         if new_params:
             remove_second_layer(split)
+        if args.save_adapters and not new_params:
+            split.save_adapter(Path(args.out) / "adapters" / variant)
+    write_scored_prompts(Path(args.out) / "scored_prompts.jsonl", held_half, args.per_task)
 
     record = {"model": args.model, "exit_layer": args.exit_layer, "adapter": args.adapter or "default drafter",
               "seeds_written": len(written), "fresh_seeds": len(fresh), "in_distribution_seeds": len(held_seeds),
@@ -228,20 +281,31 @@ def main() -> None:
               "spec_bench_half_samples": args.samples, "epochs_of_fresh": args.epochs, "steps": steps,
               "lr": args.lr, "new_layer_lr": args.new_layer_lr, "teacher_temperature": args.teacher_temperature, "scored_positions": counts, "curves": curves,
               "seconds": time.perf_counter() - started, "generation_seconds": generated, "machine": machine_line()}
-    fresh_info = record["corpora"]["fresh"]
+    if "fresh" in corpora:
+        info = record["corpora"]["fresh"]
+        budget = (f"{args.epochs} epochs of the fresh corpus: {info['generations']} generations of {len(trained_seeds)} "
+                  f"fresh self-written seeds, {info['positions']} positions")
+        fresh_scored = f", and {len(held_seeds)} fresh seeds never trained on ({counts['in_distribution']} positions)"
+    else:
+        budget, fresh_scored = "--steps", ""
     lines = [f"# What holds the exit head's plateau ({args.model}, exit layer {args.exit_layer}, from the {record['adapter']})", "",
-             f"Every variant: {steps} steps from the same start ({args.epochs} epochs of the fresh corpus: {fresh_info['generations']} "
-             f"generations of {len(trained_seeds)} fresh self-written seeds, {fresh_info['positions']} positions), cosine from "
+             f"Every variant: {steps} steps from the same start ({budget}), cosine from "
              f"{args.lr}; the second layer at {args.new_layer_lr}; the sharp teacher at T = {args.teacher_temperature}. Scored: the held-out half of the Spec-Bench dev prompts, "
-             f"first {args.per_task} of each category ({sum(counts[t] for t in tasks)} positions), and {len(held_seeds)} fresh seeds "
-             f"never trained on ({counts['in_distribution']} positions); 64 greedy tokens each. Machine: {record['machine']}", ""]
-    if "spec_bench_half" in corpora:
-        info = record["corpora"]["spec_bench_half"]
-        lines += [f"spec_bench_half (a diagnostic, never shipped): {len(other_half)} other-half dev prompts x {args.samples} samples, "
-                  f"{info['generations']} generations, {info['positions']} positions.", ""]
+             f"first {args.per_task} of each category ({sum(counts[t] for t in tasks)} positions){fresh_scored}; "
+             f"64 greedy tokens each. Machine: {record['machine']}", ""]
+    described = {"spec_bench_half": f"a diagnostic, never shipped: {len(other_half)} other-half dev prompts",
+                 "same_prompts": f"a bound, never shipped: the {sum(map(len, by_task.values()))} scored prompts themselves",
+                 "own_prompts": "the scored prompts' prompt positions only, once each"}
+    for name, what in described.items():
+        if name in corpora:
+            info = record["corpora"][name]
+            sampled_text = "" if name == "own_prompts" else f" x {args.samples} samples"
+            lines += [f"{name} ({what}){sampled_text}, {info['generations']} trajectories, "
+                      f"{info['positions']} positions.", ""]
     lines += ["| variant | steps | Spec-Bench held-out half | in distribution |", "|---|---:|---:|---:|"]
     for name, curve in curves.items():
-        lines += [f"| {name} | {p['steps']} | {100 * p['spec_bench']:.1f}% | {100 * p['in_distribution']:.1f}% |" for p in curve]
+        lines += [f"| {name} | {p['steps']} | {100 * p['spec_bench']:.1f}% | "
+                  + ("-" if "in_distribution" not in p else f"{100 * p['in_distribution']:.1f}%") + " |" for p in curve]
     lines += ["", "Per task, before -> after each variant:", "",
               "| task | positions | before | " + " | ".join(curves) + " |", "|---|---:|---:|" + "---:|" * len(curves)]
     first = next(iter(curves.values()))[0]["per_task"]

@@ -50,3 +50,43 @@ def test_sharpened_teacher_keeps_the_top1_and_the_hard_one_is_cross_entropy():
     top1 = t.verifier_topk_ids.gather(-1, t.verifier_topk_logprobs.argmax(-1, keepdim=True)).squeeze(-1)
     loss, _ = kl_distillation(logits, hard.verifier_topk_ids, hard.verifier_topk_logprobs)
     assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits, top1))
+
+
+def test_prompt_positions_only_keeps_what_predicts_the_prompt_and_nothing_generated():
+    from dataclasses import replace
+
+    from tests.helpers import make_trajectory
+
+    def with_verified(t, where):
+        where = torch.tensor(where, dtype=torch.int64)
+        logprobs = torch.log_softmax(torch.randn(len(where), 4, generator=torch.Generator().manual_seed(1)), -1)
+        return replace(t, verified_position=where, verified_topk_ids=torch.randint(0, 100, (len(where), 4)),
+                       verified_topk_logprobs=logprobs).validate()
+
+    drafted = make_trajectory(n_drafted=6, k=4, seed=3)
+    P = drafted.prompt_length
+    committed = [p for p in range(P, drafted.num_context) if p not in set(drafted.position.tolist())]
+    t = with_verified(drafted, list(range(P - 1)) + committed[:2])
+    cut = probe.prompt_positions_only(t)
+    assert cut.num_drafted == 0 and cut.num_context == P and cut.tokens.tolist() == t.tokens[:P + 1].tolist()
+    assert cut.verified_position.tolist() == list(range(P - 1))
+    assert torch.equal(cut.verified_topk_logprobs, t.verified_topk_logprobs[: P - 1])
+    assert torch.equal(cut.hidden, t.hidden[:P])
+
+    # Without drafts the prefill's last position (P - 1) is verified too: it predicts the first
+    # generated token, so it goes.
+    plain = with_verified(make_trajectory(n_drafted=0, n_context=P + 5, k=4, seed=4), list(range(P + 3)))
+    assert probe.prompt_positions_only(plain).verified_position.tolist() == list(range(P - 1))
+
+
+def test_scored_prompts_file_holds_exactly_the_prompts_the_probe_scores(tmp_path):
+    from common.core.prompts import load_prompts
+    from dvi.bench.drafter_probe import texts_by_category
+    from dvi.bench.learning import split_train_eval
+    from dvi.data import SPEC_BENCH_DEV
+
+    _, held_half = split_train_eval(load_prompts(SPEC_BENCH_DEV))
+    probe.write_scored_prompts(tmp_path / "scored.jsonl", held_half, 3)
+    written = load_prompts(tmp_path / "scored.jsonl")
+    assert texts_by_category(written, 3) == texts_by_category(held_half, 3)
+    assert len(written) == sum(map(len, texts_by_category(held_half, 3).values()))
