@@ -1,7 +1,8 @@
 """What holds the exit head's agreement at its plateau: its capacity, or the text it learns from?
 
     python benchmarks/plateau_probe.py [--seeds N] [--in-distribution M] [--per-task P] [--samples S]
-        [--variants one,two,spec_bench_half,same_prompts,sharp,hard] [--steps N] [--out DIR]
+        [--variants one,two,spec_bench_half,same_prompts,own_prompts,sharp,hard] [--steps N]
+        [--lr LR] [--points K] [--save-adapters] [--out DIR]
 
 The shipped warm start's curve flattens at about 36% held-out agreement from 600k corpus tokens
 on. Three fine-tunings of the default drafter, from the same start, at the same steps and rates
