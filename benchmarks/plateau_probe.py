@@ -49,7 +49,6 @@ import json
 import math
 import sys
 import time
-from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -64,7 +63,7 @@ from common.core.prompts import encode_prompt, load_prompts  # noqa: E402
 from common.core.types import DRAFTED_FIELDS, VERIFIED_FIELDS, Trajectory  # noqa: E402
 from common.decoding.agreement import agreement, greedy_targets  # noqa: E402
 from common.model.split import call_layer  # noqa: E402
-from dvi.bench.drafter_probe import add_drafter_args, load_drafter, texts_by_category  # noqa: E402
+from dvi.bench.drafter_probe import add_drafter_args, load_drafter, prompts_by_category, texts_by_category  # noqa: E402
 from dvi.bench.learning import split_train_eval, write_table_report  # noqa: E402
 from dvi.bench.speed import machine_line  # noqa: E402
 from dvi.data import SPEC_BENCH_DEV  # noqa: E402
@@ -72,6 +71,12 @@ from learner.config import LearnerConfig  # noqa: E402
 from learner.learner import Learner  # noqa: E402
 from learner.self_seeds import self_instruct_prompts  # noqa: E402
 from learner.warmstart import WarmStartConfig, generate_corpus, lr_schedule  # noqa: E402
+
+
+FRESH_CORPUS_VARIANTS = frozenset({"one", "two", "sharp", "hard"})
+"""Variants trained on the fresh self-written corpus (which also sets the default steps)."""
+OWN_CORPUS_VARIANTS = frozenset({"spec_bench_half", "same_prompts", "own_prompts"})
+"""Variants trained on a corpus of their own name."""
 
 
 class TwoExitLayers(nn.Module):
@@ -143,15 +148,11 @@ def prompt_positions_only(trajectory: Trajectory) -> Trajectory:
 
 
 def write_scored_prompts(path: Path, held_half: list, per_category: int) -> None:
-    """The scored prompts (the first `per_category` of each category of the held-out half, as
-    `texts_by_category` takes them) as a Spec-Bench-format file, in file order: the prompt set of
-    a `dvi bench speed` run that times the variants' saved drafters where they were scored."""
-    taken: Counter = Counter()
-    rows = []
-    for prompt in held_half:
-        if taken[prompt.category] < per_category:
-            taken[prompt.category] += 1
-            rows.append({"question_id": prompt.question_id, "category": prompt.category, "turns": [prompt.text]})
+    """The scored prompts (`prompts_by_category` of the held-out half, as `texts_by_category` takes
+    them) as a Spec-Bench-format file, in file order: the prompt set of a `dvi bench speed` run that
+    times the variants' saved drafters where they were scored."""
+    chosen = {id(p) for group in prompts_by_category(held_half, per_category).values() for p in group}
+    rows = [{"question_id": p.question_id, "category": p.category, "turns": [p.text]} for p in held_half if id(p) in chosen]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
@@ -211,7 +212,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/plateau_probe")
     args = parser.parse_args()
     variants = [v for v in args.variants.split(",") if v]
-    unknown = set(variants) - {"one", "two", "spec_bench_half", "same_prompts", "own_prompts", "sharp", "hard"}
+    unknown = set(variants) - FRESH_CORPUS_VARIANTS - OWN_CORPUS_VARIANTS
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}")
     split = load_drafter(args)
@@ -229,7 +230,7 @@ def main() -> None:
         return corpus
 
     corpora, written, fresh, held_seeds, trained_seeds = {}, [], [], [], []
-    if args.steps is None or set(variants) & {"one", "two", "sharp", "hard"}:
+    if args.steps is None or set(variants) & FRESH_CORPUS_VARIANTS:
         shipped = {p.text for p in load_prompts(ROOT / "docs/warmstart/self_seeds.jsonl")}
         written = self_instruct_prompts(split, args.seeds, seed=args.seed, rows=config.batch_size, workers=args.workers,
                                         spec=spec, cache_dir=Path(args.cache) / "seeds")
@@ -266,7 +267,7 @@ def main() -> None:
         split.load_adapter_state(start_state, split.weight_version)
         new_params = add_second_layer(split) if variant == "two" else []
         print(f"{variant}: {steps} steps", flush=True)
-        corpus = corpora[variant if variant in ("spec_bench_half", "same_prompts", "own_prompts") else "fresh"]
+        corpus = corpora[variant if variant in OWN_CORPUS_VARIANTS else "fresh"]
         if variant in ("sharp", "hard"):
             corpus = [sharpen_teacher(t, args.teacher_temperature if variant == "sharp" else 0.0) for t in corpus]
         curves[variant] = fine_tune(split, corpus, steps, args.lr, args.new_layer_lr, new_params, score, args.points)

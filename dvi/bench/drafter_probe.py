@@ -30,10 +30,15 @@ def load_drafter(args: argparse.Namespace) -> SplitModel:
     return split
 
 
-def texts_by_category(prompts: Sequence, per_category: int) -> dict[str, list[str]]:
-    """The texts of the first `per_category` prompts of each question category (MT-bench's eight
-    kept apart, finer than `spec_bench_task`), categories in order of first appearance."""
-    grouped: dict[str, list[str]] = {}
+def prompts_by_category(prompts: Sequence, per_category: int) -> dict[str, list]:
+    """The first `per_category` prompts of each question category (MT-bench's eight kept apart,
+    finer than `spec_bench_task`), categories in order of first appearance."""
+    grouped: dict[str, list] = {}
     for prompt in prompts:
-        grouped.setdefault(prompt.category, []).append(prompt.text)
-    return {category: texts[:per_category] for category, texts in grouped.items()}
+        grouped.setdefault(prompt.category, []).append(prompt)
+    return {category: chosen[:per_category] for category, chosen in grouped.items()}
+
+
+def texts_by_category(prompts: Sequence, per_category: int) -> dict[str, list[str]]:
+    """The texts of `prompts_by_category`'s prompts."""
+    return {category: [p.text for p in chosen] for category, chosen in prompts_by_category(prompts, per_category).items()}
